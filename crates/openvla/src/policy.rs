@@ -381,6 +381,22 @@ impl Policy {
         if input_ids.last() != Some(&crate::model::SPACE_TOKEN) {
             input_ids.push(crate::model::SPACE_TOKEN);
         }
+        let action_dim = stats.action.action_dim();
+        // [BOS, patches, rest of prompt] is prefilled, then action_dim - 1 generated tokens
+        // are fed back; checked here so that an over-long instruction fails alone instead of
+        // failing the batch it is in.
+        let positions = input_ids.len() + self.config.num_patches() + action_dim.saturating_sub(1);
+        let max_positions = self.config.text.max_position_embeddings;
+        if positions > max_positions {
+            return Err(Error::InvalidInput(format!(
+                "the instruction is too long: its {} prompt tokens, {} image patches and {} \
+                 action tokens need {positions} positions, more than the model's \
+                 max_position_embeddings ({max_positions})",
+                input_ids.len(),
+                self.config.num_patches(),
+                action_dim
+            )));
+        }
         let pixel_values = self.preprocess_image(&observation.image)?;
         Ok(Prepared {
             pixel_values,
@@ -388,7 +404,7 @@ impl Policy {
             input_ids,
             unnorm_key: key.to_string(),
             stats: stats.action.clone(),
-            action_dim: stats.action.action_dim(),
+            action_dim,
             preprocess_time: t0.elapsed(),
         })
     }

@@ -273,3 +273,31 @@ fn config_json_stats_apply_without_sidecar() {
         }
     }
 }
+
+#[test]
+fn over_long_instruction_fails_alone_in_a_batch() {
+    let p = load(&tiny()).unwrap();
+    let key = Some("fake_bridge_orig".to_string());
+    // ~2000 words: more prompt tokens than the tiny model's 2048 positions leave room for.
+    let long = vec!["pick"; 2000].join(" ");
+    let requests = vec![
+        openvla::Request {
+            observation: obs(&long),
+            unnorm_key: key.clone(),
+        },
+        openvla::Request {
+            observation: obs("pick up the block"),
+            unnorm_key: key.clone(),
+        },
+    ];
+    let out = p.predict_batch(&requests);
+    let e = out[0].as_ref().expect_err("over-long prompt").to_string();
+    assert!(
+        e.contains("too long") && e.contains("max_position_embeddings (2048)"),
+        "{e}"
+    );
+    let alone = p
+        .predict(&[obs("pick up the block")], key.as_deref())
+        .unwrap();
+    assert_eq!(out[1].as_ref().unwrap(), &alone[0]);
+}
