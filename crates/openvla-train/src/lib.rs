@@ -11,6 +11,7 @@
 //! * [`checkpoint`], [`trainer`], [`log`], [`plot`], [`progress`]: resumable training runs
 //!   (atomic checkpoints, keep-last-N, NaN stop, JSONL metrics, SVG curves, progress bar).
 //! * [`memory`]: up-front memory estimates.
+//! * [`model`]: the differentiable OpenVLA ([`model::OpenVlaTrain`]) implementing the seam.
 //! * [`seam`]: what the model must provide ([`seam::TrainModel`]) and the objective built on it.
 //! * [`cli`]: `openvla finetune` / `openvla merge` arguments and runners.
 
@@ -27,6 +28,7 @@ pub mod memory;
 pub mod merge;
 pub mod metrics;
 pub mod mode;
+pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod progress;

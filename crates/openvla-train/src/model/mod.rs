@@ -1,0 +1,20 @@
+//! The differentiable OpenVLA used for fine-tuning: the same network as `openvla::model`
+//! (DINOv2-reg + SigLIP towers stopping at block `len - 2`, projector, Llama), written only
+//! with ops that record a backward in candle (rust-stack §1.7): explicit LayerNorm / RMSNorm
+//! from `mean`/`sqr`/`sqrt`, softmax from `exp`/`sum`, rotary embeddings by `narrow`/`cat`,
+//! patch embedding as unfold + matmul.
+//!
+//! * [`params`]: every checkpoint tensor by its HF name, trained ones as float32 `Var`s.
+//! * [`ops`]: the differentiable building blocks (linear with LoRA, norms, softmax, rope).
+//! * [`vit`], [`projector`], [`llama`]: the three stages.
+//! * [`vla`]: [`OpenVlaTrain`], the [`TrainModel`](crate::seam::TrainModel) implementation.
+
+pub mod llama;
+pub mod ops;
+pub mod params;
+pub mod projector;
+pub mod vit;
+pub mod vla;
+
+pub use params::{Param, ParamStore, WeightStorage};
+pub use vla::{LoadTrainOptions, OpenVlaTrain};

@@ -1,0 +1,179 @@
+//! Differentiable building blocks. Every op here records a backward in candle 0.11.1; none of
+//! the fused kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rotary_emb::rope*`) is used.
+
+use super::params::ParamStore;
+use crate::error::Result;
+use candle_core::{DType, Tensor, D};
+
+/// A Linear (or a Conv2d whose kernel equals its stride, seen as a Linear over flattened
+/// patches) by module name; its LoRA branch, if any, is looked up in the [`ParamStore`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Module name (`language_model.model.layers.0.self_attn.q_proj`).
+    pub name: String,
+    /// `[out, in]` (float32 `Var` tensor, or a frozen float32/bf16 tensor).
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Reads `{name}.weight` (`[out, in]`) and, with `bias`, `{name}.bias`.
+    pub fn load(
+        p: &ParamStore,
+        name: &str,
+        (fin, fout): (usize, usize),
+        bias: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            name: name.to_string(),
+            weight: p.get(&format!("{name}.weight"), &[fout, fin])?,
+            bias: if bias {
+                Some(p.get(&format!("{name}.bias"), &[fout])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `x W^T + b` (+ the LoRA branch) over the last dimension of `x`.
+    pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<Tensor> {
+        let y = linear(x, &self.weight, self.bias.as_ref())?;
+        match p.lora(&self.name) {
+            Some(l) => Ok((y + l.forward_delta(x)?)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one 2-D product (a weight stored in
+/// bf16 is widened to float32 first).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let fin = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / fin.max(1);
+    let w = if w.dtype() == DType::F32 {
+        w.clone()
+    } else {
+        w.to_dtype(DType::F32)?
+    };
+    let y = x.reshape((rows, fin))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&as_f32(b)?)?,
+        None => y,
+    };
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = w.dim(0)?;
+    }
+    Ok(y.reshape(out)?)
+}
+
+/// `t` in float32.
+pub fn as_f32(t: &Tensor) -> Result<Tensor> {
+    Ok(if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?
+    })
+}
+
+/// LayerNorm over the last dimension (biased variance, as torch).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// Llama RMSNorm: `w * x / sqrt(mean(x^2) + eps)`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension (the max is subtracted as a constant).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Half-rotation rotary embedding (HF `rotate_half`): `x cos + rotate_half(x) sin` for
+/// `x [B, H, T, hd]` and tables `[T, hd]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let half = hd / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "max abs diff {d} > {tol}");
+    }
+
+    fn data(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = crate::rng::TrainRng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn norms_and_softmax_match_the_fused_kernels_and_have_gradients() {
+        let x = Var::from_tensor(&data(&[2, 5, 8], 1)).unwrap();
+        let w = data(&[8], 2);
+        let b = data(&[8], 3);
+        let ln = layer_norm(x.as_tensor(), &w, &b, 1e-6).unwrap();
+        let rn = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
+        let sm = softmax_last(x.as_tensor()).unwrap();
+        let fused_sm = {
+            let e = x.as_tensor().exp().unwrap();
+            e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+        };
+        close(&sm, &fused_sm, 1e-6);
+        // mean 0 / unit variance before the affine part
+        let plain = layer_norm(
+            x.as_tensor(),
+            &Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
+            &Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap(),
+            0.0,
+        )
+        .unwrap();
+        let m = plain.mean_keepdim(D::Minus1).unwrap();
+        close(&m, &m.zeros_like().unwrap(), 1e-6);
+        let loss = (ln.sum_all().unwrap() + rn.sqr().unwrap().sum_all().unwrap()).unwrap();
+        let loss = (loss + sm.sqr().unwrap().sum_all().unwrap()).unwrap();
+        let g = loss.backward().unwrap();
+        assert!(g.get(&x).is_some(), "no gradient through the norms");
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_apart() {
+        // hd = 4: pairs (0, 2) and (1, 3) rotate by the angle of their frequency.
+        let x = Tensor::from_vec(vec![1f32, 0., 0., 0.], (1, 1, 1, 4), &Device::Cpu).unwrap();
+        let a = 0.3f32;
+        let cos = Tensor::from_vec(vec![a.cos(), 1., a.cos(), 1.], (1, 4), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(vec![a.sin(), 0., a.sin(), 0.], (1, 4), &Device::Cpu).unwrap();
+        let y = rope(&x, &cos, &sin).unwrap().flatten_all().unwrap();
+        let want = Tensor::from_vec(vec![a.cos(), 0., a.sin(), 0.], 4, &Device::Cpu).unwrap();
+        close(&y, &want, 1e-7);
+    }
+}

@@ -1,0 +1,252 @@
+//! Every checkpoint tensor of the model by its HF name: trained ones as float32 [`Var`]s,
+//! frozen ones as plain tensors, and the frozen tensors no forward uses (the towers' blocks
+//! after `len - 2`, their final norms, SigLIP's attention pool) by shape only.
+
+use crate::error::{Result, TrainError};
+use crate::lora::targets::modules_from_tensors;
+use crate::lora::{LoraLayer, ModuleInfo};
+use candle_core::{DType, Device, Tensor, Var};
+use openvla::checkpoint::{Checkpoint, StoredDtype};
+use openvla::ModelConfig;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Checkpoint prefixes of the vision towers, in order (DINOv2 first in the fused backbone).
+pub const TOWER_PREFIXES: [&str; 2] = [
+    "vision_backbone.featurizer",
+    "vision_backbone.fused_featurizer",
+];
+
+/// How frozen weight matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightStorage {
+    /// float32.
+    F32,
+    /// bf16 (half the memory; widened to float32 for each product).
+    Bf16,
+}
+
+/// One checkpoint tensor.
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// Trained: a float32 variable whose tensor is the one the forward uses.
+    Trainable(Var),
+    /// Frozen, in float32 or (weight matrices with [`WeightStorage::Bf16`]) bf16.
+    Frozen(Tensor),
+    /// Frozen and unused by the forward: only its shape is kept.
+    Unused(Vec<usize>),
+}
+
+impl Param {
+    /// The tensor's shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Param::Trainable(v) => v.dims().to_vec(),
+            Param::Frozen(t) => t.dims().to_vec(),
+            Param::Unused(s) => s.clone(),
+        }
+    }
+}
+
+/// The model's tensors by checkpoint name and the LoRA branches attached to its modules.
+#[derive(Debug)]
+pub struct ParamStore {
+    params: BTreeMap<String, Param>,
+    /// Names in model order (the order of `openvla::synth::checkpoint_tensors`).
+    order: Vec<String>,
+    lora: HashMap<String, Arc<LoraLayer>>,
+    used: Mutex<BTreeSet<String>>,
+    storage: WeightStorage,
+}
+
+/// Whether tensor `name` is one the reference stores but never uses in its forward: tower
+/// blocks after `len - 2`, a tower's final `norm`, SigLIP's `attn_pool`.
+pub fn is_unused(name: &str, config: &ModelConfig) -> bool {
+    for (prefix, tower) in TOWER_PREFIXES.iter().zip(&config.towers) {
+        let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')) else {
+            continue;
+        };
+        if rest.starts_with("norm.") || rest.starts_with("attn_pool.") {
+            return true;
+        }
+        if let Some(b) = rest.strip_prefix("blocks.") {
+            let idx = b.split('.').next().and_then(|i| i.parse::<usize>().ok());
+            return idx.is_some_and(|i| i > tower.selected_block());
+        }
+    }
+    false
+}
+
+impl ParamStore {
+    /// Reads the checkpoint in `dir`. Tensors whose name `trainable` accepts become float32
+    /// `Var`s (unused ones too, so the optimizer sees them and leaves them alone); the others
+    /// are frozen tensors in `storage` (weight matrices) or float32 (vectors), or shape-only
+    /// entries when the forward never reads them.
+    pub fn load(
+        dir: &Path,
+        config: &ModelConfig,
+        trainable: &dyn Fn(&str) -> bool,
+        storage: WeightStorage,
+        device: &Device,
+    ) -> Result<Self> {
+        let ckpt = Checkpoint::open_dir(dir)?;
+        let mut params = BTreeMap::new();
+        for name in ckpt.names() {
+            let info = ckpt.info(name).ok_or_else(|| {
+                TrainError::Invalid(format!("checkpoint tensor {name} vanished from its index"))
+            })?;
+            if info.dtype == StoredDtype::U8 || name.contains(".q8_0.") || name.contains(".q4_0.") {
+                return Err(TrainError::Invalid(format!(
+                    "{}: tensor {name} is quantized; fine-tuning needs a floating-point \
+                     checkpoint (the original HF model directory)",
+                    dir.display()
+                )));
+            }
+            let shape = info.shape.clone();
+            let p = if trainable(name) {
+                Param::Trainable(Var::from_tensor(&ckpt.load(
+                    name,
+                    &shape,
+                    DType::F32,
+                    device,
+                )?)?)
+            } else if is_unused(name, config) {
+                Param::Unused(shape)
+            } else {
+                let dtype = match storage {
+                    WeightStorage::Bf16 if shape.len() >= 2 && name.ends_with(".weight") => {
+                        DType::BF16
+                    }
+                    _ => DType::F32,
+                };
+                Param::Frozen(ckpt.load(name, &shape, dtype, device)?)
+            };
+            params.insert(name.to_string(), p);
+        }
+        let mut order: Vec<String> = openvla::synth::checkpoint_tensors(config)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| params.contains_key(n))
+            .collect();
+        let known: BTreeSet<&String> = order.iter().collect();
+        let extra: Vec<String> = params
+            .keys()
+            .filter(|n| !known.contains(n))
+            .cloned()
+            .collect();
+        order.extend(extra);
+        Ok(Self {
+            params,
+            order,
+            lora: HashMap::new(),
+            used: Mutex::new(BTreeSet::new()),
+            storage,
+        })
+    }
+
+    /// How frozen weight matrices are held.
+    pub fn storage(&self) -> WeightStorage {
+        self.storage
+    }
+
+    /// Whether the checkpoint has tensor `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.params.contains_key(name)
+    }
+
+    /// The tensor `name`, checked against `shape` (the forward's view of a trainable `Var`).
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = match self.params.get(name) {
+            Some(Param::Trainable(v)) => v.as_tensor().clone(),
+            Some(Param::Frozen(t)) => t.clone(),
+            Some(Param::Unused(_)) => {
+                return Err(TrainError::Invalid(format!(
+                    "tensor {name} was loaded as unused but the model reads it"
+                )))
+            }
+            None => {
+                return Err(TrainError::Invalid(format!(
+                    "the checkpoint has no tensor {name} (expected shape {shape:?})"
+                )))
+            }
+        };
+        if t.dims() != shape {
+            return Err(TrainError::Invalid(format!(
+                "checkpoint tensor {name} has shape {:?}; the config implies {shape:?}",
+                t.dims()
+            )));
+        }
+        if let Ok(mut u) = self.used.lock() {
+            u.insert(name.to_string());
+        }
+        Ok(t)
+    }
+
+    /// Fails on any tensor that is neither read by the model nor knowingly unused (a checkpoint
+    /// of a different architecture).
+    pub fn check_all_used(&self, config: &ModelConfig) -> Result<()> {
+        let used = self
+            .used
+            .lock()
+            .map_err(|_| TrainError::Invalid("parameter bookkeeping poisoned".into()))?;
+        let extra: Vec<&str> = self
+            .params
+            .keys()
+            .filter(|n| !used.contains(*n) && !is_unused(n, config))
+            .map(|s| s.as_str())
+            .take(5)
+            .collect();
+        if extra.is_empty() {
+            Ok(())
+        } else {
+            Err(TrainError::Invalid(format!(
+                "the checkpoint holds tensors this model does not use: {}",
+                extra.join(", ")
+            )))
+        }
+    }
+
+    /// Trainable parameters by checkpoint name, in model order.
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.iter()
+            .filter_map(|(n, p)| match p {
+                Param::Trainable(v) => Some((n.clone(), v.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every tensor with its state, in model order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Param)> {
+        self.order
+            .iter()
+            .filter_map(|n| self.params.get_key_value(n))
+    }
+
+    /// Every Linear / Conv2d / Embedding module (from the weight tensors' names and shapes).
+    pub fn modules(&self) -> Vec<ModuleInfo> {
+        let tensors: Vec<(String, Vec<usize>)> =
+            self.iter().map(|(n, p)| (n.clone(), p.shape())).collect();
+        modules_from_tensors(&tensors)
+    }
+
+    /// Attaches a LoRA branch to module `name` (which must have a weight matrix).
+    pub fn attach_lora(&mut self, name: &str, layer: Arc<LoraLayer>) -> Result<()> {
+        let w = format!("{name}.weight");
+        match self.params.get(&w) {
+            Some(p) if p.shape().len() >= 2 => {
+                self.lora.insert(name.to_string(), layer);
+                Ok(())
+            }
+            _ => Err(TrainError::Invalid(format!(
+                "cannot attach LoRA to {name}: the model has no such Linear or Conv2d"
+            ))),
+        }
+    }
+
+    /// The LoRA branch of module `name`, if any.
+    pub fn lora(&self, name: &str) -> Option<&Arc<LoraLayer>> {
+        self.lora.get(name)
+    }
+}

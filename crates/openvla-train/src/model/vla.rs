@@ -1,0 +1,230 @@
+//! [`OpenVlaTrain`]: vision towers -> projector -> Llama on the multimodal sequence
+//! `[BOS, patches, rest of the prompt]`, implementing the training seam.
+
+use super::llama::{LlamaTrain, MASKED};
+use super::params::{ParamStore, WeightStorage, TOWER_PREFIXES};
+use super::projector::Projector;
+use super::vit::VisionTower;
+use crate::error::{Result, TrainError};
+use crate::lora::{LoraLayer, ModuleInfo};
+use crate::mode::{is_trainable, TrainMode};
+use crate::seam::{TrainLogits, TrainModel};
+use candle_core::{DType, Device, Tensor, Var};
+use openvla::config::Variant;
+use openvla::ModelConfig;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to load the training model.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadTrainOptions {
+    /// Which base parameters become trainable `Var`s.
+    pub mode: TrainMode,
+    /// How frozen weight matrices are stored.
+    pub storage: WeightStorage,
+}
+
+/// The differentiable OpenVLA (both published variants: fused DINOv2 + SigLIP with the 3-layer
+/// projector, and v0.1 SigLIP-only with the 2-layer projector).
+#[derive(Debug)]
+pub struct OpenVlaTrain {
+    config: ModelConfig,
+    params: ParamStore,
+    towers: Vec<VisionTower>,
+    projector: Projector,
+    llm: LlamaTrain,
+}
+
+impl OpenVlaTrain {
+    /// Loads the HF model directory `dir` (config.json + safetensors) for `options.mode`.
+    pub fn load(dir: &Path, options: LoadTrainOptions, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let layers = config.text.num_hidden_layers;
+        let mode = options.mode;
+        Self::load_with(
+            dir,
+            config,
+            &|n| is_trainable(mode, n, layers),
+            options.storage,
+            device,
+        )
+    }
+
+    /// Loads with an explicit predicate choosing the trainable base parameters.
+    pub fn load_with(
+        dir: &Path,
+        config: ModelConfig,
+        trainable: &dyn Fn(&str) -> bool,
+        storage: WeightStorage,
+        device: &Device,
+    ) -> Result<Self> {
+        let params = ParamStore::load(dir, &config, trainable, storage, device)?;
+        let towers = config
+            .towers
+            .iter()
+            .zip(TOWER_PREFIXES)
+            .map(|(t, prefix)| VisionTower::load(&params, prefix, t))
+            .collect::<Result<Vec<_>>>()?;
+        let projector = Projector::load(
+            &params,
+            config.variant == Variant::OpenVla,
+            config.vision_dim(),
+            config.text.hidden_size,
+        )?;
+        let llm = LlamaTrain::load(&params, &config.text)?;
+        params.check_all_used(&config)?;
+        Ok(Self {
+            config,
+            params,
+            towers,
+            projector,
+            llm,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The parameter store (every checkpoint tensor and its state).
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// Fused patch features `[B, P, vision_dim]` of `pixel_values [B, 3·towers, H, W]`.
+    pub fn vision(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let c = pixel_values.dim(1)?;
+        if c != 3 * self.towers.len() {
+            return Err(TrainError::Invalid(format!(
+                "pixel_values have {c} channels; this model's backbone expects {}",
+                3 * self.towers.len()
+            )));
+        }
+        let per_tower = self
+            .towers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.forward(&self.params, &pixel_values.narrow(1, 3 * i, 3)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(if per_tower.len() == 1 {
+            per_tower[0].clone()
+        } else {
+            Tensor::cat(&per_tower, 2)?
+        })
+    }
+
+    /// The additive attention mask `[B, 1, S, S]` of the multimodal sequence: causal, and keys
+    /// masked where `[mask[:, :1], ones(P), mask[:, 1:]]` is 0 (right padding).
+    pub fn multimodal_mask(&self, attention_mask: &Tensor, device: &Device) -> Result<Tensor> {
+        let m = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let np = self.num_patches();
+        let b = m.len();
+        let t = m.first().map(|r| r.len()).unwrap_or(0);
+        let s = t + np;
+        let mut out = vec![0f32; b * s * s];
+        for (row, mr) in m.iter().enumerate() {
+            let key_ok: Vec<bool> = (0..s)
+                .map(|j| {
+                    if j == 0 {
+                        mr[0] != 0.0
+                    } else if j <= np {
+                        true
+                    } else {
+                        mr[j - np] != 0.0
+                    }
+                })
+                .collect();
+            let base = row * s * s;
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || !key_ok[j] {
+                        out[base + i * s + j] = MASKED;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (b, 1, s, s), device)?)
+    }
+
+    /// The forward of the full multimodal sequence up to the final norm: hidden states
+    /// `[B, P + T, D]`.
+    pub fn hidden_states(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t == 0 {
+            return Err(TrainError::Invalid(
+                "input_ids are empty (BOS is required)".into(),
+            ));
+        }
+        if attention_mask.dims2()? != (b, t) || pixel_values.dim(0)? != b {
+            return Err(TrainError::Invalid(format!(
+                "batch shapes disagree: input_ids {:?}, attention_mask {:?}, pixel_values {:?}",
+                input_ids.dims(),
+                attention_mask.dims(),
+                pixel_values.dims()
+            )));
+        }
+        let pixel_values = pixel_values.to_dtype(DType::F32)?;
+        let projected = self
+            .projector
+            .forward(&self.params, &self.vision(&pixel_values)?)?;
+        if projected.dim(1)? != self.num_patches() {
+            return Err(TrainError::Invalid(format!(
+                "the image gives {} patches; the model expects {} (wrong image size?)",
+                projected.dim(1)?,
+                self.num_patches()
+            )));
+        }
+        let text = self.llm.embed(input_ids)?;
+        let seq = Tensor::cat(
+            &[
+                &text.narrow(1, 0, 1)?,
+                &projected,
+                &text.narrow(1, 1, t - 1)?,
+            ],
+            1,
+        )?;
+        let mask = self.multimodal_mask(attention_mask, seq.device())?;
+        self.llm.forward(&self.params, &seq, &mask)
+    }
+}
+
+impl TrainModel for OpenVlaTrain {
+    fn num_patches(&self) -> usize {
+        self.config.num_patches()
+    }
+
+    fn forward_train(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<TrainLogits> {
+        let hidden = self.hidden_states(pixel_values, input_ids, attention_mask)?;
+        // Patch positions predict patches (label -100): skip their logits.
+        let np = self.num_patches();
+        let s = hidden.dim(1)?;
+        let h = hidden.narrow(1, np, s - np)?;
+        Ok(TrainLogits {
+            logits: self.llm.logits(&self.params, &h)?,
+            offset: np,
+        })
+    }
+
+    fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.params.named_parameters()
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        self.params.modules()
+    }
+
+    fn attach_lora(&mut self, name: &str, layer: Arc<LoraLayer>) -> Result<()> {
+        self.params.attach_lora(name, layer)
+    }
+}
