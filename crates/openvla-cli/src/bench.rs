@@ -629,9 +629,10 @@ fn print_report(r: &Value) {
         if let Some(rows) = acc.get("configs").and_then(|c| c.as_array()) {
             for c in rows {
                 println!(
-                    "  {:<6} token agreement {:.1}%  all-7 agreement {:.1}%  first-token agreement {:.1}%  mean |Δ normalized action| {:.4}",
+                    "  {:<6} token agreement {:.1}%  teacher-forced {:.1}%  all-7 agreement {:.1}%  first-token agreement {:.1}%  mean |Δ normalized action| {:.4}",
                     c["config"].as_str().unwrap_or(""),
                     100.0 * c["token_agreement"].as_f64().unwrap_or(f64::NAN),
+                    100.0 * c["teacher_forced_agreement"].as_f64().unwrap_or(f64::NAN),
                     100.0 * c["action_agreement"].as_f64().unwrap_or(f64::NAN),
                     100.0 * c["first_token_agreement"].as_f64().unwrap_or(f64::NAN),
                     c["mean_abs_delta"].as_f64().unwrap_or(f64::NAN),
@@ -639,6 +640,32 @@ fn print_report(r: &Value) {
             }
         }
     }
+}
+
+/// The token `policy` picks at each generation step when fed the prefix of `reference`
+/// (the f32 run's generated tokens) instead of its own: one forward over
+/// `[prefill embeddings, reference[..n-1]]`, argmax of the last `n` positions.
+fn teacher_forced(
+    policy: &Policy,
+    t: &openvla::policy::Trace,
+    reference: &[u32],
+) -> Result<Vec<u32>> {
+    if reference.is_empty() {
+        return Ok(Vec::new());
+    }
+    let llm = &policy.model().llm;
+    let fed = llm.embed(&reference[..reference.len() - 1])?;
+    let x = candle_core::Tensor::cat(&[&t.generation.inputs_embeds, &fed], 1)?;
+    let mut cache = openvla::model::llama::KvCache::new(1);
+    let hidden = llm.forward(&x, &mut cache)?;
+    let logits = llm.all_logits(&hidden)?.squeeze(0)?;
+    let rows = logits.dim(0)?;
+    (rows - reference.len()..rows)
+        .map(|i| {
+            let row = logits.get(i)?.to_vec1::<f32>()?;
+            Ok(openvla::model::llama::argmax(&row) as u32)
+        })
+        .collect()
 }
 
 /// Deterministic image/instruction pairs for the accuracy comparison.
@@ -740,8 +767,14 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
     };
     // Each configuration's tokens, normalized actions and the top1-top2 margin of the
     // action-token logits at every step.
-    type Run = Vec<(Vec<u32>, Vec<f64>, Vec<f32>)>;
-    let run = |precision: Precision, quantize: Option<Quantization>| -> Result<Run> {
+    // With `forced` (the f32 run's generated tokens per pair), also the tokens this
+    // configuration picks at each step when fed the f32 prefix (teacher forcing): agreement
+    // without the cascade a first differing token causes in free-running generation.
+    type Run = Vec<(Vec<u32>, Vec<f64>, Vec<f32>, Vec<u32>, Vec<u32>)>;
+    let run = |precision: Precision,
+               quantize: Option<Quantization>,
+               forced: Option<&Run>|
+     -> Result<Run> {
         let policy = Policy::load(
             model,
             &LoadOptions {
@@ -766,8 +799,12 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
                     unnorm_key: a.unnorm_key.clone(),
                 })
                 .collect();
-            for t in policy.trace_batch(&requests)? {
+            for (j, t) in policy.trace_batch(&requests)?.into_iter().enumerate() {
                 let t = t?;
+                let teacher = match forced.and_then(|f| f.get(ci * bs + j)) {
+                    Some(r) => teacher_forced(&policy, &t, &r.3)?,
+                    None => Vec::new(),
+                };
                 let margins = t
                     .generation
                     .step_logits
@@ -784,12 +821,14 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
                     t.prediction.token_ids,
                     t.prediction.normalized_action,
                     margins,
+                    t.generation.generated,
+                    teacher,
                 ));
             }
         }
         Ok(out)
     };
-    let reference = run(Precision::F32, None)?;
+    let reference = run(Precision::F32, None, None)?;
     let tokens: usize = reference.iter().map(|p| p.0.len()).sum();
     let mut margins: Vec<f32> = reference.iter().flat_map(|p| p.2.iter().copied()).collect();
     margins.sort_by(|x, y| x.total_cmp(y));
@@ -803,10 +842,12 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
         if c.precision == Precision::F32 && c.quantize.is_none() {
             continue;
         }
-        let got = run(c.precision, c.quantize)?;
+        let got = run(c.precision, c.quantize, Some(&reference))?;
         let (mut same, mut all_same, mut delta, mut count) = (0usize, 0usize, 0f64, 0usize);
-        let mut first_same = 0usize;
+        let (mut first_same, mut forced_same, mut forced_total) = (0usize, 0usize, 0usize);
         for (r, g) in reference.iter().zip(&got) {
+            forced_same += r.3.iter().zip(&g.4).filter(|(x, y)| x == y).count();
+            forced_total += r.3.len();
             first_same += usize::from(r.0.first() == g.0.first());
             let s = r.0.iter().zip(&g.0).filter(|(x, y)| x == y).count();
             same += s;
@@ -821,6 +862,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
             "token_agreement": same as f64 / tokens.max(1) as f64,
             "action_agreement": all_same as f64 / pairs.len().max(1) as f64,
             "first_token_agreement": first_same as f64 / pairs.len().max(1) as f64,
+            "teacher_forced_agreement": forced_same as f64 / forced_total.max(1) as f64,
             "mean_abs_delta": delta / count.max(1) as f64,
         }));
     }
