@@ -51,6 +51,10 @@ enum Command {
     /// safetensors, index, config, tokenizer, dataset_statistics.json) that this engine and the
     /// reference both load.
     Merge(openvla_train::cli::MergeArgs),
+    /// Fine-tune on RLDS or LeRobot demonstrations (LoRA, full, frozen-vision, last-layer,
+    /// sandwich): resumable checkpoints, metrics.jsonl, curves.svg and, for LoRA, a PEFT adapter
+    /// that `openvla merge` folds into the model. See docs/finetuning.md.
+    Finetune(openvla_train::cli::FinetuneArgs),
 }
 
 #[derive(clap::Args)]
@@ -139,6 +143,35 @@ fn main() {
                     a.out.display(),
                     r.shards.len()
                 )
+            })
+            .map_err(Into::into),
+        Command::Finetune(a) => openvla_train::cli::run_finetune(&a)
+            .map(|r| {
+                let o = &r.outcome;
+                eprintln!(
+                    "finetune {}: {} trainable parameters, steps {}..{} of {}",
+                    r.plan.experiment_id, r.trainable_params, o.resumed_from, o.step, a.max_steps
+                );
+                if let Some(m) = &r.last {
+                    eprintln!(
+                        "last step: loss {:.4}, action accuracy {}, L1 {}, {:.3} steps/s",
+                        m.loss,
+                        m.action_accuracy
+                            .map_or("-".into(), |x| format!("{:.1}%", 100.0 * x)),
+                        m.action_l1_loss.map_or("-".into(), |x| format!("{x:.4}")),
+                        m.steps_per_s
+                    );
+                }
+                if let Some(c) = &o.last_checkpoint {
+                    eprintln!("checkpoint: {}", c.display());
+                }
+                if let Some(d) = &r.adapter_dir {
+                    eprintln!("adapter: {} (openvla merge --adapter)", d.display());
+                }
+                eprintln!(
+                    "metrics: {}",
+                    r.plan.run_dir.join("metrics.jsonl").display()
+                );
             })
             .map_err(Into::into),
     };

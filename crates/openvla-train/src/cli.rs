@@ -439,26 +439,71 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
     })
 }
 
-/// Runs `openvla finetune`. Until the model's differentiable forward is wired in
-/// ([`crate::seam::TrainModel`]), it stops after [`prepare_finetune`] with
-/// [`TrainError::NotWired`].
-pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
+/// What `openvla finetune` did.
+#[derive(Debug, Clone)]
+pub struct FinetuneReport {
+    /// The resolved plan.
+    pub plan: FinetunePlan,
+    /// The training loop's outcome.
+    pub outcome: crate::trainer::RunOutcome,
+    /// The last metrics record (loss, accuracy, L1, steps/s), if any step ran.
+    pub last: Option<crate::log::MetricsRecord>,
+    /// Trainable parameters (LoRA matrices or base weights).
+    pub trainable_params: usize,
+    /// Where the PEFT adapter was written (LoRA mode).
+    pub adapter_dir: Option<PathBuf>,
+}
+
+/// Runs `openvla finetune`: checks everything up front ([`prepare_finetune`]), loads the
+/// differentiable model ([`crate::model::OpenVlaTrain`]) with the mode's trainable parameters
+/// and `--precision`'s storage for frozen weights, and trains ([`finetune_with_model`]).
+pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
+    use crate::model::{LoadTrainOptions, OpenVlaTrain, WeightStorage};
     let plan = prepare_finetune(args)?;
-    Err(TrainError::NotWired(format!(
-        "finetune: checked the model, dataset {:?} ({}-D actions), {} and memory ({}); training \
-         needs the model's differentiable forward, which is not wired in yet \
-         (openvla_train::seam::TrainModel)",
-        plan.dataset_name,
-        plan.action_dim,
-        match &plan.lora {
-            Some(l) => format!(
-                "LoRA r={} alpha={} on {} modules",
-                l.r, l.lora_alpha, plan.lora_modules
-            ),
-            None => format!("mode {}", args.mode),
+    let device = candle_core::Device::Cpu;
+    let storage = match args.precision {
+        Precision::F32 => WeightStorage::F32,
+        Precision::Bf16 => WeightStorage::Bf16,
+    };
+    let model = OpenVlaTrain::load(
+        &args.model,
+        LoadTrainOptions {
+            mode: args.mode,
+            storage,
         },
-        plan.memory.describe()
-    )))
+        &device,
+    )?;
+    let base: usize = crate::seam::TrainModel::named_parameters(&model)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let trainable_params = match &plan.lora {
+        Some(l) => {
+            let modules = crate::seam::TrainModel::modules(&model);
+            let sel = select_targets(
+                &modules,
+                &parse_target_modules(&args.target_modules)?,
+                Some(OPENVLA_OUTPUT_EMBEDDING),
+            )?;
+            count_lora_params(&sel, l.r)
+        }
+        None => base,
+    };
+    let outcome = finetune_with_model(args, model, &device)?;
+    let mpath = crate::trainer::metrics_path(&plan.run_dir);
+    let last = if mpath.is_file() {
+        crate::log::read_metrics(&mpath)?.pop()
+    } else {
+        None
+    };
+    let adapter_dir = plan.lora.as_ref().map(|_| plan.run_dir.join("adapter"));
+    Ok(FinetuneReport {
+        plan,
+        outcome,
+        last,
+        trainable_params,
+        adapter_dir,
+    })
 }
 
 /// Runs `openvla merge`.

@@ -68,9 +68,6 @@ pub enum TrainError {
     /// The dataset's action dimension differs from the model's.
     #[error("{0}")]
     ActionDimMismatch(String),
-    /// Something that needs the model's differentiable forward, not yet wired in.
-    #[error("{0}")]
-    NotWired(String),
 }
 
 /// Shorthand for results of this crate.

@@ -190,7 +190,7 @@ fn finetune_args(model: &Path, out: &Path) -> FinetuneArgs {
 }
 
 #[test]
-fn finetune_prepares_the_run_and_reports_the_missing_model_seam() {
+fn finetune_prepares_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let args = finetune_args(&tiny_model(), &out);
@@ -205,8 +205,27 @@ fn finetune_prepares_the_run_and_reports_the_missing_model_seam() {
         plan.experiment_id,
         "openvla-tiny+bridge_orig+b2+lr-0.0005+lora-r32+dropout-0.0--image_aug"
     );
-    let e = run_finetune(&args).unwrap_err();
-    assert!(matches!(e, TrainError::NotWired(_)), "{e}");
+    // The real model trains: 2 steps of LoRA r=4 on the tiny OpenVLA.
+    let mut run = args.clone();
+    run.out = tmp.path().join("run2");
+    run.lora_rank = 4;
+    run.max_steps = 2;
+    run.save_interval = 1;
+    let rep = run_finetune(&run).unwrap();
+    assert_eq!((rep.outcome.step, rep.outcome.resumed_from), (2, 0));
+    assert_eq!(
+        rep.trainable_params, 169112,
+        "the fixture's LoRA r=4 parameter count"
+    );
+    let last = rep.last.unwrap();
+    assert_eq!(last.step, 2);
+    assert!(last.loss.is_finite() && last.action_accuracy.is_some());
+    let adapter = rep.adapter_dir.unwrap();
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    assert!(run
+        .out
+        .join("checkpoints/step-00000002/state.json")
+        .is_file());
     // --resume without checkpoints.
     let mut r = args.clone();
     r.resume = true;
