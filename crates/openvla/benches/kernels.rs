@@ -1,20 +1,16 @@
 //! Microbenchmarks of the matmul kernels at the model's shapes:
-//! `cargo bench -p openvla --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`).
+//! `cargo bench -p openvla --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`, `ONLY=a,b`
+//! to select kernels, `REPS` rounds).
+//!
+//! The kernels are timed **interleaved**: each round runs every selected kernel once, and the
+//! best round of each is reported, so ratios between kernels are taken under the same machine
+//! load (the benchmark machine is shared and noisy).
 
-use openvla::kernels::{half_matmul, quant_matmul};
+use openvla::kernels::{half_matmul, int8_gemm, quant_matmul};
 use openvla::quant::{QuantFormat, QuantMatrix};
 use std::time::Instant;
 
-fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {
-    f();
-    let mut b = f64::MAX;
-    for _ in 0..reps {
-        let t = Instant::now();
-        f();
-        b = b.min(t.elapsed().as_secs_f64());
-    }
-    b
-}
+type Kernel<'a> = (&'static str, usize, Box<dyn FnMut() + 'a>);
 
 fn main() {
     let shapes: Vec<(usize, usize)> = std::env::var("SHAPES")
@@ -30,6 +26,10 @@ fn main() {
         .split(',')
         .map(|x| x.parse().unwrap())
         .collect();
+    let only: Option<Vec<String>> = std::env::var("ONLY")
+        .ok()
+        .map(|o| o.split(',').map(String::from).collect());
+    let run = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     println!("threads {}", rayon::current_num_threads());
     for (n, k) in shapes {
         let w: Vec<f32> = (0..n * k)
@@ -51,65 +51,111 @@ fn main() {
             turn.get()
         };
         let wt = candle_core::Tensor::from_slice(&w, (n, k), &candle_core::Device::Cpu).unwrap();
+        let wtt = wt.t().unwrap();
         for &m in &ms {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 40503) % 1000) as f32 / 1000.0 - 0.5)
                 .collect();
             let xt =
                 candle_core::Tensor::from_slice(&x, (m, k), &candle_core::Device::Cpu).unwrap();
-            let mut y = vec![0f32; m * n];
-            let reps = if m > 16 { 2 } else { 10 };
+            let y = std::cell::RefCell::new(vec![0f32; m * n]);
+            let reps = std::env::var("REPS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(if m > 16 { 3 } else { 10 });
             let fl = 2.0 * (m * n * k) as f64;
-            let only = std::env::var("ONLY").ok();
-            let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
-            let reps = if only.is_some() { 200 } else { reps };
-            let report = |name: &str, t: f64, bytes: usize| {
+            let mut kernels: Vec<Kernel> = Vec::new();
+            let (x, xt, wtt, ws, bfs, q8s, q4s, y, next) =
+                (&x, &xt, &wtt, &ws, &bfs, &q8s, &q4s, &y, &next);
+            if run("f32") {
+                kernels.push((
+                    "f32 candle",
+                    n * k * 4,
+                    Box::new(move || {
+                        std::hint::black_box(xt.matmul(wtt).unwrap());
+                    }),
+                ));
+            }
+            if run("f32rows") {
+                kernels.push((
+                    "f32 rows",
+                    n * k * 4,
+                    Box::new(move || {
+                        openvla::kernels::f32_matmul::matmul(
+                            x,
+                            &ws[next()],
+                            &mut y.borrow_mut(),
+                            m,
+                            n,
+                            k,
+                        )
+                    }),
+                ));
+            }
+            if run("bf16") {
+                kernels.push((
+                    "bf16",
+                    n * k * 2,
+                    Box::new(move || {
+                        half_matmul::matmul(
+                            x,
+                            &bfs[next()],
+                            half_matmul::Half::Bf16,
+                            &mut y.borrow_mut(),
+                            m,
+                            n,
+                            k,
+                            false,
+                        )
+                    }),
+                ));
+            }
+            // "q8_0"/"q4_0": what the dispatcher runs; "...i8": the int8-activation kernel;
+            // "...deq": dequantized tiles + gemm (weight-only).
+            for (name, qs, path) in [
+                ("q8_0", q8s, 0),
+                ("q8_0i8", q8s, 1),
+                ("q8_0deq", q8s, 2),
+                ("q4_0", q4s, 0),
+                ("q4_0i8", q4s, 1),
+                ("q4_0deq", q4s, 2),
+            ] {
+                if run(name) && (path == 0 || m >= 8) {
+                    kernels.push((
+                        name,
+                        qs[0].storage_bytes(),
+                        Box::new(move || {
+                            let w = &qs[next()];
+                            let y = &mut y.borrow_mut();
+                            match path {
+                                0 => quant_matmul::matmul(x, w, y, m, false),
+                                1 => {
+                                    let a = int8_gemm::QuantActs::new(w.format(), x, m, k);
+                                    int8_gemm::matmul(&a, w, y)
+                                }
+                                _ => quant_matmul::matmul_dequant(x, w, y, m),
+                            }
+                        }),
+                    ));
+                }
+            }
+            let mut best = vec![f64::MAX; kernels.len()];
+            for round in 0..=reps {
+                for (b, (_, _, f)) in best.iter_mut().zip(kernels.iter_mut()) {
+                    let t = Instant::now();
+                    f();
+                    if round > 0 {
+                        *b = b.min(t.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            for ((name, bytes, _), t) in kernels.iter().zip(&best) {
                 println!(
                     "n={n:5} k={k:5} m={m:3} {name:10} {:8.2} ms {:6.1} GF/s {:5.1} GB/s",
                     t * 1e3,
                     fl / t / 1e9,
-                    bytes as f64 / t / 1e9
-                )
-            };
-            let wtt = wt.t().unwrap();
-            if run("f32") {
-                let t = best(reps, || {
-                    std::hint::black_box(xt.matmul(&wtt).unwrap());
-                });
-                report("f32 candle", t, n * k * 4);
-            }
-            if run("f32rows") {
-                let t = best(reps, || {
-                    openvla::kernels::f32_matmul::matmul(&x, &ws[next()], &mut y, m, n, k)
-                });
-                report("f32 rows", t, n * k * 4);
-            }
-            if run("bf16") {
-                let t = best(reps, || {
-                    half_matmul::matmul(
-                        &x,
-                        &bfs[next()],
-                        half_matmul::Half::Bf16,
-                        &mut y,
-                        m,
-                        n,
-                        k,
-                        false,
-                    )
-                });
-                report("bf16", t, n * k * 2);
-            }
-            if run("q8_0") {
-                let t = best(reps, || {
-                    quant_matmul::matmul(&x, &q8s[next()], &mut y, m, false)
-                });
-                report("q8_0", t, q8s[0].storage_bytes());
-            }
-            if run("q4_0") {
-                let t = best(reps, || {
-                    quant_matmul::matmul(&x, &q4s[next()], &mut y, m, false)
-                });
-                report("q4_0", t, q4s[0].storage_bytes());
+                    *bytes as f64 / t / 1e9
+                );
             }
         }
     }

@@ -14,6 +14,7 @@
 
 pub mod f32_matmul;
 pub mod half_matmul;
+pub mod int8_gemm;
 pub mod probe;
 pub mod quant_matmul;
 
