@@ -19,34 +19,6 @@ use openvla_train::trainer::Objective;
 use openvla_train::TrainMode;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Reads a little-endian float32 `.npy` file.
-fn npy_f32(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(&bytes[..6], b"\x93NUMPY");
-    let (hlen, start) = if bytes[6] == 1 {
-        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
-    } else {
-        (
-            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
-            12,
-        )
-    };
-    let header = std::str::from_utf8(&bytes[start..start + hlen]).unwrap();
-    assert!(header.contains("'<f4'"), "{header}");
-    assert!(header.contains("'fortran_order': False"));
-    let shape_s = header.split("'shape': (").nth(1).unwrap();
-    let shape: Vec<usize> = shape_s[..shape_s.find(')').unwrap()]
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let data = bytes[start + hlen..]
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (shape, data)
-}
-
 /// The fixture batch: pixel values (= the tiny fixture's s0/s1) and the collated text.
 fn fixture_batch() -> VlaBatch {
     let raw = read_raw(&td().join("batch.safetensors"));

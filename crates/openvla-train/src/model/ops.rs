@@ -3,7 +3,7 @@
 
 use super::params::ParamStore;
 use crate::error::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 
 /// A Linear (or a Conv2d whose kernel equals its stride, seen as a Linear over flattened
 /// patches) by module name; its LoRA branch, if any, is looked up in the [`ParamStore`].
@@ -46,18 +46,20 @@ impl Linear {
     }
 }
 
-/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one 2-D product (a weight stored in
-/// bf16 is widened to float32 first).
+/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one 2-D product. A frozen weight (one that
+/// records no op: not a `Var` and not derived from one) goes through [`FrozenMatmul`], whose
+/// backward yields only the input's gradient.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let fin = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / fin.max(1);
-    let w = if w.dtype() == DType::F32 {
-        w.clone()
+    let x2 = x.reshape((rows, fin))?;
+    let y = if w.track_op() {
+        x2.matmul(&as_f32(w)?.t()?)?
     } else {
-        w.to_dtype(DType::F32)?
+        x2.contiguous()?
+            .apply_op1(FrozenMatmul { weight: w.clone() })?
     };
-    let y = x.reshape((rows, fin))?.matmul(&w.t()?)?;
     let y = match b {
         Some(b) => y.broadcast_add(&as_f32(b)?)?,
         None => y,
@@ -67,6 +69,57 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         *last = w.dim(0)?;
     }
     Ok(y.reshape(out)?)
+}
+
+/// `x W^T` with a frozen `W` (`[out, in]`, float32 or bf16, widened per call) as a custom op.
+///
+/// candle's `matmul` backward computes the gradient of both operands, so a frozen weight would
+/// cost one extra weight-sized product per layer and a weight-sized gradient that stays in the
+/// `GradStore` until the step ends (the whole model's size again, for LoRA). This op's backward
+/// returns only `grad · W`; a bf16 weight is also never kept widened between forward and
+/// backward.
+#[derive(Debug, Clone)]
+pub struct FrozenMatmul {
+    /// `[out, in]`.
+    pub weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = storage else {
+            candle_core::bail!("frozen-matmul: float32 input expected")
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: contiguous input expected")
+        };
+        let (rows, fin) = layout.shape().dims2()?;
+        let x = Tensor::from_slice(&v[a..b], (rows, fin), &Device::Cpu)?;
+        let w = self.weight.to_dtype(DType::F32)?;
+        let y = x.matmul(&w.t()?)?;
+        let out = w.dim(0)?;
+        Ok((
+            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            Shape::from((rows, out)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let w = self.weight.to_dtype(DType::F32)?;
+        Ok(Some(grad_res.contiguous()?.matmul(&w)?))
+    }
 }
 
 /// `t` in float32.
@@ -163,6 +216,48 @@ mod tests {
         let loss = (loss + sm.sqr().unwrap().sum_all().unwrap()).unwrap();
         let g = loss.backward().unwrap();
         assert!(g.get(&x).is_some(), "no gradient through the norms");
+    }
+
+    #[test]
+    fn frozen_matmul_equals_matmul_with_the_input_gradient_only() {
+        let x = Var::from_tensor(&data(&[3, 4, 5], 4)).unwrap();
+        let w = data(&[6, 5], 5);
+        let b = data(&[6], 6);
+        let frozen = linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let wv = Var::from_tensor(&w).unwrap();
+        let plain = linear(x.as_tensor(), wv.as_tensor(), Some(&b)).unwrap();
+        close(&frozen, &plain, 1e-6);
+        let gf = frozen.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        close(gf.get(&x).unwrap(), gp.get(&x).unwrap(), 1e-5);
+        let weight_sized = |g: &candle_core::backprop::GradStore| {
+            g.get_ids()
+                .filter(|id| g.get_id(**id).is_some_and(|t| t.elem_count() == 30))
+                .count()
+        };
+        // candle's matmul computes (and keeps) a gradient for a frozen operand too.
+        let leaked = x
+            .as_tensor()
+            .reshape((12, 5))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap();
+        let gl = leaked.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            weight_sized(&gl),
+            1,
+            "candle keeps a gradient for the frozen W^T"
+        );
+        assert_eq!(weight_sized(&gp), 1, "the Var's gradient");
+        assert_eq!(
+            weight_sized(&gf),
+            0,
+            "no gradient computed for the frozen weight"
+        );
+        let wb = w.to_dtype(DType::BF16).unwrap();
+        let y = linear(x.as_tensor(), &wb, None).unwrap();
+        let want = linear(x.as_tensor(), &wb.to_dtype(DType::F32).unwrap(), None).unwrap();
+        close(&y, &want, 1e-6);
     }
 
     #[test]

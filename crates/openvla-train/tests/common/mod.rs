@@ -78,3 +78,50 @@ pub fn f32s(r: &Raw) -> Vec<f32> {
 pub fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(td().join("expected.json")).unwrap()).unwrap()
 }
+
+/// Reads a little-endian `.npy` file: (dtype descr such as `<f4`, shape, raw bytes).
+pub fn npy(path: &std::path::Path) -> (String, Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let (hlen, start) = if bytes[6] == 1 {
+        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+    } else {
+        (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        )
+    };
+    let header = std::str::from_utf8(&bytes[start..start + hlen]).unwrap();
+    assert!(header.contains("'fortran_order': False"), "{header}");
+    let descr = header.split("'descr': '").nth(1).unwrap();
+    let descr = descr[..descr.find('\'').unwrap()].to_string();
+    let shape_s = header.split("'shape': (").nth(1).unwrap();
+    let shape: Vec<usize> = shape_s[..shape_s.find(')').unwrap()]
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    (descr, shape, bytes[start + hlen..].to_vec())
+}
+
+/// A float32 `.npy` file: shape and values.
+pub fn npy_f32(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
+    let (d, shape, raw) = npy(path);
+    assert_eq!(d, "<f4", "{}", path.display());
+    let v = raw
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape, v)
+}
+
+/// An int64 `.npy` file: shape and values.
+pub fn npy_i64(path: &std::path::Path) -> (Vec<usize>, Vec<i64>) {
+    let (d, shape, raw) = npy(path);
+    assert_eq!(d, "<i8", "{}", path.display());
+    let v = raw
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape, v)
+}
