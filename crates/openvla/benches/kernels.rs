@@ -76,6 +76,45 @@ fn main() {
                     }),
                 ));
             }
+            if run("f32tiled") {
+                kernels.push((
+                    "f32 tiled",
+                    n * k * 4,
+                    Box::new(move || {
+                        openvla::kernels::tiled_gemm_f32(
+                            x,
+                            &ws[next()],
+                            &mut y.borrow_mut(),
+                            m,
+                            n,
+                            k,
+                        )
+                    }),
+                ));
+            }
+            if run("bf16v0") && m >= 8 {
+                kernels.push((
+                    "bf16 v0",
+                    n * k * 2,
+                    Box::new(move || {
+                        let w = &bfs[next()];
+                        openvla::kernels::tiled_gemm_v0(
+                            x,
+                            &mut y.borrow_mut(),
+                            m,
+                            n,
+                            k,
+                            |j0, nb, buf| {
+                                half_matmul::widen(
+                                    &w[j0 * k..(j0 + nb) * k],
+                                    half_matmul::Half::Bf16,
+                                    buf,
+                                )
+                            },
+                        )
+                    }),
+                ));
+            }
             if run("f32rows") {
                 kernels.push((
                     "f32 rows",

@@ -157,7 +157,7 @@ fn quantize_block(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f32) -> i32 {
     quantize_block_portable(v, dst, d)
 }
 
-/// Portable [`quantize_block`].
+/// Portable form of the block quantization (the AVX2 form gives the same bits).
 pub fn quantize_block_portable(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f32) -> i32 {
     let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
     *d = amax / 127.0;
