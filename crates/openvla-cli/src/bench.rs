@@ -79,6 +79,14 @@ pub struct BenchArgs {
     /// agreement on the same inputs).
     #[arg(long, requires = "accuracy")]
     dump_pairs: Option<PathBuf>,
+    /// Take the accuracy pairs from this dataset's frames (image and instruction, frames spread
+    /// evenly over the dataset) instead of the built-in synthetic ones, e.g. the data a
+    /// fine-tuned model was trained on.
+    #[arg(long, requires = "accuracy")]
+    accuracy_data: Option<PathBuf>,
+    /// Dataset name under `--accuracy-data` (a data root holding several datasets).
+    #[arg(long, requires = "accuracy_data")]
+    accuracy_dataset: Option<String>,
     /// Requests per batch in the accuracy runs (decoded together, prefilled one by one).
     #[arg(long, default_value_t = 8)]
     accuracy_batch: usize,
@@ -668,6 +676,50 @@ fn teacher_forced(
         .collect()
 }
 
+/// `n` image/instruction pairs from a dataset's frames, spread evenly over all its frames in
+/// order (no shuffling, no augmentation).
+fn dataset_pairs(dir: &Path, name: Option<&str>, n: usize) -> Result<Vec<Observation>> {
+    use openvla_data::stream::{stream, StreamConfig, StreamDataset};
+    let source = openvla_data::source::DatasetSource::open(dir, name, None)
+        .with_context(|| format!("opening the accuracy dataset {}", dir.display()))?;
+    let frames = stream(
+        vec![StreamDataset {
+            source,
+            split: "all".into(),
+            weight: 1.0,
+            statistics: None,
+        }],
+        StreamConfig {
+            shuffle_buffer: 1,
+            repeat: false,
+            ..Default::default()
+        },
+    )?;
+    let mut all = Vec::new();
+    for f in frames {
+        let f = f?;
+        all.push(Observation {
+            image: openvla::processor::RgbImage::from_raw(
+                f.image.width,
+                f.image.height,
+                f.image.data,
+            )?,
+            instruction: f.instruction,
+        });
+    }
+    if all.len() < n {
+        bail!(
+            "{} has {} frames, fewer than the {n} accuracy pairs asked for",
+            dir.display(),
+            all.len()
+        );
+    }
+    let step = all.len() as f64 / n as f64;
+    Ok((0..n)
+        .map(|i| all[(i as f64 * step) as usize].clone())
+        .collect())
+}
+
 /// Deterministic image/instruction pairs for the accuracy comparison.
 fn accuracy_pairs(n: usize) -> Result<Vec<Observation>> {
     const TASKS: [&str; 10] = [
@@ -753,7 +805,10 @@ fn dump_pairs(dir: &Path, pairs: &[Observation]) -> Result<()> {
 
 /// Token agreement and mean |Δ normalized action| of each configuration against f32.
 fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
-    let pairs = accuracy_pairs(n)?;
+    let pairs = match &a.accuracy_data {
+        Some(dir) => dataset_pairs(dir, a.accuracy_dataset.as_deref(), n)?,
+        None => accuracy_pairs(n)?,
+    };
     if let Some(dir) = &a.dump_pairs {
         dump_pairs(dir, &pairs)?;
     }
