@@ -361,7 +361,8 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         batch_size: args.batch_size,
         text_tokens: 40,
         weight_bytes: bytes,
-        activation_bytes: bytes,
+        // The forward and backward compute in float32 with either precision.
+        activation_bytes: 4,
     })?;
     if !args.no_memory_check {
         let avail = match args.max_memory_gb {

@@ -112,7 +112,11 @@ fn memory_estimate_of_the_7b() {
     let fv = estimate(&inp(TrainMode::FrozenVision, 16)).unwrap();
     let lora1 = estimate(&inp(TrainMode::Lora, 1)).unwrap();
     assert!(fv.activations < lora.activations);
-    assert_eq!(lora.activations, 16 * lora1.activations);
+    let diff = lora.activations as i64 - 16 * lora1.activations as i64;
+    assert!(
+        diff.abs() <= 16,
+        "activations scale with the batch ({diff} bytes off)"
+    );
     let e = check_fits(&full, 80 << 30, "7B full fine-tuning")
         .unwrap_err()
         .to_string();
