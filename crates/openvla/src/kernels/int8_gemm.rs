@@ -216,11 +216,17 @@ unsafe fn quantize_block_avx2(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f
 }
 
 /// Rows of a weight panel (one parallel task) for `n` weight rows: at most
-/// [`MAX_PANEL_ROWS`], and small enough that each thread gets about four panels.
+/// [`MAX_PANEL_ROWS`], at least two panels per thread, and the number of panels a multiple of
+/// the thread count (so that the threads finish together).
 pub fn panel_rows(n: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let want = n.div_ceil(4 * threads).next_multiple_of(NR);
-    want.clamp(NR, MAX_PANEL_ROWS)
+    let panels = n
+        .div_ceil(MAX_PANEL_ROWS)
+        .max(2 * threads)
+        .next_multiple_of(threads);
+    n.div_ceil(panels)
+        .next_multiple_of(NR)
+        .clamp(NR, MAX_PANEL_ROWS)
 }
 
 /// A pointer to `y` shared by the panels, each of which writes only its own columns.
