@@ -84,6 +84,11 @@ pub struct BenchArgs {
     /// fine-tuned model was trained on.
     #[arg(long, requires = "accuracy")]
     accuracy_data: Option<PathBuf>,
+    /// Take the accuracy pairs from a directory in the `--dump-pairs` format (`pairs.json`:
+    /// a list of `{"image": FILE, "instruction": TEXT}`; PPM, PNG or JPEG images), e.g. your
+    /// own camera frames. `--accuracy N` then uses the first N.
+    #[arg(long, requires = "accuracy", conflicts_with = "accuracy_data")]
+    accuracy_pairs: Option<PathBuf>,
     /// Dataset name under `--accuracy-data` (a data root holding several datasets).
     #[arg(long, requires = "accuracy_data")]
     accuracy_dataset: Option<String>,
@@ -676,6 +681,87 @@ fn teacher_forced(
         .collect()
 }
 
+/// The first `n` pairs of a `--dump-pairs` directory.
+fn read_pairs(dir: &Path, n: usize) -> Result<Vec<Observation>> {
+    let list_path = dir.join("pairs.json");
+    let text = std::fs::read_to_string(&list_path)
+        .with_context(|| format!("reading {}", list_path.display()))?;
+    let list: Vec<Value> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of {{\"image\": FILE, \"instruction\": TEXT}}",
+            list_path.display()
+        )
+    })?;
+    if list.len() < n {
+        bail!(
+            "{} lists {} pairs, fewer than the {n} asked for",
+            list_path.display(),
+            list.len()
+        );
+    }
+    list.iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, p)| {
+            let (Some(image), Some(instruction)) = (p["image"].as_str(), p["instruction"].as_str())
+            else {
+                bail!(
+                    "{}: pair {i} needs string fields \"image\" and \"instruction\"",
+                    list_path.display()
+                );
+            };
+            let path = dir.join(image);
+            let image = if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("ppm"))
+            {
+                read_ppm(&path)?
+            } else {
+                openvla_image::open(&path)?
+            };
+            Ok(Observation {
+                image,
+                instruction: instruction.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// A binary (P6, 8-bit) PPM, the format `--dump-pairs` writes.
+fn read_ppm(path: &Path) -> Result<openvla::processor::RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut fields = Vec::new();
+    let mut pos = 0;
+    while fields.len() < 4 {
+        while pos < bytes.len() && bytes[pos].is_ascii_whitespace() {
+            pos += 1;
+        }
+        let start = pos;
+        while pos < bytes.len() && !bytes[pos].is_ascii_whitespace() {
+            pos += 1;
+        }
+        if start == pos {
+            bail!("{}: truncated PPM header", path.display());
+        }
+        fields.push(String::from_utf8_lossy(&bytes[start..pos]).into_owned());
+    }
+    let num = |s: &str| -> Result<u32> {
+        s.parse()
+            .with_context(|| format!("{}: bad PPM header field {s:?}", path.display()))
+    };
+    let (w, h, max) = (num(&fields[1])?, num(&fields[2])?, num(&fields[3])?);
+    if fields[0] != "P6" || max != 255 {
+        bail!(
+            "{}: only binary 8-bit PPM (P6, maxval 255) is read, got {} with maxval {max}",
+            path.display(),
+            fields[0]
+        );
+    }
+    let data = bytes.get(pos + 1..).unwrap_or_default().to_vec();
+    Ok(openvla::processor::RgbImage::from_raw(w, h, data)
+        .with_context(|| format!("{}: pixel data does not match {w}x{h}", path.display()))?)
+}
+
 /// `n` image/instruction pairs from a dataset's frames, spread evenly over all its frames in
 /// order (no shuffling, no augmentation).
 fn dataset_pairs(dir: &Path, name: Option<&str>, n: usize) -> Result<Vec<Observation>> {
@@ -807,7 +893,10 @@ fn dump_pairs(dir: &Path, pairs: &[Observation]) -> Result<()> {
 fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
     let pairs = match &a.accuracy_data {
         Some(dir) => dataset_pairs(dir, a.accuracy_dataset.as_deref(), n)?,
-        None => accuracy_pairs(n)?,
+        None => match &a.accuracy_pairs {
+            Some(dir) => read_pairs(dir, n)?,
+            None => accuracy_pairs(n)?,
+        },
     };
     if let Some(dir) = &a.dump_pairs {
         dump_pairs(dir, &pairs)?;
