@@ -2,7 +2,7 @@
 //! as `openvla::model::llama` without the KV cache): RMSNorm, grouped-query attention with
 //! half-rotation RoPE (float32 tables), SwiGLU, an additive attention mask.
 
-use super::ops::{as_f32, rms_norm, rope, softmax_last, Linear};
+use super::ops::{as_f32, masked_softmax, rms_norm, rope, Linear};
 use super::params::ParamStore;
 use crate::error::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
@@ -162,7 +162,7 @@ impl LlamaTrain {
             (k, v)
         };
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = softmax_last(&scores.broadcast_add(mask)?)?;
+        let probs = masked_softmax(&scores, mask)?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
