@@ -150,14 +150,17 @@ fn main() {
                 ));
             }
             // "q8_0"/"q4_0": what the dispatcher runs; "...i8": the int8-activation kernel;
-            // "...deq": dequantized tiles + gemm (weight-only).
+            // "...deq": dequantized tiles + gemm (weight-only); "...v0": the same with the
+            // previous tiling (the many-row path before this work).
             for (name, qs, path) in [
                 ("q8_0", q8s, 0),
                 ("q8_0i8", q8s, 1),
                 ("q8_0deq", q8s, 2),
+                ("q8_0v0", q8s, 3),
                 ("q4_0", q4s, 0),
                 ("q4_0i8", q4s, 1),
                 ("q4_0deq", q4s, 2),
+                ("q4_0v0", q4s, 3),
             ] {
                 if run(name) && (path == 0 || m >= 8) {
                     kernels.push((
@@ -172,7 +175,10 @@ fn main() {
                                     let a = int8_gemm::QuantActs::new(w.format(), x, m, k);
                                     int8_gemm::matmul(&a, w, y)
                                 }
-                                _ => quant_matmul::matmul_dequant(x, w, y, m),
+                                2 => quant_matmul::matmul_dequant(x, w, y, m),
+                                _ => openvla::kernels::tiled_gemm_v0(x, y, m, n, k, |j0, _, b| {
+                                    w.dequantize_rows(j0, b)
+                                }),
                             }
                         }),
                     ));
