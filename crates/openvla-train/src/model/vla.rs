@@ -121,6 +121,11 @@ impl OpenVlaTrain {
         let np = self.num_patches();
         let b = m.len();
         let t = m.first().map(|r| r.len()).unwrap_or(0);
+        if t == 0 {
+            return Err(TrainError::Invalid(
+                "attention_mask is empty (BOS is required)".into(),
+            ));
+        }
         let s = t + np;
         let mut out = vec![0f32; b * s * s];
         for (row, mr) in m.iter().enumerate() {
