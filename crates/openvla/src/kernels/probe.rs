@@ -171,7 +171,7 @@ pub struct MatmulRates {
     pub bf16: f64,
     /// `q8_0` weights (dequantized tiles + `gemm`).
     pub q8_0: f64,
-    /// `q4_0` weights (dequantized tiles + `gemm`).
+    /// `q4_0` weights (int8 activations × int4 weights in integers, [`super::int8_gemm`]).
     pub q4_0: f64,
 }
 
