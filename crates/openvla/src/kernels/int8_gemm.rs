@@ -11,16 +11,24 @@
 //!    - `q8_0` weights use the sign trick (`|w| · sign(x, w)`, as llama.cpp's AVX2
 //!      `mul_sum_i8_pairs`): at most `2·127·127 = 32258` per int16 pair, no saturation;
 //!    - `q4_0` weights meet the activations as their unsigned nibbles `q ∈ [0, 15]` (at most
-//!      `2·15·127` per pair), and the offset 8 is removed afterwards in f32 with the activation
-//!      block sums: `Σ_b d_w·d_x·(Σ q·x_q) − 8·Σ_b d_w·(d_x·Σ x_q)`, the second term a matmul
-//!      over blocks (32× fewer operations).
+//!      `2·15·127` per pair), **two blocks per step**: the 32 bytes of blocks `2p, 2p+1` unpack
+//!      with one mask and one shift, meet pair-interleaved activations in two `vpmaddubsw` whose
+//!      int16 results can be added, and one `vpmaddwd`/convert/FMA serves both blocks (lanes
+//!      0..4 and 4..8). The offset 8 is removed afterwards in f32 with the activation block sums:
+//!      `Σ_b d_w·d_x·(Σ q·x_q) − 8·Σ_b d_w·(d_x·Σ x_q)`, the second term a matmul over blocks
+//!      (32× fewer operations).
 //! 3. A register-blocked micro-kernel takes [`MR`] activation rows × [`NR`] weight rows per step
-//!    (8 vector accumulators), with the block-scale products of the micro-tile precomputed into
-//!    a small buffer so the inner loop is 5 (`q8_0`) or 4 (`q4_0`, plus the nibble unpacking
-//!    shared by the rows) vector instructions per block pair. Work is split over weight-row
-//!    panels ([`panel_rows`]) with rayon; within a panel the inner dimension is cut into chunks of
-//!    [`KC_BLOCKS`] blocks so the micro-tile's activations stay in L1 and the panel's weights in
-//!    L2; results are written straight into `y` (each panel owns its columns).
+//!    (8 vector accumulators): 5 vector instructions per (row, weight, block) for `q8_0` (the
+//!    block-scale products precomputed into a small buffer), 3.5 for `q4_0` (plus the nibble
+//!    unpacking, shared by the rows), against 4 f32 FMAs for the same 32 products. Work is split
+//!    over weight-row panels ([`panel_rows`]) with rayon; within a panel the inner dimension is
+//!    cut into chunks of [`KC_BLOCKS`] blocks so the micro-tile's activations stay in L1 and the
+//!    panel's weights in L2; results are written straight into `y` (each panel owns its
+//!    columns).
+//!
+//! On AVX2 without VNNI (Zen 3) the `q4_0` kernel beats dequantize + f32 `gemm` by 1.25–1.4×;
+//! the `q8_0` kernel is 5–20 % slower than it, so the dispatcher
+//! ([`super::quant_matmul::matmul`]) uses this module for `q4_0` only (`docs/kernels.md`).
 //!
 //! For `q8_0`, each output element is computed by the same instruction sequence whatever `m`
 //! and whatever the other rows (the quantization is per row), so the path is row-independent;
