@@ -758,8 +758,8 @@ fn read_ppm(path: &Path) -> Result<openvla::processor::RgbImage> {
         );
     }
     let data = bytes.get(pos + 1..).unwrap_or_default().to_vec();
-    Ok(openvla::processor::RgbImage::from_raw(w, h, data)
-        .with_context(|| format!("{}: pixel data does not match {w}x{h}", path.display()))?)
+    openvla::processor::RgbImage::from_raw(w, h, data)
+        .with_context(|| format!("{}: pixel data does not match {w}x{h}", path.display()))
 }
 
 /// `n` image/instruction pairs from a dataset's frames, spread evenly over all its frames in
