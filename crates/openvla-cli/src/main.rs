@@ -168,6 +168,9 @@ fn main() {
                 if let Some(d) = &r.adapter_dir {
                     eprintln!("adapter: {} (openvla merge --adapter)", d.display());
                 }
+                if let Some(d) = &r.model_dir {
+                    eprintln!("model: {} (openvla predict --model)", d.display());
+                }
                 eprintln!(
                     "metrics: {}",
                     r.plan.run_dir.join("metrics.jsonl").display()

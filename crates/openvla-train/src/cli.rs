@@ -2,6 +2,7 @@
 //! binary (`openvla-cli`) only parses and calls these.
 
 use crate::error::{Result, TrainError};
+use crate::export::{export_model_dir, ExportDtype, ExportOptions};
 use crate::io::write_atomic;
 use crate::lora::config::ALL_LINEAR;
 use crate::lora::targets::{
@@ -106,6 +107,14 @@ pub struct FinetuneArgs {
     /// Skip the up-front memory check.
     #[arg(long)]
     pub no_memory_check: bool,
+    /// Dtype of the model exported to `<out>/model/` by non-LoRA modes: `base` keeps each
+    /// tensor's checkpoint dtype (bf16 for the released checkpoints), `float32` writes every
+    /// floating-point tensor in float32 (the trained weights exactly).
+    #[arg(long, value_enum, default_value_t = ExportDtype::Base)]
+    pub export_dtype: ExportDtype,
+    /// Largest shard of the exported model in GB.
+    #[arg(long, default_value_t = 5.0)]
+    pub export_max_shard_gb: f64,
 }
 
 /// `openvla merge`: merge a PEFT LoRA adapter into its base model and write a full HF model
@@ -190,6 +199,12 @@ impl FinetuneArgs {
         }
         if self.batch_size == 0 || self.grad_accumulation == 0 {
             return bad("--batch-size and --grad-accumulation must be at least 1".into());
+        }
+        if !(self.export_max_shard_gb.is_finite() && self.export_max_shard_gb > 0.0) {
+            return bad(format!(
+                "--export-max-shard-gb must be positive, got {}",
+                self.export_max_shard_gb
+            ));
         }
         if self.max_steps == 0 || self.save_interval == 0 {
             return bad("--max-steps and --save-interval must be at least 1".into());
@@ -411,6 +426,14 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
             run_dir.display()
         )));
     }
+    let model_dir = run_dir.join("model");
+    if args.mode != TrainMode::Lora && model_dir.exists() && !args.resume {
+        return Err(TrainError::Invalid(format!(
+            "{} already holds an exported model; pass --resume to continue that run (its end \
+             replaces the export) or choose another --out",
+            run_dir.display()
+        )));
+    }
     std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
     let run_json = serde_json::json!({
         "experiment_id": experiment_id,
@@ -453,6 +476,8 @@ pub struct FinetuneReport {
     pub trainable_params: usize,
     /// Where the PEFT adapter was written (LoRA mode).
     pub adapter_dir: Option<PathBuf>,
+    /// Where the fine-tuned HF model directory was written (`<out>/model`; the non-LoRA modes).
+    pub model_dir: Option<PathBuf>,
 }
 
 /// Runs `openvla finetune`: checks everything up front ([`prepare_finetune`]), loads the
@@ -498,12 +523,14 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
         None
     };
     let adapter_dir = plan.lora.as_ref().map(|_| plan.run_dir.join("adapter"));
+    let model_dir = plan.lora.is_none().then(|| plan.run_dir.join("model"));
     Ok(FinetuneReport {
         plan,
         outcome,
         last,
         trainable_params,
         adapter_dir,
+        model_dir,
     })
 }
 
@@ -583,7 +610,9 @@ pub fn dataset_statistics(
 /// Runs `openvla finetune` with a model that implements the training seam: statistics, the
 /// frame stream, LoRA adapters (LoRA mode) or the mode's trainable parameters, the training
 /// loop, and the final PEFT adapter in `<out>/adapter/` (with `dataset_statistics.json`, so
-/// `openvla merge --adapter <out>/adapter` finds it).
+/// `openvla merge --adapter <out>/adapter` finds it), or, when base parameters were trained,
+/// the complete HF model directory `<out>/model/` ([`export_model_dir`]: trained tensors from
+/// the `Var`s, the others copied from `--model`, the run's `dataset_statistics.json`).
 pub fn finetune_with_model<M: crate::seam::TrainModel>(
     args: &FinetuneArgs,
     model: M,
@@ -681,6 +710,19 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         let stats = plan.run_dir.join("dataset_statistics.json");
         let bytes = std::fs::read(&stats).map_err(|e| TrainError::io(&stats, e))?;
         write_atomic(&dir.join("dataset_statistics.json"), &bytes)?;
+    } else if !objective.base_params.is_empty() {
+        let stats = plan.run_dir.join("dataset_statistics.json");
+        let stats: serde_json::Value = crate::error::read_json(&stats)?;
+        export_model_dir(
+            &ExportOptions {
+                base: args.model.clone(),
+                out: plan.run_dir.join("model"),
+                dtype: args.export_dtype,
+                max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
+                dataset_statistics: Some(stats),
+            },
+            &objective.base_params,
+        )?;
     }
     Ok(outcome)
 }

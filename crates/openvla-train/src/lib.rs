@@ -7,6 +7,8 @@
 //! * [`optim`]: AdamW, bit-exact with torch's float32 operation sequence.
 //! * [`lora`]: PEFT 0.11.1 adapters (config, `all-linear` targeting, weights, the LoRA branch).
 //! * [`merge`]: `W + s·B·A` (float32 and the reference's bf16 recipe) and merged HF directories.
+//! * [`export`]: the HF model directory a full / frozen-vision / last-layer / sandwich run
+//!   ends with (`<run>/model/`).
 //! * [`mode`]: which parameters each mode trains (full, frozen-vision, last-layer, sandwich).
 //! * [`checkpoint`], [`trainer`], [`log`], [`plot`], [`progress`]: resumable training runs
 //!   (atomic checkpoints, keep-last-N, NaN stop, JSONL metrics, SVG curves, progress bar).
@@ -20,6 +22,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod io;
 pub mod log;
 pub mod lora;

@@ -207,58 +207,113 @@ pub fn merge_model_dir(opts: &MergeOptions) -> Result<MergeReport> {
         )));
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| TrainError::io(&opts.out, e))?;
-    let shards_in = model_shards(&opts.base)?;
+    let s = adapter.config.scaling();
+    let expected: std::collections::BTreeSet<String> = adapter
+        .modules
+        .keys()
+        .map(|m| format!("{m}.weight"))
+        .collect();
+    let mut changed = Vec::new();
+    let shards = write_model_files(
+        &ModelFiles {
+            base: &opts.base,
+            out: &opts.out,
+            max_shard_bytes: opts.max_shard_bytes,
+            dataset_statistics: opts.dataset_statistics.as_ref(),
+        },
+        &expected,
+        &|name| {
+            format!(
+                "the adapter targets {}, which the base checkpoint does not have",
+                name.strip_suffix(".weight").unwrap_or(name)
+            )
+        },
+        &mut |name, t| {
+            let Some(w) = name
+                .strip_suffix(".weight")
+                .and_then(|m| adapter.modules.get(m))
+            else {
+                return Ok(t);
+            };
+            changed.push(name.to_string());
+            merge_weight(&t, w.a.as_tensor(), w.b.as_tensor(), s, opts.recipe)
+        },
+    )?;
+    changed.sort();
+    Ok(MergeReport { changed, shards })
+}
+
+/// Where [`write_model_files`] reads and writes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModelFiles<'a> {
+    /// Base HF model directory (safetensors, config, tokenizer and processor files).
+    pub base: &'a Path,
+    /// Existing directory the files are written into.
+    pub out: &'a Path,
+    /// Largest output shard in bytes.
+    pub max_shard_bytes: u64,
+    /// `dataset_statistics.json` content; `None` copies the base's file if it has one.
+    pub dataset_statistics: Option<&'a serde_json::Value>,
+}
+
+/// Writes an HF model directory into `files.out`: every tensor of the base checkpoint (read
+/// shard by shard, passed through `transform`, which returns the tensor to store), grouped into
+/// `model.safetensors` or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
+/// (`format: pt`), the base's config/tokenizer/processor files and `dataset_statistics.json`.
+/// Every name in `expected` must be a base tensor (checked before anything is written;
+/// `missing` words the error). Returns the shard paths.
+pub(crate) fn write_model_files(
+    files: &ModelFiles<'_>,
+    expected: &std::collections::BTreeSet<String>,
+    missing: &dyn Fn(&str) -> String,
+    transform: &mut dyn FnMut(&str, Tensor) -> Result<Tensor>,
+) -> Result<Vec<PathBuf>> {
+    let out = files.out;
+    let mut inputs = Vec::new();
+    let mut present = std::collections::BTreeSet::new();
+    for shard in model_shards(files.base)? {
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&shard) }
+            .map_err(|e| TrainError::Invalid(format!("{}: {e}", shard.display())))?;
+        let mut names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        present.extend(names.iter().cloned());
+        inputs.push((st, names));
+    }
+    if let Some(n) = expected.iter().find(|n| !present.contains(*n)) {
+        return Err(TrainError::Invalid(missing(n)));
+    }
     // Stream input shards; group tensors into output shards of at most max_shard_bytes.
     let mut pending: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut pending_bytes = 0u64;
     let mut groups: Vec<Vec<String>> = Vec::new();
     let mut tmp_files: Vec<PathBuf> = Vec::new();
-    let mut changed = Vec::new();
-    let mut remaining: std::collections::BTreeSet<&String> = adapter.modules.keys().collect();
-    let s = adapter.config.scaling();
     let mut total = 0u64;
     let mut flush =
         |pending: &mut BTreeMap<String, Tensor>, groups: &mut Vec<Vec<String>>| -> Result<()> {
             if pending.is_empty() {
                 return Ok(());
             }
-            let path = opts.out.join(format!(".shard-{}.tmp", groups.len()));
+            let path = out.join(format!(".shard-{}.tmp", groups.len()));
             write_safetensors(&path, pending, &pt_metadata())?;
             groups.push(pending.keys().cloned().collect());
             tmp_files.push(path);
             pending.clear();
             Ok(())
         };
-    for shard in &shards_in {
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(shard) }
-            .map_err(|e| TrainError::Invalid(format!("{}: {e}", shard.display())))?;
-        let mut names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-        names.sort();
+    for (st, names) in &inputs {
         for name in names {
-            let mut t = st.load(&name, &Device::Cpu)?;
-            if let Some(m) = name.strip_suffix(".weight") {
-                if let Some(w) = adapter.modules.get(m) {
-                    t = merge_weight(&t, w.a.as_tensor(), w.b.as_tensor(), s, opts.recipe)?;
-                    changed.push(name.clone());
-                    remaining.remove(&m.to_string());
-                }
-            }
+            let t = transform(name, st.load(name, &Device::Cpu)?)?;
             let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-            if pending_bytes + bytes > opts.max_shard_bytes && !pending.is_empty() {
+            if pending_bytes + bytes > files.max_shard_bytes && !pending.is_empty() {
                 flush(&mut pending, &mut groups)?;
                 pending_bytes = 0;
             }
             pending_bytes += bytes;
             total += bytes;
-            pending.insert(name, t);
+            pending.insert(name.clone(), t);
         }
     }
     flush(&mut pending, &mut groups)?;
-    if let Some(m) = remaining.iter().next() {
-        return Err(TrainError::Invalid(format!(
-            "the adapter targets {m}, which the base checkpoint does not have"
-        )));
-    }
     // Name the shards now that their number is known.
     let n = groups.len();
     let mut shards = Vec::new();
@@ -269,7 +324,7 @@ pub fn merge_model_dir(opts: &MergeOptions) -> Result<MergeReport> {
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
         };
-        let dst = opts.out.join(&fname);
+        let dst = out.join(&fname);
         std::fs::rename(&tmp_files[i], &dst).map_err(|e| TrainError::io(&dst, e))?;
         for name in names {
             weight_map.insert(name.clone(), serde_json::Value::String(fname.clone()));
@@ -279,36 +334,31 @@ pub fn merge_model_dir(opts: &MergeOptions) -> Result<MergeReport> {
     if n > 1 {
         let index =
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let text =
-            serde_json::to_string_pretty(&index).map_err(|e| TrainError::json(&opts.out, e))?;
-        write_atomic(
-            &opts.out.join("model.safetensors.index.json"),
-            text.as_bytes(),
-        )?;
+        let text = serde_json::to_string_pretty(&index).map_err(|e| TrainError::json(out, e))?;
+        write_atomic(&out.join("model.safetensors.index.json"), text.as_bytes())?;
     }
     for f in COPIED_FILES {
-        let src = opts.base.join(f);
+        let src = files.base.join(f);
         if src.is_file() {
             let bytes = std::fs::read(&src).map_err(|e| TrainError::io(&src, e))?;
-            write_atomic(&opts.out.join(f), &bytes)?;
+            write_atomic(&out.join(f), &bytes)?;
         }
     }
-    let stats_dst = opts.out.join("dataset_statistics.json");
-    match &opts.dataset_statistics {
+    let stats_dst = out.join("dataset_statistics.json");
+    match files.dataset_statistics {
         Some(v) => {
             let text =
                 serde_json::to_string_pretty(v).map_err(|e| TrainError::json(&stats_dst, e))?;
             write_atomic(&stats_dst, text.as_bytes())?;
         }
         None => {
-            let src = opts.base.join("dataset_statistics.json");
+            let src = files.base.join("dataset_statistics.json");
             if src.is_file() {
                 let bytes = std::fs::read(&src).map_err(|e| TrainError::io(&src, e))?;
                 write_atomic(&stats_dst, &bytes)?;
             }
         }
     }
-    sync_dir(&opts.out)?;
-    changed.sort();
-    Ok(MergeReport { changed, shards })
+    sync_dir(out)?;
+    Ok(shards)
 }

@@ -186,6 +186,8 @@ fn finetune_args(model: &Path, out: &Path) -> FinetuneArgs {
         resume: false,
         max_memory_gb: None,
         no_memory_check: false,
+        export_dtype: Default::default(),
+        export_max_shard_gb: 5.0,
     }
 }
 
@@ -246,6 +248,10 @@ fn finetune_rejects_bad_flags() {
         (Box::new(|a| a.lora_dropout = 1.0), "--lora-dropout"),
         (Box::new(|a| a.batch_size = 0), "--batch-size"),
         (Box::new(|a| a.save_interval = 0), "--save-interval"),
+        (
+            Box::new(|a| a.export_max_shard_gb = 0.0),
+            "--export-max-shard-gb",
+        ),
         (
             Box::new(|a| a.target_modules = " , ".into()),
             "--target-modules",

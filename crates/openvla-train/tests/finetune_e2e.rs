@@ -38,6 +38,8 @@ fn args(out: &Path, max_steps: u64) -> FinetuneArgs {
         resume: false,
         max_memory_gb: None,
         no_memory_check: false,
+        export_dtype: Default::default(),
+        export_max_shard_gb: 5.0,
     }
 }
 

@@ -1,0 +1,164 @@
+//! Exporting the weights of a non-LoRA run (`full`, `frozen-vision`, `last-layer`, `sandwich`)
+//! as a complete HF model directory (`<run>/model/`) that `openvla predict` / `serve`
+//! (`openvla::Policy::load`) and transformers load.
+//!
+//! The trained tensors come from the objective's float32 `Var`s; every other tensor is copied
+//! from the base checkpoint as stored. The directory is written next to its destination under a
+//! temporary name (`.model.tmp-<pid>`) and renamed into place only once complete, so a killed
+//! export never leaves a partial model at `<run>/model`; an existing export (a resumed run) is
+//! replaced by rename, then deleted.
+
+use crate::error::{Result, TrainError};
+use crate::io::sync_dir;
+use crate::merge::{write_model_files, ModelFiles};
+use candle_core::{DType, Tensor, Var};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The dtype of the exported tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ExportDtype {
+    /// Each tensor in the base checkpoint's dtype (bf16 for the released OpenVLA checkpoints):
+    /// trained float32 weights are rounded once (to nearest even), untouched tensors are copied
+    /// bit for bit.
+    #[default]
+    Base,
+    /// Every floating-point tensor in float32: trained weights exactly as trained, untouched
+    /// ones widened (exactly) from the base's bf16/f16.
+    Float32,
+}
+
+/// What [`export_model_dir`] writes.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Base HF model directory the run started from.
+    pub base: PathBuf,
+    /// Destination directory (`<run>/model`); replaced atomically if it exists.
+    pub out: PathBuf,
+    /// Dtype of the written tensors.
+    pub dtype: ExportDtype,
+    /// Largest shard in bytes (the reference's `save_pretrained` uses 5 GB).
+    pub max_shard_bytes: u64,
+    /// `dataset_statistics.json` content (the fine-tuning data's statistics under its dataset
+    /// name); `None` copies the base's file if it has one.
+    pub dataset_statistics: Option<serde_json::Value>,
+}
+
+/// What [`export_model_dir`] wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// The model directory.
+    pub dir: PathBuf,
+    /// Names of the tensors taken from the trained `Var`s (sorted).
+    pub trained: Vec<String>,
+    /// Shard files, under `dir`.
+    pub shards: Vec<PathBuf>,
+}
+
+/// Removes leftovers of an interrupted export of `out` (`.model.tmp-*`, `.model.old-*`).
+fn clean_leftovers(parent: &Path, name: &str) -> Result<()> {
+    let tmp = format!(".{name}.tmp-");
+    let old = format!(".{name}.old-");
+    for e in std::fs::read_dir(parent).map_err(|e| TrainError::io(parent, e))? {
+        let e = e.map_err(|e| TrainError::io(parent, e))?;
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with(&tmp) || n.starts_with(&old) {
+            std::fs::remove_dir_all(e.path()).map_err(|err| TrainError::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the HF model directory `opts.out`: the base checkpoint's tensors with those named in
+/// `trained` replaced by the `Var`s' values (in the dtype [`ExportDtype`] says), sharded like
+/// `openvla merge`, plus the base's config, tokenizer and processor files and
+/// `dataset_statistics.json`. Every trained name must be a base tensor of the same shape.
+pub fn export_model_dir(opts: &ExportOptions, trained: &[(String, Var)]) -> Result<ExportReport> {
+    if !opts.base.join("config.json").is_file() {
+        return Err(TrainError::Invalid(format!(
+            "{} has no config.json; the export needs the base HF model directory",
+            opts.base.display()
+        )));
+    }
+    let name = opts
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .ok_or_else(|| {
+            TrainError::Invalid(format!("{} is not a directory path", opts.out.display()))
+        })?;
+    let parent = opts
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    std::fs::create_dir_all(&parent).map_err(|e| TrainError::io(&parent, e))?;
+    clean_leftovers(&parent, &name)?;
+    let vars: BTreeMap<&str, &Var> = trained.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let expected: BTreeSet<String> = vars.keys().map(|n| n.to_string()).collect();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::create_dir(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    let dtype = opts.dtype;
+    let written = write_model_files(
+        &ModelFiles {
+            base: &opts.base,
+            out: &tmp,
+            max_shard_bytes: opts.max_shard_bytes,
+            dataset_statistics: opts.dataset_statistics.as_ref(),
+        },
+        &expected,
+        &|n| format!("trained tensor {n} is not in the base checkpoint"),
+        &mut |n, stored: Tensor| {
+            let widen = |t: Tensor| -> Result<Tensor> {
+                Ok(match (dtype, t.dtype()) {
+                    (ExportDtype::Float32, DType::BF16 | DType::F16) => t.to_dtype(DType::F32)?,
+                    _ => t,
+                })
+            };
+            let Some(v) = vars.get(n) else {
+                return widen(stored);
+            };
+            if v.dims() != stored.dims() {
+                return Err(TrainError::Invalid(format!(
+                    "trained tensor {n} has shape {:?}, the base checkpoint {:?}",
+                    v.dims(),
+                    stored.dims()
+                )));
+            }
+            let target = match dtype {
+                ExportDtype::Base => stored.dtype(),
+                ExportDtype::Float32 => widen(stored)?.dtype(),
+            };
+            Ok(v.as_tensor().to_dtype(target)?)
+        },
+    );
+    let shards = match written {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    // Publish: move an older export aside, rename the new one into place, drop the old one.
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let had_old = opts.out.exists();
+    if had_old {
+        std::fs::rename(&opts.out, &old).map_err(|e| TrainError::io(&opts.out, e))?;
+    }
+    std::fs::rename(&tmp, &opts.out).map_err(|e| TrainError::io(&opts.out, e))?;
+    sync_dir(&parent)?;
+    if had_old {
+        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+    }
+    let shards = shards
+        .iter()
+        .filter_map(|p| p.file_name())
+        .map(|f| opts.out.join(f))
+        .collect();
+    Ok(ExportReport {
+        dir: opts.out.clone(),
+        trained: expected.into_iter().collect(),
+        shards,
+    })
+}
