@@ -172,8 +172,9 @@ async fn a_mixed_batch_equals_single_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_that_breaks_the_batch_fails_alone() {
-    // A prompt longer than max_position_embeddings fails the model's batched prefill as a
-    // whole; the batch is re-run one request at a time, so only that request fails.
+    // A prompt longer than max_position_embeddings: `Policy` rejects it while preparing the
+    // request, before the batch runs, so only that request fails and the batch needs no
+    // one-by-one re-run (the server's retry stays for failures of the batch as a whole).
     let image = openvla_image::open(&root().join("testdata/openvla-tiny/s0_image.png")).unwrap();
     let huge = "move ".repeat(2500);
     let mut cfg = config(8, 2000);
@@ -216,7 +217,7 @@ async fn a_request_that_breaks_the_batch_fails_alone() {
             .metrics
             .batch_retries
             .load(std::sync::atomic::Ordering::Relaxed),
-        1
+        0
     );
     // The server still answers.
     let r = server
