@@ -88,31 +88,8 @@ pub fn for_each_tile(
 /// `gemm`, called from inside a parallel tile loop).
 pub fn gemm_tile(x: &[f32], wide: &[f32], out: &mut [f32], m: usize, nb: usize, k: usize) {
     assert!(x.len() >= m * k && wide.len() >= nb * k && out.len() >= m * nb);
-    // SAFETY: the pointers cover exactly the m×k, nb×k and m×nb buffers checked above, with
-    // the strides given (row-major x and out, transposed view of the tile).
-    unsafe {
-        gemm::gemm(
-            m,
-            nb,
-            k,
-            out.as_mut_ptr(),
-            1,
-            nb as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            wide.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    // SAFETY: `out` holds the m rows of nb elements (row stride nb) checked above.
+    unsafe { gemm_into(x, wide, out.as_mut_ptr(), nb, m, nb, k) };
 }
 
 /// Weight rows per tile of the tiled-gemm path for `n` weight rows: about
