@@ -15,8 +15,8 @@ use candle_core::Device;
 use openvla::processor::PromptTokenizer;
 use openvla_data::source::DatasetSource;
 use openvla_data::stats::{StatisticsFile, StatsAccumulator};
-use openvla_data::stream::{stream, StreamConfig, StreamDataset};
 use openvla_train::batch::ExampleBuilder;
+use openvla_train::data::first_frames;
 use openvla_train::lora::targets::{select_targets, OPENVLA_OUTPUT_EMBEDDING};
 use openvla_train::lora::{LoraAdapter, LoraConfig, TargetModules};
 use openvla_train::model::{LoadTrainOptions, OpenVlaTrain, WeightStorage};
@@ -25,7 +25,7 @@ use openvla_train::rng::TrainRng;
 use openvla_train::seam::{make_batch, TrainModel, VlaObjective, VlaSample};
 use openvla_train::trainer::Objective;
 use openvla_train::TrainMode;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn main() -> Result<()> {
@@ -49,26 +49,9 @@ fn main() -> Result<()> {
     let stats = source.compute_statistics("all", false, None, None, StatsAccumulator::new())?;
     let mut stats_file = StatisticsFile::new();
     stats_file.insert(source.name().to_string(), stats.clone());
-    let frames = stream(
-        vec![StreamDataset {
-            source: source.clone(),
-            split: "all".into(),
-            weight: 1.0,
-            statistics: Some(stats),
-        }],
-        StreamConfig {
-            shuffle_buffer: 1,
-            repeat: false,
-            ..Default::default()
-        },
-    )?;
     let pre = openvla_image::PreprocessorConfig::from_file(&tiny.join("preprocessor_config.json"))?;
-    let (mut seen, mut samples, mut list) = (BTreeSet::new(), Vec::new(), Vec::new());
-    for s in frames {
-        let s = s?;
-        if !seen.insert(s.episode_index) {
-            continue;
-        }
+    let (mut samples, mut list) = (Vec::new(), Vec::new());
+    for s in first_frames(&source, stats, 16)? {
         let name = format!("pair_{:03}.ppm", samples.len());
         let mut ppm = format!("P6\n{} {}\n255\n", s.image.width, s.image.height).into_bytes();
         ppm.extend_from_slice(&s.image.data);
@@ -80,16 +63,6 @@ fn main() -> Result<()> {
             instruction: s.instruction,
             action: s.action,
         });
-        if samples.len() == 16 {
-            break;
-        }
-    }
-    if samples.len() != 16 {
-        bail!(
-            "{} has {} episodes, expected 16",
-            data.display(),
-            samples.len()
-        );
     }
     std::fs::write(
         out.join("pairs/pairs.json"),

@@ -136,3 +136,46 @@ impl DataSource for StreamBatches {
         Ok(())
     }
 }
+
+/// The first frame of each of the first `episodes` episodes of `source` (all splits, in
+/// order, no augmentation), with actions normalized by `statistics`: a small fixed set for
+/// memorization tests and trained-model measurements.
+pub fn first_frames(
+    source: &openvla_data::source::DatasetSource,
+    statistics: openvla_data::stats::DatasetStatistics,
+    episodes: usize,
+) -> Result<Vec<openvla_data::stream::Sample>> {
+    use openvla_data::stream::{stream, StreamConfig, StreamDataset};
+    let frames = stream(
+        vec![StreamDataset {
+            source: source.clone(),
+            split: "all".into(),
+            weight: 1.0,
+            statistics: Some(statistics),
+        }],
+        StreamConfig {
+            shuffle_buffer: 1,
+            repeat: false,
+            ..Default::default()
+        },
+    )?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(episodes);
+    for s in frames {
+        let s = s?;
+        if seen.insert((s.dataset_name.clone(), s.episode_index)) {
+            out.push(s);
+            if out.len() == episodes {
+                break;
+            }
+        }
+    }
+    if out.len() < episodes {
+        return Err(TrainError::Invalid(format!(
+            "dataset {} has {} episodes, fewer than the {episodes} asked for",
+            source.name(),
+            out.len()
+        )));
+    }
+    Ok(out)
+}

@@ -9,8 +9,8 @@ use common::*;
 use openvla::processor::PromptTokenizer;
 use openvla_data::source::DatasetSource;
 use openvla_data::stats::StatsAccumulator;
-use openvla_data::stream::{stream, StreamConfig, StreamDataset};
 use openvla_train::batch::ExampleBuilder;
+use openvla_train::data::first_frames;
 use openvla_train::lora::targets::{select_targets, OPENVLA_OUTPUT_EMBEDDING};
 use openvla_train::lora::{LoraAdapter, LoraConfig, TargetModules};
 use openvla_train::model::{LoadTrainOptions, OpenVlaTrain, WeightStorage};
@@ -19,7 +19,7 @@ use openvla_train::rng::TrainRng;
 use openvla_train::seam::{make_batch, TrainModel, VlaBatch, VlaObjective, VlaSample};
 use openvla_train::trainer::Objective;
 use openvla_train::TrainMode;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// The first frame of each of the first 16 episodes, as one batch.
 fn sixteen_episodes() -> VlaBatch {
@@ -32,43 +32,24 @@ fn sixteen_episodes() -> VlaBatch {
     let stats = source
         .compute_statistics("all", false, None, None, StatsAccumulator::new())
         .unwrap();
-    let frames = stream(
-        vec![StreamDataset {
-            source: source.clone(),
-            split: "all".into(),
-            weight: 1.0,
-            statistics: Some(stats),
-        }],
-        StreamConfig {
-            shuffle_buffer: 1,
-            repeat: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
     let pre = openvla_image::PreprocessorConfig::from_file(
         &tiny_model().join("preprocessor_config.json"),
     )
     .unwrap();
-    let mut seen = BTreeSet::new();
-    let mut samples = Vec::new();
-    for s in frames {
-        let s = s.unwrap();
-        if !seen.insert((s.dataset_name.to_string(), s.episode_index)) {
-            continue;
-        }
-        let img =
-            openvla_image::RgbImage::from_raw(s.image.width, s.image.height, s.image.data).unwrap();
-        samples.push(VlaSample {
-            pixel_values: openvla_image::preprocess(&img, &pre).unwrap(),
-            instruction: s.instruction,
-            action: s.action,
-        });
-        if samples.len() == 16 {
-            break;
-        }
-    }
-    assert_eq!(samples.len(), 16, "the dataset has 16 episodes");
+    let samples: Vec<VlaSample> = first_frames(&source, stats, 16)
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            let img =
+                openvla_image::RgbImage::from_raw(s.image.width, s.image.height, s.image.data)
+                    .unwrap();
+            VlaSample {
+                pixel_values: openvla_image::preprocess(&img, &pre).unwrap(),
+                instruction: s.instruction,
+                action: s.action,
+            }
+        })
+        .collect();
     let tok = PromptTokenizer::from_file(&tiny_model().join("tokenizer.json")).unwrap();
     let builder = ExampleBuilder::new(&tok, openvla::config::PromptStyle::Pure, 256, 32000);
     make_batch(&builder, &samples, &Device::Cpu).unwrap()
