@@ -24,7 +24,7 @@ yardstick for our quantized modes' agreement with f32.
 
 Usage:
     .venv/bin/python tools/bench/pytorch_baseline.py MODEL_DIR --dtype bf16 --runs 3 --threads 2 --json
-    .venv/bin/python tools/bench/pytorch_baseline.py MODEL_DIR --pairs /tmp/pairs --unnorm-key KEY --json
+    .venv/bin/python tools/bench/pytorch_baseline.py MODEL_DIR --pairs bench-results/pairs-tiny --unnorm-key KEY --json
 """
 
 from __future__ import annotations

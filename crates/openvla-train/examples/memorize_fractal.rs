@@ -5,9 +5,9 @@
 //! in the `openvla bench --dump-pairs` format).
 //!
 //! ```text
-//! cargo run --release -p openvla-train --example memorize_fractal -- /tmp/mem 15
-//! openvla merge --model models/openvla-tiny --adapter /tmp/mem/adapter --out /tmp/mem-merged --recipe float32
-//! openvla bench --model /tmp/mem-merged --runs 0 --configs bf16,int8,int4 --accuracy 16 --accuracy-pairs /tmp/mem/pairs
+//! cargo run --release -p openvla-train --example memorize_fractal -- bench-models/tiny-trained 15
+//! openvla merge --model models/openvla-tiny --adapter bench-models/tiny-trained/adapter --out bench-models/tiny-trained/model --recipe float32
+//! openvla bench --model bench-models/tiny-trained/model --runs 0 --configs bf16,int8,int4 --accuracy 16 --accuracy-pairs bench-models/tiny-trained/pairs
 //! ```
 
 use anyhow::{bail, Context, Result};
