@@ -122,6 +122,32 @@ thread_local! {
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `tile(j0, nb, dst)` in parallel for the [`gemm_tile_rows`] column blocks of
+/// `y [m, n]`, where `dst` points at column `j0` of row 0 (row stride `n`); handles the empty
+/// shapes (`k == 0` gives zeros).
+fn for_each_output_tile(
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: impl Fn(usize, usize, *mut f32) + Sync,
+) {
+    assert_eq!(y.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let rows = gemm_tile_rows(n);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(rows)).into_par_iter().for_each(|t| {
+        let j0 = t * rows;
+        tile(j0, rows.min(n - j0), out.at(j0));
+    });
+}
+
 /// The tiled-gemm path: widens [`gemm_tile_rows`] weight rows at a time with
 /// `widen(j0, nb, buf)` (filling `buf [nb, k]`) into a per-thread buffer and multiplies them
 /// with `gemm`, which writes the tile's columns of `y` in place (row stride `n`).
@@ -133,19 +159,8 @@ pub fn tiled_gemm(
     k: usize,
     widen: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
-    assert!(x.len() >= m * k && y.len() == m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let tile = gemm_tile_rows(n);
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(tile)).into_par_iter().for_each(|t| {
-        let j0 = t * tile;
-        let nb = tile.min(n - j0);
+    assert!(x.len() >= m * k);
+    for_each_output_tile(y, m, n, k, |j0, nb, dst| {
         WIDE.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < nb * k {
@@ -155,7 +170,7 @@ pub fn tiled_gemm(
             widen(j0, nb, wide);
             // SAFETY: columns j0 .. j0 + nb of the m rows of y (row stride n) belong to this
             // tile alone; x is m×k and the tile nb×k, row-major.
-            unsafe { gemm_into(x, wide, out.at(j0), n, m, nb, k) };
+            unsafe { gemm_into(x, wide, dst, n, m, nb, k) };
         });
     });
 }
@@ -163,21 +178,10 @@ pub fn tiled_gemm(
 /// [`tiled_gemm`] for f32 weights `w [n, k]`: the tiles are multiplied in place, without a
 /// copy.
 pub fn tiled_gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() == m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let tile = gemm_tile_rows(n);
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(tile)).into_par_iter().for_each(|t| {
-        let j0 = t * tile;
-        let nb = tile.min(n - j0);
+    assert!(x.len() >= m * k && w.len() >= n * k);
+    for_each_output_tile(y, m, n, k, |j0, nb, dst| {
         // SAFETY: as in tiled_gemm.
-        unsafe { gemm_into(x, &w[j0 * k..(j0 + nb) * k], out.at(j0), n, m, nb, k) };
+        unsafe { gemm_into(x, &w[j0 * k..(j0 + nb) * k], dst, n, m, nb, k) };
     });
 }
 
