@@ -889,6 +889,20 @@ fn dump_pairs(dir: &Path, pairs: &[Observation]) -> Result<()> {
     Ok(())
 }
 
+/// One configuration's result on one accuracy pair.
+struct PairResult {
+    /// The predicted action tokens.
+    tokens: Vec<u32>,
+    /// Their normalized action.
+    normalized_action: Vec<f64>,
+    /// Top-1 minus top-2 action-token logit at each step.
+    margins: Vec<f32>,
+    /// Generated ids (the prefix fed to the other configurations when teacher forcing).
+    generated: Vec<u32>,
+    /// Tokens picked when fed the f32 run's prefix (empty for the f32 run itself).
+    teacher_forced: Vec<u32>,
+}
+
 /// Token agreement and mean |Δ normalized action| of each configuration against f32.
 fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
     let pairs = match &a.accuracy_data {
@@ -914,7 +928,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
     // With `forced` (the f32 run's generated tokens per pair), also the tokens this
     // configuration picks at each step when fed the f32 prefix (teacher forcing): agreement
     // without the cascade a first differing token causes in free-running generation.
-    type Run = Vec<(Vec<u32>, Vec<f64>, Vec<f32>, Vec<u32>, Vec<u32>)>;
+    type Run = Vec<PairResult>;
     let run = |precision: Precision,
                quantize: Option<Quantization>,
                forced: Option<&Run>|
@@ -946,7 +960,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
             for (j, t) in policy.trace_batch(&requests)?.into_iter().enumerate() {
                 let t = t?;
                 let teacher = match forced.and_then(|f| f.get(ci * bs + j)) {
-                    Some(r) => teacher_forced(&policy, &t, &r.3)?,
+                    Some(r) => teacher_forced(&policy, &t, &r.generated)?,
                     None => Vec::new(),
                 };
                 let margins = t
@@ -961,20 +975,23 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
                         v.first().copied().unwrap_or(0.0) - v.get(1).copied().unwrap_or(0.0)
                     })
                     .collect();
-                out.push((
-                    t.prediction.token_ids,
-                    t.prediction.normalized_action,
+                out.push(PairResult {
+                    tokens: t.prediction.token_ids,
+                    normalized_action: t.prediction.normalized_action,
                     margins,
-                    t.generation.generated,
-                    teacher,
-                ));
+                    generated: t.generation.generated,
+                    teacher_forced: teacher,
+                });
             }
         }
         Ok(out)
     };
     let reference = run(Precision::F32, None, None)?;
-    let tokens: usize = reference.iter().map(|p| p.0.len()).sum();
-    let mut margins: Vec<f32> = reference.iter().flat_map(|p| p.2.iter().copied()).collect();
+    let tokens: usize = reference.iter().map(|p| p.tokens.len()).sum();
+    let mut margins: Vec<f32> = reference
+        .iter()
+        .flat_map(|p| p.margins.iter().copied())
+        .collect();
     margins.sort_by(|x, y| x.total_cmp(y));
     let q = |f: f64| {
         margins
@@ -990,13 +1007,23 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
         let (mut same, mut all_same, mut delta, mut count) = (0usize, 0usize, 0f64, 0usize);
         let (mut first_same, mut forced_same, mut forced_total) = (0usize, 0usize, 0usize);
         for (r, g) in reference.iter().zip(&got) {
-            forced_same += r.3.iter().zip(&g.4).filter(|(x, y)| x == y).count();
-            forced_total += r.3.len();
-            first_same += usize::from(r.0.first() == g.0.first());
-            let s = r.0.iter().zip(&g.0).filter(|(x, y)| x == y).count();
+            forced_same += r
+                .generated
+                .iter()
+                .zip(&g.teacher_forced)
+                .filter(|(x, y)| x == y)
+                .count();
+            forced_total += r.generated.len();
+            first_same += usize::from(r.tokens.first() == g.tokens.first());
+            let s = r
+                .tokens
+                .iter()
+                .zip(&g.tokens)
+                .filter(|(x, y)| x == y)
+                .count();
             same += s;
-            all_same += usize::from(s == r.0.len() && r.0.len() == g.0.len());
-            for (x, y) in r.1.iter().zip(&g.1) {
+            all_same += usize::from(s == r.tokens.len() && r.tokens.len() == g.tokens.len());
+            for (x, y) in r.normalized_action.iter().zip(&g.normalized_action) {
                 delta += (x - y).abs();
                 count += 1;
             }
