@@ -84,6 +84,21 @@ pub struct FrozenMatmul {
     pub weight: Tensor,
 }
 
+/// The float32 elements of a contiguous CPU input of custom op `op`.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = storage else {
+        candle_core::bail!("{op}: float32 input expected")
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input expected")
+    };
+    Ok(&v[a..b])
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -94,14 +109,9 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = storage else {
-            candle_core::bail!("frozen-matmul: float32 input expected")
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: contiguous input expected")
-        };
+        let x = contiguous_f32(storage, layout, self.name())?;
         let (rows, fin) = layout.shape().dims2()?;
-        let x = Tensor::from_slice(&v[a..b], (rows, fin), &Device::Cpu)?;
+        let x = Tensor::from_slice(x, (rows, fin), &Device::Cpu)?;
         let w = self.weight.to_dtype(DType::F32)?;
         let y = x.matmul(&w.t()?)?;
         let out = w.dim(0)?;
@@ -192,13 +202,7 @@ impl CustomOp1 for MaskedSoftmax {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let CpuStorage::F32(v) = storage else {
-            candle_core::bail!("masked-softmax: float32 input expected")
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("masked-softmax: contiguous input expected")
-        };
-        let x = &v[a..b];
+        let x = contiguous_f32(storage, layout, self.name())?;
         let dims = layout.shape().dims();
         let k = *dims.last().unwrap_or(&1);
         let mut out = x.to_vec();
