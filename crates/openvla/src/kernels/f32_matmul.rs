@@ -1,10 +1,10 @@
-//! Row-independent `y = x · Wᵀ` for f32 weights, used by batched decoding.
+//! `y = x · Wᵀ` for f32 weights.
 //!
-//! candle's matmul may pick different kernels and summation orders for different row counts,
-//! so the same request could get slightly different logits alone and in a batch. Decode steps
-//! go through this kernel instead: every output element is one dot product computed the same
-//! way whatever the batch, and each weight row is read once for all rows (decode is bound by
-//! memory bandwidth, not arithmetic).
+//! - Few rows (decode), or `rowwise`: every output element is one dot product computed the
+//!   same way whatever the batch, so a request gets the same logits alone and in a batch, and
+//!   each weight row is read once for all rows (decode is bound by memory bandwidth).
+//! - Many rows (vision, projector, prefill): the tiled path ([`super::tiled_gemm_f32`]), which
+//!   multiplies with the packed [`super::sgemm`] kernel where the CPU has AVX2+FMA.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
@@ -12,12 +12,18 @@ use rayon::prelude::*;
 /// Weight rows per task.
 const TILE_ROWS: usize = 64;
 
-/// The candle op: `x [m, k] f32` times `w [n, k] f32`, row by row.
-pub struct F32RowwiseMatmul;
+/// The candle op: `x [m, k] f32` times `w [n, k] f32`, giving `[m, n] f32`.
+///
+/// With `rowwise`, every output row is computed by the same dot-product kernel whatever the
+/// number of rows, so a row's result does not depend on what else is in the batch.
+pub struct F32Matmul {
+    /// Force the row-independent dot-product path.
+    pub rowwise: bool,
+}
 
-impl CustomOp2 for F32RowwiseMatmul {
+impl CustomOp2 for F32Matmul {
     fn name(&self) -> &'static str {
-        "f32-rowwise-matmul"
+        "f32-weight-matmul"
     }
 
     fn cpu_fwd(
@@ -29,19 +35,24 @@ impl CustomOp2 for F32RowwiseMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => (x, w),
-            _ => candle_core::bail!("f32-rowwise-matmul expects f32 activations and weights"),
+            _ => candle_core::bail!("f32-weight-matmul expects f32 activations and weights"),
         };
         let (m, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
-            candle_core::bail!("f32-rowwise-matmul: inner dims differ ({k} vs {k2})");
+            candle_core::bail!("f32-weight-matmul: inner dims differ ({k} vs {k2})");
         }
         let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
         else {
-            candle_core::bail!("f32-rowwise-matmul: inputs must be contiguous")
+            candle_core::bail!("f32-weight-matmul: inputs must be contiguous")
         };
         let mut y = vec![0f32; m * n];
-        matmul(&x[xs..xe], &w[ws..we], &mut y, m, n, k);
+        let (x, w) = (&x[xs..xe], &w[ws..we]);
+        if self.rowwise || m < super::GEMM_MIN_ROWS {
+            matmul(x, w, &mut y, m, n, k);
+        } else {
+            super::tiled_gemm_f32(x, w, &mut y, m, n, k);
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

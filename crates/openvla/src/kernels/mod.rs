@@ -22,6 +22,7 @@ pub mod half_matmul;
 pub mod int8_gemm;
 pub mod probe;
 pub mod quant_matmul;
+pub mod sgemm;
 
 use rayon::prelude::*;
 
@@ -84,12 +85,15 @@ pub fn for_each_tile(
     }
 }
 
-/// `out [m, nb] = x [m, k] · wideᵀ` for a widened f32 tile `wide [nb, k]` (single-threaded
-/// `gemm`, called from inside a parallel tile loop).
+/// `out [m, nb] = x [m, k] · wideᵀ` for a widened f32 tile `wide [nb, k]` (single-threaded,
+/// called from inside a parallel tile loop).
 pub fn gemm_tile(x: &[f32], wide: &[f32], out: &mut [f32], m: usize, nb: usize, k: usize) {
     assert!(x.len() >= m * k && wide.len() >= nb * k && out.len() >= m * nb);
+    if m == 0 || nb == 0 {
+        return;
+    }
     // SAFETY: `out` holds the m rows of nb elements (row stride nb) checked above.
-    unsafe { gemm_into(x, wide, out.as_mut_ptr(), nb, m, nb, k) };
+    unsafe { Rows::new(x, m, k).gemm(wide, out.as_mut_ptr(), nb, nb) };
 }
 
 /// Weight rows per tile of the tiled-gemm path for `n` weight rows: about
@@ -150,7 +154,8 @@ fn for_each_output_tile(
 
 /// The tiled-gemm path: widens [`gemm_tile_rows`] weight rows at a time with
 /// `widen(j0, nb, buf)` (filling `buf [nb, k]`) into a per-thread buffer and multiplies them
-/// with `gemm`, which writes the tile's columns of `y` in place (row stride `n`).
+/// ([`sgemm`] where the CPU has AVX2+FMA, else the `gemm` crate) straight into the tile's
+/// columns of `y` (row stride `n`).
 pub fn tiled_gemm(
     x: &[f32],
     y: &mut [f32],
@@ -160,6 +165,7 @@ pub fn tiled_gemm(
     widen: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     assert!(x.len() >= m * k);
+    let packed = Rows::new(x, m, k);
     for_each_output_tile(y, m, n, k, |j0, nb, dst| {
         WIDE.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -170,7 +176,7 @@ pub fn tiled_gemm(
             widen(j0, nb, wide);
             // SAFETY: columns j0 .. j0 + nb of the m rows of y (row stride n) belong to this
             // tile alone; x is m×k and the tile nb×k, row-major.
-            unsafe { gemm_into(x, wide, dst, n, m, nb, k) };
+            unsafe { packed.gemm(wide, dst, n, nb) };
         });
     });
 }
@@ -179,13 +185,47 @@ pub fn tiled_gemm(
 /// copy.
 pub fn tiled_gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize) {
     assert!(x.len() >= m * k && w.len() >= n * k);
+    let packed = Rows::new(x, m, k);
     for_each_output_tile(y, m, n, k, |j0, nb, dst| {
         // SAFETY: as in tiled_gemm.
-        unsafe { gemm_into(x, &w[j0 * k..(j0 + nb) * k], dst, n, m, nb, k) };
+        unsafe { packed.gemm(&w[j0 * k..(j0 + nb) * k], dst, n, nb) };
     });
 }
 
-/// `dst [m, nb] (row stride rs) = x [m, k] · wideᵀ` with single-threaded `gemm`.
+/// The activations of a tiled product: packed once for [`sgemm`] where it runs, else as given
+/// for the `gemm` crate.
+enum Rows<'a> {
+    Packed(sgemm::PackedRows),
+    Plain(&'a [f32], usize, usize),
+}
+
+impl<'a> Rows<'a> {
+    fn new(x: &'a [f32], m: usize, k: usize) -> Rows<'a> {
+        if sgemm::available() && m > 0 && k > 0 {
+            Rows::Packed(sgemm::PackedRows::pack(x, m, k))
+        } else {
+            Rows::Plain(x, m, k)
+        }
+    }
+
+    /// `dst [m, nb] (row stride rs) = x · wideᵀ` for `wide [nb, k]`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `m` rows of `nb` elements, `rs` apart, written by no
+    /// one else meanwhile.
+    unsafe fn gemm(&self, wide: &[f32], dst: *mut f32, rs: usize, nb: usize) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Rows::Packed(a) => sgemm::gemm_packed(a, wide, dst, rs, nb),
+            #[cfg(not(target_arch = "x86_64"))]
+            Rows::Packed(_) => unreachable!("sgemm is x86-64 only"),
+            Rows::Plain(x, m, k) => gemm_into(x, wide, dst, rs, *m, nb, *k),
+        }
+    }
+}
+
+/// `dst [m, nb] (row stride rs) = x [m, k] · wideᵀ` with single-threaded `gemm` (the portable
+/// path where [`sgemm`] cannot run).
 ///
 /// # Safety
 /// `dst` must be valid for writes of `m` rows of `nb` elements, `rs` apart.

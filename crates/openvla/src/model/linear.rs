@@ -3,7 +3,7 @@
 
 use crate::checkpoint::WeightLoader;
 use crate::error::Result;
-use crate::kernels::f32_matmul::F32RowwiseMatmul;
+use crate::kernels::f32_matmul::F32Matmul;
 use crate::kernels::half_matmul::HalfMatmul;
 use crate::kernels::quant_matmul::QuantMatmul;
 use crate::quant::{QuantFormat, QuantMatrix, QuantPlan, Quantization};
@@ -224,9 +224,9 @@ impl Linear {
             Weight::Dense(w) if cpu && matches!(w.dtype(), DType::BF16 | DType::F16) => x2
                 .contiguous()?
                 .apply_op2_no_bwd(w, &HalfMatmul { rowwise })?,
-            Weight::Dense(w) if rowwise && cpu && w.dtype() == DType::F32 => {
-                x2.contiguous()?.apply_op2_no_bwd(w, &F32RowwiseMatmul)?
-            }
+            Weight::Dense(w) if cpu && w.dtype() == DType::F32 && w.is_contiguous() => x2
+                .contiguous()?
+                .apply_op2_no_bwd(w, &F32Matmul { rowwise })?,
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
         };
         let y = match &self.bias {
