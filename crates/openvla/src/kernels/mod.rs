@@ -17,6 +17,7 @@
 //! SIMD code uses `std::arch` intrinsics behind runtime feature detection (AVX2+FMA+F16C, or
 //! AVX-512F where a kernel has it) with a portable fallback that computes the same function.
 
+pub mod activation;
 pub mod f32_matmul;
 pub mod half_matmul;
 pub mod int8_gemm;

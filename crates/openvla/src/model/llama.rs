@@ -5,6 +5,7 @@
 use crate::checkpoint::WeightLoader;
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
+use crate::kernels::activation::silu_mul;
 use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
 use candle_core::{DType, Device, Tensor};
 
@@ -157,7 +158,7 @@ impl DecoderLayer {
             .reshape((b, t, self.num_heads * hd))?;
         let x = (x + lin(&self.o_proj, &out)?)?;
         let n = self.post_attention_layernorm.forward(&x)?;
-        let m = (lin(&self.gate_proj, &n)?.silu()? * lin(&self.up_proj, &n)?)?;
+        let m = silu_mul(&lin(&self.gate_proj, &n)?, &lin(&self.up_proj, &n)?)?;
         Ok((x + lin(&self.down_proj, &m)?)?)
     }
 }

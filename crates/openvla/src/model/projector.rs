@@ -52,7 +52,7 @@ impl Projector {
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x)?;
             if i < last {
-                x = x.gelu_erf()?;
+                x = crate::kernels::activation::gelu_erf(&x)?;
             }
         }
         Ok(x)

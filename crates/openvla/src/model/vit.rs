@@ -5,6 +5,7 @@
 use crate::checkpoint::WeightLoader;
 use crate::config::TowerConfig;
 use crate::error::Result;
+use crate::kernels::activation::gelu_erf;
 use crate::model::linear::{LayerKind, Linear, WeightPolicy};
 use candle_core::{DType, IndexOp, Tensor, D};
 
@@ -106,7 +107,7 @@ impl Block {
         let x = (x + a)?;
         let m = self
             .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+            .forward(&gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
         let m = match &self.ls2 {
             Some(g) => m.broadcast_mul(g)?,
             None => m,
