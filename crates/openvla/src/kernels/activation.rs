@@ -22,7 +22,7 @@ const CHUNK: usize = 16 * 1024;
 /// Numerator coefficients of the erf approximation (odd powers 1, 3, …, 13).
 const ERF_ALPHA: [f32; 7] = [
     -1.609_603_3e-2,
-    -2.954_599_8e-3,
+    -2.954_6e-3,
     -7.349_906_3e-4,
     -5.692_506_4e-5,
     -2.101_024e-6,
@@ -85,7 +85,7 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// `(eʳ − 1 − r)/r²` ≈ Σ cᵢ rⁱ on |r| ≤ ln2/2 (Cephes' expf coefficients).
 const EXP_POLY: [f32; 6] = [
-    5.000_000_1e-1,
+    5e-1,
     1.666_665_5e-1,
     4.166_579_6e-2,
     8.333_452e-3,
