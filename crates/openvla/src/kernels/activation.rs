@@ -61,9 +61,13 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// `eˣ` by range reduction and a polynomial (scalar; saturates to 0 and +∞ outside ±88).
+/// `eˣ` by range reduction and a polynomial (scalar): 0 below −87.3 (where f32 turns
+/// subnormal), saturating at e^88.3 above.
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.3);
+    if x < -87.3 {
+        return 0.0;
+    }
+    let x = x.min(88.3);
     let n = (x * std::f32::consts::LOG2_E).round();
     let r = n.mul_add(-LN2_HI, x);
     let r = n.mul_add(-LN2_LO, r);
@@ -188,6 +192,20 @@ pub fn gelu_slice(x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `x = eˣ` element-wise, in place.
+pub fn exp_slice(x: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        done = x.len() - x.len() % 8;
+        // SAFETY: AVX2 and FMA checked; the slice holds `done` elements.
+        unsafe { simd::exp_inplace(&mut x[..done]) };
+    }
+    for x in &mut x[done..] {
+        *x = exp(*x);
+    }
+}
+
 /// `y = silu(g) · u` element-wise.
 pub fn silu_mul_slice(g: &[f32], u: &[f32], y: &mut [f32]) {
     assert!(g.len() == y.len() && u.len() == y.len());
@@ -231,11 +249,12 @@ mod simd {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp8(x: __m256) -> __m256 {
+    pub unsafe fn exp8(x0: __m256) -> __m256 {
         let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_max_ps(x0, _mm256_set1_ps(-87.3)),
             _mm256_set1_ps(88.3),
         );
+        let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x0, _mm256_set1_ps(-87.3));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -253,7 +272,15 @@ mod simd {
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
         )));
-        _mm256_mul_ps(e, pow2)
+        _mm256_andnot_ps(under, _mm256_mul_ps(e, pow2))
+    }
+
+    /// `x = eˣ` in place, length a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_inplace(x: &mut [f32]) {
+        for x in x.chunks_exact_mut(8) {
+            _mm256_storeu_ps(x.as_mut_ptr(), exp8(_mm256_loadu_ps(x.as_ptr())));
+        }
     }
 
     /// `y = gelu(x)`, lengths a multiple of 8.
@@ -370,8 +397,23 @@ mod tests {
                 );
             }
         }
-        assert_eq!(exp(-1e4), exp(-87.3));
+        assert_eq!(exp(-1e4), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(1e4).is_finite());
+        // The SIMD path (lengths past a multiple of 8 take the scalar tail) agrees.
+        let xs: Vec<f32> = (-50..47)
+            .map(|i| i as f32 * 1.9 - 0.3)
+            .chain([f32::NEG_INFINITY])
+            .collect();
+        let mut v = xs.clone();
+        exp_slice(&mut v);
+        for (&x, &g) in xs.iter().zip(&v) {
+            let w = (x as f64).exp();
+            assert!(
+                (g as f64 - w).abs() <= 3e-7 * w + 1e-37,
+                "exp_slice({x}) = {g}, want {w}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! AVX-512F where a kernel has it) with a portable fallback that computes the same function.
 
 pub mod activation;
+pub mod attention;
 pub mod f32_matmul;
 pub mod half_matmul;
 pub mod int8_gemm;
@@ -191,6 +192,33 @@ pub fn tiled_gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k
         // SAFETY: as in tiled_gemm.
         unsafe { packed.gemm(&w[j0 * k..(j0 + nb) * k], dst, n, nb) };
     });
+}
+
+/// `dst [m, nb] (row stride rs) = x [m, k] · wᵀ` for `w [nb, k]`, on the calling thread (for
+/// callers that parallelize over independent products, such as attention heads).
+pub fn gemm_single(
+    x: &[f32],
+    w: &[f32],
+    dst: &mut [f32],
+    rs: usize,
+    m: usize,
+    nb: usize,
+    k: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= nb * k && rs >= nb);
+    if m == 0 || nb == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * rs + nb);
+    if k == 0 {
+        for r in 0..m {
+            dst[r * rs..r * rs + nb].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: dst holds m rows of nb elements, rs apart (checked above), and is borrowed
+    // mutably here.
+    unsafe { Rows::new(x, m, k).gemm(w, dst.as_mut_ptr(), rs, nb) };
 }
 
 /// The activations of a tiled product: packed once for [`sgemm`] where it runs, else as given

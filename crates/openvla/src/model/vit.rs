@@ -6,8 +6,9 @@ use crate::checkpoint::WeightLoader;
 use crate::config::TowerConfig;
 use crate::error::Result;
 use crate::kernels::activation::gelu_erf;
+use crate::kernels::attention::fused_qkv_attention;
 use crate::model::linear::{LayerKind, Linear, WeightPolicy};
-use candle_core::{DType, IndexOp, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 /// LayerNorm with weight and bias (eps from the tower config).
 #[derive(Debug, Clone)]
@@ -81,20 +82,8 @@ impl Block {
     }
 
     fn attention(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let hd = c / self.num_heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, self.num_heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.i(0)?.contiguous()?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let scale = (hd as f64).powf(-0.5);
-        let attn = (q.matmul(&k.t()?)? * scale)?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let qkv = self.qkv.forward(x)?;
+        let out = fused_qkv_attention(&qkv, self.num_heads)?;
         self.proj.forward(&out)
     }
 
