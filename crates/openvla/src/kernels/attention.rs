@@ -10,11 +10,14 @@
 //! the vectorized `exp` of [`super::activation`], and multiplies by v into its own columns of the
 //! output.
 //!
+//! [`causal_attention`] does the same for the LLM's prefill: grouped-query heads over the cache,
+//! a causal mask, `[1, heads, t, head_dim]` in and out.
+//!
 //! The result equals the reference's attention up to summation order and `exp` rounding (tests
 //! compare with an f64 computation).
 
 use super::activation::exp_slice;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Self-attention over a fused `qkv [batch, tokens, 3·heads·head_dim]` (the `(3, heads,
@@ -121,6 +124,124 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
     }
 }
 
+/// Causal grouped-query attention of `t` new queries over `s ≥ t` keys (the last `t` of which are
+/// the queries' own positions): `q [1, heads, t, hd]`, `k`, `v [1, kv_heads, s, hd]` (f32,
+/// contiguous, on CPU), query head `h` reading key head `h / (heads / kv_heads)`; gives
+/// `[1, heads, t, hd]`. `None` where this kernel does not apply (other dtypes or devices), for
+/// the caller's generic path.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let f32_cpu = |x: &Tensor| x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+    if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) {
+        return Ok(None);
+    }
+    Ok(Some(q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &CausalAttention,
+    )?))
+}
+
+struct CausalAttention;
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-gqa-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = f32_slice(s1, l1)?;
+        let k = f32_slice(s2, l2)?;
+        let v = f32_slice(s3, l3)?;
+        let (b, heads, t, hd) = l1.shape().dims4()?;
+        let (bk, kv_heads, s, hdk) = l2.shape().dims4()?;
+        if b != 1 || bk != 1 || l3.shape() != l2.shape() || hdk != hd {
+            candle_core::bail!(
+                "causal-gqa-attention: q {:?}, k {:?}, v {:?} (one row, matching head_dim)",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        if kv_heads == 0 || heads % kv_heads != 0 || s < t {
+            candle_core::bail!(
+                "causal-gqa-attention: {heads} query heads over {kv_heads} key heads, {t} queries \
+                 over {s} keys"
+            );
+        }
+        let mut out = vec![0f32; heads * t * hd];
+        causal(q, k, v, &mut out, heads, kv_heads, t, s, hd);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The f32 elements of a contiguous input.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("attention expects f32")
+    };
+    let Some((a, e)) = l.contiguous_offsets() else {
+        candle_core::bail!("attention expects contiguous inputs")
+    };
+    Ok(&v[a..e])
+}
+
+/// `out [heads, t, hd]` = causal attention of `q [heads, t, hd]` over `k`, `v [kv_heads, s, hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn causal(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    s: usize,
+    hd: usize,
+) {
+    assert!(q.len() == heads * t * hd && out.len() == q.len());
+    assert!(k.len() == kv_heads * s * hd && v.len() == k.len() && s >= t);
+    if t == 0 || hd == 0 {
+        return;
+    }
+    let rep = heads / kv_heads;
+    let past = s - t;
+    let scale = (hd as f32).powf(-0.5);
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(h, o)| {
+        let g = h / rep;
+        let kh = &k[g * s * hd..(g + 1) * s * hd];
+        let vh = &v[g * s * hd..(g + 1) * s * hd];
+        let mut vt = vec![0f32; hd * s];
+        for (j, row) in vh.chunks(hd).enumerate() {
+            for (d, &x) in row.iter().enumerate() {
+                vt[d * s + j] = x;
+            }
+        }
+        let mut scores = vec![0f32; t * s];
+        super::gemm_single(
+            &q[h * t * hd..(h + 1) * t * hd],
+            kh,
+            &mut scores,
+            s,
+            t,
+            s,
+            hd,
+        );
+        for (i, row) in scores.chunks_mut(s).enumerate() {
+            row[past + i + 1..].fill(f32::NEG_INFINITY);
+            softmax_scaled(row, scale);
+        }
+        super::gemm_single(&scores, &vt, o, hd, t, hd, s);
+    });
+}
+
 /// `row = softmax(row · scale)` in place (max subtracted first, as PyTorch does).
 pub fn softmax_scaled(row: &mut [f32], scale: f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -212,6 +333,66 @@ mod tests {
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
         assert!(fused_qkv_attention(&qkv, 5).is_err());
         assert!(fused_qkv_attention(&qkv, 0).is_err());
+    }
+
+    #[test]
+    fn causal_gqa_matches_f64_and_the_candle_path() {
+        let dev = candle_core::Device::Cpu;
+        let mut seed = 12u64;
+        for (heads, kv_heads, t, s, hd) in [
+            (4, 2, 5, 9, 8),
+            (2, 2, 7, 7, 16),
+            (6, 1, 1, 4, 3),
+            (14, 2, 33, 33, 64),
+        ] {
+            let q: Vec<f32> = (0..heads * t * hd).map(|_| lcg(&mut seed)).collect();
+            let k: Vec<f32> = (0..kv_heads * s * hd).map(|_| lcg(&mut seed)).collect();
+            let v: Vec<f32> = (0..kv_heads * s * hd).map(|_| lcg(&mut seed)).collect();
+            let qt = Tensor::from_vec(q.clone(), (1, heads, t, hd), &dev).unwrap();
+            let kt = Tensor::from_vec(k.clone(), (1, kv_heads, s, hd), &dev).unwrap();
+            let vt = Tensor::from_vec(v.clone(), (1, kv_heads, s, hd), &dev).unwrap();
+            let got = causal_attention(&qt, &kt, &vt).unwrap().unwrap();
+            assert_eq!(got.dims(), &[1, heads, t, hd]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rep = heads / kv_heads;
+            let past = s - t;
+            let scale = (hd as f64).powf(-0.5);
+            for h in 0..heads {
+                let g = h / rep;
+                for i in 0..t {
+                    let sc: Vec<f64> = (0..=past + i)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| {
+                                    q[(h * t + i) * hd + d] as f64 * k[(g * s + j) * hd + d] as f64
+                                })
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = sc
+                            .iter()
+                            .enumerate()
+                            .map(|(j, x)| (x - m).exp() / z * v[(g * s + j) * hd + d] as f64)
+                            .sum();
+                        let g = got[(h * t + i) * hd + d] as f64;
+                        assert!((g - want).abs() <= 2e-6, "h={h} i={i} d={d}: {g} vs {want}");
+                    }
+                }
+            }
+        }
+        // Not f32: left to the caller's path.
+        let x = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F64, &dev).unwrap();
+        assert!(causal_attention(&x, &x, &x).unwrap().is_none());
+        // Bad head grouping and more queries than keys are errors.
+        let q = Tensor::zeros((1, 3, 2, 4), candle_core::DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 2, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(causal_attention(&q, &k, &k).is_err());
+        let q = Tensor::zeros((1, 2, 5, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(causal_attention(&q, &k, &k).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::checkpoint::WeightLoader;
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kernels::activation::silu_mul;
+use crate::kernels::attention::causal_attention;
 use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
 use candle_core::{DType, Device, Tensor};
 
@@ -95,6 +96,12 @@ impl DecoderLayer {
         };
         *cache = Some((k.clone(), v.clone()));
         let s = k.dim(2)?;
+        if t > 1 {
+            // Prefill on CPU in f32: the fused causal kernel (no GQA expansion, mask or copies).
+            if let Some(out) = causal_attention(q, &k, &v)? {
+                return Ok(out);
+            }
+        }
         let rep = self.num_heads / self.num_kv_heads;
         let (k, v) = if rep > 1 {
             let expand = |y: &Tensor| -> Result<Tensor> {
