@@ -413,6 +413,44 @@ mod tests {
         }
     }
 
+    /// Both kinds of activations (packed for `sgemm`, plain for the portable `gemm` path, which
+    /// an AVX2 machine would otherwise never run) against the f64 reference, into a strided
+    /// destination.
+    #[test]
+    fn packed_and_plain_rows_give_the_reference_product() {
+        let mut seed = 47u64;
+        for &(m, n, k) in SHAPES {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let r = reference(&x, &w, m, n, k);
+            let rs = n + 2;
+            let mut kinds = vec![("plain", Rows::Plain(&x, m, k))];
+            if sgemm::available() {
+                kinds.push(("packed", Rows::Packed(sgemm::PackedRows::pack(&x, m, k))));
+            }
+            for (name, rows) in kinds {
+                let mut y = vec![f32::NAN; m * rs];
+                // SAFETY: y holds m rows of stride rs ≥ n.
+                unsafe { rows.gemm(&w, y.as_mut_ptr(), rs, n) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let got = y[i * rs + j] as f64;
+                        assert!(
+                            (got - r[i * n + j]).abs() <= tol(k),
+                            "{name} m={m} n={n} k={k} ({i},{j})"
+                        );
+                    }
+                }
+            }
+            // gemm_single takes the same path with a bounds-checked destination.
+            let mut y = vec![0f32; m * n];
+            gemm_single(&x, &w, &mut y, n, m, n, k);
+            for (got, want) in y.iter().zip(&r) {
+                assert!((*got as f64 - want).abs() <= tol(k));
+            }
+        }
+    }
+
     /// On the decode path (fewer than `GEMM_MIN_ROWS` rows, or `rowwise`), every format's
     /// dispatcher gives a row alone exactly the bits it gets in a batch.
     #[test]
