@@ -96,11 +96,11 @@ impl DecoderLayer {
         };
         *cache = Some((k.clone(), v.clone()));
         let s = k.dim(2)?;
-        if t > 1 {
-            // Prefill on CPU in f32: the fused causal kernel (no GQA expansion, mask or copies).
-            if let Some(out) = causal_attention(q, &k, &v)? {
-                return Ok(out);
-            }
+        // On CPU in f32, prefill and decode steps alike: the fused causal kernel (no GQA
+        // expansion, mask tensor or copies). It sees only this row's cache, so a row's result
+        // does not depend on the rest of the batch.
+        if let Some(out) = causal_attention(q, &k, &v)? {
+            return Ok(out);
         }
         let rep = self.num_heads / self.num_kv_heads;
         let (k, v) = if rep > 1 {
