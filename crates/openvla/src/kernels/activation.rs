@@ -166,8 +166,13 @@ impl CustomOp2 for SiluMul {
     }
 }
 
-/// The f32 elements of a contiguous tensor.
-fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+/// The f32 elements of a contiguous tensor (the CPU side of this crate's custom ops; `op` names
+/// the op in the error).
+pub(crate) fn f32_contiguous<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op} expects f32 elements")
     };

@@ -16,7 +16,7 @@
 //! The result equals the reference's attention up to summation order and `exp` rounding (tests
 //! compare with an f64 computation).
 
-use super::activation::exp_slice;
+use super::activation::{exp_slice, f32_contiguous};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -57,16 +57,11 @@ impl CustomOp1 for FusedAttention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("fused-qkv-attention expects f32")
-        };
-        let Some((a, e)) = l.contiguous_offsets() else {
-            candle_core::bail!("fused-qkv-attention expects a contiguous qkv")
-        };
+        let qkv = f32_contiguous(s, l, "fused-qkv-attention")?;
         let (b, n, three_c) = l.shape().dims3()?;
         let c = three_c / 3;
         let mut out = vec![0f32; b * n * c];
-        for (qkv, out) in v[a..e].chunks(n * three_c).zip(out.chunks_mut(n * c)) {
+        for (qkv, out) in qkv.chunks(n * three_c).zip(out.chunks_mut(n * c)) {
             attention(qkv, out, n, self.heads, c / self.heads);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
@@ -157,9 +152,10 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = f32_slice(s1, l1)?;
-        let k = f32_slice(s2, l2)?;
-        let v = f32_slice(s3, l3)?;
+        let op = "causal-gqa-attention";
+        let q = f32_contiguous(s1, l1, op)?;
+        let k = f32_contiguous(s2, l2, op)?;
+        let v = f32_contiguous(s3, l3, op)?;
         let (b, heads, t, hd) = l1.shape().dims4()?;
         let (bk, kv_heads, s, hdk) = l2.shape().dims4()?;
         if b != 1 || bk != 1 || l3.shape() != l2.shape() || hdk != hd {
@@ -180,17 +176,6 @@ impl CustomOp3 for CausalAttention {
         causal(q, k, v, &mut out, heads, kv_heads, t, s, hd);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
-}
-
-/// The f32 elements of a contiguous input.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("attention expects f32")
-    };
-    let Some((a, e)) = l.contiguous_offsets() else {
-        candle_core::bail!("attention expects contiguous inputs")
-    };
-    Ok(&v[a..e])
 }
 
 /// `out [heads, t, hd]` = causal attention of `q [heads, t, hd]` over `k`, `v [kv_heads, s, hd]`.
