@@ -129,11 +129,47 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) {
         return Ok(None);
     }
+    // Keys and values may be views of a larger cache buffer (`[1, kv_heads, capacity, hd]`
+    // narrowed to the filled positions): read in place as long as each position's row is
+    // contiguous.
+    let rows = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let st = x.stride();
+        if st.len() == 4 && st[3] == 1 && st[2] == x.dim(3)? {
+            Ok(x.clone())
+        } else {
+            x.contiguous()
+        }
+    };
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
+        &rows(k)?,
+        &rows(v)?,
         &CausalAttention,
     )?))
+}
+
+/// The f32 elements of `[1, heads, s, hd]` keys or values whose rows are contiguous, from the
+/// first element of head 0 to the last of the last head, and the distance between heads.
+fn head_rows<'a>(st: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(v) = st else {
+        candle_core::bail!("causal-gqa-attention expects f32")
+    };
+    let (_, heads, s, hd) = l.shape().dims4()?;
+    let stride = l.stride();
+    if stride[3] != 1 || stride[2] != hd || (heads > 1 && stride[1] < s * hd) {
+        candle_core::bail!(
+            "causal-gqa-attention: keys/values need contiguous rows, got strides {stride:?}"
+        );
+    }
+    let start = l.start_offset();
+    let end = if heads == 0 || s == 0 {
+        start
+    } else {
+        start + (heads - 1) * stride[1] + s * hd
+    };
+    if end > v.len() {
+        candle_core::bail!("causal-gqa-attention: view past the end of its storage");
+    }
+    Ok((&v[start..end], stride[1]))
 }
 
 struct CausalAttention;
@@ -152,10 +188,9 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = "causal-gqa-attention";
-        let q = f32_contiguous(s1, l1, op)?;
-        let k = f32_contiguous(s2, l2, op)?;
-        let v = f32_contiguous(s3, l3, op)?;
+        let q = f32_contiguous(s1, l1, "causal-gqa-attention")?;
+        let (k, k_stride) = head_rows(s2, l2)?;
+        let (v, v_stride) = head_rows(s3, l3)?;
         let (b, heads, t, hd) = l1.shape().dims4()?;
         let (bk, kv_heads, s, hdk) = l2.shape().dims4()?;
         if b != 1 || bk != 1 || l3.shape() != l2.shape() || hdk != hd {
@@ -172,18 +207,22 @@ impl CustomOp3 for CausalAttention {
                  over {s} keys"
             );
         }
+        if k_stride != v_stride {
+            candle_core::bail!("causal-gqa-attention: keys and values laid out differently");
+        }
         let mut out = vec![0f32; heads * t * hd];
-        causal(q, k, v, &mut out, heads, kv_heads, t, s, hd);
+        causal(q, (k, v, k_stride), &mut out, heads, kv_heads, t, s, hd);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
-/// `out [heads, t, hd]` = causal attention of `q [heads, t, hd]` over `k`, `v [kv_heads, s, hd]`.
+/// `out [heads, t, hd]` = causal attention of `q [heads, t, hd]` over keys and values
+/// `(k, v, head_stride)`: head `g`'s `s` positions start at `g · head_stride` (`s · hd` when
+/// packed).
 #[allow(clippy::too_many_arguments)]
 pub fn causal(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (k, v, hs): (&[f32], &[f32], usize),
     out: &mut [f32],
     heads: usize,
     kv_heads: usize,
@@ -192,7 +231,8 @@ pub fn causal(
     hd: usize,
 ) {
     assert!(q.len() == heads * t * hd && out.len() == q.len());
-    assert!(k.len() == kv_heads * s * hd && v.len() == k.len() && s >= t);
+    assert!(s >= t && hs >= s * hd && v.len() == k.len());
+    assert!(kv_heads == 0 || k.len() >= (kv_heads - 1) * hs + s * hd);
     if t == 0 || hd == 0 {
         return;
     }
@@ -201,8 +241,8 @@ pub fn causal(
     let scale = (hd as f32).powf(-0.5);
     out.par_chunks_mut(t * hd).enumerate().for_each(|(h, o)| {
         let g = h / rep;
-        let kh = &k[g * s * hd..(g + 1) * s * hd];
-        let vh = &v[g * s * hd..(g + 1) * s * hd];
+        let kh = &k[g * hs..g * hs + s * hd];
+        let vh = &v[g * hs..g * hs + s * hd];
         let mut vt = vec![0f32; hd * s];
         for (j, row) in vh.chunks(hd).enumerate() {
             for (d, &x) in row.iter().enumerate() {
@@ -369,6 +409,39 @@ mod tests {
                 }
             }
         }
+        // Keys and values as views into larger cache buffers (capacity 12 > s = 9) give the
+        // same bits as packed copies.
+        let (heads, kv_heads, t, s, hd) = (4, 2, 3, 9, 8);
+        let q = Tensor::from_vec(
+            (0..heads * t * hd)
+                .map(|_| lcg(&mut seed))
+                .collect::<Vec<f32>>(),
+            (1, heads, t, hd),
+            &dev,
+        )
+        .unwrap();
+        let buf = |seed: &mut u64| {
+            Tensor::from_vec(
+                (0..kv_heads * 12 * hd)
+                    .map(|_| lcg(seed))
+                    .collect::<Vec<f32>>(),
+                (1, kv_heads, 12, hd),
+                &dev,
+            )
+            .unwrap()
+            .narrow(2, 0, s)
+            .unwrap()
+        };
+        let (kb, vb) = (buf(&mut seed), buf(&mut seed));
+        assert!(!kb.is_contiguous());
+        let strided = causal_attention(&q, &kb, &vb).unwrap().unwrap();
+        let packed = causal_attention(&q, &kb.contiguous().unwrap(), &vb.contiguous().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            strided.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            packed.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         // Not f32: left to the caller's path.
         let x = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F64, &dev).unwrap();
         assert!(causal_attention(&x, &x, &x).unwrap().is_none());

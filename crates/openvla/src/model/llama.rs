@@ -86,15 +86,11 @@ impl DecoderLayer {
         q: &Tensor,
         k: Tensor,
         v: Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerKv>,
     ) -> Result<Tensor> {
         let t = q.dim(2)?;
         let hd = self.head_dim;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
+        let (k, v) = LayerKv::append(cache, k, v)?;
         let s = k.dim(2)?;
         // On CPU in f32, prefill and decode steps alike: the fused causal kernel (no GQA
         // expansion, mask tensor or copies). It sees only this row's cache, so a row's result
@@ -132,7 +128,7 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rope: &[(Tensor, Tensor)],
-        caches: &mut [Option<(Tensor, Tensor)>],
+        caches: &mut [Option<LayerKv>],
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -170,11 +166,75 @@ impl DecoderLayer {
     }
 }
 
+/// One layer's keys and values for one sequence: buffers `[1, kv_heads, capacity, head_dim]`
+/// whose first `len` positions are filled.
+///
+/// On CPU in f32 a step writes its new positions in place (`slice_set`) and the buffers grow
+/// geometrically, so a decode step no longer copies the whole cache (`Tensor::cat` did: about
+/// 300 MB per token on the 7B); the attention reads the filled part as a strided view. Other
+/// devices and dtypes keep exact-size tensors grown by concatenation. The buffers are never
+/// shared: caches are moved between requests and batches, not cloned.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    /// Positions a new buffer is rounded up to.
+    const GRANULE: usize = 64;
+
+    /// Appends `k`, `v` (`[1, kv_heads, t, head_dim]`) and returns the keys and values of every
+    /// position so far (views `[1, kv_heads, len, head_dim]`).
+    fn append(cache: &mut Option<LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let in_place = k.device().is_cpu() && k.dtype() == DType::F32;
+        let old = cache.take();
+        if !in_place {
+            let (k, v) = match old {
+                Some(c) => (Tensor::cat(&[&c.k, &k], 2)?, Tensor::cat(&[&c.v, &v], 2)?),
+                None => (k, v),
+            };
+            let len = k.dim(2)?;
+            *cache = Some(LayerKv {
+                k: k.clone(),
+                v: v.clone(),
+                len,
+            });
+            return Ok((k, v));
+        }
+        let mut c = match old {
+            Some(c) if c.len + t <= c.k.dim(2)? => c,
+            old => {
+                let (b, heads, _, hd) = k.dims4()?;
+                let (len, cap0) = old
+                    .as_ref()
+                    .map_or(Ok((0, 0)), |c| c.k.dim(2).map(|cap| (c.len, cap)))?;
+                let cap = (len + t).max(2 * cap0).next_multiple_of(Self::GRANULE);
+                let kb = Tensor::zeros((b, heads, cap, hd), DType::F32, k.device())?;
+                let vb = Tensor::zeros((b, heads, cap, hd), DType::F32, k.device())?;
+                if let Some(o) = old.filter(|o| o.len > 0) {
+                    kb.slice_set(&o.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    vb.slice_set(&o.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                LayerKv { k: kb, v: vb, len }
+            }
+        };
+        c.k.slice_set(&k.contiguous()?, 2, c.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, c.len)?;
+        c.len += t;
+        let views = (c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?);
+        *cache = Some(c);
+        Ok(views)
+    }
+}
+
 /// Keys and values of every layer for the positions processed so far, one entry per batch row
 /// (rows may hold different lengths).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    rows: Vec<Vec<Option<(Tensor, Tensor)>>>,
+    rows: Vec<Vec<Option<LayerKv>>>,
 }
 
 impl KvCache {
@@ -194,8 +254,7 @@ impl KvCache {
             .get(row)
             .and_then(|r| r.first())
             .and_then(|l| l.as_ref())
-            .and_then(|(k, _)| k.dim(2).ok())
-            .unwrap_or(0)
+            .map_or(0, |l| l.len)
     }
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
@@ -364,7 +423,7 @@ impl Llama {
         }
         let mut h = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
-            let mut caches: Vec<Option<(Tensor, Tensor)>> =
+            let mut caches: Vec<Option<LayerKv>> =
                 cache.rows.iter_mut().map(|r| r[li].take()).collect();
             h = layer.forward(&h, &rope, &mut caches)?;
             for (r, c) in cache.rows.iter_mut().zip(caches) {
