@@ -4,6 +4,7 @@
 use super::params::ParamStore;
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use openvla::kernels::activation::f32_contiguous;
 
 /// A Linear (or a Conv2d whose kernel equals its stride, seen as a Linear over flattened
 /// patches) by module name; its LoRA branch, if any, is looked up in the [`ParamStore`].
@@ -84,21 +85,6 @@ pub struct FrozenMatmul {
     pub weight: Tensor,
 }
 
-/// The float32 elements of a contiguous CPU input of custom op `op`.
-fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = storage else {
-        candle_core::bail!("{op}: float32 input expected")
-    };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous input expected")
-    };
-    Ok(&v[a..b])
-}
-
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -109,7 +95,7 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, self.name())?;
+        let x = f32_contiguous(storage, layout, self.name())?;
         let (rows, fin) = layout.shape().dims2()?;
         let x = Tensor::from_slice(x, (rows, fin), &Device::Cpu)?;
         let w = self.weight.to_dtype(DType::F32)?;
@@ -202,7 +188,7 @@ impl CustomOp1 for MaskedSoftmax {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let x = contiguous_f32(storage, layout, self.name())?;
+        let x = f32_contiguous(storage, layout, self.name())?;
         let dims = layout.shape().dims();
         let k = *dims.last().unwrap_or(&1);
         let mut out = x.to_vec();

@@ -166,9 +166,9 @@ impl CustomOp2 for SiluMul {
     }
 }
 
-/// The f32 elements of a contiguous tensor (the CPU side of this crate's custom ops; `op` names
-/// the op in the error).
-pub(crate) fn f32_contiguous<'a>(
+/// The f32 elements of a contiguous tensor (the CPU side of a custom op; `op` names the op in
+/// the error).
+pub fn f32_contiguous<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &str,
