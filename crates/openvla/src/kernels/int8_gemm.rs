@@ -300,10 +300,11 @@ unsafe fn panel(
         // The nibble offset: out[r, c] = −8 · Σ_b d_w[c, b] · (d_x · Σ x_q)[r, b], a matmul over
         // blocks, written first; the block products are added to it below.
         let mut corr = vec![0f32; m * nc];
-        super::gemm_tile(
+        super::gemm_single(
             &a.dsum,
             &dw_unpadded(&dw, nc, bp8, bpr),
             &mut corr,
+            nc,
             m,
             nc,
             bpr,

@@ -87,17 +87,6 @@ pub fn for_each_tile(
     }
 }
 
-/// `out [m, nb] = x [m, k] · wideᵀ` for a widened f32 tile `wide [nb, k]` (single-threaded,
-/// called from inside a parallel tile loop).
-pub fn gemm_tile(x: &[f32], wide: &[f32], out: &mut [f32], m: usize, nb: usize, k: usize) {
-    assert!(x.len() >= m * k && wide.len() >= nb * k && out.len() >= m * nb);
-    if m == 0 || nb == 0 {
-        return;
-    }
-    // SAFETY: `out` holds the m rows of nb elements (row stride nb) checked above.
-    unsafe { Rows::new(x, m, k).gemm(wide, out.as_mut_ptr(), nb, nb) };
-}
-
 /// Weight rows per tile of the tiled-gemm path for `n` weight rows: about
 /// [`GEMM_TILE_ROWS`], with the number of tiles a multiple of the thread count (so that no
 /// thread is left with one tile more than the others: 1152 rows are 6 tiles of 192 on 2 threads,
@@ -307,7 +296,7 @@ pub fn tiled_gemm_v0(
     for_each_tile(m, n, GEMM_TILE_ROWS, y, |j0, nb, out| {
         let mut wide = vec![0f32; nb * k];
         widen(j0, nb, &mut wide);
-        gemm_tile(x, &wide, out, m, nb, k);
+        gemm_single(x, &wide, out, nb, m, nb, k);
     });
 }
 
