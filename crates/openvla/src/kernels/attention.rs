@@ -5,13 +5,13 @@
 //! Through candle this was four copies (q, k, v made contiguous, the output transposed back), two
 //! batched matmuls of 64-deep products that the `gemm` crate runs at about 25 GFLOP/s, a scale
 //! pass and a softmax: 0.55 s of MiniVLA's ~4 s vision stage. Here each head is one task on the
-//! rayon pool: it gathers its q and k (and v transposed) into small contiguous buffers, computes
-//! the scores with the packed [`super::sgemm`] kernel, applies the scaled softmax in place with
-//! the vectorized `exp` of [`super::activation`], and multiplies by v into its own columns of the
-//! output.
+//! rayon pool: it gathers its q, k and v into small contiguous buffers, computes the scores with
+//! the packed [`super::sgemm`] kernel, applies the scaled softmax in place with the vectorized
+//! `exp` of [`super::activation`], and multiplies by v.
 //!
-//! [`causal_attention`] does the same for the LLM's prefill: grouped-query heads over the cache,
-//! a causal mask, `[1, heads, t, head_dim]` in and out.
+//! [`causal_attention`] does the same for the LLM, prefill and decode steps: grouped-query heads
+//! over the KV cache (read in place, a strided view of the cache's buffers), a causal mask,
+//! `[1, heads, t, head_dim]` in and out. Both run one head through the same `attend_head`.
 //!
 //! The result equals the reference's attention up to summation order and `exp` rounding (tests
 //! compare with an f64 computation).
@@ -81,7 +81,6 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
     if n == 0 || c == 0 {
         return;
     }
-    let scale = (hd as f32).powf(-0.5);
     let heads_out: Vec<Vec<f32>> = (0..heads)
         .into_par_iter()
         .map(|h| {
@@ -93,22 +92,8 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
                 }
                 m
             };
-            let (q, k) = (gather(0), gather(1));
-            // vᵀ [hd, n], the "weight" of the second product.
-            let mut vt = vec![0f32; hd * n];
-            for t in 0..n {
-                let o = t * 3 * c + 2 * c + h * hd;
-                for (d, &x) in qkv[o..o + hd].iter().enumerate() {
-                    vt[d * n + t] = x;
-                }
-            }
-            let mut scores = vec![0f32; n * n];
-            super::gemm_single(&q, &k, &mut scores, n, n, n, hd);
-            for row in scores.chunks_mut(n) {
-                softmax_scaled(row, scale);
-            }
             let mut o = vec![0f32; n * hd];
-            super::gemm_single(&scores, &vt, &mut o, hd, n, hd, n);
+            attend_head(&gather(0), &gather(1), &gather(2), None, &mut o, n, n, hd);
             o
         })
         .collect();
@@ -120,8 +105,8 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
 }
 
 /// Causal grouped-query attention of `t` new queries over `s ≥ t` keys (the last `t` of which are
-/// the queries' own positions): `q [1, heads, t, hd]`, `k`, `v [1, kv_heads, s, hd]` (f32,
-/// contiguous, on CPU), query head `h` reading key head `h / (heads / kv_heads)`; gives
+/// the queries' own positions): `q [1, heads, t, hd]`, `k`, `v [1, kv_heads, s, hd]` (f32 on CPU;
+/// keys and values may be strided views as long as each position's row is contiguous), query head `h` reading key head `h / (heads / kv_heads)`; gives
 /// `[1, heads, t, hd]`. `None` where this kernel does not apply (other dtypes or devices), for
 /// the caller's generic path.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -237,34 +222,45 @@ pub fn causal(
         return;
     }
     let rep = heads / kv_heads;
-    let past = s - t;
-    let scale = (hd as f32).powf(-0.5);
     out.par_chunks_mut(t * hd).enumerate().for_each(|(h, o)| {
         let g = h / rep;
         let kh = &k[g * hs..g * hs + s * hd];
         let vh = &v[g * hs..g * hs + s * hd];
-        let mut vt = vec![0f32; hd * s];
-        for (j, row) in vh.chunks(hd).enumerate() {
-            for (d, &x) in row.iter().enumerate() {
-                vt[d * s + j] = x;
-            }
-        }
-        let mut scores = vec![0f32; t * s];
-        super::gemm_single(
-            &q[h * t * hd..(h + 1) * t * hd],
-            kh,
-            &mut scores,
-            s,
-            t,
-            s,
-            hd,
-        );
-        for (i, row) in scores.chunks_mut(s).enumerate() {
-            row[past + i + 1..].fill(f32::NEG_INFINITY);
-            softmax_scaled(row, scale);
-        }
-        super::gemm_single(&scores, &vt, o, hd, t, hd, s);
+        let qh = &q[h * t * hd..(h + 1) * t * hd];
+        attend_head(qh, kh, vh, Some(s - t), o, t, s, hd);
     });
+}
+
+/// One head: `out [t, hd] = softmax(q·kᵀ / √hd) · v` for `q [t, hd]` and `k`, `v [s, hd]`
+/// (row-major). With `causal: Some(past)`, query `i` sees keys `0 ..= past + i` only.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    causal: Option<usize>,
+    out: &mut [f32],
+    t: usize,
+    s: usize,
+    hd: usize,
+) {
+    // vᵀ [hd, s]: the "weight" of the second product.
+    let mut vt = vec![0f32; hd * s];
+    for (j, row) in v.chunks(hd).enumerate() {
+        for (d, &x) in row.iter().enumerate() {
+            vt[d * s + j] = x;
+        }
+    }
+    let scale = (hd as f32).powf(-0.5);
+    let mut scores = vec![0f32; t * s];
+    super::gemm_single(q, k, &mut scores, s, t, s, hd);
+    for (i, row) in scores.chunks_mut(s).enumerate() {
+        if let Some(past) = causal {
+            row[past + i + 1..].fill(f32::NEG_INFINITY);
+        }
+        softmax_scaled(row, scale);
+    }
+    super::gemm_single(&scores, &vt, out, hd, t, hd, s);
 }
 
 /// `row = softmax(row · scale)` in place (max subtracted first, as PyTorch does).
