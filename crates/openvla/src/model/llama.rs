@@ -98,6 +98,8 @@ impl DecoderLayer {
         if let Some(out) = causal_attention(q, &k, &v)? {
             return Ok(out);
         }
+        // The generic path (other devices and dtypes) takes packed copies of the cache views.
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         let rep = self.num_heads / self.num_kv_heads;
         let (k, v) = if rep > 1 {
             let expand = |y: &Tensor| -> Result<Tensor> {
@@ -169,12 +171,11 @@ impl DecoderLayer {
 /// One layer's keys and values for one sequence: buffers `[1, kv_heads, capacity, head_dim]`
 /// whose first `len` positions are filled.
 ///
-/// On CPU in f32 a step writes its new positions in place (`slice_set`) and the buffers grow
-/// geometrically, so a decode step no longer copies the whole cache (`Tensor::cat` did: about
-/// 300 MB per token on the 7B); the attention reads the filled part as a strided view. Other
-/// devices and dtypes keep exact-size tensors grown by concatenation. The buffers are never
-/// shared: caches are moved between requests and batches, not cloned.
-#[derive(Debug, Clone)]
+/// A step writes its new positions in place (`slice_set`) and the buffers grow geometrically, so
+/// a decode step does not copy the whole cache (`Tensor::cat` did: about 300 MB per token on the
+/// 7B); the attention reads the filled part as a view. The buffers are written in place, so the
+/// type is not `Clone`: caches are moved between requests and batches, never shared.
+#[derive(Debug)]
 pub struct LayerKv {
     k: Tensor,
     v: Tensor,
@@ -186,34 +187,20 @@ impl LayerKv {
     const GRANULE: usize = 64;
 
     /// Appends `k`, `v` (`[1, kv_heads, t, head_dim]`) and returns the keys and values of every
-    /// position so far (views `[1, kv_heads, len, head_dim]`).
+    /// position so far (views `[1, kv_heads, len, head_dim]` of the buffers).
     fn append(cache: &mut Option<LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
-        let in_place = k.device().is_cpu() && k.dtype() == DType::F32;
-        let old = cache.take();
-        if !in_place {
-            let (k, v) = match old {
-                Some(c) => (Tensor::cat(&[&c.k, &k], 2)?, Tensor::cat(&[&c.v, &v], 2)?),
-                None => (k, v),
-            };
-            let len = k.dim(2)?;
-            *cache = Some(LayerKv {
-                k: k.clone(),
-                v: v.clone(),
-                len,
-            });
-            return Ok((k, v));
-        }
-        let mut c = match old {
+        let mut c = match cache.take() {
             Some(c) if c.len + t <= c.k.dim(2)? => c,
             old => {
                 let (b, heads, _, hd) = k.dims4()?;
-                let (len, cap0) = old
-                    .as_ref()
-                    .map_or(Ok((0, 0)), |c| c.k.dim(2).map(|cap| (c.len, cap)))?;
+                let (len, cap0) = match &old {
+                    Some(c) => (c.len, c.k.dim(2)?),
+                    None => (0, 0),
+                };
                 let cap = (len + t).max(2 * cap0).next_multiple_of(Self::GRANULE);
-                let kb = Tensor::zeros((b, heads, cap, hd), DType::F32, k.device())?;
-                let vb = Tensor::zeros((b, heads, cap, hd), DType::F32, k.device())?;
+                let kb = Tensor::zeros((b, heads, cap, hd), k.dtype(), k.device())?;
+                let vb = Tensor::zeros((b, heads, cap, hd), v.dtype(), v.device())?;
                 if let Some(o) = old.filter(|o| o.len > 0) {
                     kb.slice_set(&o.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
                     vb.slice_set(&o.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
@@ -232,7 +219,7 @@ impl LayerKv {
 
 /// Keys and values of every layer for the positions processed so far, one entry per batch row
 /// (rows may hold different lengths).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct KvCache {
     rows: Vec<Vec<Option<LayerKv>>>,
 }
@@ -241,7 +228,7 @@ impl KvCache {
     /// An empty cache for `rows` sequences.
     pub fn new(rows: usize) -> Self {
         KvCache {
-            rows: vec![Vec::new(); rows],
+            rows: (0..rows).map(|_| Vec::new()).collect(),
         }
     }
     /// Number of rows.
@@ -418,7 +405,7 @@ impl Llama {
         }
         for r in cache.rows.iter_mut() {
             if r.len() != self.layers.len() {
-                *r = vec![None; self.layers.len()];
+                *r = (0..self.layers.len()).map(|_| None).collect();
             }
         }
         let mut h = x.clone();
@@ -456,4 +443,53 @@ pub fn argmax(values: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends in chunks that cross the first buffer (64 positions) and a doubling: the views
+    /// always equal the concatenation of everything appended, in f32 (attention's dtype) and
+    /// in another dtype alike.
+    #[test]
+    fn kv_cache_appends_in_place_and_grows() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let mut cache = None;
+            let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
+            let mut caps = Vec::new();
+            for (step, t) in [3usize, 60, 1, 1, 70, 1].into_iter().enumerate() {
+                let k = Tensor::rand(0f32, 1.0, (1, 2, t, 4), &dev).unwrap();
+                let v = (k.clone() + step as f64).unwrap();
+                let (k, v) = (k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
+                all_k.push(k.clone());
+                all_v.push(v.clone());
+                let (kv, vv) = LayerKv::append(&mut cache, k, v).unwrap();
+                let want_k = Tensor::cat(&all_k, 2).unwrap();
+                let want_v = Tensor::cat(&all_v, 2).unwrap();
+                let len = want_k.dim(2).unwrap();
+                assert_eq!(kv.dims(), &[1, 2, len, 4]);
+                let diff = |a: &Tensor, b: &Tensor| {
+                    (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                assert_eq!(diff(&kv, &want_k), 0.0, "keys after step {step}");
+                assert_eq!(diff(&vv, &want_v), 0.0, "values after step {step}");
+                let c = cache.as_ref().unwrap();
+                assert_eq!(c.len, len);
+                caps.push(c.k.dim(2).unwrap());
+            }
+            // 3 → 64; 63, 64 fit; 65 doubles to 128; 135 → 256; 136 fits.
+            assert_eq!(caps, [64, 64, 64, 128, 256, 256]);
+        }
+    }
 }
