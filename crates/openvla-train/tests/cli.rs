@@ -30,14 +30,15 @@ fn merged_directory_matches_reference_and_predicts_the_same_actions() {
     let report = run_merge(&merge_args(&out)).unwrap();
     assert_eq!(report.changed.len(), 57);
     assert_eq!(report.shards, vec![out.join("model.safetensors")]);
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "preprocessor_config.json",
-        "dataset_statistics.json",
-    ] {
-        assert!(out.join(f).is_file(), "{f}");
-    }
+    assert_files(
+        &out,
+        &[
+            "config.json",
+            "tokenizer.json",
+            "preprocessor_config.json",
+            "dataset_statistics.json",
+        ],
+    );
     // Every tensor equals the reference's merged_model: the changed ones (subset stored) and
     // the unchanged ones (= base).
     let merged = read_safetensors(&out.join("model.safetensors"), &Device::Cpu).unwrap();

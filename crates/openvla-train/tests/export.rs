@@ -120,16 +120,17 @@ fn predict(dir: &Path, key: &str) -> openvla::Prediction {
 /// The exported directory has the files of a model, the run's statistics, and predicts
 /// something else than the base (the weights moved).
 fn check_loads_and_moved(model: &Path) {
-    for f in [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "preprocessor_config.json",
-        "dataset_statistics.json",
-    ] {
-        assert!(model.join(f).is_file(), "{f}");
-    }
+    assert_files(
+        model,
+        &[
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+            "dataset_statistics.json",
+        ],
+    );
     let stats: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(model.join("dataset_statistics.json")).unwrap(),
     )

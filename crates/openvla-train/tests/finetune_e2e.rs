@@ -58,19 +58,20 @@ fn finetune_runs_saves_peft_adapter_and_resumes_exactly() {
     let out = finetune_with_model(&args(&full, 6), ToyVla::new(1, 14, 224), &Device::Cpu).unwrap();
     assert_eq!(out.step, 6);
     assert_eq!(losses(&full).len(), 6);
-    for f in [
-        "run.json",
-        "metrics.jsonl",
-        "curves.svg",
-        "dataset_statistics.json",
-        "adapter/adapter_config.json",
-        "adapter/adapter_model.safetensors",
-        "adapter/dataset_statistics.json",
-        "checkpoints/step-00000006/adapter/adapter_model.safetensors",
-        "checkpoints/step-00000006/state.json",
-    ] {
-        assert!(full.join(f).is_file(), "{f}");
-    }
+    assert_files(
+        &full,
+        &[
+            "run.json",
+            "metrics.jsonl",
+            "curves.svg",
+            "dataset_statistics.json",
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "adapter/dataset_statistics.json",
+            "checkpoints/step-00000006/adapter/adapter_model.safetensors",
+            "checkpoints/step-00000006/state.json",
+        ],
+    );
     let stats: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(full.join("adapter/dataset_statistics.json")).unwrap(),
     )

@@ -21,6 +21,13 @@ pub fn tiny_model() -> PathBuf {
     root().join("models/openvla-tiny")
 }
 
+/// Asserts that each of `files` (relative to `dir`) is a file, naming the first missing one.
+pub fn assert_files(dir: &std::path::Path, files: &[&str]) {
+    for f in files {
+        assert!(dir.join(f).is_file(), "{} has no {f}", dir.display());
+    }
+}
+
 /// A raw safetensors tensor: dtype name, shape, bytes.
 pub type Raw = (String, Vec<usize>, Vec<u8>);
 
