@@ -244,6 +244,11 @@ fn attend_head(
     s: usize,
     hd: usize,
 ) {
+    let scale = (hd as f32).powf(-0.5);
+    if t < super::GEMM_MIN_ROWS {
+        attend_rows(q, k, v, causal, out, t, s, hd, scale);
+        return;
+    }
     // vᵀ [hd, s]: the "weight" of the second product.
     let mut vt = vec![0f32; hd * s];
     for (j, row) in v.chunks(hd).enumerate() {
@@ -251,7 +256,6 @@ fn attend_head(
             vt[d * s + j] = x;
         }
     }
-    let scale = (hd as f32).powf(-0.5);
     let mut scores = vec![0f32; t * s];
     super::gemm_single(q, k, &mut scores, s, t, s, hd);
     for (i, row) in scores.chunks_mut(s).enumerate() {
@@ -261,6 +265,78 @@ fn attend_head(
         softmax_scaled(row, scale);
     }
     super::gemm_single(&scores, &vt, out, hd, t, hd, s);
+}
+
+/// [`attend_head`] for a few query rows (decode steps): each row's scores are dot products with
+/// the keys it may see, and its output is the probability-weighted sum of those value rows,
+/// both read in place. Packing keys and values for the matmul kernel would cost as much as the
+/// products themselves when there is a single query row.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    causal: Option<usize>,
+    out: &mut [f32],
+    t: usize,
+    s: usize,
+    hd: usize,
+    scale: f32,
+) {
+    let mut scores = vec![0f32; s];
+    for (i, (qi, o)) in q
+        .chunks_exact(hd)
+        .zip(out.chunks_exact_mut(hd))
+        .take(t)
+        .enumerate()
+    {
+        let len = causal.map_or(s, |past| (past + i + 1).min(s));
+        let row = &mut scores[..len];
+        for (sc, kj) in row.iter_mut().zip(k.chunks_exact(hd)) {
+            *sc = super::f32_matmul::dot(qi, kj);
+        }
+        softmax_scaled(row, scale);
+        o.fill(0.0);
+        for (&p, vj) in row.iter().zip(v.chunks_exact(hd)) {
+            axpy(p, vj, o);
+        }
+    }
+}
+
+/// `y += a · x`.
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked by has_avx2); lengths are equal.
+            unsafe { axpy_avx2(a, x, y) };
+            return;
+        }
+    }
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(x, *y);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let p = y.as_mut_ptr().add(i);
+        _mm256_storeu_ps(
+            p,
+            _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
+        );
+        i += 8;
+    }
+    for j in i..n {
+        y[j] = a.mul_add(x[j], y[j]);
+    }
 }
 
 /// `row = softmax(row · scale)` in place (max subtracted first, as PyTorch does).
@@ -365,6 +441,7 @@ mod tests {
             (2, 2, 7, 7, 16),
             (6, 1, 1, 4, 3),
             (14, 2, 33, 33, 64),
+            (8, 8, 1, 40, 128),
         ] {
             let q: Vec<f32> = (0..heads * t * hd).map(|_| lcg(&mut seed)).collect();
             let k: Vec<f32> = (0..kv_heads * s * hd).map(|_| lcg(&mut seed)).collect();

@@ -154,7 +154,7 @@ pub fn quantize_row(row: &[f32], q: &mut [i8], d: &mut [f32], dsum: &mut [f32]) 
 
 /// Quantizes one block of 32: `d = max|x| / 127`, `q = round_ties_even(x · (127 / max|x|))`
 /// (the AVX2 conversion's rounding, so both paths give the same bits). Returns `Σ q`.
-fn quantize_block(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f32) -> i32 {
+pub(crate) fn quantize_block(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f32) -> i32 {
     #[cfg(target_arch = "x86_64")]
     {
         if super::has_avx2() {
