@@ -55,6 +55,18 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// Runs `f` on a thread of the rayon pool (directly when already on one), so that the parallel
+/// kernels inside split their work with `join` on the pool instead of each injecting a job from
+/// outside and putting the caller to sleep until it is done: a decode step makes about 200
+/// kernel calls, and each such hand-off costs two thread wake-ups.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Runs `tile(j0, nb, out)` for blocks of `tile_rows` weight rows in parallel, where `out` is
 /// the `[m, nb]` block of results for weight rows `j0 .. j0 + nb`, and scatters the blocks into
 /// `y [m, n]`.
@@ -350,6 +362,20 @@ mod tests {
 
     fn tol(k: usize) -> f64 {
         2e-5 * (k as f64).sqrt().max(1.0)
+    }
+
+    #[test]
+    fn in_pool_runs_on_a_pool_thread_and_returns_the_value() {
+        assert!(rayon::current_thread_index().is_none());
+        let (inside, v) = in_pool(|| (rayon::current_thread_index(), 41 + 1));
+        assert!(inside.is_some(), "the closure ran outside the pool");
+        assert_eq!(v, 42);
+        // Nested calls run in place.
+        let nested = in_pool(|| {
+            let outer = rayon::current_thread_index();
+            in_pool(move || rayon::current_thread_index() == outer)
+        });
+        assert!(nested);
     }
 
     #[test]
