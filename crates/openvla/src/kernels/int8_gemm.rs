@@ -27,8 +27,9 @@
 //!    columns).
 //!
 //! On AVX2 without VNNI (Zen 3) the `q4_0` kernel beats dequantize + f32 `gemm` by 1.25–1.4×;
-//! the `q8_0` kernel is 5–20 % slower than it, so the dispatcher
-//! ([`super::quant_matmul::matmul`]) uses this module for `q4_0` only (`docs/kernels.md`).
+//! the `q8_0` kernel is 5–20 % slower than it. The int16 kernel of [`super::i16_gemm`] beats
+//! both by 1.2–1.4×, so the dispatcher ([`super::quant_matmul::matmul`]) uses this module only
+//! for `q4_0` on CPUs without AVX2, through its portable micro-kernel (`docs/kernels.md`).
 //!
 //! For `q8_0`, each output element is computed by the same instruction sequence whatever `m`
 //! and whatever the other rows (the quantization is per row), so the path is row-independent;

@@ -21,6 +21,7 @@ pub mod activation;
 pub mod attention;
 pub mod f32_matmul;
 pub mod half_matmul;
+pub mod i16_gemm;
 pub mod int8_gemm;
 pub mod probe;
 pub mod quant_matmul;

@@ -12,14 +12,14 @@
 //! - Both decode kernels prefetch the weight stream 4 KiB ahead, and the activations are
 //!   quantized with AVX2 (the scalar `round` of the first version cost a quarter of a
 //!   MiniVLA-sized matmul at decode).
-//! - **Many rows (prefill, vision), `q4_0`:** the activations are quantized to int8 blocks and
-//!   multiplied in integers, two blocks per step ([`super::int8_gemm`]); 1.3–1.4× the dequantize
-//!   + `gemm` rate on AVX2.
-//! - **Many rows, `q8_0`:** tiles of weight rows are dequantized to f32 and multiplied with
-//!   `gemm` ([`super::tiled_gemm`]), i.e. exactly `x · dequant(W)ᵀ`: on AVX2 without VNNI the
-//!   int8 block product (`vpsignb`, `vpmaddubsw`, `vpmaddwd`, convert, FMA per 32 products)
-//!   measured 10–20 % slower than the f32 FMAs it replaces, so the int8 kernel for `q8_0`
-//!   ([`super::int8_gemm::matmul`]) is not dispatched (see `docs/kernels.md`).
+//! - **Many rows (prefill, vision), both formats, AVX2:** the activations are quantized to int16
+//!   blocks and multiplied with the weights widened to int16 by `vpmaddwd` in a packed 6×16
+//!   micro-kernel ([`super::i16_gemm`]): 1.2–1.4× the rate of the previous paths below, which
+//!   remain the fallbacks without AVX2.
+//! - **Many rows, `q4_0`, without AVX2:** int8 activations multiplied in integers, two blocks per
+//!   step ([`super::int8_gemm`]).
+//! - **Many rows, `q8_0`, without AVX2:** tiles of weight rows are dequantized to f32 and
+//!   multiplied with `gemm` ([`super::tiled_gemm`]), i.e. exactly `x · dequant(W)ᵀ`.
 //!
 //! Every output element of the dot-product path is computed by the same code whatever the
 //! number of rows (the activation quantization is per row), so batched decoding gives each
@@ -96,15 +96,17 @@ pub fn matmul(x: &[f32], w: &QuantMatrix, y: &mut [f32], m: usize, rowwise: bool
                 }
             }
         });
+    } else if super::i16_gemm::available() {
+        // Both formats: int16 activations, `vpmaddwd` (docs/kernels.md, fourth pass).
+        let acts = super::i16_gemm::PackedActs::new(x, m, k);
+        super::i16_gemm::matmul(&acts, w, y);
     } else {
         match w.format() {
-            // Two blocks per step in integers: faster than f32 FMA on AVX2 (docs/kernels.md).
+            // Two blocks per step in integers (int8 activations).
             QuantFormat::Q4_0 => {
                 let acts = super::int8_gemm::QuantActs::new(w.format(), x, m, k);
                 super::int8_gemm::matmul(&acts, w, y);
             }
-            // One block per step costs more instructions than the f32 FMAs it replaces on AVX2
-            // without VNNI, so q8_0 keeps the (exact) dequantize + gemm path.
             QuantFormat::Q8_0 => matmul_dequant(x, w, y, m),
         }
     }
