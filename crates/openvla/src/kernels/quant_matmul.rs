@@ -83,18 +83,8 @@ pub fn matmul(x: &[f32], w: &QuantMatrix, y: &mut [f32], m: usize, rowwise: bool
     }
     if rowwise || m < GEMM_MIN_ROWS {
         let acts = Activations::new(w.format(), x, m, k);
-        let bpr = w.blocks_per_row();
         for_each_tile(m, n, DOT_TILE_ROWS, y, |j0, nb, out| {
-            // The row's scales, zero-padded to a multiple of 8 for whole-vector loads.
-            let mut d = vec![f16::ZERO; bpr.div_ceil(8) * 8];
-            let mut res = vec![0f32; m];
-            for j in 0..nb {
-                d[..bpr].copy_from_slice(w.row_scales(j0 + j));
-                dot_rows(w.format(), w.row_qs(j0 + j), &d, &acts, &mut res);
-                for (i, r) in res.iter().enumerate() {
-                    out[i * nb + j] = *r;
-                }
-            }
+            dot_tile(w, j0, nb, &acts, out)
         });
     } else if super::i16_gemm::available() {
         // Both formats: int16 activations, `vpmaddwd` (docs/kernels.md, fourth pass).
@@ -275,22 +265,36 @@ unsafe fn quantize_block_i16_avx2(v: &[f32; BLOCK], dst: &mut [i16; BLOCK]) -> f
     amax / 32767.0
 }
 
-/// `res[i] = x_i · w` for one weight row (`qs`, scales `d` zero-padded to a multiple of 8) and
-/// every activation row.
-pub fn dot_rows(format: QuantFormat, qs: &[u8], d: &[f16], a: &Activations, res: &mut [f32]) {
+/// The `[m, nb]` block `out` of `x · Wᵀ` for weight rows `j0 .. j0 + nb` (the decode path).
+pub fn dot_tile(w: &QuantMatrix, j0: usize, nb: usize, a: &Activations, out: &mut [f32]) {
+    assert_eq!(out.len(), a.m * nb);
+    assert!(j0 + nb <= w.rows() && a.bpr == w.blocks_per_row());
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (checked by has_avx2); the slices
-            // hold the blocks described by `Activations` and `QuantMatrix` (checked inside).
-            unsafe { dot_rows_avx2(format, qs, d, a, res) };
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked by has_avx2); the shapes of
+            // `w`, `a` and `out` were checked above.
+            unsafe { dot_tile_avx2(w, j0, nb, a, out) };
             return;
         }
     }
-    dot_rows_portable(format, qs, d, a, res)
+    let mut res = vec![0f32; a.m];
+    for j in 0..nb {
+        dot_rows_portable(
+            w.format(),
+            w.row_qs(j0 + j),
+            w.row_scales(j0 + j),
+            a,
+            &mut res,
+        );
+        for (i, r) in res.iter().enumerate() {
+            out[i * nb + j] = *r;
+        }
+    }
 }
 
-/// Portable fallback of [`dot_rows`]: the same integer block products, summed in another
+/// Portable `res[i] = x_i · w` for one weight row (quants `qs`, scales `d`) and every
+/// activation row: the same integer block products as the AVX2 kernels, summed in another
 /// order.
 pub fn dot_rows_portable(
     format: QuantFormat,
@@ -333,17 +337,15 @@ pub fn dot_rows_portable(
     }
 }
 
+/// The AVX2 decode tile. The tile's block scales (contiguous in the matrix) are widened to f32
+/// once, then each weight row meets chunks of up to 4 activation rows; per row the work is only
+/// the block loop, one horizontal sum per activation row and the stores (MiniVLA's rows are
+/// 896 wide, 28 blocks, so per-row overhead is a large part of a decode matmul).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_avx2(
-    format: QuantFormat,
-    qs: &[u8],
-    d: &[f16],
-    a: &Activations,
-    res: &mut [f32],
-) {
-    assert!(qs.len() >= a.bpr * format.block_bytes() && d.len() >= a.bpr.div_ceil(8) * 8);
-    assert!(res.len() >= a.m);
+unsafe fn dot_tile_avx2(w: &QuantMatrix, j0: usize, nb: usize, a: &Activations, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let format = w.format();
     match format {
         QuantFormat::Q8_0 => {
             assert!(a.q16.len() >= a.m * a.bpr * BLOCK && a.d16.len() >= a.m * a.bpr * 8)
@@ -354,21 +356,44 @@ unsafe fn dot_rows_avx2(
                 && a.sxe.len() >= a.m * a.npairs * 8
         ),
     }
-    let mut i = 0;
-    while i < a.m {
-        let r = (a.m - i).min(4);
-        let out = &mut res[i..i + r];
-        match (format, r) {
-            (QuantFormat::Q8_0, 4) => q8_avx2::<4>(qs, d, a, i, out),
-            (QuantFormat::Q8_0, 3) => q8_avx2::<3>(qs, d, a, i, out),
-            (QuantFormat::Q8_0, 2) => q8_avx2::<2>(qs, d, a, i, out),
-            (QuantFormat::Q8_0, _) => q8_avx2::<1>(qs, d, a, i, out),
-            (QuantFormat::Q4_0, 4) => q4_avx2::<4>(qs, d, a, i, out),
-            (QuantFormat::Q4_0, 3) => q4_avx2::<3>(qs, d, a, i, out),
-            (QuantFormat::Q4_0, 2) => q4_avx2::<2>(qs, d, a, i, out),
-            (QuantFormat::Q4_0, _) => q4_avx2::<1>(qs, d, a, i, out),
+    let bpr = a.bpr;
+    let row_bytes = bpr * format.block_bytes();
+    let h = &w.scales()[j0 * bpr..(j0 + nb) * bpr];
+    // Two spare lanes: the q4_0 kernel loads scales in pairs.
+    let mut scales = vec![0f32; h.len() + 2];
+    let mut e = 0;
+    while e + 8 <= h.len() {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().add(e) as *const __m128i));
+        _mm256_storeu_ps(scales.as_mut_ptr().add(e), v);
+        e += 8;
+    }
+    for (o, v) in scales[e..].iter_mut().zip(&h[e..]) {
+        *o = v.to_f32();
+    }
+    let qs = &w.qs()[j0 * row_bytes..(j0 + nb) * row_bytes];
+    let mut res = [0f32; 4];
+    for j in 0..nb {
+        let q = &qs[j * row_bytes..(j + 1) * row_bytes];
+        let d = &scales[j * bpr..j * bpr + bpr + 2];
+        let mut i = 0;
+        while i < a.m {
+            let r = (a.m - i).min(4);
+            let dst = &mut res[..r];
+            match (format, r) {
+                (QuantFormat::Q8_0, 4) => q8_avx2::<4>(q, d, a, i, dst),
+                (QuantFormat::Q8_0, 3) => q8_avx2::<3>(q, d, a, i, dst),
+                (QuantFormat::Q8_0, 2) => q8_avx2::<2>(q, d, a, i, dst),
+                (QuantFormat::Q8_0, _) => q8_avx2::<1>(q, d, a, i, dst),
+                (QuantFormat::Q4_0, 4) => q4_avx2::<4>(q, d, a, i, dst),
+                (QuantFormat::Q4_0, 3) => q4_avx2::<3>(q, d, a, i, dst),
+                (QuantFormat::Q4_0, 2) => q4_avx2::<2>(q, d, a, i, dst),
+                (QuantFormat::Q4_0, _) => q4_avx2::<1>(q, d, a, i, dst),
+            }
+            for (t, v) in dst.iter().enumerate() {
+                out[(i + t) * nb + j] = *v;
+            }
+            i += r;
         }
-        i += r;
     }
 }
 
@@ -377,9 +402,10 @@ unsafe fn dot_rows_avx2(
 /// `vpmaddwd`. Each row's arithmetic is the same for every `R`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 unsafe fn q8_avx2<const R: usize>(
     qs: &[u8],
-    d: &[f16],
+    d: &[f32],
     a: &Activations,
     i0: usize,
     res: &mut [f32],
@@ -390,18 +416,14 @@ unsafe fn q8_avx2<const R: usize>(
     let q = qs.as_ptr();
     let x0 = a.q16.as_ptr().add(i0 * kp);
     let s0 = a.d16.as_ptr().add(i0 * a.bpr * 8);
-    let mut dw = [0f32; 8];
+    assert!(qs.len() >= a.bpr * BLOCK && d.len() >= a.bpr && res.len() >= R);
     for b in 0..a.bpr {
         // The hardware prefetcher alone leaves 10-15 % of the bandwidth unused here.
         _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(b * BLOCK + PREFETCH_BYTES) as *const i8);
-        if b % 8 == 0 {
-            let h = _mm_loadu_si128(d.as_ptr().add(b) as *const __m128i);
-            _mm256_storeu_ps(dw.as_mut_ptr(), _mm256_cvtph_ps(h));
-        }
         let p = q.add(b * BLOCK);
         let wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i));
         let wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i));
-        let db = _mm256_set1_ps(dw[b % 8]);
+        let db = _mm256_broadcast_ss(&*d.as_ptr().add(b));
         for (r, acc) in acc.iter_mut().enumerate() {
             let x = x0.add(r * kp + b * BLOCK);
             let s = _mm256_add_epi32(
@@ -423,9 +445,10 @@ unsafe fn q8_avx2<const R: usize>(
 /// (unsigned nibble × signed activation, at most 2·15·127 per pair, no saturation).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 unsafe fn q4_avx2<const R: usize>(
     qs: &[u8],
-    d: &[f16],
+    d: &[f32],
     a: &Activations,
     i0: usize,
     res: &mut [f32],
@@ -440,18 +463,24 @@ unsafe fn q4_avx2<const R: usize>(
     let dx0 = a.dxe.as_ptr().add(i0 * a.npairs * 8);
     let sx0 = a.sxe.as_ptr().add(i0 * a.npairs * 8);
     let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    assert!(qs.len() >= a.bpr * 16 && d.len() >= 2 * a.npairs && res.len() >= R);
     for p in 0..a.npairs {
         _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(p * 32 + PREFETCH_BYTES) as *const i8);
-        let raw = if 2 * p + 1 < a.bpr {
-            _mm256_loadu_si256(q.add(p * 32) as *const __m256i)
+        // Scales of blocks 2p and 2p+1, four lanes each (an odd last block pairs with zero).
+        let (raw, pair) = if 2 * p + 1 < a.bpr {
+            (
+                _mm256_loadu_si256(q.add(p * 32) as *const __m256i),
+                _mm_castpd_ps(_mm_load_sd(d.as_ptr().add(2 * p) as *const f64)),
+            )
         } else {
-            _mm256_zextsi128_si256(_mm_loadu_si128(q.add(p * 32) as *const __m128i))
+            (
+                _mm256_zextsi128_si256(_mm_loadu_si128(q.add(p * 32) as *const __m128i)),
+                _mm_load_ss(d.as_ptr().add(2 * p)),
+            )
         };
         let lo = _mm256_and_si256(raw, mask);
         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
-        // Scales of blocks 2p and 2p+1 (two f16 = 32 bits), four lanes each.
-        let h = _mm_cvtsi32_si128((d.as_ptr().add(2 * p) as *const i32).read_unaligned());
-        let dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(h)), spread);
+        let dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), spread);
         for (r, acc) in acc.iter_mut().enumerate() {
             let x = x0.add(r * stride + p * 64);
             let prod = _mm256_add_epi16(

@@ -240,3 +240,236 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 }
+
+/// Layers that read the same input (a decoder layer's q/k/v projections, its gate/up
+/// projections), applied as **one stacked matmul** when their weights are stored alike: a
+/// decode step then makes one kernel call (one activation quantization, one parallel
+/// hand-off) instead of two or three, and the small k/v matrices of grouped-query models are
+/// no longer separate, poorly parallel calls. Every output element is computed exactly as by
+/// its own layer (the kernels compute each weight row independently of the others), so the
+/// results are bit-identical to applying the layers one by one, which is what happens when
+/// their storage differs.
+#[derive(Debug, Clone)]
+pub struct LinearGroup {
+    stacked: Option<Linear>,
+    parts: Vec<Linear>,
+    widths: Vec<usize>,
+}
+
+impl LinearGroup {
+    /// Groups `parts` (all with the same input width), stacking their weights when possible.
+    pub fn new(parts: Vec<Linear>) -> Result<LinearGroup> {
+        let widths: Vec<usize> = parts.iter().map(Linear::out_dim).collect();
+        let in_dims: Vec<usize> = parts.iter().map(|l| l.weight.dims().1).collect();
+        if in_dims.windows(2).any(|w| w[0] != w[1]) {
+            return Err(crate::Error::InvalidInput(format!(
+                "layers read inputs of different widths {in_dims:?}, so they cannot be grouped"
+            )));
+        }
+        let stacked = stack_weights(&parts)?.map(|weight| -> Result<Linear> {
+            let bias = if parts.iter().any(|l| l.bias.is_some()) {
+                let mut bs = Vec::with_capacity(parts.len());
+                for l in &parts {
+                    bs.push(match &l.bias {
+                        Some(b) => b.to_dtype(DType::F32)?,
+                        None => Tensor::zeros(l.out_dim(), DType::F32, &candle_core::Device::Cpu)?,
+                    });
+                }
+                Some(Tensor::cat(&bs, 0)?)
+            } else {
+                None
+            };
+            Ok(Linear { weight, bias })
+        });
+        Ok(match stacked.transpose()? {
+            Some(l) => LinearGroup {
+                stacked: Some(l),
+                parts: Vec::new(),
+                widths,
+            },
+            None => LinearGroup {
+                stacked: None,
+                parts,
+                widths,
+            },
+        })
+    }
+
+    /// Whether the layers run as one stacked matmul.
+    pub fn is_stacked(&self) -> bool {
+        self.stacked.is_some()
+    }
+
+    /// Bytes of the weight matrices.
+    pub fn storage_bytes(&self) -> usize {
+        match &self.stacked {
+            Some(l) => l.weight.storage_bytes(),
+            None => self.parts.iter().map(|l| l.weight.storage_bytes()).sum(),
+        }
+    }
+
+    /// Each layer's output for `x [..., in]` (views into one result when stacked). `rowwise`
+    /// as [`Linear::forward_rowwise`].
+    pub fn forward(&self, x: &Tensor, rowwise: bool) -> Result<Vec<Tensor>> {
+        match &self.stacked {
+            Some(l) => {
+                let y = l.apply(x, rowwise)?;
+                let last = y.rank() - 1;
+                let mut out = Vec::with_capacity(self.widths.len());
+                let mut start = 0;
+                for &w in &self.widths {
+                    out.push(y.narrow(last, start, w)?);
+                    start += w;
+                }
+                Ok(out)
+            }
+            None => self.parts.iter().map(|l| l.apply(x, rowwise)).collect(),
+        }
+    }
+}
+
+/// The parts' weights stacked along the output dimension, or `None` when they are not stored
+/// alike (dense of different dtypes or devices, quantized in different formats, or mixed).
+fn stack_weights(parts: &[Linear]) -> Result<Option<Weight>> {
+    if parts.len() < 2 {
+        return Ok(None);
+    }
+    let dense: Vec<&Tensor> = parts
+        .iter()
+        .filter_map(|l| match &l.weight {
+            Weight::Dense(t) => Some(t),
+            Weight::Quant(_) => None,
+        })
+        .collect();
+    if dense.len() == parts.len() {
+        let same = dense
+            .windows(2)
+            .all(|w| w[0].dtype() == w[1].dtype() && w[0].device().same_device(w[1].device()));
+        return Ok(if same {
+            Some(Weight::Dense(Tensor::cat(&dense, 0)?))
+        } else {
+            None
+        });
+    }
+    let quant: Vec<&Arc<QuantMatrix>> = parts
+        .iter()
+        .filter_map(|l| match &l.weight {
+            Weight::Quant(q) => Some(q),
+            Weight::Dense(_) => None,
+        })
+        .collect();
+    if quant.len() != parts.len() || quant.windows(2).any(|w| w[0].format() != w[1].format()) {
+        return Ok(None);
+    }
+    let rows = quant.iter().map(|q| q.rows()).sum();
+    let mut qs = Vec::with_capacity(quant.iter().map(|q| q.qs().len()).sum());
+    let mut scales = Vec::with_capacity(quant.iter().map(|q| q.scales().len()).sum());
+    for q in &quant {
+        qs.extend_from_slice(q.qs());
+        scales.extend_from_slice(q.scales());
+    }
+    let m = QuantMatrix::from_parts(quant[0].format(), rows, quant[0].cols(), qs, scales)?;
+    Ok(Some(Weight::Quant(Arc::new(m))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    fn layer(kind: &str, out: usize, inp: usize, seed: u32, bias: bool) -> Linear {
+        let w = values(out * inp, seed);
+        let weight = match kind {
+            "f32" => Weight::Dense(Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap()),
+            "bf16" => Weight::Dense(
+                Tensor::from_vec(w, (out, inp), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            ),
+            "q8_0" => Weight::Quant(Arc::new(QuantMatrix::quantize(
+                QuantFormat::Q8_0,
+                &w,
+                out,
+                inp,
+            ))),
+            _ => Weight::Quant(Arc::new(QuantMatrix::quantize(
+                QuantFormat::Q4_0,
+                &w,
+                out,
+                inp,
+            ))),
+        };
+        let bias =
+            bias.then(|| Tensor::from_vec(values(out, seed + 1), out, &Device::Cpu).unwrap());
+        Linear::new(weight, bias)
+    }
+
+    #[test]
+    fn stacked_group_gives_the_bits_of_the_separate_layers() {
+        let inp = 100;
+        for kind in ["f32", "bf16", "q8_0", "q4_0"] {
+            let parts = vec![
+                layer(kind, 40, inp, 1, true),
+                layer(kind, 8, inp, 2, false),
+                layer(kind, 24, inp, 3, true),
+            ];
+            let group = LinearGroup::new(parts.clone()).unwrap();
+            assert!(group.is_stacked(), "{kind}");
+            assert_eq!(
+                group.storage_bytes(),
+                parts
+                    .iter()
+                    .map(|l| l.weight().storage_bytes())
+                    .sum::<usize>()
+            );
+            for (rows, rowwise) in [(1, true), (3, true), (20, false), (20, true)] {
+                let x =
+                    Tensor::from_vec(values(rows * inp, 7), (1, rows, inp), &Device::Cpu).unwrap();
+                let got = group.forward(&x, rowwise).unwrap();
+                assert_eq!(got.len(), 3);
+                for (g, l) in got.iter().zip(&parts) {
+                    let want = l.apply(&x, rowwise).unwrap();
+                    assert_eq!(g.dims(), want.dims(), "{kind}");
+                    let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                    let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                    assert_eq!(g, w, "{kind}, {rows} rows, rowwise {rowwise}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unlike_storage_runs_separately_and_widths_must_match() {
+        let inp = 64;
+        let mixed = LinearGroup::new(vec![
+            layer("f32", 8, inp, 1, false),
+            layer("q8_0", 8, inp, 2, false),
+        ])
+        .unwrap();
+        assert!(!mixed.is_stacked());
+        let x = Tensor::from_vec(values(2 * inp, 5), (2, inp), &Device::Cpu).unwrap();
+        assert_eq!(mixed.forward(&x, false).unwrap().len(), 2);
+        let formats = LinearGroup::new(vec![
+            layer("q8_0", 8, inp, 1, false),
+            layer("q4_0", 8, inp, 2, false),
+        ])
+        .unwrap();
+        assert!(!formats.is_stacked());
+        let err = LinearGroup::new(vec![
+            layer("f32", 8, inp, 1, false),
+            layer("f32", 8, 32, 2, false),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("different widths"), "{err}");
+    }
+}

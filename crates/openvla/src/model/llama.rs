@@ -7,7 +7,7 @@ use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kernels::activation::silu_mul;
 use crate::kernels::attention::causal_attention;
-use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
+use crate::model::linear::{LayerKind, Linear, LinearGroup, Weight, WeightPolicy};
 use candle_core::{DType, Device, Tensor};
 
 /// Additive mask value for positions a query may not attend to (finite, so fully masked padding
@@ -39,13 +39,12 @@ impl RmsNorm {
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj`, `v_proj`.
+    qkv_proj: LinearGroup,
     o_proj: Linear,
     post_attention_layernorm: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj`, `up_proj`.
+    gate_up_proj: LinearGroup,
     down_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -66,13 +65,17 @@ impl DecoderLayer {
         let norm = |name: &str| RmsNorm::load(w, &format!("{p}.{name}.weight"), d, c.rms_norm_eps);
         Ok(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
-            q_proj: linear("self_attn.q_proj", (d, q), b)?,
-            k_proj: linear("self_attn.k_proj", (d, kv), b)?,
-            v_proj: linear("self_attn.v_proj", (d, kv), b)?,
+            qkv_proj: LinearGroup::new(vec![
+                linear("self_attn.q_proj", (d, q), b)?,
+                linear("self_attn.k_proj", (d, kv), b)?,
+                linear("self_attn.v_proj", (d, kv), b)?,
+            ])?,
             o_proj: linear("self_attn.o_proj", (q, d), b)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            gate_proj: linear("mlp.gate_proj", (d, i), false)?,
-            up_proj: linear("mlp.up_proj", (d, i), false)?,
+            gate_up_proj: LinearGroup::new(vec![
+                linear("mlp.gate_proj", (d, i), false)?,
+                linear("mlp.up_proj", (d, i), false)?,
+            ])?,
             down_proj: linear("mlp.down_proj", (i, d), false)?,
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
@@ -147,9 +150,14 @@ impl DecoderLayer {
         let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(lin(&self.q_proj, &n)?, self.num_heads)?;
-        let k = heads(lin(&self.k_proj, &n)?, self.num_kv_heads)?;
-        let v = heads(lin(&self.v_proj, &n)?, self.num_kv_heads)?;
+        let mut qkv = self.qkv_proj.forward(&n, t == 1)?.into_iter();
+        let mut next = || {
+            qkv.next()
+                .ok_or_else(|| Error::InvalidInput("q/k/v projection lost an output".into()))
+        };
+        let q = heads(next()?, self.num_heads)?;
+        let k = heads(next()?, self.num_kv_heads)?;
+        let v = heads(next()?, self.num_kv_heads)?;
         let mut outs = Vec::with_capacity(b);
         for (row, cache) in caches.iter_mut().enumerate() {
             let (cos, sin) = &rope[row];
@@ -163,7 +171,13 @@ impl DecoderLayer {
             .reshape((b, t, self.num_heads * hd))?;
         let x = (x + lin(&self.o_proj, &out)?)?;
         let n = self.post_attention_layernorm.forward(&x)?;
-        let m = silu_mul(&lin(&self.gate_proj, &n)?, &lin(&self.up_proj, &n)?)?;
+        let gu = self.gate_up_proj.forward(&n, t == 1)?;
+        let [gate, up] = &gu[..] else {
+            return Err(Error::InvalidInput(
+                "gate/up projection lost an output".into(),
+            ));
+        };
+        let m = silu_mul(gate, up)?;
         Ok((x + lin(&self.down_proj, &m)?)?)
     }
 }
@@ -325,18 +339,12 @@ impl Llama {
     pub fn layer_weight_bytes(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
+            .map(|l| {
+                l.qkv_proj.storage_bytes()
+                    + l.gate_up_proj.storage_bytes()
+                    + l.o_proj.weight().storage_bytes()
+                    + l.down_proj.weight().storage_bytes()
             })
-            .map(|l| l.weight().storage_bytes())
             .sum()
     }
 
