@@ -25,6 +25,7 @@
 //! ([`matmul_portable`]) gives the same bits as the AVX2 kernel.
 
 use super::quant_matmul::quantize_block_i16;
+use super::OutPtr;
 use crate::quant::{QuantFormat, QuantMatrix, BLOCK};
 use rayon::prelude::*;
 
@@ -117,14 +118,6 @@ pub fn matmul_portable(a: &PackedActs, w: &QuantMatrix, y: &mut [f32]) {
     run(a, w, y, false)
 }
 
-/// A pointer to `y` shared by the tasks, each of which writes only its own columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks write disjoint elements (their own columns of every row).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
 fn run(a: &PackedActs, w: &QuantMatrix, y: &mut [f32], simd: bool) {
     let (m, n) = (a.m, w.rows());
     assert_eq!(
@@ -137,10 +130,7 @@ fn run(a: &PackedActs, w: &QuantMatrix, y: &mut [f32], simd: bool) {
     if m == 0 || n == 0 || a.bpr == 0 {
         return;
     }
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(TASK_COLS)).into_par_iter().for_each(|t| {
-        let j0 = t * TASK_COLS;
-        let cols = TASK_COLS.min(n - j0);
+    super::for_each_column_panel(y, n, TASK_COLS, |j0, cols, out| {
         // SAFETY: the task touches columns j0 .. j0 + cols of the m rows of y only.
         unsafe { task(a, w, j0, cols, out, n, simd) };
     });

@@ -39,6 +39,7 @@
 //! Runtime dispatch: AVX2 when the CPU has it, otherwise a portable kernel with the same integer
 //! block products (the f32 summation order differs).
 
+use super::OutPtr;
 use crate::quant::{QuantFormat, QuantMatrix, BLOCK};
 use rayon::prelude::*;
 
@@ -180,17 +181,16 @@ pub fn quantize_block_portable(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut 
     sum
 }
 
+/// A block of 32 in four vectors, and its largest magnitude.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_block_avx2(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f32) -> i32 {
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn load_block_amax_avx2(
+    v: &[f32; BLOCK],
+) -> ([std::arch::x86_64::__m256; 4], f32) {
     use std::arch::x86_64::*;
     let p = v.as_ptr();
-    let x = [
-        _mm256_loadu_ps(p),
-        _mm256_loadu_ps(p.add(8)),
-        _mm256_loadu_ps(p.add(16)),
-        _mm256_loadu_ps(p.add(24)),
-    ];
+    let x: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
     let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let m = _mm256_max_ps(
         _mm256_max_ps(_mm256_and_ps(x[0], absmask), _mm256_and_ps(x[1], absmask)),
@@ -198,8 +198,14 @@ unsafe fn quantize_block_avx2(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f
     );
     let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
     let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
-    let amax = _mm_cvtss_f32(m1);
+    (x, _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2))))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(v: &[f32; BLOCK], dst: &mut [i8; BLOCK], d: &mut f32) -> i32 {
+    use std::arch::x86_64::*;
+    let (x, amax) = load_block_amax_avx2(v);
     *d = amax / 127.0;
     let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
     let (lim, nlim) = (_mm256_set1_ps(127.0), _mm256_set1_ps(-127.0));
@@ -238,14 +244,6 @@ pub fn panel_rows(n: usize) -> usize {
         .clamp(NR, MAX_PANEL_ROWS)
 }
 
-/// A pointer to `y` shared by the panels, each of which writes only its own columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the panels write disjoint elements (their own columns of every row).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
 /// `y [m, n] = x · Wᵀ` for activations quantized by [`QuantActs::new`] (overwrites `y`).
 pub fn matmul(a: &QuantActs, w: &QuantMatrix, y: &mut [f32]) {
     let (m, n) = (a.m, w.rows());
@@ -263,11 +261,7 @@ pub fn matmul(a: &QuantActs, w: &QuantMatrix, y: &mut [f32]) {
         return;
     }
     let simd = cfg!(target_arch = "x86_64") && super::has_avx2();
-    let nc = panel_rows(n);
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(nc)).into_par_iter().for_each(|t| {
-        let j0 = t * nc;
-        let ncur = nc.min(n - j0);
+    super::for_each_column_panel(y, n, panel_rows(n), |j0, ncur, out| {
         // SAFETY: the panel only touches columns j0 .. j0 + ncur of the m rows of y.
         unsafe { panel(a, w, j0, ncur, out, n, simd) };
     });

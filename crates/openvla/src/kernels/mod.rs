@@ -68,6 +68,30 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// A pointer to an `[m, n]` output shared by parallel tasks, each of which writes only its own
+/// columns ([`for_each_column_panel`]).
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: the tasks given an `OutPtr` write disjoint elements (their own columns of every row).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Runs `task(j0, cols, out)` in parallel for the column panels `j0 .. j0 + cols` (`width` wide,
+/// the last one narrower) of `y [m, n]`; each task must write only its own columns.
+pub(crate) fn for_each_column_panel(
+    y: &mut [f32],
+    n: usize,
+    width: usize,
+    task: impl Fn(usize, usize, OutPtr) + Sync,
+) {
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(width.max(1))).into_par_iter().for_each(|t| {
+        let j0 = t * width;
+        task(j0, width.min(n - j0), out)
+    });
+}
+
 /// Runs `tile(j0, nb, out)` for blocks of `tile_rows` weight rows in parallel, where `out` is
 /// the `[m, nb]` block of results for weight rows `j0 .. j0 + nb`, and scatters the blocks into
 /// `y [m, n]`.
@@ -110,14 +134,6 @@ pub fn gemm_tile_rows(n: usize) -> usize {
     n.div_ceil(tiles).next_multiple_of(16).max(16)
 }
 
-/// A pointer to `y` shared by the tiles, each of which writes only its own columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tiles write disjoint elements (their own columns of every row).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
 impl OutPtr {
     /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
     fn at(self, j0: usize) -> *mut f32 {
@@ -148,11 +164,8 @@ fn for_each_output_tile(
         y.fill(0.0);
         return;
     }
-    let rows = gemm_tile_rows(n);
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(rows)).into_par_iter().for_each(|t| {
-        let j0 = t * rows;
-        tile(j0, rows.min(n - j0), out.at(j0));
+    for_each_column_panel(y, n, gemm_tile_rows(n), |j0, nb, out| {
+        tile(j0, nb, out.at(j0))
     });
 }
 

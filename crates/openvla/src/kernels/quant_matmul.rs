@@ -238,16 +238,7 @@ pub fn quantize_block_i16_portable(v: &[f32; BLOCK], dst: &mut [i16; BLOCK]) -> 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_block_i16_avx2(v: &[f32; BLOCK], dst: &mut [i16; BLOCK]) -> f32 {
     use std::arch::x86_64::*;
-    let p = v.as_ptr();
-    let x: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
-    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let m = _mm256_max_ps(
-        _mm256_max_ps(_mm256_and_ps(x[0], absmask), _mm256_and_ps(x[1], absmask)),
-        _mm256_max_ps(_mm256_and_ps(x[2], absmask), _mm256_and_ps(x[3], absmask)),
-    );
-    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let (x, amax) = super::int8_gemm::load_block_amax_avx2(v);
     let inv = _mm256_set1_ps(if amax > 0.0 { 32767.0 / amax } else { 0.0 });
     let (lim, nlim) = (_mm256_set1_ps(32767.0), _mm256_set1_ps(-32767.0));
     let q: [__m256i; 4] = std::array::from_fn(|i| {
