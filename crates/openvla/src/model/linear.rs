@@ -267,17 +267,19 @@ impl LinearGroup {
             )));
         }
         let stacked = stack_weights(&parts)?.map(|weight| -> Result<Linear> {
-            let bias = if parts.iter().any(|l| l.bias.is_some()) {
-                let mut bs = Vec::with_capacity(parts.len());
-                for l in &parts {
-                    bs.push(match &l.bias {
-                        Some(b) => b.to_dtype(DType::F32)?,
-                        None => Tensor::zeros(l.out_dim(), DType::F32, &candle_core::Device::Cpu)?,
-                    });
+            // Layers without a bias get zeros, on the device of those that have one.
+            let bias = match parts.iter().find_map(|l| l.bias.as_ref()) {
+                Some(any) => {
+                    let mut bs = Vec::with_capacity(parts.len());
+                    for l in &parts {
+                        bs.push(match &l.bias {
+                            Some(b) => b.to_dtype(DType::F32)?,
+                            None => Tensor::zeros(l.out_dim(), DType::F32, any.device())?,
+                        });
+                    }
+                    Some(Tensor::cat(&bs, 0)?)
                 }
-                Some(Tensor::cat(&bs, 0)?)
-            } else {
-                None
+                None => None,
             };
             Ok(Linear { weight, bias })
         });
