@@ -11,7 +11,8 @@
 //!
 //! [`causal_attention`] does the same for the LLM, prefill and decode steps: grouped-query heads
 //! over the KV cache (read in place, a strided view of the cache's buffers), a causal mask,
-//! `[1, heads, t, head_dim]` in and out. Both run one head through the same `attend_head`.
+//! `[1, heads, t, head_dim]` in and out. Both run one head through the same `Head::attend`,
+//! which reads keys and values in place for fewer than 8 queries (decode steps).
 //!
 //! The result equals the reference's attention up to summation order and `exp` rounding (tests
 //! compare with an f64 computation).
@@ -92,8 +93,18 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
                 }
                 m
             };
+            let (q, k, v) = (gather(0), gather(1), gather(2));
+            let head = Head {
+                q: &q,
+                k: &k,
+                v: &v,
+                causal: None,
+                t: n,
+                s: n,
+                hd,
+            };
             let mut o = vec![0f32; n * hd];
-            attend_head(&gather(0), &gather(1), &gather(2), None, &mut o, n, n, hd);
+            head.attend(&mut o);
             o
         })
         .collect();
@@ -105,8 +116,9 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
 }
 
 /// Causal grouped-query attention of `t` new queries over `s ≥ t` keys (the last `t` of which are
-/// the queries' own positions): `q [1, heads, t, hd]`, `k`, `v [1, kv_heads, s, hd]` (f32 on CPU;
-/// keys and values may be strided views as long as each position's row is contiguous), query head `h` reading key head `h / (heads / kv_heads)`; gives
+/// the queries' own positions): `q [1, heads, t, hd]`, `k`, `v [1, kv_heads, s, hd]` (f32 on
+/// CPU; keys and values may be strided views as long as each position's row is contiguous),
+/// query head `h` reading key head `h / (heads / kv_heads)`; gives
 /// `[1, heads, t, hd]`. `None` where this kernel does not apply (other dtypes or devices), for
 /// the caller's generic path.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -224,82 +236,94 @@ pub fn causal(
     let rep = heads / kv_heads;
     out.par_chunks_mut(t * hd).enumerate().for_each(|(h, o)| {
         let g = h / rep;
-        let kh = &k[g * hs..g * hs + s * hd];
-        let vh = &v[g * hs..g * hs + s * hd];
-        let qh = &q[h * t * hd..(h + 1) * t * hd];
-        attend_head(qh, kh, vh, Some(s - t), o, t, s, hd);
+        let head = Head {
+            q: &q[h * t * hd..(h + 1) * t * hd],
+            k: &k[g * hs..g * hs + s * hd],
+            v: &v[g * hs..g * hs + s * hd],
+            causal: Some(s - t),
+            t,
+            s,
+            hd,
+        };
+        head.attend(o);
     });
 }
 
-/// One head: `out [t, hd] = softmax(q·kᵀ / √hd) · v` for `q [t, hd]` and `k`, `v [s, hd]`
-/// (row-major). With `causal: Some(past)`, query `i` sees keys `0 ..= past + i` only.
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// One head's inputs: `q [t, hd]`, `k`, `v [s, hd]` (row-major). With `causal: Some(past)`,
+/// query `i` sees keys `0 ..= past + i` only.
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
     causal: Option<usize>,
-    out: &mut [f32],
     t: usize,
     s: usize,
     hd: usize,
-) {
-    let scale = (hd as f32).powf(-0.5);
-    if t < super::GEMM_MIN_ROWS {
-        attend_rows(q, k, v, causal, out, t, s, hd, scale);
-        return;
-    }
-    // vᵀ [hd, s]: the "weight" of the second product.
-    let mut vt = vec![0f32; hd * s];
-    for (j, row) in v.chunks(hd).enumerate() {
-        for (d, &x) in row.iter().enumerate() {
-            vt[d * s + j] = x;
-        }
-    }
-    let mut scores = vec![0f32; t * s];
-    super::gemm_single(q, k, &mut scores, s, t, s, hd);
-    for (i, row) in scores.chunks_mut(s).enumerate() {
-        if let Some(past) = causal {
-            row[past + i + 1..].fill(f32::NEG_INFINITY);
-        }
-        softmax_scaled(row, scale);
-    }
-    super::gemm_single(&scores, &vt, out, hd, t, hd, s);
 }
 
-/// [`attend_head`] for a few query rows (decode steps): each row's scores are dot products with
-/// the keys it may see, and its output is the probability-weighted sum of those value rows,
-/// both read in place. Packing keys and values for the matmul kernel would cost as much as the
-/// products themselves when there is a single query row.
-#[allow(clippy::too_many_arguments)]
-fn attend_rows(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    causal: Option<usize>,
-    out: &mut [f32],
-    t: usize,
-    s: usize,
-    hd: usize,
-    scale: f32,
-) {
-    let mut scores = vec![0f32; s];
-    for (i, (qi, o)) in q
-        .chunks_exact(hd)
-        .zip(out.chunks_exact_mut(hd))
-        .take(t)
-        .enumerate()
-    {
-        let len = causal.map_or(s, |past| (past + i + 1).min(s));
-        let row = &mut scores[..len];
-        for (sc, kj) in row.iter_mut().zip(k.chunks_exact(hd)) {
-            *sc = super::f32_matmul::dot(qi, kj);
+impl Head<'_> {
+    /// `out [t, hd] = softmax(q·kᵀ / √hd) · v`: row by row for a few queries (decode steps),
+    /// with the packed matmul kernel for many.
+    fn attend(&self, out: &mut [f32]) {
+        if self.t < super::GEMM_MIN_ROWS {
+            self.attend_rows(out)
+        } else {
+            self.attend_packed(out)
         }
-        softmax_scaled(row, scale);
-        o.fill(0.0);
-        for (&p, vj) in row.iter().zip(v.chunks_exact(hd)) {
-            axpy(p, vj, o);
+    }
+
+    fn scale(&self) -> f32 {
+        (self.hd as f32).powf(-0.5)
+    }
+
+    /// Each query row's scores are dot products with the keys it may see, and its output is
+    /// the probability-weighted sum of those value rows, both read in place: packing keys and
+    /// values for the matmul kernel would cost as much as the products for a single query.
+    fn attend_rows(&self, out: &mut [f32]) {
+        let Head {
+            q, k, v, t, s, hd, ..
+        } = *self;
+        let mut scores = vec![0f32; s];
+        for (i, (qi, o)) in q
+            .chunks_exact(hd)
+            .zip(out.chunks_exact_mut(hd))
+            .take(t)
+            .enumerate()
+        {
+            let len = self.causal.map_or(s, |past| (past + i + 1).min(s));
+            let row = &mut scores[..len];
+            for (sc, kj) in row.iter_mut().zip(k.chunks_exact(hd)) {
+                *sc = super::f32_matmul::dot(qi, kj);
+            }
+            softmax_scaled(row, self.scale());
+            o.fill(0.0);
+            for (&p, vj) in row.iter().zip(v.chunks_exact(hd)) {
+                axpy(p, vj, o);
+            }
         }
+    }
+
+    /// Scores and output through [`super::gemm_single`], with `vᵀ` as the second product's
+    /// weight.
+    fn attend_packed(&self, out: &mut [f32]) {
+        let Head {
+            q, k, v, t, s, hd, ..
+        } = *self;
+        let mut vt = vec![0f32; hd * s];
+        for (j, row) in v.chunks(hd).enumerate() {
+            for (d, &x) in row.iter().enumerate() {
+                vt[d * s + j] = x;
+            }
+        }
+        let mut scores = vec![0f32; t * s];
+        super::gemm_single(q, k, &mut scores, s, t, s, hd);
+        for (i, row) in scores.chunks_mut(s).enumerate() {
+            if let Some(past) = self.causal {
+                row[past + i + 1..].fill(f32::NEG_INFINITY);
+            }
+            softmax_scaled(row, self.scale());
+        }
+        super::gemm_single(&scores, &vt, out, hd, t, hd, s);
     }
 }
 
