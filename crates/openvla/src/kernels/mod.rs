@@ -384,12 +384,6 @@ mod tests {
         let (inside, v) = in_pool(|| (rayon::current_thread_index(), 41 + 1));
         assert!(inside.is_some(), "the closure ran outside the pool");
         assert_eq!(v, 42);
-        // Nested calls run in place.
-        let nested = in_pool(|| {
-            let outer = rayon::current_thread_index();
-            in_pool(move || rayon::current_thread_index() == outer)
-        });
-        assert!(nested);
     }
 
     #[test]

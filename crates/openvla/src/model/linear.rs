@@ -250,84 +250,93 @@ impl Linear {
 /// results are bit-identical to applying the layers one by one, which is what happens when
 /// their storage differs.
 #[derive(Debug, Clone)]
-pub struct LinearGroup {
-    stacked: Option<Linear>,
-    parts: Vec<Linear>,
-    widths: Vec<usize>,
+pub struct LinearGroup<const N: usize> {
+    layers: Grouped<N>,
 }
 
-impl LinearGroup {
+#[derive(Debug, Clone)]
+enum Grouped<const N: usize> {
+    /// One layer whose output is the parts' outputs side by side, `widths` wide.
+    Stacked { layer: Linear, widths: [usize; N] },
+    /// The parts, applied one by one.
+    Separate([Linear; N]),
+}
+
+impl<const N: usize> LinearGroup<N> {
     /// Groups `parts` (all with the same input width), stacking their weights when possible.
-    pub fn new(parts: Vec<Linear>) -> Result<LinearGroup> {
-        let widths: Vec<usize> = parts.iter().map(Linear::out_dim).collect();
-        let in_dims: Vec<usize> = parts.iter().map(|l| l.weight.dims().1).collect();
+    pub fn new(parts: [Linear; N]) -> Result<LinearGroup<N>> {
+        let in_dims = parts.each_ref().map(|l| l.weight.dims().1);
         if in_dims.windows(2).any(|w| w[0] != w[1]) {
             return Err(crate::Error::InvalidInput(format!(
                 "layers read inputs of different widths {in_dims:?}, so they cannot be grouped"
             )));
         }
-        let stacked = stack_weights(&parts)?.map(|weight| -> Result<Linear> {
-            // Layers without a bias get zeros, on the device of those that have one.
-            let bias = match parts.iter().find_map(|l| l.bias.as_ref()) {
-                Some(any) => {
-                    let mut bs = Vec::with_capacity(parts.len());
-                    for l in &parts {
-                        bs.push(match &l.bias {
-                            Some(b) => b.to_dtype(DType::F32)?,
-                            None => Tensor::zeros(l.out_dim(), DType::F32, any.device())?,
-                        });
-                    }
-                    Some(Tensor::cat(&bs, 0)?)
-                }
-                None => None,
-            };
-            Ok(Linear { weight, bias })
-        });
-        Ok(match stacked.transpose()? {
-            Some(l) => LinearGroup {
-                stacked: Some(l),
-                parts: Vec::new(),
-                widths,
+        let layers = match stack_weights(&parts)? {
+            Some(weight) => Grouped::Stacked {
+                layer: Linear {
+                    weight,
+                    bias: stack_biases(&parts)?,
+                },
+                widths: parts.each_ref().map(Linear::out_dim),
             },
-            None => LinearGroup {
-                stacked: None,
-                parts,
-                widths,
-            },
-        })
+            None => Grouped::Separate(parts),
+        };
+        Ok(LinearGroup { layers })
     }
 
     /// Whether the layers run as one stacked matmul.
     pub fn is_stacked(&self) -> bool {
-        self.stacked.is_some()
+        matches!(self.layers, Grouped::Stacked { .. })
     }
 
     /// Bytes of the weight matrices.
     pub fn storage_bytes(&self) -> usize {
-        match &self.stacked {
-            Some(l) => l.weight.storage_bytes(),
-            None => self.parts.iter().map(|l| l.weight.storage_bytes()).sum(),
+        match &self.layers {
+            Grouped::Stacked { layer, .. } => layer.weight.storage_bytes(),
+            Grouped::Separate(parts) => parts.iter().map(|l| l.weight.storage_bytes()).sum(),
         }
     }
 
     /// Each layer's output for `x [..., in]` (views into one result when stacked). `rowwise`
     /// as [`Linear::forward_rowwise`].
-    pub fn forward(&self, x: &Tensor, rowwise: bool) -> Result<Vec<Tensor>> {
-        match &self.stacked {
-            Some(l) => {
-                let y = l.apply(x, rowwise)?;
+    pub fn forward(&self, x: &Tensor, rowwise: bool) -> Result<[Tensor; N]> {
+        let outputs: Vec<Tensor> = match &self.layers {
+            Grouped::Stacked { layer, widths } => {
+                let y = layer.apply(x, rowwise)?;
                 let last = y.rank() - 1;
-                let mut out = Vec::with_capacity(self.widths.len());
                 let mut start = 0;
-                for &w in &self.widths {
+                let mut out = Vec::with_capacity(N);
+                for &w in widths {
                     out.push(y.narrow(last, start, w)?);
                     start += w;
                 }
-                Ok(out)
+                out
             }
-            None => self.parts.iter().map(|l| l.apply(x, rowwise)).collect(),
-        }
+            Grouped::Separate(parts) => parts
+                .iter()
+                .map(|l| l.apply(x, rowwise))
+                .collect::<Result<_>>()?,
+        };
+        Ok(outputs
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("a group of {N} layers gives {N} outputs")))
     }
+}
+
+/// The parts' biases side by side (f32), zeros for the parts without one, on the device of
+/// those that have one; `None` when no part has a bias.
+fn stack_biases(parts: &[Linear]) -> Result<Option<Tensor>> {
+    let Some(any) = parts.iter().find_map(|l| l.bias.as_ref()) else {
+        return Ok(None);
+    };
+    let mut bs = Vec::with_capacity(parts.len());
+    for l in parts {
+        bs.push(match &l.bias {
+            Some(b) => b.to_dtype(DType::F32)?,
+            None => Tensor::zeros(l.out_dim(), DType::F32, any.device())?,
+        });
+    }
+    Ok(Some(Tensor::cat(&bs, 0)?))
 }
 
 /// The parts' weights stacked along the output dimension, or `None` when they are not stored
@@ -420,7 +429,7 @@ mod tests {
     fn stacked_group_gives_the_bits_of_the_separate_layers() {
         let inp = 100;
         for kind in ["f32", "bf16", "q8_0", "q4_0"] {
-            let parts = vec![
+            let parts = [
                 layer(kind, 40, inp, 1, true),
                 layer(kind, 8, inp, 2, false),
                 layer(kind, 24, inp, 3, true),
@@ -453,7 +462,7 @@ mod tests {
     #[test]
     fn unlike_storage_runs_separately_and_widths_must_match() {
         let inp = 64;
-        let mixed = LinearGroup::new(vec![
+        let mixed = LinearGroup::new([
             layer("f32", 8, inp, 1, false),
             layer("q8_0", 8, inp, 2, false),
         ])
@@ -461,13 +470,13 @@ mod tests {
         assert!(!mixed.is_stacked());
         let x = Tensor::from_vec(values(2 * inp, 5), (2, inp), &Device::Cpu).unwrap();
         assert_eq!(mixed.forward(&x, false).unwrap().len(), 2);
-        let formats = LinearGroup::new(vec![
+        let formats = LinearGroup::new([
             layer("q8_0", 8, inp, 1, false),
             layer("q4_0", 8, inp, 2, false),
         ])
         .unwrap();
         assert!(!formats.is_stacked());
-        let err = LinearGroup::new(vec![
+        let err = LinearGroup::new([
             layer("f32", 8, inp, 1, false),
             layer("f32", 8, 32, 2, false),
         ])

@@ -40,11 +40,11 @@ impl RmsNorm {
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     /// `q_proj`, `k_proj`, `v_proj`.
-    qkv_proj: LinearGroup,
+    qkv_proj: LinearGroup<3>,
     o_proj: Linear,
     post_attention_layernorm: RmsNorm,
     /// `gate_proj`, `up_proj`.
-    gate_up_proj: LinearGroup,
+    gate_up_proj: LinearGroup<2>,
     down_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -65,14 +65,14 @@ impl DecoderLayer {
         let norm = |name: &str| RmsNorm::load(w, &format!("{p}.{name}.weight"), d, c.rms_norm_eps);
         Ok(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
-            qkv_proj: LinearGroup::new(vec![
+            qkv_proj: LinearGroup::new([
                 linear("self_attn.q_proj", (d, q), b)?,
                 linear("self_attn.k_proj", (d, kv), b)?,
                 linear("self_attn.v_proj", (d, kv), b)?,
             ])?,
             o_proj: linear("self_attn.o_proj", (q, d), b)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            gate_up_proj: LinearGroup::new(vec![
+            gate_up_proj: LinearGroup::new([
                 linear("mlp.gate_proj", (d, i), false)?,
                 linear("mlp.up_proj", (d, i), false)?,
             ])?,
@@ -150,14 +150,10 @@ impl DecoderLayer {
         let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let mut qkv = self.qkv_proj.forward(&n, t == 1)?.into_iter();
-        let mut next = || {
-            qkv.next()
-                .ok_or_else(|| Error::InvalidInput("q/k/v projection lost an output".into()))
-        };
-        let q = heads(next()?, self.num_heads)?;
-        let k = heads(next()?, self.num_kv_heads)?;
-        let v = heads(next()?, self.num_kv_heads)?;
+        let [q, k, v] = self.qkv_proj.forward(&n, t == 1)?;
+        let q = heads(q, self.num_heads)?;
+        let k = heads(k, self.num_kv_heads)?;
+        let v = heads(v, self.num_kv_heads)?;
         let mut outs = Vec::with_capacity(b);
         for (row, cache) in caches.iter_mut().enumerate() {
             let (cos, sin) = &rope[row];
@@ -171,13 +167,8 @@ impl DecoderLayer {
             .reshape((b, t, self.num_heads * hd))?;
         let x = (x + lin(&self.o_proj, &out)?)?;
         let n = self.post_attention_layernorm.forward(&x)?;
-        let gu = self.gate_up_proj.forward(&n, t == 1)?;
-        let [gate, up] = &gu[..] else {
-            return Err(Error::InvalidInput(
-                "gate/up projection lost an output".into(),
-            ));
-        };
-        let m = silu_mul(gate, up)?;
+        let [gate, up] = self.gate_up_proj.forward(&n, t == 1)?;
+        let m = silu_mul(&gate, &up)?;
         Ok((x + lin(&self.down_proj, &m)?)?)
     }
 }
