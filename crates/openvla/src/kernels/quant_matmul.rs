@@ -335,7 +335,7 @@ pub fn dot_rows_portable(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_tile_avx2(w: &QuantMatrix, j0: usize, nb: usize, a: &Activations, out: &mut [f32]) {
-    use std::arch::x86_64::*;
+    use half::slice::HalfFloatSliceExt;
     let format = w.format();
     match format {
         QuantFormat::Q8_0 => {
@@ -350,22 +350,13 @@ unsafe fn dot_tile_avx2(w: &QuantMatrix, j0: usize, nb: usize, a: &Activations, 
     let bpr = a.bpr;
     let row_bytes = bpr * format.block_bytes();
     let h = &w.scales()[j0 * bpr..(j0 + nb) * bpr];
-    // Two spare lanes: the q4_0 kernel loads scales in pairs.
-    let mut scales = vec![0f32; h.len() + 2];
-    let mut e = 0;
-    while e + 8 <= h.len() {
-        let v = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().add(e) as *const __m128i));
-        _mm256_storeu_ps(scales.as_mut_ptr().add(e), v);
-        e += 8;
-    }
-    for (o, v) in scales[e..].iter_mut().zip(&h[e..]) {
-        *o = v.to_f32();
-    }
+    let mut scales = vec![0f32; h.len()];
+    h.convert_to_f32_slice(&mut scales);
     let qs = &w.qs()[j0 * row_bytes..(j0 + nb) * row_bytes];
     let mut res = [0f32; 4];
     for j in 0..nb {
         let q = &qs[j * row_bytes..(j + 1) * row_bytes];
-        let d = &scales[j * bpr..j * bpr + bpr + 2];
+        let d = &scales[j * bpr..(j + 1) * bpr];
         let mut i = 0;
         while i < a.m {
             let r = (a.m - i).min(4);
@@ -454,7 +445,7 @@ unsafe fn q4_avx2<const R: usize>(
     let dx0 = a.dxe.as_ptr().add(i0 * a.npairs * 8);
     let sx0 = a.sxe.as_ptr().add(i0 * a.npairs * 8);
     let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    assert!(qs.len() >= a.bpr * 16 && d.len() >= 2 * a.npairs && res.len() >= R);
+    assert!(qs.len() >= a.bpr * 16 && d.len() >= a.bpr && res.len() >= R);
     for p in 0..a.npairs {
         _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(p * 32 + PREFETCH_BYTES) as *const i8);
         // Scales of blocks 2p and 2p+1, four lanes each (an odd last block pairs with zero).
