@@ -6,7 +6,7 @@
 //! best round of each is reported, so ratios between kernels are taken under the same machine
 //! load (the benchmark machine is shared and noisy).
 
-use openvla::kernels::{half_matmul, i16_gemm, int8_gemm, quant_matmul};
+use openvla::kernels::{half_matmul, quant_matmul};
 use openvla::quant::{QuantFormat, QuantMatrix};
 use std::time::Instant;
 
@@ -149,21 +149,16 @@ fn main() {
                     }),
                 ));
             }
-            // "q8_0"/"q4_0": what the dispatcher runs; "...i8": the int8-activation kernel; "...i16":
-            // the int16-activation kernel;
+            // "q8_0"/"q4_0": what the dispatcher runs (the int16 kernel at many rows on AVX2);
             // "...deq": dequantized tiles + gemm (weight-only); "...v0": the same with the
             // previous tiling (the many-row path before this work).
             for (name, qs, path) in [
                 ("q8_0", q8s, 0),
-                ("q8_0i8", q8s, 1),
-                ("q8_0deq", q8s, 2),
-                ("q8_0v0", q8s, 3),
-                ("q8_0i16", q8s, 4),
+                ("q8_0deq", q8s, 1),
+                ("q8_0v0", q8s, 2),
                 ("q4_0", q4s, 0),
-                ("q4_0i8", q4s, 1),
-                ("q4_0deq", q4s, 2),
-                ("q4_0v0", q4s, 3),
-                ("q4_0i16", q4s, 4),
+                ("q4_0deq", q4s, 1),
+                ("q4_0v0", q4s, 2),
             ] {
                 if run(name) && (path == 0 || m >= 8) {
                     kernels.push((
@@ -174,15 +169,7 @@ fn main() {
                             let y = &mut y.borrow_mut();
                             match path {
                                 0 => quant_matmul::matmul(x, w, y, m, false),
-                                1 => {
-                                    let a = int8_gemm::QuantActs::new(w.format(), x, m, k);
-                                    int8_gemm::matmul(&a, w, y)
-                                }
-                                2 => quant_matmul::matmul_dequant(x, w, y, m),
-                                4 => {
-                                    let a = i16_gemm::PackedActs::new(x, m, k);
-                                    i16_gemm::matmul(&a, w, y)
-                                }
+                                1 => quant_matmul::matmul_dequant(x, w, y, m),
                                 _ => openvla::kernels::tiled_gemm_v0(x, y, m, n, k, |j0, _, b| {
                                     w.dequantize_rows(j0, b)
                                 }),

@@ -5,12 +5,12 @@
 //! - a **dot-product path** for few rows (decode steps): each output element is computed by the
 //!   same dot-product code whatever `m`, so a row's result never depends on the rest of the
 //!   batch, and each weight row is read once for all rows (decode is bound by memory bandwidth);
-//! - a **tiled-gemm path** for many rows (prefill, vision) of f32/bf16/f16/`q8_0` weights: a tile
-//!   of weight rows is widened to f32 once (into a per-thread buffer) and multiplied with the
-//!   `gemm` crate straight into its columns of `y`, so the conversion cost is spread over all
-//!   rows ([`tiled_gemm`]);
-//! - an **int8 path** for many rows of `q4_0` weights: activations quantized to int8 blocks and
-//!   multiplied in integers ([`int8_gemm`]).
+//! - a **tiled-gemm path** for many rows (prefill, vision) of f32/bf16/f16 weights: a tile of
+//!   weight rows is widened to f32 once (into a per-thread buffer) and multiplied with the packed
+//!   [`sgemm`] kernel (the `gemm` crate without AVX2) straight into its columns of `y`, so the
+//!   conversion cost is spread over all rows ([`tiled_gemm`]);
+//! - an **int16 path** for many rows of `q8_0`/`q4_0` weights: activations rounded to int16
+//!   blocks and multiplied in integers ([`i16_gemm`]; dequantized tiles without AVX2).
 //!
 //! Measurements and the reasons for each choice are in `docs/kernels.md`.
 //!
@@ -22,7 +22,6 @@ pub mod attention;
 pub mod f32_matmul;
 pub mod half_matmul;
 pub mod i16_gemm;
-pub mod int8_gemm;
 pub mod probe;
 pub mod quant_matmul;
 pub mod sgemm;

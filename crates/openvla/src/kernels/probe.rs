@@ -165,13 +165,13 @@ unsafe fn maddubs_loop_avx2(iters: usize) -> i32 {
 pub struct MatmulRates {
     /// `[m, n, k]`.
     pub shape: [usize; 3],
-    /// f32 weights (candle's matmul, the `gemm` crate).
+    /// f32 weights (the model's path: [`super::tiled_gemm_f32`]).
     pub f32: f64,
-    /// bf16 weights (widened tiles + `gemm`).
+    /// bf16 weights (widened tiles + [`super::sgemm`]).
     pub bf16: f64,
-    /// `q8_0` weights (dequantized tiles + `gemm`).
+    /// `q8_0` weights (the dispatcher: [`super::i16_gemm`] on AVX2).
     pub q8_0: f64,
-    /// `q4_0` weights (int8 activations × int4 weights in integers, [`super::int8_gemm`]).
+    /// `q4_0` weights (the same dispatcher).
     pub q4_0: f64,
 }
 
@@ -188,16 +188,7 @@ pub fn matmul_gflops(m: usize, n: usize, k: usize) -> MatmulRates {
     let mut y = vec![0f32; m * n];
     let flops = 2.0 * (m * n * k) as f64;
     let rate = |f: &mut dyn FnMut()| flops / best(2, f) / 1e9;
-    let dev = candle_core::Device::Cpu;
-    let f32 = match (
-        candle_core::Tensor::from_slice(&w, (n, k), &dev).and_then(|t| t.t()),
-        candle_core::Tensor::from_slice(&x, (m, k), &dev),
-    ) {
-        (Ok(wt), Ok(xt)) => rate(&mut || {
-            std::hint::black_box(xt.matmul(&wt).ok());
-        }),
-        _ => f64::NAN,
-    };
+    let f32 = rate(&mut || super::tiled_gemm_f32(&x, &w, &mut y, m, n, k));
     let bf = half_matmul::to_bf16_bits(&w);
     let bf16 =
         rate(&mut || half_matmul::matmul(&x, &bf, half_matmul::Half::Bf16, &mut y, m, n, k, false));
