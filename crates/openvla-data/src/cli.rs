@@ -40,8 +40,10 @@ pub struct StatsArgs {
     /// Dataset name under the data root; also selects the built-in standardization.
     #[arg(long)]
     pub dataset: Option<String>,
-    /// Custom dataset description (TOML or JSON) instead of a built-in one.
-    #[arg(long)]
+    /// Custom dataset description (TOML or JSON, see `openvla_data::oxe::configs`) instead of
+    /// the built-in one, or for LeRobot v3 data, instead of the conventions read from
+    /// meta/info.json. `--config` is accepted as an alias.
+    #[arg(long = "dataset-config", visible_alias = "config")]
     pub config: Option<PathBuf>,
     /// Split expression (the reference computes statistics over `all`).
     #[arg(long, default_value = "all")]
@@ -121,8 +123,10 @@ pub struct InspectArgs {
     /// Dataset name under the data root.
     #[arg(long)]
     pub dataset: Option<String>,
-    /// Custom dataset description (TOML or JSON).
-    #[arg(long)]
+    /// Custom dataset description (TOML or JSON, see `openvla_data::oxe::configs`) instead of
+    /// the built-in one, or for LeRobot v3 data, instead of the conventions read from
+    /// meta/info.json. `--config` is accepted as an alias.
+    #[arg(long = "dataset-config", visible_alias = "config")]
     pub config: Option<PathBuf>,
     /// Split to sample from.
     #[arg(long, default_value = "train")]
@@ -239,8 +243,10 @@ pub struct DataBenchArgs {
     /// Dataset name under the data root.
     #[arg(long)]
     pub dataset: Option<String>,
-    /// Custom dataset description (TOML or JSON).
-    #[arg(long)]
+    /// Custom dataset description (TOML or JSON, see `openvla_data::oxe::configs`) instead of
+    /// the built-in one, or for LeRobot v3 data, instead of the conventions read from
+    /// meta/info.json. `--config` is accepted as an alias.
+    #[arg(long = "dataset-config", visible_alias = "config")]
     pub config: Option<PathBuf>,
     /// Frames to pull.
     #[arg(long, default_value_t = 2000)]

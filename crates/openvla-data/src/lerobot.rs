@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::decode::RgbImage;
 use crate::error::{DataError, Result};
-use crate::oxe::configs::DatasetConfig;
+use crate::oxe::configs::{ActionEncoding, DatasetConfig, GripperConvention, NoopFilter};
 use crate::oxe::transforms::{standardize, RawSteps};
 use crate::tfds::{resolve_split, DatasetInfo, SplitInfo};
 use crate::trajectory::{ImageData, Matrix, Trajectory};
@@ -281,6 +281,83 @@ impl LeRobotDataset {
             tasks,
             episodes,
         })
+    }
+
+    /// The standardization LeRobot's own conventions give this dataset, read from
+    /// `meta/info.json` alone: the camera features (`dtype` video or image) in name order, the
+    /// first whose name does not contain `wrist` as the primary camera and the first that does
+    /// as the wrist camera; `observation.state` as the state; `action` as the action, kept in
+    /// its own space ([`ActionEncoding::Raw`], gripper [`GripperConvention::AsIs`]); the
+    /// episode's `task` as the instruction. A `--dataset-config` file overrides all of it.
+    pub fn default_config(&self, name: &str) -> Result<DatasetConfig> {
+        let info_path = self.root.join("meta").join("info.json");
+        let cameras: Vec<&String> = self
+            .info
+            .features
+            .iter()
+            .filter(|(_, f)| f.dtype == "video" || f.dtype == "image")
+            .map(|(k, _)| k)
+            .collect();
+        let is_wrist = |k: &str| k.to_ascii_lowercase().contains("wrist");
+        let primary = cameras
+            .iter()
+            .find(|k| !is_wrist(k))
+            .or_else(|| cameras.first())
+            .ok_or_else(|| {
+                DataError::metadata(
+                    &info_path,
+                    "no camera feature (a feature with dtype `video` or `image`); describe the \
+                     dataset with --dataset-config FILE",
+                )
+            })?;
+        let wrist = cameras
+            .iter()
+            .find(|k| is_wrist(k) && *k != primary)
+            .map(|k| k.to_string());
+        let action = self.info.features.get("action").ok_or_else(|| {
+            DataError::metadata(
+                &info_path,
+                format!(
+                    "no `action` feature (features: {}); describe the dataset with \
+                     --dataset-config FILE",
+                    self.info
+                        .features
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?;
+        let action_dim = match action.shape.as_slice() {
+            [n] if *n > 0 => *n,
+            other => {
+                return Err(DataError::metadata(
+                    &info_path,
+                    format!("`action` has shape {other:?}; expected one dimension [N], N >= 1"),
+                ))
+            }
+        };
+        let cfg = DatasetConfig {
+            name: name.to_string(),
+            image_key: primary.to_string(),
+            wrist_image_key: wrist,
+            language_key: "task".into(),
+            action_keys: vec!["action".into()],
+            state_key: self
+                .info
+                .features
+                .contains_key("observation.state")
+                .then(|| "observation.state".to_string()),
+            gripper: GripperConvention::AsIs,
+            drop_first_step: false,
+            relabel_actions_from_state: false,
+            noop_filter: NoopFilter::None,
+            action_encoding: ActionEncoding::Raw(action_dim),
+        };
+        cfg.validate()
+            .map_err(|m| DataError::metadata(&info_path, m))?;
+        Ok(cfg)
     }
 
     fn load_tasks(path: &Path) -> Result<BTreeMap<i64, String>> {

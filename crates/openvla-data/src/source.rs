@@ -49,7 +49,13 @@ impl DatasetSource {
         if crate::lerobot::LeRobotDataset::is_lerobot(data) {
             let ds = crate::lerobot::LeRobotDataset::open(data)?;
             let name = name.map(str::to_string).unwrap_or_else(|| ds.name());
-            let cfg = DatasetConfig::resolve(&name, config)?;
+            // A config file wins, then a built-in name, then LeRobot's own conventions read
+            // from meta/info.json.
+            let cfg = match (config, DatasetConfig::builtin(&name)) {
+                (Some(_), _) => DatasetConfig::resolve(&name, config)?,
+                (None, Some(builtin)) => builtin,
+                (None, None) => ds.default_config(&name)?,
+            };
             return Ok(Self {
                 config: cfg,
                 format: Format::LeRobot(ds),
@@ -107,6 +113,22 @@ impl DatasetSource {
             Format::Rlds(d) => d.num_episodes(split),
             #[cfg(feature = "lerobot")]
             Format::LeRobot(d) => Ok(d.select(split)?.len() as u64),
+        }
+    }
+
+    /// Frames in a split before standardization (an upper bound on the frames it yields), when
+    /// the format records it without reading the data: LeRobot's episode lengths; `None` for
+    /// RLDS, whose metadata counts episodes only.
+    pub fn num_frames(&self, split: &str) -> Result<Option<u64>> {
+        match &self.format {
+            Format::Rlds(_) => Ok(None),
+            #[cfg(feature = "lerobot")]
+            Format::LeRobot(d) => Ok(Some(
+                d.select(split)?
+                    .into_iter()
+                    .map(|i| d.episodes[i].length.max(0) as u64)
+                    .sum(),
+            )),
         }
     }
 

@@ -13,9 +13,17 @@
 //! ```
 //!
 //! Memory is bounded by `shuffle_buffer + 3 * prefetch` frames held as encoded images, plus
-//! `decode_threads + prefetch` decoded 224x224 images. In `repeat` mode (training) each dataset
-//! loops forever, like the reference's `.repeat()`; otherwise the stream ends when every dataset
-//! is exhausted.
+//! `decode_threads + prefetch` decoded 224x224 images, plus the replay cache below. In `repeat`
+//! mode (training) each dataset loops forever, like the reference's `.repeat()`; otherwise the
+//! stream ends when every dataset is exhausted.
+//!
+//! Two rules keep small datasets from being re-read over and over:
+//! - the shuffle buffer never holds more frames than one pass over the datasets has (when the
+//!   format knows that count, as LeRobot's metadata does): a 100 000-frame buffer over a
+//!   36-frame dataset would otherwise read it about 2 800 times before the first sample;
+//! - in `repeat` mode a reader keeps the frames of its first pass (images as stored: encoded, or
+//!   decoded video frames) while they fit in `replay_cache_bytes`, and replays later passes from
+//!   memory, so each video is decoded once per run instead of once per pass.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +63,9 @@ pub struct StreamConfig {
     pub skip_corrupt: bool,
     /// Drop trajectories whose instructions are all empty (the reference's `skip_unlabeled`).
     pub skip_unlabeled: bool,
+    /// Per dataset, the most image bytes a reader keeps to replay later passes from memory
+    /// (`repeat` mode only); a dataset larger than this is re-read each pass. 0 disables it.
+    pub replay_cache_bytes: usize,
 }
 
 impl Default for StreamConfig {
@@ -69,6 +80,7 @@ impl Default for StreamConfig {
             prefetch: 256,
             skip_corrupt: false,
             skip_unlabeled: true,
+            replay_cache_bytes: 1 << 30,
         }
     }
 }
@@ -105,6 +117,7 @@ pub struct Sample {
     pub step: usize,
 }
 
+#[derive(Clone)]
 struct Frame {
     image: ImageData,
     action: Vec<f32>,
@@ -156,6 +169,13 @@ impl Iterator for FrameStream {
     }
 }
 
+fn image_bytes(image: &ImageData) -> usize {
+    match image {
+        ImageData::Encoded(b) => b.len(),
+        ImageData::Rgb { data, .. } => data.len(),
+    }
+}
+
 fn reader_thread(
     ds: StreamDataset,
     cfg: StreamConfig,
@@ -163,6 +183,9 @@ fn reader_thread(
     skipped: Arc<AtomicU64>,
 ) {
     let stats = ds.statistics.as_ref().map(|s| s.action.clone());
+    // The first pass's frames, kept while they fit the replay budget (None once they don't).
+    let mut replay: Option<Vec<Frame>> = (cfg.repeat && cfg.replay_cache_bytes > 0).then(Vec::new);
+    let mut replay_bytes = 0usize;
     loop {
         let mut frames_this_epoch = 0u64;
         let iter = match ds
@@ -200,6 +223,14 @@ fn reader_thread(
                     step: i,
                     source: t.source.clone(),
                 };
+                if let Some(cache) = replay.as_mut() {
+                    replay_bytes += image_bytes(&f.image);
+                    if replay_bytes <= cfg.replay_cache_bytes {
+                        cache.push(f.clone());
+                    } else {
+                        replay = None;
+                    }
+                }
                 if tx.send(Ok(f)).is_err() {
                     return;
                 }
@@ -216,6 +247,16 @@ fn reader_thread(
                 ds.split
             ))));
             return;
+        }
+        if let Some(cache) = replay.take() {
+            // The whole pass fit: every later pass comes from memory, in the same order.
+            loop {
+                for f in &cache {
+                    if tx.send(Ok(f.clone())).is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 }
@@ -290,6 +331,19 @@ fn process(frame: Frame, seq: u64, cfg: &StreamConfig) -> Result<Sample> {
     })
 }
 
+/// The shuffle buffer [`stream`] uses: `requested`, but no more than the frames of one pass
+/// over all `datasets` when every one of them knows its frame count (at least 1).
+pub fn effective_shuffle_buffer(datasets: &[StreamDataset], requested: usize) -> usize {
+    let mut total = 0u64;
+    for d in datasets {
+        match d.source.num_frames(&d.split) {
+            Ok(Some(n)) => total = total.saturating_add(n),
+            _ => return requested.max(1),
+        }
+    }
+    (requested as u64).min(total.max(1)) as usize
+}
+
 /// Starts the pipeline over `datasets` (weights taken from each [`StreamDataset::weight`]).
 pub fn stream(datasets: Vec<StreamDataset>, cfg: StreamConfig) -> Result<FrameStream> {
     if datasets.is_empty() {
@@ -297,6 +351,8 @@ pub fn stream(datasets: Vec<StreamDataset>, cfg: StreamConfig) -> Result<FrameSt
     }
     let skipped = Arc::new(AtomicU64::new(0));
     let prefetch = cfg.prefetch.max(1);
+    let mut cfg = cfg;
+    cfg.shuffle_buffer = effective_shuffle_buffer(&datasets, cfg.shuffle_buffer);
     let mut threads = Vec::new();
     let mut readers = Vec::new();
     let weights: Vec<f64> = datasets.iter().map(|d| d.weight).collect();

@@ -44,8 +44,10 @@ pub struct FinetuneArgs {
     /// key of the saved statistics.
     #[arg(long)]
     pub dataset: Option<String>,
-    /// Custom dataset description (TOML or JSON) instead of a built-in one.
-    #[arg(long)]
+    /// Custom dataset description (TOML or JSON, see `openvla_data::oxe::configs`) instead of
+    /// the built-in one, or for LeRobot v3 data, instead of the conventions read from
+    /// meta/info.json. `--config` is accepted as an alias, as in `openvla stats`.
+    #[arg(long = "dataset-config", visible_alias = "config")]
     pub dataset_config: Option<PathBuf>,
     /// Run directory: checkpoints, metrics.jsonl, curves.svg, adapter, dataset statistics.
     #[arg(long)]

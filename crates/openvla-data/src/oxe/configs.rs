@@ -39,6 +39,9 @@ pub enum GripperConvention {
     /// Continuous, near 1 open / near 0 closed with intermediate values, as Bridge:
     /// `binarize_gripper_actions`.
     Binarize,
+    /// Kept exactly as stored, whatever its convention (e.g. Meta-World's gripper effort in
+    /// [-1, 1]): for policies that learn the dataset's own action space, as OFT heads do.
+    AsIs,
 }
 
 /// The no-op filter applied before standardization.
@@ -62,6 +65,9 @@ pub enum ActionEncoding {
     EefPos,
     /// EEF delta XYZ (3) + R6 (6) + gripper (1).
     EefR6,
+    /// The dataset's own action space of this many dimensions, every one normalized (as
+    /// ALOHA's all-true mask): `action_encoding = { raw = 4 }` in a config file.
+    Raw(usize),
 }
 
 impl ActionEncoding {
@@ -70,14 +76,18 @@ impl ActionEncoding {
         match self {
             ActionEncoding::EefPos => 7,
             ActionEncoding::EefR6 => 10,
+            ActionEncoding::Raw(n) => n,
         }
     }
 
-    /// The reference's `action_normalization_mask`: every dimension but the gripper.
+    /// The reference's `action_normalization_mask`: every dimension but the gripper for the
+    /// EEF encodings; every dimension for [`ActionEncoding::Raw`].
     pub fn normalization_mask(self) -> Vec<bool> {
         let mut m = vec![true; self.dim()];
-        if let Some(last) = m.last_mut() {
-            *last = false;
+        if !matches!(self, ActionEncoding::Raw(_)) {
+            if let Some(last) = m.last_mut() {
+                *last = false;
+            }
         }
         m
     }
@@ -237,6 +247,9 @@ impl DatasetConfig {
         if self.action_keys.is_empty() {
             return Err("`action_keys` is empty".into());
         }
+        if self.action_encoding == ActionEncoding::Raw(0) {
+            return Err("`action_encoding = { raw = N }` needs N >= 1".into());
+        }
         if self.relabel_actions_from_state && self.state_key.is_none() {
             return Err("`relabel_actions_from_state` needs `state_key`".into());
         }
@@ -250,7 +263,7 @@ impl DatasetConfig {
         }
         Self::builtin(name).ok_or_else(|| {
             DataError::Invalid(format!(
-                "no built-in standardization for dataset `{name}` (built in: {}); describe it with --config FILE (TOML or JSON, see openvla_data::oxe::configs)",
+                "no built-in standardization for dataset `{name}` (built in: {}); describe it with --dataset-config FILE (TOML or JSON, see openvla_data::oxe::configs)",
                 BUILTIN_DATASETS.join(", ")
             ))
         })
@@ -272,7 +285,7 @@ mod tests {
         let err = DatasetConfig::resolve("kuka", None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--config"), "{err}");
+        assert!(err.contains("--dataset-config"), "{err}");
     }
 
     #[test]

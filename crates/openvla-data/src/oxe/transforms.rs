@@ -108,7 +108,7 @@ pub fn libero_noop_keep(actions: &Matrix, threshold: f64) -> Vec<bool> {
 
 fn apply_gripper(conv: GripperConvention, g: &[f32]) -> Vec<f32> {
     match conv {
-        GripperConvention::OpenIs1 => g.to_vec(),
+        GripperConvention::OpenIs1 | GripperConvention::AsIs => g.to_vec(),
         GripperConvention::CloseIs1 => g.iter().map(|&x| 1.0 - x).collect(),
         GripperConvention::Libero => libero_gripper(g),
         GripperConvention::Relative => rel2abs_gripper_actions(g),

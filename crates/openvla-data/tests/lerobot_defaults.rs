@@ -1,0 +1,174 @@
+//! LeRobot v3 without a config file: the standardization comes from `meta/info.json` with
+//! LeRobot's conventions, and small datasets stream without being re-read pass after pass.
+//! Needs the system `ffmpeg` (tools/setup.sh); without it these tests fail with the install
+//! hint, they do not skip.
+
+#![cfg(feature = "lerobot")]
+
+use std::path::{Path, PathBuf};
+
+use openvla_data::lerobot::LeRobotDataset;
+use openvla_data::oxe::configs::{ActionEncoding, GripperConvention};
+use openvla_data::source::DatasetSource;
+use openvla_data::stream::{effective_shuffle_buffer, stream, StreamConfig, StreamDataset};
+
+fn tiny_libero() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/data/lerobot/tiny_libero")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ovd-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn info_json_gives_the_config() {
+    let src = DatasetSource::open(&tiny_libero(), None, None).unwrap();
+    let c = &src.config;
+    assert_eq!(c.name, "tiny_libero");
+    assert_eq!(c.image_key, "observation.images.image");
+    assert_eq!(c.wrist_image_key, None);
+    assert_eq!(c.state_key.as_deref(), Some("observation.state"));
+    assert_eq!(c.language_key, "task");
+    assert_eq!(c.action_keys, vec!["action".to_string()]);
+    assert_eq!(c.gripper, GripperConvention::AsIs);
+    assert_eq!(c.action_encoding, ActionEncoding::Raw(7));
+    // Every dimension is normalized in the dataset's own action space.
+    assert_eq!(c.action_encoding.normalization_mask(), vec![true; 7]);
+
+    // Actions come out exactly as stored (no gripper mapping, no no-op filter).
+    let ds = LeRobotDataset::open(&tiny_libero()).unwrap();
+    let stored = ds.read_data_file(0, 0).unwrap();
+    let trajs: Vec<_> = src
+        .trajectories("all", false, None)
+        .unwrap()
+        .map(|t| t.unwrap())
+        .collect();
+    assert_eq!(trajs.len(), ds.episodes.len());
+    for t in &trajs {
+        let raw = &stored[&(t.episode_index as i64)].columns["action"];
+        assert_eq!(t.actions.data, raw.data, "episode {}", t.episode_index);
+        let state = t.proprio.as_ref().expect("observation.state is read");
+        assert_eq!(state.cols, 8);
+        assert_eq!(state.rows, t.len());
+    }
+}
+
+#[test]
+fn a_config_file_still_wins() {
+    let cfg = tiny_libero().join("../../lerobot_libero.toml");
+    let src = DatasetSource::open(&tiny_libero(), None, Some(&cfg)).unwrap();
+    assert_eq!(src.config.gripper, GripperConvention::Libero);
+    assert_eq!(src.config.action_encoding, ActionEncoding::EefPos);
+}
+
+#[test]
+fn info_json_without_action_or_camera_is_a_clear_error() {
+    for (tag, drop, want) in [
+        ("noact", "action", "no `action` feature"),
+        ("nocam", "observation.images.image", "no camera feature"),
+    ] {
+        let root = temp_dir(tag);
+        copy_dir(&tiny_libero(), &root);
+        let info_path = root.join("meta/info.json");
+        let mut info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&info_path).unwrap()).unwrap();
+        info["features"].as_object_mut().unwrap().remove(drop);
+        std::fs::write(&info_path, info.to_string()).unwrap();
+        let err = DatasetSource::open(&root, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+        assert!(err.contains("info.json"), "names the file: {err}");
+        assert!(
+            err.contains("--dataset-config"),
+            "says how to fix it: {err}"
+        );
+        std::fs::remove_dir_all(&root).ok();
+    }
+}
+
+#[test]
+fn shuffle_buffer_is_clamped_to_one_pass() {
+    let src = DatasetSource::open(&tiny_libero(), None, None).unwrap();
+    let frames = src.num_frames("all").unwrap().unwrap();
+    assert_eq!(frames, 36);
+    let ds = vec![StreamDataset {
+        source: src,
+        split: "all".into(),
+        weight: 1.0,
+        statistics: None,
+    }];
+    assert_eq!(effective_shuffle_buffer(&ds, 100_000), 36);
+    assert_eq!(effective_shuffle_buffer(&ds, 16), 16);
+}
+
+/// Pulls `n` samples, returning (episode, step) pairs.
+fn pull(s: &mut openvla_data::stream::FrameStream, n: usize) -> Vec<(u64, usize)> {
+    (0..n)
+        .map(|_| {
+            let x = s.next().expect("stream ended").expect("sample");
+            (x.episode_index, x.step)
+        })
+        .collect()
+}
+
+#[test]
+fn later_passes_replay_from_memory() {
+    // Copy the dataset, read one pass, then delete its videos: the following passes must
+    // still stream (from the replay cache), identically to the first.
+    let root = temp_dir("replay");
+    copy_dir(&tiny_libero(), &root);
+    let src = DatasetSource::open(&root, None, None).unwrap();
+    let cfg = StreamConfig {
+        shuffle_buffer: 1,
+        prefetch: 4,
+        augment: None,
+        ..StreamConfig::default()
+    };
+    let ds = || StreamDataset {
+        source: src.clone(),
+        split: "all".into(),
+        weight: 1.0,
+        statistics: None,
+    };
+    let mut s = stream(vec![ds()], cfg.clone()).unwrap();
+    let first = pull(&mut s, 36);
+    std::fs::remove_dir_all(root.join("videos")).unwrap();
+    for pass in 0..3 {
+        assert_eq!(pull(&mut s, 36), first, "pass {} from memory", pass + 2);
+    }
+    drop(s);
+
+    // Without the cache the second pass needs the videos again, and says which file is gone.
+    copy_dir(&tiny_libero(), &root);
+    let mut s = stream(
+        vec![ds()],
+        StreamConfig {
+            replay_cache_bytes: 0,
+            ..cfg
+        },
+    )
+    .unwrap();
+    assert_eq!(pull(&mut s, 36), first);
+    std::fs::remove_dir_all(root.join("videos")).unwrap();
+    let err = (0..36 + 8)
+        .find_map(|_| s.next().and_then(|r| r.err()))
+        .expect("a re-read without videos fails");
+    assert!(err.to_string().contains("video"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
