@@ -60,6 +60,11 @@ pub struct StatsArgs {
     /// Merge into an existing output file instead of replacing it.
     #[arg(long)]
     pub merge: bool,
+    /// Also compute proprio statistics from the state (`state_key`; LeRobot's
+    /// `observation.state`), as OFT checkpoints need for `--proprio`. Without it proprio
+    /// statistics are zeros, as the reference OpenVLA writes them.
+    #[arg(long)]
+    pub proprio: bool,
 }
 
 fn progress(quiet: bool) -> ProgressBar {
@@ -83,7 +88,10 @@ pub fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
     let pb = progress(false);
     let skipped = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
-    let acc = StatsAccumulator::with_memory_budget(args.max_memory_mb << 20, None);
+    let mut acc = StatsAccumulator::with_memory_budget(args.max_memory_mb << 20, None);
+    if args.proprio {
+        acc = acc.with_proprio();
+    }
     let st = src.compute_statistics(
         &args.split,
         args.skip_corrupt,

@@ -651,17 +651,20 @@ impl LeRobotDataset {
             cfg: cfg.clone(),
             order: self.select(split)?.into_iter(),
             cache: None,
+            load_wrist: false,
         })
     }
 
     /// Reads one episode's raw columns as the config asks (no standardization); with
-    /// `load_images` false the frames are empty placeholders.
+    /// `load_images` false the frames are empty placeholders; `wrist` also decodes the config's
+    /// wrist camera.
     pub fn raw_steps(
         &self,
         cfg: &DatasetConfig,
         pos: usize,
         frames: &EpisodeFrames,
         load_images: bool,
+        wrist: bool,
     ) -> Result<RawSteps> {
         let ep = self
             .episodes
@@ -707,13 +710,14 @@ impl LeRobotDataset {
                 cfg.language_key
             )));
         };
-        let feat =
-            self.info
+        let camera = |key: &str| -> Result<Vec<ImageData>> {
+            let feat = self
+                .info
                 .features
-                .get(&cfg.image_key)
+                .get(key)
                 .ok_or_else(|| DataError::MissingFeature {
                     context: ctx.clone(),
-                    key: cfg.image_key.clone(),
+                    key: key.to_string(),
                     available: self
                         .info
                         .features
@@ -722,30 +726,38 @@ impl LeRobotDataset {
                         .collect::<Vec<_>>()
                         .join(", "),
                 })?;
-        if feat.dtype != "video" {
-            return Err(DataError::Invalid(format!(
-                "{ctx}: camera `{}` has dtype `{}`; only video cameras are supported",
-                cfg.image_key, feat.dtype
-            )));
-        }
-        let imgs = if load_images {
-            self.decode_frames(&cfg.image_key, ep, &frames.timestamps)?
-        } else {
-            vec![RgbImage::zeros(0, 0); frames.timestamps.len()]
+            if feat.dtype != "video" {
+                return Err(DataError::Invalid(format!(
+                    "{ctx}: camera `{key}` has dtype `{}`; only video cameras are supported",
+                    feat.dtype
+                )));
+            }
+            let imgs = if load_images {
+                self.decode_frames(key, ep, &frames.timestamps)?
+            } else {
+                vec![RgbImage::zeros(0, 0); frames.timestamps.len()]
+            };
+            Ok(imgs
+                .into_iter()
+                .map(|im| ImageData::Rgb {
+                    width: im.width,
+                    height: im.height,
+                    data: Arc::from(im.data),
+                })
+                .collect())
         };
-        let images = imgs
-            .into_iter()
-            .map(|im| ImageData::Rgb {
-                width: im.width,
-                height: im.height,
-                data: Arc::from(im.data),
-            })
-            .collect();
+        let images = camera(&cfg.image_key)?;
+        let wrist_images = if wrist && load_images {
+            Some(camera(cfg.wrist_key()?)?)
+        } else {
+            None
+        };
         Ok(RawSteps {
             dataset_name: Arc::from(cfg.name.as_str()),
             episode_index: ep.episode_index as u64,
             source: ctx,
             images,
+            wrist_images,
             actions,
             state,
             instructions,
@@ -837,6 +849,7 @@ pub struct LeRobotTrajectories {
     cfg: DatasetConfig,
     order: std::vec::IntoIter<usize>,
     cache: Option<((i64, i64), BTreeMap<i64, EpisodeFrames>)>,
+    load_wrist: bool,
 }
 
 impl LeRobotTrajectories {
@@ -844,6 +857,12 @@ impl LeRobotTrajectories {
     /// need actions.
     pub fn without_images(mut self) -> Self {
         self.load_images = false;
+        self
+    }
+
+    /// Also decodes the config's wrist camera (OFT's second image).
+    pub fn with_wrist(mut self) -> Self {
+        self.load_wrist = true;
         self
     }
 
@@ -862,7 +881,7 @@ impl LeRobotTrajectories {
             .unwrap_or_default();
         let raw = self
             .ds
-            .raw_steps(&self.cfg, pos, &frames, self.load_images)?;
+            .raw_steps(&self.cfg, pos, &frames, self.load_images, self.load_wrist)?;
         standardize(&self.cfg, raw)
     }
 }

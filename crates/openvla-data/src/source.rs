@@ -36,6 +36,9 @@ pub struct DatasetSource {
     /// Whether trajectories carry images (false: empty placeholders, no video decoding; the
     /// statistics pass turns this off).
     pub load_images: bool,
+    /// Whether trajectories also carry the config's wrist camera (OFT's second image); off by
+    /// default, and ignored when `load_images` is off.
+    pub load_wrist: bool,
 }
 
 /// A boxed trajectory iterator that can move to a reader thread.
@@ -61,6 +64,7 @@ impl DatasetSource {
                 format: Format::LeRobot(ds),
                 path: data.to_path_buf(),
                 load_images: true,
+                load_wrist: false,
             });
         }
         let dir = match name {
@@ -82,6 +86,7 @@ impl DatasetSource {
             format: Format::Rlds(ds),
             path: dir,
             load_images: true,
+            load_wrist: false,
         })
     }
 
@@ -149,15 +154,20 @@ impl DatasetSource {
                     None => it,
                 };
                 let cfg = self.config.clone();
-                Ok(Box::new(it.map(move |ep| standardize_episode(&cfg, &ep?))))
+                let wrist = self.load_images && self.load_wrist;
+                Ok(Box::new(
+                    it.map(move |ep| standardize_episode(&cfg, &ep?, wrist)),
+                ))
             }
             #[cfg(feature = "lerobot")]
             Format::LeRobot(d) => {
                 let it = d.trajectories(&self.config, split)?;
-                Ok(if self.load_images {
-                    Box::new(it)
-                } else {
+                Ok(if !self.load_images {
                     Box::new(it.without_images())
+                } else if self.load_wrist {
+                    Box::new(it.with_wrist())
+                } else {
+                    Box::new(it)
                 })
             }
         }

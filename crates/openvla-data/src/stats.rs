@@ -364,6 +364,8 @@ fn spilled_quantiles(path: &Path, writer: BufWriter<File>, n: u64, qs: &[f64]) -
 /// Streaming statistics over standardized trajectories (see the module docs for memory).
 pub struct StatsAccumulator {
     action: Option<ArrayAccumulator>,
+    /// `Some` when proprio statistics are asked for ([`StatsAccumulator::with_proprio`]).
+    proprio: Option<Option<ArrayAccumulator>>,
     num_transitions: u64,
     num_trajectories: u64,
     budget_bytes: u64,
@@ -388,12 +390,22 @@ impl StatsAccumulator {
     pub fn with_memory_budget(budget_bytes: u64, spill_dir: Option<PathBuf>) -> Self {
         Self {
             action: None,
+            proprio: None,
             num_transitions: 0,
             num_trajectories: 0,
             budget_bytes,
             spill_dir,
             spilled: false,
         }
+    }
+
+    /// Also computes real proprio statistics from each trajectory's state (the config's
+    /// `state_key`), as OFT's `dataset_statistics.json` holds them; every trajectory must then
+    /// carry one. Without this, proprio statistics are zeros shaped like the action, the
+    /// reference OpenVLA's `load_proprio=False` output.
+    pub fn with_proprio(mut self) -> Self {
+        self.proprio = Some(None);
+        self
     }
 
     /// Whether the columns were spilled to disk.
@@ -420,6 +432,31 @@ impl StatsAccumulator {
         for i in 0..a.rows {
             acc.push_row(a.row(i))?;
         }
+        if let Some(slot) = self.proprio.as_mut() {
+            let p = traj.proprio.as_ref().ok_or_else(|| {
+                DataError::Invalid(format!(
+                    "{} episode {} ({}): no proprio state, but proprio statistics were asked \
+                     for (the dataset config needs a `state_key`)",
+                    traj.dataset_name, traj.episode_index, traj.source
+                ))
+            })?;
+            let pacc = slot.get_or_insert_with(|| ArrayAccumulator::new(p.cols));
+            if p.cols != pacc.dim || p.rows != a.rows {
+                return Err(DataError::Invalid(format!(
+                    "{} episode {} ({}): proprio is [{}, {}], expected [{}, {}]",
+                    traj.dataset_name,
+                    traj.episode_index,
+                    traj.source,
+                    p.rows,
+                    p.cols,
+                    a.rows,
+                    pacc.dim
+                )));
+            }
+            for i in 0..p.rows {
+                pacc.push_row(p.row(i))?;
+            }
+        }
         self.num_transitions += a.rows as u64;
         self.num_trajectories += 1;
         if !self.spilled && acc.count * acc.dim as u64 * 4 > self.budget_bytes {
@@ -441,7 +478,8 @@ impl StatsAccumulator {
         self.num_transitions
     }
 
-    /// Finishes: action stats with `mask`, proprio as zeros shaped like the action (the
+    /// Finishes: action stats with `mask`; proprio computed when asked for
+    /// ([`StatsAccumulator::with_proprio`], no mask), else zeros shaped like the action (the
     /// reference's `load_proprio=False` behaviour).
     pub fn finish(self, mask: Option<Vec<bool>>) -> Result<DatasetStatistics> {
         let acc = self.action.ok_or_else(|| {
@@ -460,9 +498,13 @@ impl StatsAccumulator {
             }
         }
         action.mask = mask;
+        let proprio = match self.proprio {
+            Some(Some(p)) => p.finish()?,
+            _ => ArrayStats::zeros(dim),
+        };
         Ok(DatasetStatistics {
             action,
-            proprio: Some(ArrayStats::zeros(dim)),
+            proprio: Some(proprio),
             num_transitions: self.num_transitions,
             num_trajectories: self.num_trajectories,
         })
@@ -482,6 +524,7 @@ mod tests {
             episode_index: 0,
             source: String::new(),
             images: Vec::new(),
+            wrist_images: None,
             actions: Matrix::new(rows, cols, data),
             proprio: None,
             instructions: Vec::new(),

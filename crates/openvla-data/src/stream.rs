@@ -35,7 +35,7 @@ use crate::augment::{augment, AugmentConfig};
 use crate::decode::{decode_image_data, RgbImage};
 use crate::error::{DataError, Result};
 use crate::mixture::{ShuffleBuffer, WeightedSampler};
-use crate::normalize::normalize_rows;
+use crate::normalize::{normalize_rows, Normalization};
 use crate::resize::resize_lanczos3;
 use crate::rng::Rng;
 use crate::source::DatasetSource;
@@ -66,6 +66,18 @@ pub struct StreamConfig {
     /// Per dataset, the most image bytes a reader keeps to replay later passes from memory
     /// (`repeat` mode only); a dataset larger than this is re-read each pass. 0 disables it.
     pub replay_cache_bytes: usize,
+    /// Actions per sample: the current one and the next `action_chunk - 1` of its episode
+    /// (OFT's `NUM_ACTIONS_CHUNK`). As the reference's `chunk_act_obs` does, a frame whose
+    /// chunk would run past the episode's end is not sampled (the last `action_chunk - 1`
+    /// frames of each episode). 1 (the default) is OpenVLA's single action.
+    pub action_chunk: usize,
+    /// Also deliver the wrist camera (the dataset config's `wrist_image_key`), processed as the
+    /// primary image is (resize, same augmentation draw).
+    pub wrist: bool,
+    /// Also deliver the proprio state, normalized with the statistics' `proprio` entry.
+    pub proprio: bool,
+    /// Bounds used to normalize actions and proprio.
+    pub normalization: Normalization,
 }
 
 impl Default for StreamConfig {
@@ -81,6 +93,10 @@ impl Default for StreamConfig {
             skip_corrupt: false,
             skip_unlabeled: true,
             replay_cache_bytes: 1 << 30,
+            action_chunk: 1,
+            wrist: false,
+            proprio: false,
+            normalization: Normalization::BoundsQ99,
         }
     }
 }
@@ -105,8 +121,14 @@ pub struct Sample {
     pub seq: u64,
     /// RGB image (224x224 by default).
     pub image: RgbImage,
-    /// Action (normalized when statistics were given).
+    /// The wrist camera's image, when [`StreamConfig::wrist`] asks for it.
+    pub wrist_image: Option<RgbImage>,
+    /// Action (normalized when statistics were given); row 0 of `action_chunk`.
     pub action: Vec<f32>,
+    /// `StreamConfig::action_chunk` actions from this step on (normalized like `action`).
+    pub action_chunk: Vec<Vec<f32>>,
+    /// Normalized proprio state, when [`StreamConfig::proprio`] asks for it.
+    pub proprio: Option<Vec<f32>>,
     /// Language instruction.
     pub instruction: String,
     /// Dataset name.
@@ -120,7 +142,9 @@ pub struct Sample {
 #[derive(Clone)]
 struct Frame {
     image: ImageData,
-    action: Vec<f32>,
+    wrist_image: Option<ImageData>,
+    action_chunk: Vec<Vec<f32>>,
+    proprio: Option<Vec<f32>>,
     instruction: String,
     dataset_name: Arc<str>,
     episode_index: u64,
@@ -183,6 +207,8 @@ fn reader_thread(
     skipped: Arc<AtomicU64>,
 ) {
     let stats = ds.statistics.as_ref().map(|s| s.action.clone());
+    let proprio_stats = ds.statistics.as_ref().and_then(|s| s.proprio.clone());
+    let chunk = cfg.action_chunk.max(1);
     // The first pass's frames, kept while they fit the replay budget (None once they don't).
     let mut replay: Option<Vec<Frame>> = (cfg.repeat && cfg.replay_cache_bytes > 0).then(Vec::new);
     let mut replay_bytes = 0usize;
@@ -211,12 +237,66 @@ fn reader_thread(
             }
             if let Some(st) = &stats {
                 let cols = t.actions.cols;
-                normalize_rows(&mut t.actions.data, cols, st);
+                normalize_rows(&mut t.actions.data, cols, st, cfg.normalization);
             }
+            let proprio = if cfg.proprio {
+                // All-zero statistics are the reference OpenVLA's placeholder, not statistics.
+                let placeholder = proprio_stats
+                    .as_ref()
+                    .is_some_and(|st| st.min.iter().chain(&st.max).all(|&x| x == 0.0));
+                match (t.proprio.as_mut(), &proprio_stats) {
+                    (Some(p), Some(st)) if st.q01.len() == p.cols && !placeholder => {
+                        let cols = p.cols;
+                        normalize_rows(&mut p.data, cols, st, cfg.normalization);
+                        Some(&*p)
+                    }
+                    (p, st) => {
+                        let _ = tx.send(Err(DataError::Invalid(format!(
+                            "{}: the stream asks for proprio, but {}",
+                            t.source,
+                            match (p, st) {
+                                (None, _) => "the episode has no state (set `state_key`)".into(),
+                                (Some(_), None) => {
+                                    "the statistics have no proprio entry".to_string()
+                                }
+                                (Some(p), Some(st)) => format!(
+                                    "the state has {} dims and the proprio statistics {}{} \
+                                     (compute them with `openvla stats --proprio`)",
+                                    p.cols,
+                                    st.q01.len(),
+                                    if placeholder { ", all zeros" } else { "" }
+                                ),
+                            }
+                        ))));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let mut wrist = match (cfg.wrist, t.wrist_images.take()) {
+                (false, _) => None,
+                (true, Some(w)) => Some(w.into_iter()),
+                (true, None) => {
+                    let _ = tx.send(Err(DataError::Invalid(format!(
+                        "{}: the stream asks for the wrist camera, but the episode has none",
+                        t.source
+                    ))));
+                    return;
+                }
+            };
+            // OFT's chunk_act_obs: only frames whose whole chunk lies inside the episode.
+            let usable = t.actions.rows.saturating_sub(chunk - 1);
             for (i, img) in t.images.drain(..).enumerate() {
+                let wrist_image = wrist.as_mut().and_then(|w| w.next());
+                if i >= usable {
+                    continue;
+                }
                 let f = Frame {
                     image: img,
-                    action: t.actions.row(i).to_vec(),
+                    wrist_image,
+                    action_chunk: (i..i + chunk).map(|j| t.actions.row(j).to_vec()).collect(),
+                    proprio: proprio.map(|p| p.row(i).to_vec()),
                     instruction: t.instructions.get(i).cloned().unwrap_or_default(),
                     dataset_name: t.dataset_name.clone(),
                     episode_index: t.episode_index,
@@ -310,20 +390,32 @@ fn process(frame: Frame, seq: u64, cfg: &StreamConfig) -> Result<Sample> {
         "{} episode {} step {}",
         frame.source, frame.episode_index, frame.step
     );
-    let img = decode_image_data(&frame.image, &ctx)?;
-    let img = match cfg.image_size {
-        Some((w, h)) if (img.width, img.height) != (w, h) => resize_lanczos3(&img, w, h),
-        // TF resizes even at equal size; lanczos at scale 1 is the identity on integers.
-        _ => img,
+    // Camera `i` gets its own augmentation draw, as the reference's `seed + i`.
+    let camera = |data: &ImageData, i: u64| -> Result<RgbImage> {
+        let img = decode_image_data(data, &ctx)?;
+        let img = match cfg.image_size {
+            Some((w, h)) if (img.width, img.height) != (w, h) => resize_lanczos3(&img, w, h),
+            // TF resizes even at equal size; lanczos at scale 1 is the identity on integers.
+            _ => img,
+        };
+        Ok(match &cfg.augment {
+            Some(a) => augment(&img, a, &mut Rng::for_item(cfg.seed, 0xA06 + i, seq)),
+            None => img,
+        })
     };
-    let img = match &cfg.augment {
-        Some(a) => augment(&img, a, &mut Rng::for_item(cfg.seed, 0xA06, seq)),
-        None => img,
+    let image = camera(&frame.image, 0)?;
+    let wrist_image = match &frame.wrist_image {
+        Some(w) => Some(camera(w, 1)?),
+        None => None,
     };
+    let action = frame.action_chunk.first().cloned().unwrap_or_default();
     Ok(Sample {
         seq,
-        image: img,
-        action: frame.action,
+        image,
+        wrist_image,
+        action,
+        action_chunk: frame.action_chunk,
+        proprio: frame.proprio,
         instruction: frame.instruction,
         dataset_name: frame.dataset_name,
         episode_index: frame.episode_index,
@@ -356,7 +448,8 @@ pub fn stream(datasets: Vec<StreamDataset>, cfg: StreamConfig) -> Result<FrameSt
     let mut threads = Vec::new();
     let mut readers = Vec::new();
     let weights: Vec<f64> = datasets.iter().map(|d| d.weight).collect();
-    for (i, ds) in datasets.into_iter().enumerate() {
+    for (i, mut ds) in datasets.into_iter().enumerate() {
+        ds.source.load_wrist |= cfg.wrist;
         let (tx, rx) = sync_channel(prefetch);
         let c = cfg.clone();
         let sk = skipped.clone();

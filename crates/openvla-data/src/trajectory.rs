@@ -98,9 +98,12 @@ pub struct Trajectory {
     pub source: String,
     /// Primary camera images, one per step.
     pub images: Vec<ImageData>,
+    /// Wrist camera images, one per step, when the config names a wrist camera and the
+    /// source was asked to load it ([`crate::source::DatasetSource::load_wrist`]).
+    pub wrist_images: Option<Vec<ImageData>>,
     /// Standardized actions `[len, action_dim]`.
     pub actions: Matrix,
-    /// Optional proprioceptive state `[len, d]` (not used for VLA training).
+    /// Optional proprioceptive state `[len, d]` (the config's `state_key`; OFT's proprio).
     pub proprio: Option<Matrix>,
     /// Language instruction per step.
     pub instructions: Vec<String>,

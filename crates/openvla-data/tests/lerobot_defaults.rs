@@ -172,3 +172,173 @@ fn later_passes_replay_from_memory() {
     assert!(err.to_string().contains("video"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+fn all_samples(
+    src: &DatasetSource,
+    cfg: StreamConfig,
+    stats: Option<openvla_data::stats::DatasetStatistics>,
+) -> Vec<openvla_data::stream::Sample> {
+    let s = stream(
+        vec![StreamDataset {
+            source: src.clone(),
+            split: "all".into(),
+            weight: 1.0,
+            statistics: stats,
+        }],
+        StreamConfig {
+            shuffle_buffer: 1,
+            repeat: false,
+            augment: None,
+            ..cfg
+        },
+    )
+    .unwrap();
+    s.map(|x| x.unwrap()).collect()
+}
+
+#[test]
+fn action_chunks_follow_the_reference_rule() {
+    // OFT's chunk_act_obs: the chunk is the current action and the next K-1 of the episode;
+    // frames whose chunk would run past the end are not sampled.
+    let src = DatasetSource::open(&tiny_libero(), None, None).unwrap();
+    let trajs: Vec<_> = src
+        .trajectories("all", false, None)
+        .unwrap()
+        .map(|t| t.unwrap())
+        .collect();
+    let k = 3;
+    let samples = all_samples(
+        &src,
+        StreamConfig {
+            action_chunk: k,
+            ..StreamConfig::default()
+        },
+        None,
+    );
+    let want: usize = trajs.iter().map(|t| t.len().saturating_sub(k - 1)).sum();
+    assert_eq!(samples.len(), want);
+    for s in &samples {
+        let t = trajs
+            .iter()
+            .find(|t| t.episode_index == s.episode_index)
+            .unwrap();
+        assert!(
+            s.step + k <= t.len(),
+            "episode {} step {}",
+            s.episode_index,
+            s.step
+        );
+        assert_eq!(s.action_chunk.len(), k);
+        assert_eq!(s.action, s.action_chunk[0]);
+        for (j, row) in s.action_chunk.iter().enumerate() {
+            assert_eq!(row.as_slice(), t.actions.row(s.step + j));
+        }
+        assert!(s.proprio.is_none() && s.wrist_image.is_none());
+    }
+}
+
+#[test]
+fn proprio_is_normalized_with_its_own_statistics() {
+    use openvla_data::normalize::{normalize_bounds, Normalization};
+    use openvla_data::stats::StatsAccumulator;
+    let src = DatasetSource::open(&tiny_libero(), None, None).unwrap();
+    let st = src
+        .compute_statistics(
+            "all",
+            false,
+            None,
+            None,
+            StatsAccumulator::new().with_proprio(),
+        )
+        .unwrap();
+    let p = st.proprio.clone().unwrap();
+    assert_eq!(p.q01.len(), 8, "proprio stats have the state's 8 dims");
+    assert!(
+        p.max.iter().zip(&p.min).any(|(a, b)| a > b),
+        "real statistics, not zeros"
+    );
+    let plain = src
+        .compute_statistics("all", false, None, None, StatsAccumulator::new())
+        .unwrap();
+    assert!(plain.proprio.unwrap().max.iter().all(|&x| x == 0.0));
+
+    let trajs: Vec<_> = src
+        .trajectories("all", false, None)
+        .unwrap()
+        .map(|t| t.unwrap())
+        .collect();
+    for kind in [Normalization::BoundsQ99, Normalization::Bounds] {
+        let samples = all_samples(
+            &src,
+            StreamConfig {
+                proprio: true,
+                normalization: kind,
+                ..StreamConfig::default()
+            },
+            Some(st.clone()),
+        );
+        assert_eq!(samples.len(), 36);
+        for s in &samples {
+            let t = trajs
+                .iter()
+                .find(|t| t.episode_index == s.episode_index)
+                .unwrap();
+            let mut want = t.proprio.as_ref().unwrap().row(s.step).to_vec();
+            normalize_bounds(&mut want, &p, kind);
+            assert_eq!(s.proprio.as_deref(), Some(want.as_slice()));
+            let mut a = t.actions.row(s.step).to_vec();
+            normalize_bounds(&mut a, &st.action, kind);
+            assert_eq!(s.action, a);
+        }
+    }
+
+    // Proprio without proprio statistics is an error naming the fix.
+    let mut s = stream(
+        vec![StreamDataset {
+            source: src.clone(),
+            split: "all".into(),
+            weight: 1.0,
+            statistics: Some(plain_stats(&src)),
+        }],
+        StreamConfig {
+            proprio: true,
+            repeat: false,
+            ..StreamConfig::default()
+        },
+    )
+    .unwrap();
+    let err = s.next().unwrap().unwrap_err().to_string();
+    assert!(err.contains("openvla stats --proprio"), "{err}");
+}
+
+fn plain_stats(src: &DatasetSource) -> openvla_data::stats::DatasetStatistics {
+    src.compute_statistics(
+        "all",
+        false,
+        None,
+        None,
+        openvla_data::stats::StatsAccumulator::new(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn wrist_camera_is_an_error_when_the_config_has_none() {
+    let src = DatasetSource::open(&tiny_libero(), None, None).unwrap();
+    let mut s = stream(
+        vec![StreamDataset {
+            source: src,
+            split: "all".into(),
+            weight: 1.0,
+            statistics: None,
+        }],
+        StreamConfig {
+            wrist: true,
+            repeat: false,
+            ..StreamConfig::default()
+        },
+    )
+    .unwrap();
+    let err = s.next().unwrap().unwrap_err().to_string();
+    assert!(err.contains("wrist_image_key"), "{err}");
+}

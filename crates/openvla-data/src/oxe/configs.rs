@@ -106,7 +106,7 @@ pub struct DatasetConfig {
     /// Primary camera feature, relative to the step (`observation/image_0`) or a LeRobot column
     /// (`observation.images.image`).
     pub image_key: String,
-    /// Optional wrist camera (not used by OpenVLA training; informational).
+    /// Optional wrist camera (OFT's second image; read only when a consumer asks for it).
     #[serde(default)]
     pub wrist_image_key: Option<String>,
     /// Language feature relative to the step; for LeRobot, `task` means the episode's task.
@@ -254,6 +254,17 @@ impl DatasetConfig {
             return Err("`relabel_actions_from_state` needs `state_key`".into());
         }
         Ok(())
+    }
+
+    /// The wrist camera key, or an error saying the config names none.
+    pub fn wrist_key(&self) -> Result<&str> {
+        self.wrist_image_key.as_deref().ok_or_else(|| {
+            DataError::Invalid(format!(
+                "dataset `{}` has no wrist camera in its configuration (set `wrist_image_key` \
+                 in a --dataset-config file)",
+                self.name
+            ))
+        })
     }
 
     /// The configuration for `name`: a custom file when given, else the built-in one.

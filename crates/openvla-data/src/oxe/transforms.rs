@@ -20,6 +20,8 @@ pub struct RawSteps {
     pub source: String,
     /// Primary camera.
     pub images: Vec<ImageData>,
+    /// Wrist camera, when asked for.
+    pub wrist_images: Option<Vec<ImageData>>,
     /// Concatenated action columns (last = gripper).
     pub actions: Matrix,
     /// State, when the config names one.
@@ -125,6 +127,16 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
             raw.dataset_name, raw.episode_index, raw.source
         )
     };
+    if let Some(w) = &raw.wrist_images {
+        if w.len() != n {
+            return Err(DataError::Invalid(format!(
+                "{}: {} actions but {} wrist images",
+                ctx(),
+                n,
+                w.len()
+            )));
+        }
+    }
     if raw.images.len() != n || raw.instructions.len() != n {
         return Err(DataError::Invalid(format!(
             "{}: {} actions but {} images and {} instructions",
@@ -164,6 +176,13 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
             idx += 1;
             keep[idx - 1]
         });
+        if let Some(w) = raw.wrist_images.as_mut() {
+            idx = 0;
+            w.retain(|_| {
+                idx += 1;
+                keep[idx - 1]
+            });
+        }
         idx = 0;
         raw.instructions.retain(|_| {
             idx += 1;
@@ -204,6 +223,9 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
         }
         actions = Matrix::new(m, 7, data);
         raw.images.truncate(m);
+        if let Some(w) = raw.wrist_images.as_mut() {
+            w.truncate(m);
+        }
         raw.instructions.truncate(m);
         if let Some(s) = raw.state.as_mut() {
             s.retain_rows(|i| i < m);
@@ -224,20 +246,30 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
         episode_index: raw.episode_index,
         source: raw.source,
         images: raw.images,
+        wrist_images: raw.wrist_images,
         actions,
         proprio: raw.state,
         instructions: raw.instructions,
     })
 }
 
-/// Extracts the configured columns from an RLDS episode (keys are relative to `steps/`).
-pub fn raw_from_episode(cfg: &DatasetConfig, ep: &Episode) -> Result<RawSteps> {
+/// Extracts the configured columns from an RLDS episode (keys are relative to `steps/`);
+/// `wrist` also reads the config's wrist camera (an error if it names none).
+pub fn raw_from_episode(cfg: &DatasetConfig, ep: &Episode, wrist: bool) -> Result<RawSteps> {
     let k = |key: &str| format!("steps/{key}");
-    let images = ep
-        .bytes(&k(&cfg.image_key))?
-        .iter()
-        .map(|b| ImageData::Encoded(Arc::from(b.as_slice())))
-        .collect();
+    let encoded = |key: &str| -> Result<Vec<ImageData>> {
+        Ok(ep
+            .bytes(&k(key))?
+            .iter()
+            .map(|b| ImageData::Encoded(Arc::from(b.as_slice())))
+            .collect())
+    };
+    let images = encoded(&cfg.image_key)?;
+    let wrist_images = if wrist {
+        Some(encoded(cfg.wrist_key()?)?)
+    } else {
+        None
+    };
     let parts = cfg
         .action_keys
         .iter()
@@ -254,6 +286,7 @@ pub fn raw_from_episode(cfg: &DatasetConfig, ep: &Episode) -> Result<RawSteps> {
         episode_index: ep.index,
         source: ep.source.clone(),
         images,
+        wrist_images,
         actions,
         state,
         instructions,
@@ -261,8 +294,8 @@ pub fn raw_from_episode(cfg: &DatasetConfig, ep: &Episode) -> Result<RawSteps> {
 }
 
 /// `raw_from_episode` followed by [`standardize`].
-pub fn standardize_episode(cfg: &DatasetConfig, ep: &Episode) -> Result<Trajectory> {
-    standardize(cfg, raw_from_episode(cfg, ep)?)
+pub fn standardize_episode(cfg: &DatasetConfig, ep: &Episode, wrist: bool) -> Result<Trajectory> {
+    standardize(cfg, raw_from_episode(cfg, ep, wrist)?)
 }
 
 #[cfg(test)]
