@@ -91,9 +91,15 @@ pub struct FinetuneArgs {
     /// Image augmentation (random resized crop 0.9, brightness, contrast, saturation, hue).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub image_aug: bool,
-    /// Frame shuffle buffer.
+    /// Frame shuffle buffer (clamped to the frames of one pass when the dataset is smaller).
     #[arg(long, default_value_t = 100_000)]
     pub shuffle_buffer: usize,
+    /// Per-block gradient checkpointing: keep only each vision block's and decoder layer's
+    /// input, and recompute the block during a backward driven block by block. Much less
+    /// activation memory for about one more forward pass; gradients are unchanged (up to
+    /// summation order).
+    #[arg(long)]
+    pub checkpointing: bool,
     /// Seed of data order, augmentation, LoRA init and dropout.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -380,6 +386,7 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         weight_bytes: bytes,
         // The forward and backward compute in float32 with either precision.
         activation_bytes: 4,
+        checkpointing: args.checkpointing,
     })?;
     if !args.no_memory_check {
         let avail = match args.max_memory_gb {
@@ -693,6 +700,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         ),
         seed,
     )?;
+    objective.checkpointing = args.checkpointing;
     let cfg = TrainerConfig {
         run_dir: plan.run_dir.clone(),
         max_steps: args.max_steps,

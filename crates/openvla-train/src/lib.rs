@@ -35,6 +35,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod progress;
+pub mod recompute;
 pub mod rng;
 pub mod seam;
 pub mod trainer;

@@ -16,7 +16,9 @@
 //! block `N (14 d + 4 m) + 4 heads N^2`, plus the logits `S x V`. Towers whose parameters and
 //! inputs need no gradient (frozen vision) keep nothing. That count is multiplied by
 //! [`ACTIVATION_CALIBRATION`], measured on the real model (the explicit norms, softmax, rope
-//! and the LoRA branches keep more intermediates than the count above).
+//! and the LoRA branches keep more intermediates than the count above). With per-block
+//! gradient checkpointing only each block's input is kept, plus one block's graph at a time
+//! ([`checkpointed_activation_elems`]).
 
 use crate::error::{Result, TrainError};
 use crate::lora::targets::{count_lora_params, modules_from_tensors, select_targets};
@@ -48,6 +50,8 @@ pub struct MemoryInputs<'a> {
     pub weight_bytes: usize,
     /// Bytes per activation value (2 for bf16 compute, 4 for float32).
     pub activation_bytes: usize,
+    /// Per-block gradient checkpointing (`--checkpointing`).
+    pub checkpointing: bool,
 }
 
 /// The estimate, in bytes (and parameter counts).
@@ -96,13 +100,27 @@ pub fn gib(b: u64) -> String {
 
 /// Activation values kept per sample: `(vision, llm)`.
 pub fn activation_elems(config: &ModelConfig, text_tokens: usize) -> (u64, u64) {
+    activations(config, text_tokens, false)
+}
+
+/// Activation values kept per sample with per-block gradient checkpointing
+/// (`--checkpointing`): each block's input, plus the whole graph of one block (the largest),
+/// which is alive while it is recomputed, plus the logits: `(vision, llm)`.
+pub fn checkpointed_activation_elems(config: &ModelConfig, text_tokens: usize) -> (u64, u64) {
+    activations(config, text_tokens, true)
+}
+
+fn activations(config: &ModelConfig, text_tokens: usize, checkpointed: bool) -> (u64, u64) {
     let mut vision = 0u64;
+    let mut largest_block = 0u64;
     for t in &config.towers {
         let n = (t.num_patches() + t.num_prefix_tokens()) as u64;
         let d = t.embed_dim as u64;
         let m = t.mlp_hidden() as u64;
         let blocks = (t.selected_block() + 1) as u64;
-        vision += blocks * (n * (14 * d + 4 * m) + 4 * t.num_heads as u64 * n * n);
+        let block = n * (14 * d + 4 * m) + 4 * t.num_heads as u64 * n * n;
+        largest_block = largest_block.max(block);
+        vision += blocks * if checkpointed { n * d } else { block };
     }
     let tx = &config.text;
     let s = (config.num_patches() + text_tokens) as u64;
@@ -111,8 +129,15 @@ pub fn activation_elems(config: &ModelConfig, text_tokens: usize) -> (u64, u64) 
     let i = tx.intermediate_size as u64;
     let heads = tx.num_attention_heads as u64;
     let layer = s * (16 * h + 4 * kv + 6 * i) + 4 * heads * s * s;
-    let llm = tx.num_hidden_layers as u64 * layer + s * tx.vocab_size as u64 * 2;
-    (vision, llm)
+    let logits = s * tx.vocab_size as u64 * 2;
+    let layers = tx.num_hidden_layers as u64;
+    if checkpointed {
+        // One block's graph at a time, whichever is largest.
+        let llm = layers * s * h + layer.max(largest_block) + logits;
+        (vision, llm)
+    } else {
+        (vision, layers * layer + logits)
+    }
 }
 
 /// Estimates the memory of a run.
@@ -141,7 +166,7 @@ pub fn estimate(inp: &MemoryInputs) -> Result<MemoryEstimate> {
     };
     let trainable = trained_base + lora;
     let weights = (total - trained_base) * inp.weight_bytes as u64 + trained_base * 4 + lora * 4;
-    let (vision, llm) = activation_elems(inp.config, inp.text_tokens);
+    let (vision, llm) = activations(inp.config, inp.text_tokens, inp.checkpointing);
     let vision_needs_grad = matches!(
         inp.mode,
         TrainMode::Lora | TrainMode::Full | TrainMode::Sandwich

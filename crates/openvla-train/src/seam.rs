@@ -42,8 +42,9 @@ use crate::error::{Result, TrainError};
 use crate::lora::{LoraAdapter, LoraLayer, ModuleInfo};
 use crate::loss::causal_lm_loss;
 use crate::metrics::action_metrics;
+use crate::recompute::Grads;
 use crate::rng::TrainRng;
-use crate::trainer::{Objective, StepOutput};
+use crate::trainer::{plain_forward_backward, Objective, StepOutput};
 use candle_core::{Device, Tensor, Var};
 use openvla::action::ActionTokenizer;
 use std::path::Path;
@@ -79,6 +80,23 @@ pub trait TrainModel {
 
     /// Adds a LoRA branch to module `name`.
     fn attach_lora(&mut self, name: &str, layer: Arc<LoraLayer>) -> Result<()>;
+
+    /// One micro-batch's forward and backward with per-block gradient checkpointing
+    /// ([`crate::recompute`]): `loss_of` maps the logits to the loss; returns the (detached)
+    /// loss and the gradients of `params`. Models without block structure say so.
+    fn forward_backward_checkpointed(
+        &self,
+        _pixel_values: &Tensor,
+        _input_ids: &Tensor,
+        _attention_mask: &Tensor,
+        _params: &[(String, Var)],
+        _lora: &[Arc<LoraLayer>],
+        _loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
+    ) -> Result<(Tensor, Grads)> {
+        Err(TrainError::Invalid(
+            "this model does not support gradient checkpointing".into(),
+        ))
+    }
 }
 
 /// A training batch for the VLA: images and collated text.
@@ -147,6 +165,8 @@ pub struct VlaObjective<M: TrainModel> {
     pub lora_layers: Vec<Arc<LoraLayer>>,
     /// Decodes action ids for the L1 metric.
     pub action_tokenizer: ActionTokenizer,
+    /// Per-block gradient checkpointing (`--checkpointing`): less memory, one more forward.
+    pub checkpointing: bool,
 }
 
 impl<M: TrainModel> std::fmt::Debug for VlaObjective<M> {
@@ -201,6 +221,7 @@ impl<M: TrainModel> VlaObjective<M> {
             adapter,
             lora_layers,
             action_tokenizer,
+            checkpointing: false,
         })
     }
 }
@@ -241,6 +262,57 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
             action_accuracy: Some(m.action_accuracy),
             action_l1_loss: Some(m.action_l1_loss),
         })
+    }
+
+    fn forward_backward(
+        &mut self,
+        batch: &VlaBatch,
+        rng: &mut TrainRng,
+        accumulation: u64,
+    ) -> Result<(StepOutput, Grads)> {
+        if !self.checkpointing {
+            return plain_forward_backward(self, batch, rng, accumulation);
+        }
+        for l in &self.lora_layers {
+            l.reseed(rng.next_u64())?;
+        }
+        let dev = batch.pixel_values.device().clone();
+        let np = self.model.num_patches();
+        let labels = batch.text.multimodal_labels(np);
+        let mut metrics = None;
+        let mut unscaled = None;
+        let tokenizer = &self.action_tokenizer;
+        let text = &batch.text;
+        let mut loss_of = |out: &TrainLogits| -> Result<Tensor> {
+            let loss = causal_lm_loss(&out.logits, &labels, out.offset)?;
+            metrics = Some(action_metrics(&out.logits, text, np, out.offset, tokenizer)?);
+            unscaled = Some(loss.loss.detach());
+            Ok(if accumulation > 1 {
+                (loss.loss / accumulation as f64)?
+            } else {
+                loss.loss
+            })
+        };
+        let params = self.params();
+        let (_, grads) = self.model.forward_backward_checkpointed(
+            &batch.pixel_values,
+            &batch.text.input_ids_tensor(&dev)?,
+            &batch.text.attention_mask_tensor(&dev)?,
+            &params,
+            &self.lora_layers,
+            &mut loss_of,
+        )?;
+        let (Some(m), Some(loss)) = (metrics, unscaled) else {
+            return Err(TrainError::Invalid("the loss was never computed".into()));
+        };
+        Ok((
+            StepOutput {
+                loss,
+                action_accuracy: Some(m.action_accuracy),
+                action_l1_loss: Some(m.action_l1_loss),
+            },
+            grads,
+        ))
     }
 
     fn export(&self, dir: &Path) -> Result<()> {

@@ -15,6 +15,7 @@ use crate::log::{read_metrics, MetricsLog, MetricsRecord};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::plot::write_svg;
 use crate::progress::TrainProgress;
+use crate::recompute::Grads;
 use crate::rng::TrainRng;
 use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
@@ -43,6 +44,18 @@ pub trait Objective {
     /// Computes the loss of one micro-batch. All randomness (dropout, ...) must come from
     /// `rng`.
     fn forward(&mut self, batch: &Self::Batch, rng: &mut TrainRng) -> Result<StepOutput>;
+
+    /// The loss of one micro-batch and the gradients of `loss / accumulation` (the number of
+    /// micro-batches per step) with respect to [`Objective::params`]. The default is [`Objective::forward`] and one `backward`; an
+    /// objective may drive its own backward (gradient checkpointing) instead.
+    fn forward_backward(
+        &mut self,
+        batch: &Self::Batch,
+        rng: &mut TrainRng,
+        accumulation: u64,
+    ) -> Result<(StepOutput, Grads)> {
+        plain_forward_backward(self, batch, rng, accumulation)
+    }
 
     /// Writes extra artifacts into a checkpoint directory before it is published (e.g. the
     /// PEFT adapter). The default writes nothing.
@@ -149,6 +162,33 @@ pub fn zero_gradient_params(
     Ok(out)
 }
 
+/// [`Objective::forward`] then one `backward` of `loss / accumulation` (the loss itself is
+/// returned).
+pub fn plain_forward_backward<O: Objective + ?Sized>(
+    obj: &mut O,
+    batch: &O::Batch,
+    rng: &mut TrainRng,
+    accumulation: u64,
+) -> Result<(StepOutput, Grads)> {
+    let out = obj.forward(batch, rng)?;
+    let scaled = if accumulation > 1 {
+        (&out.loss / accumulation as f64)?
+    } else {
+        out.loss.clone()
+    };
+    let store = scaled.backward()?;
+    let vars: Vec<Var> = obj.params().into_iter().map(|(_, v)| v).collect();
+    let mut grads = Grads::new();
+    grads.absorb(&store, &vars)?;
+    Ok((
+        StepOutput {
+            loss: out.loss.detach(),
+            ..out
+        },
+        grads,
+    ))
+}
+
 /// Runs (or, with `resume`, continues) training until `max_steps`.
 pub fn train<O, D>(
     obj: &mut O,
@@ -220,7 +260,7 @@ where
         let (mut loss_sum, mut acc_sum, mut l1_sum, mut n_acc) = (0f64, 0f64, 0f64, 0u64);
         for _ in 0..cfg.grad_accumulation {
             let batch = data.next_batch()?;
-            let out = obj.forward(&batch, &mut rng)?;
+            let (out, grads) = obj.forward_backward(&batch, &mut rng, cfg.grad_accumulation)?;
             let l = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             if !l.is_finite() {
                 progress.finish();
@@ -236,12 +276,6 @@ where
                 l1_sum += b;
                 n_acc += 1;
             }
-            let scaled = if cfg.grad_accumulation > 1 {
-                (out.loss / cfg.grad_accumulation as f64)?
-            } else {
-                out.loss
-            };
-            let grads = scaled.backward()?;
             for (name, var) in &params {
                 if let Some(g) = grads.get(var) {
                     add_grads(&mut acc, name, g)?;

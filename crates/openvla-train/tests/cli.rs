@@ -182,6 +182,7 @@ fn finetune_args(model: &Path, out: &Path) -> FinetuneArgs {
         keep_last: 1,
         image_aug: true,
         shuffle_buffer: 1000,
+        checkpointing: false,
         seed: 7,
         precision: openvla_train::cli::Precision::F32,
         resume: false,

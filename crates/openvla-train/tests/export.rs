@@ -36,6 +36,7 @@ fn args(out: &Path, mode: TrainMode) -> FinetuneArgs {
         keep_last: 1,
         image_aug: false,
         shuffle_buffer: 16,
+        checkpointing: false,
         seed: 7,
         precision: Precision::F32,
         resume: false,

@@ -33,6 +33,7 @@ fn args(out: &Path, max_steps: u64) -> FinetuneArgs {
         keep_last: 1,
         image_aug: true,
         shuffle_buffer: 16,
+        checkpointing: false,
         seed: 3,
         precision: Precision::F32,
         resume: false,

@@ -98,6 +98,7 @@ fn memory_estimate_of_the_7b() {
         text_tokens: 40,
         weight_bytes: 2,
         activation_bytes: 2,
+        checkpointing: false,
     };
     let lora = estimate(&inp(TrainMode::Lora, 16)).unwrap();
     assert_eq!(lora.total_params, 7_541_237_184);

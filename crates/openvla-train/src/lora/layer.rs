@@ -52,6 +52,25 @@ impl LoraLayer {
         Ok(())
     }
 
+    /// The dropout stream's current state (saved by gradient checkpointing, so that a
+    /// recomputed block draws the masks its forward drew).
+    pub fn rng_state(&self) -> Result<TrainRng> {
+        Ok(self
+            .rng
+            .lock()
+            .map_err(|_| TrainError::Invalid("LoRA dropout RNG poisoned".into()))?
+            .clone())
+    }
+
+    /// Puts the dropout stream back to a state from [`LoraLayer::rng_state`].
+    pub fn set_rng_state(&self, state: TrainRng) -> Result<()> {
+        *self
+            .rng
+            .lock()
+            .map_err(|_| TrainError::Invalid("LoRA dropout RNG poisoned".into()))? = state;
+        Ok(())
+    }
+
     fn dropout(&self, x: &Tensor) -> Result<Tensor> {
         if !self.training || self.dropout <= 0.0 {
             return Ok(x.clone());

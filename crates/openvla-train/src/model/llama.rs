@@ -176,6 +176,21 @@ impl LlamaTrain {
     /// Runs the decoder over `x [B, S, D]` with the additive mask `[B, 1, S, S]` (positions
     /// `0..S`); returns the hidden states after the final RMSNorm.
     pub fn forward(&self, p: &ParamStore, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let rope = self.rope(x)?;
+        let mut h = x.clone();
+        for i in 0..self.layers.len() {
+            h = self.decoder_layer(p, i, &h, mask, &rope)?;
+        }
+        self.final_norm(&h)
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The RoPE tables for a sequence `x [B, S, D]` (an error past `max_position_embeddings`).
+    pub fn rope(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let s = x.dim(1)?;
         if s > self.cfg.max_position_embeddings {
             return Err(TrainError::Invalid(format!(
@@ -183,12 +198,31 @@ impl LlamaTrain {
                 self.cfg.max_position_embeddings
             )));
         }
-        let (cos, sin) = self.rope_tables(s, x.device())?;
-        let mut h = x.clone();
-        for l in &self.layers {
-            h = self.layer(p, l, &h, mask, &cos, &sin)?;
-        }
-        rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+        self.rope_tables(s, x.device())
+    }
+
+    /// Decoder layer `i` over `x [B, S, D]` with the additive mask and the tables of
+    /// [`LlamaTrain::rope`].
+    pub fn decoder_layer(
+        &self,
+        p: &ParamStore,
+        i: usize,
+        x: &Tensor,
+        mask: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let l = self.layers.get(i).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "no decoder layer {i} (the model has {})",
+                self.layers.len()
+            ))
+        })?;
+        self.layer(p, l, x, mask, cos, sin)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Logits `[B, T, V]` (float32) of hidden states `[B, T, D]`.

@@ -149,6 +149,39 @@ impl VisionTower {
 
     /// `pixels [B, 3, H, W]` -> patch features `[B, num_patches, D]` of block `len - 2`.
     pub fn forward(&self, p: &ParamStore, pixels: &Tensor) -> Result<Tensor> {
+        let mut x = self.stem(p, pixels)?;
+        for i in 0..self.blocks.len() {
+            x = self.block(p, i, &x)?;
+        }
+        self.patch_features(&x)
+    }
+
+    /// Number of blocks run (up to and including the selected one).
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `i` over the token sequence `x [B, N, D]`.
+    pub fn block(&self, p: &ParamStore, i: usize, x: &Tensor) -> Result<Tensor> {
+        let b = self.blocks.get(i).ok_or_else(|| {
+            crate::error::TrainError::Invalid(format!(
+                "no vision block {i} (the tower runs {})",
+                self.blocks.len()
+            ))
+        })?;
+        b.forward(p, x)
+    }
+
+    /// The selected block's output with the prefix (class, register) tokens dropped.
+    pub fn patch_features(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(1)?;
+        let np = self.cfg.num_prefix_tokens();
+        Ok(x.narrow(D::Minus2, np, n - np)?)
+    }
+
+    /// Patch embedding (with its LoRA branch), position embedding and prefix tokens: the
+    /// token sequence `[B, N, D]` the first block reads.
+    pub fn stem(&self, p: &ParamStore, pixels: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = pixels.dims4()?;
         let ps = self.cfg.patch_size;
         let (gh, gw) = (h / ps, w / ps);
@@ -178,11 +211,6 @@ impl VisionTower {
             prefix.push(x);
             x = Tensor::cat(&prefix, 1)?;
         }
-        for block in &self.blocks {
-            x = block.forward(p, &x)?;
-        }
-        let n = x.dim(1)?;
-        let np = self.cfg.num_prefix_tokens();
-        Ok(x.narrow(D::Minus2, np, n - np)?)
+        Ok(x)
     }
 }

@@ -8,6 +8,7 @@ use super::vit::VisionTower;
 use crate::error::{Result, TrainError};
 use crate::lora::{LoraLayer, ModuleInfo};
 use crate::mode::{is_trainable, TrainMode};
+use crate::recompute::{backward_blocks, backward_through, forward_blocks, Grads};
 use crate::seam::{TrainLogits, TrainModel};
 use candle_core::{DType, Device, Tensor, Var};
 use openvla::config::Variant;
@@ -152,9 +153,8 @@ impl OpenVlaTrain {
         Ok(Tensor::from_vec(out, (b, 1, s, s), device)?)
     }
 
-    /// The forward of the full multimodal sequence up to the final norm: hidden states
-    /// `[B, P + T, D]`.
-    pub fn hidden_states(
+    /// Checks the batch's shapes; returns the pixel values as float32.
+    fn check_inputs(
         &self,
         pixel_values: &Tensor,
         input_ids: &Tensor,
@@ -174,10 +174,11 @@ impl OpenVlaTrain {
                 pixel_values.dims()
             )));
         }
-        let pixel_values = pixel_values.to_dtype(DType::F32)?;
-        let projected = self
-            .projector
-            .forward(&self.params, &self.vision(&pixel_values)?)?;
+        Ok(pixel_values.to_dtype(DType::F32)?)
+    }
+
+    /// The LLM's input `[BOS, projected patches, rest of the prompt]` (`[B, P + T, D]`).
+    fn sequence(&self, projected: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
         if projected.dim(1)? != self.num_patches() {
             return Err(TrainError::Invalid(format!(
                 "the image gives {} patches; the model expects {} (wrong image size?)",
@@ -185,17 +186,149 @@ impl OpenVlaTrain {
                 self.num_patches()
             )));
         }
+        let t = input_ids.dim(1)?;
         let text = self.llm.embed(input_ids)?;
-        let seq = Tensor::cat(
+        Ok(Tensor::cat(
             &[
                 &text.narrow(1, 0, 1)?,
-                &projected,
+                projected,
                 &text.narrow(1, 1, t - 1)?,
             ],
             1,
-        )?;
+        )?)
+    }
+
+    /// The forward of the full multimodal sequence up to the final norm: hidden states
+    /// `[B, P + T, D]`.
+    pub fn hidden_states(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let pixel_values = self.check_inputs(pixel_values, input_ids, attention_mask)?;
+        let projected = self
+            .projector
+            .forward(&self.params, &self.vision(&pixel_values)?)?;
+        let seq = self.sequence(&projected, input_ids)?;
         let mask = self.multimodal_mask(attention_mask, seq.device())?;
         self.llm.forward(&self.params, &seq, &mask)
+    }
+
+    /// The logits the objectives read, from the hidden states.
+    fn train_logits(&self, hidden: &Tensor) -> Result<TrainLogits> {
+        // Patch positions predict patches (label -100): skip their logits.
+        let np = self.num_patches();
+        let s = hidden.dim(1)?;
+        let h = hidden.narrow(1, np, s - np)?;
+        Ok(TrainLogits {
+            logits: self.llm.logits(&self.params, &h)?,
+            offset: np,
+        })
+    }
+
+    /// One micro-batch's forward and backward with per-block gradient checkpointing (see
+    /// [`crate::recompute`]): every vision block and every decoder layer keeps only its input,
+    /// and is recomputed during a backward driven block by block. `loss_of` turns the logits
+    /// into the loss to differentiate (plus anything else the caller wants back). Returns that
+    /// and the gradients of `params`; `lora` are the attached LoRA branches, whose dropout
+    /// streams are replayed. Gradients equal [`TrainModel::forward_train`] + `backward`'s up
+    /// to summation order.
+    pub fn forward_backward_checkpointed(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        params: &[(String, Var)],
+        lora: &[Arc<LoraLayer>],
+        loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
+    ) -> Result<(Tensor, Grads)> {
+        self.checkpointed_step(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            params,
+            lora,
+            loss_of,
+        )
+    }
+
+    fn checkpointed_step(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        params: &[(String, Var)],
+        lora: &[Arc<LoraLayer>],
+        loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
+    ) -> Result<(Tensor, Grads)> {
+        let p = &self.params;
+        let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let pixels = self.check_inputs(pixel_values, input_ids, attention_mask)?;
+        let c = pixels.dim(1)?;
+        if c != 3 * self.towers.len() {
+            return Err(TrainError::Invalid(format!(
+                "pixel_values have {c} channels; this model's backbone expects {}",
+                3 * self.towers.len()
+            )));
+        }
+        // Vision: the stems keep their (small) graphs; the blocks are checkpointed.
+        let mut towers = Vec::with_capacity(self.towers.len());
+        for (i, t) in self.towers.iter().enumerate() {
+            let stem = t.stem(p, &pixels.narrow(1, 3 * i, 3)?)?;
+            let block = |j: usize, h: &Tensor| t.block(p, j, h);
+            let (out, tape) = forward_blocks(&stem, t.num_blocks(), lora, &block)?;
+            let leaf = Var::from_tensor(&out)?;
+            let trains = params.iter().any(|(n, _)| n.contains(TOWER_PREFIXES[i]));
+            towers.push((stem, tape, leaf, trains));
+        }
+        let feats = towers
+            .iter()
+            .zip(&self.towers)
+            .map(|((_, _, leaf, _), t)| t.patch_features(leaf.as_tensor()))
+            .collect::<Result<Vec<_>>>()?;
+        let feats = if feats.len() == 1 {
+            feats[0].clone()
+        } else {
+            Tensor::cat(&feats, 2)?
+        };
+        let projected = self.projector.forward(p, &feats)?;
+        let seq = self.sequence(&projected, input_ids)?;
+        let mask = self.multimodal_mask(attention_mask, seq.device())?;
+        let rope = self.llm.rope(&seq)?;
+        let layer = |i: usize, h: &Tensor| self.llm.decoder_layer(p, i, h, &mask, &rope);
+        let (out, llm_tape) = forward_blocks(&seq, self.llm.num_layers(), lora, &layer)?;
+        // The top: final norm, lm_head and the loss, with a plain backward.
+        let top = Var::from_tensor(&out)?;
+        let logits = self.train_logits(&self.llm.final_norm(top.as_tensor())?)?;
+        let loss = loss_of(&logits)?;
+        drop(logits);
+        let mut grads = Grads::new();
+        let store = loss.backward()?;
+        grads.absorb(&store, &vars)?;
+        let g_top = match store.get(top.as_tensor()) {
+            Some(g) => g.detach(),
+            None => top.as_tensor().zeros_like()?,
+        };
+        drop(store);
+        // The decoder, layer by layer, then the projector and embeddings in one pass.
+        let g_seq = backward_blocks(&llm_tape, &g_top, lora, &layer, &vars, &mut grads)?;
+        drop(llm_tape);
+        let store = backward_through(&seq, &g_seq)?;
+        grads.absorb(&store, &vars)?;
+        // Each tower whose parameters train, block by block, then its stem.
+        for ((stem, tape, leaf, trains), t) in towers.iter().zip(&self.towers) {
+            if !trains {
+                continue;
+            }
+            let Some(g) = store.get(leaf.as_tensor()) else {
+                continue;
+            };
+            let block = |j: usize, h: &Tensor| t.block(p, j, h);
+            let g_stem = backward_blocks(tape, g, lora, &block, &vars, &mut grads)?;
+            grads.absorb(&backward_through(stem, &g_stem)?, &vars)?;
+        }
+        Ok((loss.detach(), grads))
     }
 }
 
@@ -211,18 +344,30 @@ impl TrainModel for OpenVlaTrain {
         attention_mask: &Tensor,
     ) -> Result<TrainLogits> {
         let hidden = self.hidden_states(pixel_values, input_ids, attention_mask)?;
-        // Patch positions predict patches (label -100): skip their logits.
-        let np = self.num_patches();
-        let s = hidden.dim(1)?;
-        let h = hidden.narrow(1, np, s - np)?;
-        Ok(TrainLogits {
-            logits: self.llm.logits(&self.params, &h)?,
-            offset: np,
-        })
+        self.train_logits(&hidden)
     }
 
     fn named_parameters(&self) -> Vec<(String, Var)> {
         self.params.named_parameters()
+    }
+
+    fn forward_backward_checkpointed(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        params: &[(String, Var)],
+        lora: &[Arc<LoraLayer>],
+        loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
+    ) -> Result<(Tensor, Grads)> {
+        self.checkpointed_step(
+            pixel_values,
+            input_ids,
+            attention_mask,
+            params,
+            lora,
+            loss_of,
+        )
     }
 
     fn modules(&self) -> Vec<ModuleInfo> {
