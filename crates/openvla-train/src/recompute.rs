@@ -150,13 +150,19 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[0.3f32, -1.2, 0.7], [1.1, 0.2, -0.4]], &dev).unwrap();
         let w1 = Var::from_tensor(
-            &Tensor::new(&[[0.5f32, -0.3, 0.8], [0.1, 0.9, -0.6], [-0.7, 0.2, 0.4]], &dev)
-                .unwrap(),
+            &Tensor::new(
+                &[[0.5f32, -0.3, 0.8], [0.1, 0.9, -0.6], [-0.7, 0.2, 0.4]],
+                &dev,
+            )
+            .unwrap(),
         )
         .unwrap();
         let w2 = Var::from_tensor(
-            &Tensor::new(&[[0.2f32, 0.6, -0.1], [-0.5, 0.3, 0.7], [0.9, -0.2, 0.1]], &dev)
-                .unwrap(),
+            &Tensor::new(
+                &[[0.2f32, 0.6, -0.1], [-0.5, 0.3, 0.7], [0.9, -0.2, 0.1]],
+                &dev,
+            )
+            .unwrap(),
         )
         .unwrap();
         let ws = [w1.clone(), w2.clone()];

@@ -285,7 +285,13 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
         let text = &batch.text;
         let mut loss_of = |out: &TrainLogits| -> Result<Tensor> {
             let loss = causal_lm_loss(&out.logits, &labels, out.offset)?;
-            metrics = Some(action_metrics(&out.logits, text, np, out.offset, tokenizer)?);
+            metrics = Some(action_metrics(
+                &out.logits,
+                text,
+                np,
+                out.offset,
+                tokenizer,
+            )?);
             unscaled = Some(loss.loss.detach());
             Ok(if accumulation > 1 {
                 (loss.loss / accumulation as f64)?
