@@ -124,3 +124,35 @@ fn memory_estimate_of_the_7b() {
     assert!(e.contains("7B full fine-tuning needs about"), "{e}");
     check_fits(&lora1, 80 << 30, "7B LoRA b1").unwrap();
 }
+
+#[test]
+fn checkpointing_shrinks_the_activation_estimate() {
+    let cfg = config_7b();
+    let inp = |batch, checkpointing| MemoryInputs {
+        config: &cfg,
+        mode: TrainMode::Lora,
+        lora_rank: 32,
+        lora_targets: TargetModules::Pattern("all-linear".into()),
+        batch_size: batch,
+        text_tokens: 40,
+        weight_bytes: 2,
+        activation_bytes: 4,
+        checkpointing,
+    };
+    let plain = estimate(&inp(1, false)).unwrap();
+    let ckpt = estimate(&inp(1, true)).unwrap();
+    eprintln!("7B LoRA b1 bf16 plain:         {}", plain.describe());
+    eprintln!("7B LoRA b1 bf16 checkpointing: {}", ckpt.describe());
+    // Same weights, gradients and moments; activations: block inputs + one block's graph.
+    assert_eq!(
+        (ckpt.weights, ckpt.gradients, ckpt.optimizer),
+        (plain.weights, plain.gradients, plain.optimizer)
+    );
+    assert!(ckpt.activations * 10 < plain.activations);
+    let (v, l) = openvla_train::memory::checkpointed_activation_elems(&cfg, 40);
+    let (pv, pl) = openvla_train::memory::activation_elems(&cfg, 40);
+    assert!(v < pv && l < pl);
+    // The 7B LoRA step at batch 1 fits a 24 GiB machine only with checkpointing.
+    assert!(check_fits(&plain, 24 << 30, "7B LoRA b1").is_err());
+    check_fits(&ckpt, 24 << 30, "7B LoRA b1 with --checkpointing").unwrap();
+}
