@@ -379,7 +379,8 @@ fn stack_weights(parts: &[Linear]) -> Result<Option<Weight>> {
         qs.extend_from_slice(q.qs());
         scales.extend_from_slice(q.scales());
     }
-    let m = QuantMatrix::from_parts(quant[0].format(), rows, quant[0].cols(), qs, scales)?;
+    let m = QuantMatrix::from_parts(quant[0].format(), rows, quant[0].cols(), qs, scales)
+        .map_err(|e| crate::Error::InvalidInput(format!("stacking quantized layers: {e}")))?;
     Ok(Some(Weight::Quant(Arc::new(m))))
 }
 

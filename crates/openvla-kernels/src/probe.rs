@@ -178,7 +178,7 @@ pub struct MatmulRates {
 /// Measures [`MatmulRates`] (best of 2 after a warm-up).
 pub fn matmul_gflops(m: usize, n: usize, k: usize) -> MatmulRates {
     use super::{half_matmul, quant_matmul};
-    use crate::quant::{QuantFormat, QuantMatrix};
+    use crate::format::{QuantFormat, QuantMatrix};
     let w: Vec<f32> = (0..n * k)
         .map(|i| (i.wrapping_mul(2654435761) % 1000) as f32 / 1000.0 - 0.5)
         .collect();

@@ -1,13 +1,13 @@
 //! Microbenchmarks of the matmul kernels at the model's shapes:
-//! `cargo bench -p openvla --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`, `ONLY=a,b`
+//! `cargo bench -p openvla-kernels --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`, `ONLY=a,b`
 //! to select kernels, `REPS` rounds).
 //!
 //! The kernels are timed **interleaved**: each round runs every selected kernel once, and the
 //! best round of each is reported, so ratios between kernels are taken under the same machine
 //! load (the benchmark machine is shared and noisy).
 
-use openvla::kernels::{half_matmul, quant_matmul};
-use openvla::quant::{QuantFormat, QuantMatrix};
+use openvla_kernels::{half_matmul, quant_matmul};
+use openvla_kernels::{QuantFormat, QuantMatrix};
 use std::time::Instant;
 
 type Kernel<'a> = (&'static str, usize, Box<dyn FnMut() + 'a>);
@@ -81,7 +81,7 @@ fn main() {
                     "f32 tiled",
                     n * k * 4,
                     Box::new(move || {
-                        openvla::kernels::tiled_gemm_f32(
+                        openvla_kernels::tiled_gemm_f32(
                             x,
                             &ws[next()],
                             &mut y.borrow_mut(),
@@ -98,7 +98,7 @@ fn main() {
                     n * k * 2,
                     Box::new(move || {
                         let w = &bfs[next()];
-                        openvla::kernels::tiled_gemm_v0(
+                        openvla_kernels::tiled_gemm_v0(
                             x,
                             &mut y.borrow_mut(),
                             m,
@@ -120,7 +120,7 @@ fn main() {
                     "f32 rows",
                     n * k * 4,
                     Box::new(move || {
-                        openvla::kernels::f32_matmul::matmul(
+                        openvla_kernels::f32_matmul::matmul(
                             x,
                             &ws[next()],
                             &mut y.borrow_mut(),
@@ -170,7 +170,7 @@ fn main() {
                             match path {
                                 0 => quant_matmul::matmul(x, w, y, m, false),
                                 1 => quant_matmul::matmul_dequant(x, w, y, m),
-                                _ => openvla::kernels::tiled_gemm_v0(x, y, m, n, k, |j0, _, b| {
+                                _ => openvla_kernels::tiled_gemm_v0(x, y, m, n, k, |j0, _, b| {
                                     w.dequantize_rows(j0, b)
                                 }),
                             }

@@ -353,7 +353,7 @@ pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::{lcg, reference, SHAPES};
+    use crate::test_util::{lcg, reference, SHAPES};
 
     #[test]
     fn matches_f64_reference_on_ragged_shapes() {

@@ -26,7 +26,7 @@
 
 use super::quant_matmul::quantize_block_i16;
 use super::OutPtr;
-use crate::quant::{QuantFormat, QuantMatrix, BLOCK};
+use crate::format::{QuantFormat, QuantMatrix, BLOCK};
 use rayon::prelude::*;
 
 /// Activation rows per micro-panel.
@@ -406,7 +406,7 @@ unsafe fn kernel_6x16_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::{lcg, reference, SHAPES};
+    use crate::test_util::{lcg, reference, SHAPES};
 
     #[test]
     fn matches_f64_reference_and_portable_bits_and_rows_alone() {

@@ -1,4 +1,6 @@
-//! Hand-written CPU kernels where candle's are slow (measured in `docs/benchmarks.md`).
+//! openvla-kernels: the CPU kernels of openvla-rs where candle's are slow (measured in
+//! `docs/benchmarks.md`), and the block-quantized weight formats they read ([`format`]).
+//! Nothing here depends on the model crate.
 //!
 //! Every kernel computes `y = x · Wᵀ` for f32 activations `x [m, k]` and a weight matrix
 //! `W [n, k]` in some storage format, with two paths:
@@ -20,12 +22,14 @@
 pub mod activation;
 pub mod attention;
 pub mod f32_matmul;
+pub mod format;
 pub mod half_matmul;
 pub mod i16_gemm;
 pub mod probe;
 pub mod quant_matmul;
 pub mod sgemm;
 
+pub use format::{FormatError, QuantFormat, QuantMatrix, BLOCK};
 use rayon::prelude::*;
 
 /// Rows of `x` at or above which the tiled-gemm path is used (unless row-wise is forced).
@@ -371,7 +375,7 @@ pub(crate) mod test_util {
 mod tests {
     use super::test_util::{lcg, reference, SHAPES};
     use super::*;
-    use crate::quant::{QuantFormat, QuantMatrix};
+    use crate::format::{QuantFormat, QuantMatrix};
 
     fn tol(k: usize) -> f64 {
         2e-5 * (k as f64).sqrt().max(1.0)

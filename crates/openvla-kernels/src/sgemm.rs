@@ -262,8 +262,8 @@ unsafe fn kernel_6x16(
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::super::test_util::{lcg, reference, SHAPES};
     use super::*;
+    use crate::test_util::{lcg, reference, SHAPES};
 
     #[test]
     fn matches_f64_reference_on_ragged_shapes() {
