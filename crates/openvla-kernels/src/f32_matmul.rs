@@ -92,7 +92,7 @@ pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize)
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::has_avx512() {
             // SAFETY: the CPU supports AVX-512F (checked above).
             return unsafe { dot_avx512(a, b) };
         }

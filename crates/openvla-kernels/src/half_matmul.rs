@@ -94,7 +94,7 @@ pub fn matmul(
     }
     if rowwise || m < GEMM_MIN_ROWS {
         #[cfg(target_arch = "x86_64")]
-        if kind == Half::Bf16 && has_avx2() && !std::arch::is_x86_feature_detected!("avx512f") {
+        if kind == Half::Bf16 && has_avx2() && !crate::has_avx512() {
             // Activations with even and odd elements of every 16 split, to meet bf16 weights
             // widened without shuffles (see `dot_bf16_avx2_split`).
             let xs: Vec<f32> = x.chunks(k).flat_map(split_even_odd).collect();
@@ -146,7 +146,7 @@ pub fn dot(w: &[u16], x: &[f32], kind: Half) -> f32 {
     debug_assert_eq!(w.len(), x.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if kind == Half::Bf16 && std::arch::is_x86_feature_detected!("avx512f") {
+        if kind == Half::Bf16 && crate::has_avx512() {
             // SAFETY: the CPU supports AVX-512F (checked above).
             return unsafe { dot_bf16_avx512(w, x) };
         }

@@ -21,6 +21,8 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16_gemm;
+pub mod dispatch;
 pub mod f32_matmul;
 pub mod format;
 pub mod half_matmul;
@@ -29,6 +31,7 @@ pub mod probe;
 pub mod quant_matmul;
 pub mod sgemm;
 
+pub use dispatch::ComputePrecision;
 pub use format::{FormatError, QuantFormat, QuantMatrix, BLOCK};
 use rayon::prelude::*;
 
@@ -40,23 +43,16 @@ pub const DOT_TILE_ROWS: usize = 64;
 /// for each tile stays a small fraction of the work).
 pub const GEMM_TILE_ROWS: usize = 256;
 
-/// Whether the CPU has AVX2, FMA and F16C (x86-64-v3), checked once.
+/// Whether the kernels may use AVX2, FMA and F16C (x86-64-v3): [`dispatch::Features::get`].
 #[inline]
 pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    dispatch::Features::get().avx2
+}
+
+/// Whether the kernels may use AVX-512 F/BW/VL: [`dispatch::Features::get`].
+#[inline]
+pub fn has_avx512() -> bool {
+    dispatch::Features::get().avx512
 }
 
 /// Runs `f` on a thread of the rayon pool (directly when already on one), so that the parallel
