@@ -11,6 +11,7 @@
 //! weights up to summation order: the reference's float32 function at 16-bit memory cost.
 
 use super::{for_each_tile, has_avx2, tiled_gemm, DOT_TILE_ROWS, GEMM_MIN_ROWS};
+use crate::ComputePrecision;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use half::{bf16, f16};
 
@@ -27,9 +28,14 @@ pub enum Half {
 ///
 /// With `rowwise`, every output row is computed by the same dot-product kernel whatever the
 /// number of rows, so a row's result does not depend on what else is in the batch.
+///
+/// With [`ComputePrecision::Bf16`], the many-row path computes in bf16 arithmetic
+/// ([`crate::bf16_gemm`]; bf16 weights are used as stored, f16 ones rounded to bf16).
 pub struct HalfMatmul {
     /// Force the row-independent dot-product path.
     pub rowwise: bool,
+    /// The arithmetic of the many-row path.
+    pub compute: ComputePrecision,
 }
 
 impl CustomOp2 for HalfMatmul {
@@ -64,7 +70,23 @@ impl CustomOp2 for HalfMatmul {
             _ => candle_core::bail!("half-weight-matmul expects bf16 or f16 weights"),
         };
         let mut y = vec![0f32; m * n];
-        matmul(&x[xs..xe], bits, kind, &mut y, m, n, k, self.rowwise);
+        let x = &x[xs..xe];
+        if self.compute == ComputePrecision::Bf16 && !self.rowwise && m >= GEMM_MIN_ROWS {
+            assert_eq!(bits.len(), n * k);
+            crate::bf16_gemm::tiled_gemm_bf16(x, &mut y, m, n, k, |j0, nb, t| {
+                let src = &bits[j0 * k..(j0 + nb) * k];
+                match kind {
+                    Half::Bf16 => t.copy_from_slice(src),
+                    Half::F16 => {
+                        let mut wide = vec![0f32; src.len()];
+                        widen(src, kind, &mut wide);
+                        crate::bf16_gemm::round_slice(&wide, t)
+                    }
+                }
+            });
+        } else {
+            matmul(x, bits, kind, &mut y, m, n, k, self.rowwise);
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
