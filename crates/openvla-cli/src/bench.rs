@@ -424,10 +424,17 @@ fn measure_limits() -> Value {
     let bw = probe::memory_bandwidth(1 << 30);
     let fma = probe::fma_peak_gflops();
     let int8 = probe::int8_peak_gops();
+    let peaks = probe::Peaks::measure();
     let gemm = probe::matmul_gflops(279, 4096, 4096);
     json!({
         "threads": rayon::current_num_threads(),
         "bandwidth_gbs": bw,
+        "peaks": peaks,
+        "path_peak_gflops": {
+            "f32": peaks.path_peak(ComputePrecision::F32),
+            "bf16": peaks.path_peak(ComputePrecision::Bf16),
+        },
+        "dispatch": openvla::kernels::dispatch::table(),
         "fma_peak_gflops": fma,
         "int8_peak_gops": int8,
         "gemm_gflops": gemm,
@@ -581,6 +588,17 @@ fn print_report(r: &Value) {
             limits["gemm_gflops"]["q8_0"].as_f64().unwrap_or(f64::NAN),
             limits["gemm_gflops"]["q4_0"].as_f64().unwrap_or(f64::NAN),
         );
+        let p = &limits["peaks"];
+        let g = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
+        println!(
+            "peaks (GFLOP/s, GOP/s): AVX2 FMA {}, AVX-512 FMA {}, vdpbf16ps {}, vpdpbusd zmm {}, vpdpbusd ymm {}; 279x4096x4096 bf16-compute matmul {:.0} GFLOP/s",
+            g(&p["avx2_fma"]),
+            g(&p["avx512_fma"]),
+            g(&p["avx512_bf16_dot"]),
+            g(&p["avx512_vnni_dot"]),
+            g(&p["avx_vnni_dot"]),
+            limits["gemm_gflops"]["bf16_compute"].as_f64().unwrap_or(f64::NAN),
+        );
     }
     println!(
         "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}",
@@ -636,9 +654,23 @@ fn print_report(r: &Value) {
                     .as_f64()
                     .unwrap_or(f64::NAN),
             );
-        let peak = limits["fma_peak_gflops"].as_f64().unwrap_or(f64::NAN);
-        println!("efficiency (bandwidth bound at {bw:.1} GB/s; f32 FMA peak {peak:.0} GFLOP/s):");
+        let path_peak = |c: &str| {
+            limits["path_peak_gflops"][c]
+                .as_f64()
+                .unwrap_or(limits["fma_peak_gflops"].as_f64().unwrap_or(f64::NAN))
+        };
+        println!(
+            "efficiency (bandwidth bound at {bw:.1} GB/s; against the peak of the path taken: f32 arithmetic {:.0} GFLOP/s, bf16 arithmetic {:.0} GFLOP/s):",
+            path_peak("f32"),
+            path_peak("bf16")
+        );
         for v in ours {
+            let compute = if v["config"].as_str().unwrap_or("").contains("bf16-compute") {
+                "bf16"
+            } else {
+                "f32"
+            };
+            let peak = path_peak(compute);
             let bytes = v["decode_bytes_per_token"].as_f64().unwrap_or(f64::NAN);
             let bound_ms = bytes / (bw * 1e9) * 1e3;
             let dec = ms(v, "decode_per_token");
