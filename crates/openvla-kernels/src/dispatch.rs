@@ -196,7 +196,9 @@ pub fn table() -> String {
     } else {
         format!("bf16-rounded operands, then f32 GEMM: {gemm}")
     };
-    let int16 = if f.avx2 {
+    let int16 = if f.avx512 && f.avx512_vnni {
+        "AVX512-VNNI vpdpwssd int16 GEMM 6x32 (int32 block sums)"
+    } else if f.avx2 {
         "AVX2 vpmaddwd int16 GEMM 6x16 (int32 block sums)"
     } else {
         "dequantized tiles + gemm crate"
