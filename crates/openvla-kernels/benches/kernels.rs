@@ -1,6 +1,7 @@
 //! Microbenchmarks of the matmul kernels at the model's shapes:
 //! `cargo bench -p openvla-kernels --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`, `ONLY=a,b`
-//! to select kernels, `REPS` rounds).
+//! to select kernels, `REPS` rounds). `f32avx2`/`f32avx512` run one sgemm micro-kernel each,
+//! `bf16c` the bf16-arithmetic GEMM, `q8_0avx2` the int16 kernel without AVX512-VNNI.
 //!
 //! The kernels are timed **interleaved**: each round runs every selected kernel once, and the
 //! best round of each is reported, so ratios between kernels are taken under the same machine
@@ -88,6 +89,62 @@ fn main() {
                             m,
                             n,
                             k,
+                        )
+                    }),
+                ));
+            }
+            #[cfg(target_arch = "x86_64")]
+            for (name, kernel) in [
+                ("f32avx2", openvla_kernels::sgemm::Kernel::Avx2),
+                ("f32avx512", openvla_kernels::sgemm::Kernel::Avx512),
+            ] {
+                let f = openvla_kernels::dispatch::Features::detect();
+                let can = f.avx2 && (kernel == openvla_kernels::sgemm::Kernel::Avx2 || f.avx512);
+                if run(name) && m >= 8 && can {
+                    kernels.push((
+                        name,
+                        n * k * 4,
+                        Box::new(move || {
+                            openvla_kernels::tiled_gemm_f32_with(
+                                kernel,
+                                x,
+                                &ws[next()],
+                                &mut y.borrow_mut(),
+                                m,
+                                n,
+                                k,
+                            )
+                        }),
+                    ));
+                }
+            }
+            if run("bf16c") && m >= 8 {
+                kernels.push((
+                    "bf16c",
+                    n * k * 2,
+                    Box::new(move || {
+                        let w = &bfs[next()];
+                        openvla_kernels::bf16_gemm::tiled_gemm_bf16(
+                            x,
+                            &mut y.borrow_mut(),
+                            m,
+                            n,
+                            k,
+                            |j0, nb, t| t.copy_from_slice(&w[j0 * k..(j0 + nb) * k]),
+                        )
+                    }),
+                ));
+            }
+            if run("q8_0avx2") && m >= 8 && openvla_kernels::i16_gemm::available() {
+                kernels.push((
+                    "q8_0avx2",
+                    q8s[0].storage_bytes(),
+                    Box::new(move || {
+                        let a = openvla_kernels::i16_gemm::PackedActs::new(x, m, k);
+                        openvla_kernels::i16_gemm::matmul_avx2(
+                            &a,
+                            &q8s[next()],
+                            &mut y.borrow_mut(),
                         )
                     }),
                 ));

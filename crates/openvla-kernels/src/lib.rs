@@ -208,6 +208,34 @@ pub fn tiled_gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k
     });
 }
 
+/// [`tiled_gemm_f32`] with a chosen [`sgemm`] micro-kernel (the kernel bench compares them in
+/// one process). Panics where the CPU lacks the kernel's features.
+#[cfg(target_arch = "x86_64")]
+pub fn tiled_gemm_f32_with(
+    kernel: sgemm::Kernel,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let f = dispatch::Features::detect();
+    assert!(
+        f.avx2 && (kernel == sgemm::Kernel::Avx2 || f.avx512),
+        "the {kernel:?} sgemm kernel cannot run on this CPU"
+    );
+    assert!(x.len() >= m * k && w.len() >= n * k);
+    if m == 0 || k == 0 {
+        return tiled_gemm_f32(x, w, y, m, n, k);
+    }
+    let packed = sgemm::PackedRows::pack(x, m, k);
+    for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+        // SAFETY: features checked above; the tile's columns as in tiled_gemm.
+        unsafe { sgemm::gemm_packed_with(kernel, &packed, &w[j0 * k..(j0 + nb) * k], dst, n, nb) };
+    });
+}
+
 /// `dst [m, nb] (row stride rs) = x [m, k] · wᵀ` for `w [nb, k]`, on the calling thread (for
 /// callers that parallelize over independent products, such as attention heads).
 pub fn gemm_single(
