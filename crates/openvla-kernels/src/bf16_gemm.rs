@@ -18,6 +18,7 @@
 //! another order, so the mode means the same arithmetic on every CPU.
 
 use crate::half_matmul::{widen, Half};
+use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Rows of `x` per micro-panel.
@@ -62,16 +63,25 @@ impl PackedRowsBf16 {
         let kp = k.div_ceil(2);
         let panels = m.div_ceil(MR);
         let mut data = vec![0u32; panels * kp * MR];
-        for (p, panel) in data.chunks_mut((kp * MR).max(1)).enumerate() {
-            for r in 0..MR.min(m.saturating_sub(p * MR)) {
-                let row = &x[(p * MR + r) * k..(p * MR + r + 1) * k];
-                for (q, pair) in row.chunks(2).enumerate() {
-                    let lo = round_bf16(pair[0]) as u32;
-                    let hi = pair.get(1).map_or(0, |&v| round_bf16(v) as u32);
-                    panel[q * MR + r] = lo | hi << 16;
+        data.par_chunks_mut((kp * MR).max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                // Each row rounded into contiguous words first (a loop the compiler
+                // vectorizes), then spread into the panel.
+                let mut words = vec![0u32; kp];
+                for r in 0..MR.min(m.saturating_sub(p * MR)) {
+                    let row = &x[(p * MR + r) * k..(p * MR + r + 1) * k];
+                    for (w, pair) in words.iter_mut().zip(row.chunks_exact(2)) {
+                        *w = round_bf16(pair[0]) as u32 | (round_bf16(pair[1]) as u32) << 16;
+                    }
+                    if k % 2 == 1 {
+                        words[kp - 1] = round_bf16(row[k - 1]) as u32;
+                    }
+                    for (q, &w) in words.iter().enumerate() {
+                        panel[q * MR + r] = w;
+                    }
                 }
-            }
-        }
+            });
         PackedRowsBf16 { data, m, k }
     }
 
