@@ -1,7 +1,7 @@
 //! Microbenchmarks of the matmul kernels at the model's shapes:
 //! `cargo bench -p openvla-kernels --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`, `ONLY=a,b`
 //! to select kernels, `REPS` rounds). `f32avx2`/`f32avx512` run one sgemm micro-kernel each,
-//! `bf16c` the bf16-arithmetic GEMM, `q8_0avx2` the int16 kernel without AVX512-VNNI.
+//! `bf16c`/`bf16dot` the bf16-arithmetic GEMM through the f32 GEMM / `vdpbf16ps`, `q8_0avx2` the int16 kernel without AVX512-VNNI.
 //!
 //! The kernels are timed **interleaved**: each round runs every selected kernel once, and the
 //! best round of each is reported, so ratios between kernels are taken under the same machine
@@ -118,22 +118,26 @@ fn main() {
                     ));
                 }
             }
-            if run("bf16c") && m >= 8 {
-                kernels.push((
-                    "bf16c",
-                    n * k * 2,
-                    Box::new(move || {
-                        let w = &bfs[next()];
-                        openvla_kernels::bf16_gemm::tiled_gemm_bf16(
-                            x,
-                            &mut y.borrow_mut(),
-                            m,
-                            n,
-                            k,
-                            |j0, nb, t| t.copy_from_slice(&w[j0 * k..(j0 + nb) * k]),
-                        )
-                    }),
-                ));
+            let has_dot = openvla_kernels::dispatch::Features::detect().avx512_bf16;
+            for (name, dot) in [("bf16c", false), ("bf16dot", true)] {
+                if run(name) && m >= 8 && (has_dot || !dot) {
+                    kernels.push((
+                        name,
+                        n * k * 2,
+                        Box::new(move || {
+                            let w = &bfs[next()];
+                            openvla_kernels::bf16_gemm::tiled_gemm_bf16_with(
+                                dot,
+                                x,
+                                &mut y.borrow_mut(),
+                                m,
+                                n,
+                                k,
+                                |j0, nb, t| t.copy_from_slice(&w[j0 * k..(j0 + nb) * k]),
+                            )
+                        }),
+                    ));
+                }
             }
             if run("q8_0avx2") && m >= 8 && openvla_kernels::i16_gemm::available() {
                 kernels.push((

@@ -123,7 +123,26 @@ pub fn tiled_gemm_bf16(
     k: usize,
     to_bf16: impl Fn(usize, usize, &mut [u16]) + Sync,
 ) {
+    tiled_gemm_bf16_with(crate::dispatch::bf16_dot(), x, y, m, n, k, to_bf16)
+}
+
+/// [`tiled_gemm_bf16`] with the path chosen by the caller: `vdpbf16ps` (panics where the CPU
+/// lacks AVX512-BF16) or the rounded operands through the f32 GEMM (the kernel bench and tests
+/// compare both).
+pub fn tiled_gemm_bf16_with(
+    use_dot: bool,
+    x: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    to_bf16: impl Fn(usize, usize, &mut [u16]) + Sync,
+) {
     assert!(x.len() >= m * k);
+    assert!(
+        !use_dot || crate::dispatch::Features::detect().avx512_bf16,
+        "vdpbf16ps asked for on a CPU without AVX512-BF16"
+    );
     let with_tile = |j0: usize, nb: usize, f: &mut dyn FnMut(&[u16])| {
         TILE.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -135,7 +154,7 @@ pub fn tiled_gemm_bf16(
         })
     };
     #[cfg(target_arch = "x86_64")]
-    if crate::dispatch::bf16_dot() {
+    if use_dot {
         let packed = PackedRowsBf16::pack(x, m, k);
         crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
             with_tile(j0, nb, &mut |tile| {
@@ -397,15 +416,24 @@ mod tests {
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
             let want = reference(&x, &w, m, n, k);
             let tol = 3e-5 * (k as f64).sqrt().max(1.0) * 3.0;
-            let mut y = vec![f32::NAN; m * n];
-            tiled_gemm_bf16(&x, &mut y, m, n, k, |j0, nb, t| {
-                round_slice(&w[j0 * k..(j0 + nb) * k], t)
-            });
-            for (idx, (got, want)) in y.iter().zip(&want).enumerate() {
-                assert!(
-                    (*got as f64 - want).abs() <= tol,
-                    "dispatched m={m} n={n} k={k} at {idx}: {got} vs {want}"
-                );
+            let mut paths = vec![("dispatched", None), ("f32 GEMM", Some(false))];
+            if native {
+                paths.push(("vdpbf16ps", Some(true)));
+            }
+            for (name, path) in paths {
+                let mut y = vec![f32::NAN; m * n];
+                let tile =
+                    |j0: usize, nb: usize, t: &mut [u16]| round_slice(&w[j0 * k..(j0 + nb) * k], t);
+                match path {
+                    None => tiled_gemm_bf16(&x, &mut y, m, n, k, tile),
+                    Some(dot) => tiled_gemm_bf16_with(dot, &x, &mut y, m, n, k, tile),
+                }
+                for (idx, (got, want)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*got as f64 - want).abs() <= tol,
+                        "{name} m={m} n={n} k={k} at {idx}: {got} vs {want}"
+                    );
+                }
             }
             #[cfg(target_arch = "x86_64")]
             if native {

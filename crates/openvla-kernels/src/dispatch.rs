@@ -174,8 +174,33 @@ pub fn f32_gemm() -> GemmPath {
 
 /// Whether the bf16-arithmetic GEMM runs on `vdpbf16ps` here (else: operands rounded to
 /// bf16, then the f32 GEMM, which computes the same products and sums in another order).
+///
+/// Only on AMD CPUs: Zen 4 and Zen 5 execute `vdpbf16ps` at the full vector rate (32 bf16
+/// products per instruction, twice the f32 FMA's multiplies), but Intel's Sapphire Rapids runs
+/// it at a quarter of its AVX-512 FMA instruction rate, i.e. half the products per second
+/// (`openvla bench --limits` on 2026-12-06: vdpbf16ps 45 GFLOP/s against 93 for the AVX-512
+/// FMA; `docs/kernels.md`), so there the rounded operands take the AVX-512 sgemm. The choice
+/// depends on the CPU only, so a machine always computes the same bits.
 pub fn bf16_dot() -> bool {
-    Features::get().avx512_bf16
+    Features::get().avx512_bf16 && bf16_dot_is_fast()
+}
+
+/// Whether this CPU's `vdpbf16ps` is worth using (see [`bf16_dot`]): an AMD CPU.
+fn bf16_dot_is_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaf 0 (the vendor string) exists on every x86-64 CPU.
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 fn f32_gemm_name(p: GemmPath) -> &'static str {
@@ -193,6 +218,8 @@ pub fn table() -> String {
     let gemm = f32_gemm_name(f32_gemm());
     let bf16 = if bf16_dot() {
         "AVX512-BF16 vdpbf16ps, 6x32 packed (bf16 operands, f32 sums)".to_string()
+    } else if f.avx512_bf16 {
+        format!("bf16-rounded operands, f32 GEMM ({gemm}; this CPU's vdpbf16ps is slower)")
     } else {
         format!("bf16-rounded operands, then f32 GEMM: {gemm}")
     };
