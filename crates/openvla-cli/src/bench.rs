@@ -10,7 +10,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use openvla::config::{ModelConfig, Variant};
-use openvla::kernels::probe;
+use openvla::kernels::{probe, ComputePrecision};
 use openvla::quant::Quantization;
 use openvla::synth::SynthShape;
 use openvla::{LoadOptions, Observation, Policy, Precision};
@@ -51,8 +51,12 @@ pub struct BenchArgs {
     /// Quantize while loading (int8, int4), single configuration.
     #[arg(long)]
     quantize: Option<Quantization>,
+    /// Arithmetic of the many-row products (f32: exact, the default; bf16: bf16 operands,
+    /// f32 sums), single configuration.
+    #[arg(long, default_value = "f32", value_parser = parse_compute)]
+    compute: ComputePrecision,
     /// Configurations to time, each in its own process: comma-separated among f32, bf16, f16,
-    /// int8, int4.
+    /// int8, int4, and bf16-compute (bf16 weights and bf16 arithmetic).
     #[arg(long, value_delimiter = ',')]
     configs: Vec<BenchConfig>,
     /// PyTorch baselines to time after ours (fp32, bf16), one process each.
@@ -103,40 +107,53 @@ pub struct BenchArgs {
     json: bool,
 }
 
-/// A timed configuration: precision of dense weights and quantization.
+fn parse_compute(s: &str) -> std::result::Result<ComputePrecision, String> {
+    ComputePrecision::from_name(s)
+        .ok_or_else(|| format!("unknown compute precision {s:?}; expected f32 or bf16"))
+}
+
+/// A timed configuration: precision of dense weights, quantization and arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BenchConfig {
     precision: Precision,
     quantize: Option<Quantization>,
+    compute: ComputePrecision,
 }
 
 impl std::str::FromStr for BenchConfig {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (precision, quantize) = match s {
-            "f32" => (Precision::F32, None),
-            "bf16" => (Precision::Bf16, None),
-            "f16" => (Precision::F16, None),
-            "int8" => (Precision::Auto, Some(Quantization::Int8)),
-            "int4" => (Precision::Auto, Some(Quantization::Int4)),
+        let f32 = ComputePrecision::F32;
+        let (precision, quantize, compute) = match s {
+            "f32" => (Precision::F32, None, f32),
+            "bf16" => (Precision::Bf16, None, f32),
+            "bf16-compute" => (Precision::Bf16, None, ComputePrecision::Bf16),
+            "f16" => (Precision::F16, None, f32),
+            "int8" => (Precision::Auto, Some(Quantization::Int8), f32),
+            "int4" => (Precision::Auto, Some(Quantization::Int4), f32),
             _ => {
                 return Err(format!(
-                    "unknown configuration {s:?}; expected f32, bf16, f16, int8 or int4"
+                    "unknown configuration {s:?}; expected f32, bf16, bf16-compute, f16, int8 \
+                     or int4"
                 ))
             }
         };
         Ok(BenchConfig {
             precision,
             quantize,
+            compute,
         })
     }
 }
 
 impl std::fmt::Display for BenchConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.quantize {
-            Some(q) => write!(f, "{q}"),
-            None => write!(f, "{}", self.precision),
+        match (self.quantize, self.compute) {
+            (Some(q), ComputePrecision::F32) => write!(f, "{q}"),
+            (Some(q), c) => write!(f, "{q}-{c}-compute"),
+            (None, ComputePrecision::F32) => write!(f, "{}", self.precision),
+            (None, c) if self.precision.to_string() == c.name() => write!(f, "{c}-compute"),
+            (None, c) => write!(f, "{}-{c}-compute", self.precision),
         }
     }
 }
@@ -231,8 +248,11 @@ fn stage_flops(cfg: &ModelConfig, prefill_tokens: usize) -> StageFlops {
 /// Runs the benchmark.
 pub fn run(a: BenchArgs) -> Result<()> {
     let model = resolve_model(&a)?;
+    if !a.json {
+        eprint!("kernel dispatch:\n{}", openvla::kernels::dispatch::table());
+    }
     if a.configs.is_empty() && a.pytorch.is_empty() && !a.limits && a.accuracy.is_none() {
-        let r = time_one(&a, &model, a.precision, a.quantize)?;
+        let r = time_one(&a, &model, a.precision, a.quantize, a.compute)?;
         print_single(&a, &r)?;
         return Ok(());
     }
@@ -278,6 +298,7 @@ fn time_one(
     model: &Path,
     precision: Precision,
     quantize: Option<Quantization>,
+    compute: ComputePrecision,
 ) -> Result<Value> {
     let image = match &a.image {
         Some(p) => openvla_image::open(p)?,
@@ -285,7 +306,16 @@ fn time_one(
     };
     let load_before = load_average();
     let t0 = Instant::now();
-    let policy = crate::load_policy(model, precision, quantize)?;
+    let policy = Policy::load(
+        model,
+        &LoadOptions {
+            precision,
+            quantize,
+            compute,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading model from {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let obs = Observation {
         image,
@@ -330,6 +360,7 @@ fn time_one(
     let config = BenchConfig {
         precision,
         quantize: policy.weight_policy().quantization,
+        compute,
     };
     let f = stage_flops(policy.config(), prefill_len);
     let flops = json!({"vision": f.vision, "projector": f.projector, "prefill": f.prefill});
@@ -393,10 +424,17 @@ fn measure_limits() -> Value {
     let bw = probe::memory_bandwidth(1 << 30);
     let fma = probe::fma_peak_gflops();
     let int8 = probe::int8_peak_gops();
+    let peaks = probe::Peaks::measure();
     let gemm = probe::matmul_gflops(279, 4096, 4096);
     json!({
         "threads": rayon::current_num_threads(),
         "bandwidth_gbs": bw,
+        "peaks": peaks,
+        "path_peak_gflops": {
+            "f32": peaks.path_peak(ComputePrecision::F32),
+            "bf16": peaks.path_peak(ComputePrecision::Bf16),
+        },
+        "dispatch": openvla::kernels::dispatch::table(),
         "fma_peak_gflops": fma,
         "int8_peak_gops": int8,
         "gemm_gflops": gemm,
@@ -444,6 +482,7 @@ fn suite(a: &BenchArgs, model: &Path) -> Result<()> {
             .arg(model)
             .args(["--runs", &a.runs.to_string(), "--json"])
             .args(["--precision", &c.precision.to_string()])
+            .args(["--compute", c.compute.name()])
             .args(["--instruction", &a.instruction]);
         if let Some(q) = c.quantize {
             cmd.args(["--quantize", q.name()]);
@@ -549,6 +588,17 @@ fn print_report(r: &Value) {
             limits["gemm_gflops"]["q8_0"].as_f64().unwrap_or(f64::NAN),
             limits["gemm_gflops"]["q4_0"].as_f64().unwrap_or(f64::NAN),
         );
+        let p = &limits["peaks"];
+        let g = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
+        println!(
+            "peaks (GFLOP/s, GOP/s): AVX2 FMA {}, AVX-512 FMA {}, vdpbf16ps {}, vpdpbusd zmm {}, vpdpbusd ymm {}; 279x4096x4096 bf16-compute matmul {:.0} GFLOP/s",
+            g(&p["avx2_fma"]),
+            g(&p["avx512_fma"]),
+            g(&p["avx512_bf16_dot"]),
+            g(&p["avx512_vnni_dot"]),
+            g(&p["avx_vnni_dot"]),
+            limits["gemm_gflops"]["bf16_compute"].as_f64().unwrap_or(f64::NAN),
+        );
     }
     println!(
         "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}",
@@ -604,9 +654,23 @@ fn print_report(r: &Value) {
                     .as_f64()
                     .unwrap_or(f64::NAN),
             );
-        let peak = limits["fma_peak_gflops"].as_f64().unwrap_or(f64::NAN);
-        println!("efficiency (bandwidth bound at {bw:.1} GB/s; f32 FMA peak {peak:.0} GFLOP/s):");
+        let path_peak = |c: &str| {
+            limits["path_peak_gflops"][c]
+                .as_f64()
+                .unwrap_or(limits["fma_peak_gflops"].as_f64().unwrap_or(f64::NAN))
+        };
+        println!(
+            "efficiency (bandwidth bound at {bw:.1} GB/s; against the peak of the path taken: f32 arithmetic {:.0} GFLOP/s, bf16 arithmetic {:.0} GFLOP/s):",
+            path_peak("f32"),
+            path_peak("bf16")
+        );
         for v in ours {
+            let compute = if v["config"].as_str().unwrap_or("").contains("bf16-compute") {
+                "bf16"
+            } else {
+                "f32"
+            };
+            let peak = path_peak(compute);
             let bytes = v["decode_bytes_per_token"].as_f64().unwrap_or(f64::NAN);
             let bound_ms = bytes / (bw * 1e9) * 1e3;
             let dec = ms(v, "decode_per_token");
@@ -929,15 +993,14 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
     // configuration picks at each step when fed the f32 prefix (teacher forcing): agreement
     // without the cascade a first differing token causes in free-running generation.
     type Run = Vec<PairResult>;
-    let run = |precision: Precision,
-               quantize: Option<Quantization>,
-               forced: Option<&Run>|
-     -> Result<Run> {
+    let run = |c: BenchConfig, forced: Option<&Run>| -> Result<Run> {
+        let (precision, quantize) = (c.precision, c.quantize);
         let policy = Policy::load(
             model,
             &LoadOptions {
                 precision,
                 quantize,
+                compute: c.compute,
                 ..Default::default()
             },
         )?;
@@ -945,8 +1008,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
         let bs = a.accuracy_batch.max(1);
         for (ci, chunk) in pairs.chunks(bs).enumerate() {
             eprintln!(
-                "openvla bench: accuracy {precision}/{} pairs {}..{}",
-                quantize.map_or("dense", |q| q.name()),
+                "openvla bench: accuracy {c} pairs {}..{}",
                 ci * bs,
                 ci * bs + chunk.len()
             );
@@ -986,7 +1048,14 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
         }
         Ok(out)
     };
-    let reference = run(Precision::F32, None, None)?;
+    let reference = run(
+        BenchConfig {
+            precision: Precision::F32,
+            quantize: None,
+            compute: ComputePrecision::F32,
+        },
+        None,
+    )?;
     let tokens: usize = reference.iter().map(|p| p.tokens.len()).sum();
     let mut margins: Vec<f32> = reference
         .iter()
@@ -1000,10 +1069,13 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
     };
     let mut rows = Vec::new();
     for c in configs {
-        if c.precision == Precision::F32 && c.quantize.is_none() {
+        if c.precision == Precision::F32
+            && c.quantize.is_none()
+            && c.compute == ComputePrecision::F32
+        {
             continue;
         }
-        let got = run(c.precision, c.quantize, Some(&reference))?;
+        let got = run(c, Some(&reference))?;
         let (mut same, mut all_same, mut delta, mut count) = (0usize, 0usize, 0f64, 0usize);
         let (mut first_same, mut forced_same, mut forced_total) = (0usize, 0usize, 0usize);
         for (r, g) in reference.iter().zip(&got) {

@@ -213,6 +213,7 @@ pub(crate) fn load_policy(
             precision,
             quantize,
             progress: Some(&cb),
+            ..Default::default()
         },
     )
     .with_context(|| format!("loading model from {}", model.display()))?;
@@ -306,6 +307,8 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 .unwrap_or_default()
         );
     }
+    println!("kernels on this CPU:");
+    print!("{}", openvla::kernels::dispatch::table());
     Ok(())
 }
 

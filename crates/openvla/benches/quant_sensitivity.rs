@@ -147,6 +147,7 @@ fn main() {
             dtype,
             quantization: None,
             plan,
+            ..WeightPolicy::default()
         };
         let loader = WeightLoader::new(&ckpt, candle_core::Device::Cpu, None);
         let m = OpenVla::load(&loader, &cfg, &wp).unwrap();

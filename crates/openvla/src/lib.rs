@@ -22,12 +22,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod inspect;
-pub mod kernels;
 pub mod model;
 pub mod policy;
 pub mod processor;
 pub mod quant;
 pub mod synth;
+
+/// The CPU kernels, in their own crate (`crates/openvla-kernels`).
+pub use openvla_kernels as kernels;
 
 pub use action::{DatasetStatistics, NormStats};
 pub use config::ModelConfig;

@@ -70,6 +70,9 @@ pub struct LoadOptions<'a> {
     pub quantize: Option<Quantization>,
     /// Called as tensor data is read.
     pub progress: Option<&'a (dyn Fn(LoadProgress) + Sync)>,
+    /// Arithmetic of the many-row products (vision, projector, prefill): exact f32 (the
+    /// default) or bf16 ([`crate::model::linear::ComputePrecision`]).
+    pub compute: crate::model::linear::ComputePrecision,
 }
 
 /// One robot observation.
@@ -206,6 +209,7 @@ impl Policy {
             Some(q) => WeightPolicy::quantized(weight_dtype, q),
             None => WeightPolicy::dense(weight_dtype),
         };
+        let weights = weights.with_compute(options.compute);
         let device = Device::Cpu;
         let loader = WeightLoader::new(&ckpt, device.clone(), options.progress);
         let model = OpenVla::load(&loader, &config, &weights)?;

@@ -1,5 +1,6 @@
 //! A linear layer whose weights are stored in f32, bf16, f16 or a block-quantized format, with
-//! f32 activations and accumulation on CPU.
+//! f32 activations and accumulation on CPU (or, with [`ComputePrecision::Bf16`], bf16
+//! arithmetic in the many-row products).
 
 use crate::checkpoint::WeightLoader;
 use crate::error::Result;
@@ -8,6 +9,7 @@ use crate::kernels::half_matmul::HalfMatmul;
 use crate::kernels::quant_matmul::QuantMatmul;
 use crate::quant::{QuantFormat, QuantMatrix, QuantPlan, Quantization};
 use candle_core::{DType, Tensor};
+pub use openvla_kernels::ComputePrecision;
 use std::sync::Arc;
 
 /// How unquantized weight matrices are held in memory. Activations are always f32 on CPU.
@@ -62,6 +64,8 @@ pub struct WeightPolicy {
     /// The format of each role's matrices, applied while loading (a pre-quantized checkpoint
     /// is read as stored).
     pub plan: QuantPlan,
+    /// The arithmetic of the many-row products of dense matrices (f32 by default).
+    pub compute: ComputePrecision,
 }
 
 impl WeightPolicy {
@@ -71,6 +75,7 @@ impl WeightPolicy {
             dtype,
             quantization: None,
             plan: QuantPlan::default(),
+            compute: ComputePrecision::F32,
         }
     }
 
@@ -80,7 +85,13 @@ impl WeightPolicy {
             dtype,
             quantization: Some(quantization),
             plan: quantization.plan(),
+            compute: ComputePrecision::F32,
         }
+    }
+
+    /// The same storage, computed with `compute`.
+    pub fn with_compute(self, compute: ComputePrecision) -> Self {
+        WeightPolicy { compute, ..self }
     }
 
     /// The block format for a matrix of this role, if it is quantized.
@@ -148,6 +159,7 @@ impl Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    compute: ComputePrecision,
 }
 
 impl Linear {
@@ -172,20 +184,35 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
-    }
-
-    /// Wraps an existing weight and bias.
-    pub fn new(weight: Weight, bias: Option<Tensor>) -> Linear {
-        Linear { weight, bias }
-    }
-
-    /// Wraps existing tensors.
-    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear {
-            weight: Weight::Dense(weight),
+        Ok(Linear {
+            weight,
             bias,
+            compute: policy.compute,
+        })
+    }
+
+    /// Wraps an existing weight and bias (f32 arithmetic).
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Linear {
+        Linear {
+            weight,
+            bias,
+            compute: ComputePrecision::F32,
         }
+    }
+
+    /// Wraps existing tensors (f32 arithmetic).
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear::new(Weight::Dense(weight), bias)
+    }
+
+    /// The same layer computed with `compute` in its many-row products.
+    pub fn with_compute(self, compute: ComputePrecision) -> Linear {
+        Linear { compute, ..self }
+    }
+
+    /// The arithmetic of the many-row products.
+    pub fn compute(&self) -> ComputePrecision {
+        self.compute
     }
 
     /// The weight matrix `[out, in]`.
@@ -216,6 +243,7 @@ impl Linear {
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         let cpu = x.device().is_cpu();
+        let compute = self.compute;
         let y = match &self.weight {
             Weight::Quant(q) => x2.contiguous()?.apply_op1_no_bwd(&QuantMatmul {
                 weight: q.clone(),
@@ -223,10 +251,10 @@ impl Linear {
             })?,
             Weight::Dense(w) if cpu && matches!(w.dtype(), DType::BF16 | DType::F16) => x2
                 .contiguous()?
-                .apply_op2_no_bwd(w, &HalfMatmul { rowwise })?,
+                .apply_op2_no_bwd(w, &HalfMatmul { rowwise, compute })?,
             Weight::Dense(w) if cpu && w.dtype() == DType::F32 && w.is_contiguous() => x2
                 .contiguous()?
-                .apply_op2_no_bwd(w, &F32Matmul { rowwise })?,
+                .apply_op2_no_bwd(w, &F32Matmul { rowwise, compute })?,
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
         };
         let y = match &self.bias {
@@ -271,11 +299,18 @@ impl<const N: usize> LinearGroup<N> {
                 "layers read inputs of different widths {in_dims:?}, so they cannot be grouped"
             )));
         }
-        let layers = match stack_weights(&parts)? {
+        let same_compute = parts.iter().all(|l| l.compute == parts[0].compute);
+        let stacked = if same_compute {
+            stack_weights(&parts)?
+        } else {
+            None
+        };
+        let layers = match stacked {
             Some(weight) => Grouped::Stacked {
                 layer: Linear {
                     weight,
                     bias: stack_biases(&parts)?,
+                    compute: parts[0].compute,
                 },
                 widths: parts.each_ref().map(Linear::out_dim),
             },
@@ -379,7 +414,8 @@ fn stack_weights(parts: &[Linear]) -> Result<Option<Weight>> {
         qs.extend_from_slice(q.qs());
         scales.extend_from_slice(q.scales());
     }
-    let m = QuantMatrix::from_parts(quant[0].format(), rows, quant[0].cols(), qs, scales)?;
+    let m = QuantMatrix::from_parts(quant[0].format(), rows, quant[0].cols(), qs, scales)
+        .map_err(|e| crate::Error::InvalidInput(format!("stacking quantized layers: {e}")))?;
     Ok(Some(Weight::Quant(Arc::new(m))))
 }
 
@@ -482,5 +518,92 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("different widths"), "{err}");
+    }
+    /// `--compute bf16`: many-row products of dense weights round the activations (and f32
+    /// weights) to bf16 and so differ from the exact default by about bf16's precision, equal
+    /// the f32 product of the rounded operands, and leave decode-sized products and quantized
+    /// weights exact.
+    #[test]
+    fn bf16_compute_rounds_many_row_products_only() {
+        let (rows, inp, out) = (20, 96, 40);
+        let x = Tensor::from_vec(values(rows * inp, 9), (rows, inp), &Device::Cpu).unwrap();
+        let xr = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        for kind in ["f32", "bf16", "q8_0"] {
+            let exact = layer(kind, out, inp, 4, true);
+            let fast = exact.clone().with_compute(ComputePrecision::Bf16);
+            assert_eq!(fast.compute(), ComputePrecision::Bf16);
+            let a: Vec<f32> = exact
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = fast
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            if kind == "q8_0" {
+                assert_eq!(a, b, "quantized weights keep their exact kernels");
+                continue;
+            }
+            // The exact product of the bf16-rounded operands (weights rounded for f32 ones).
+            let wr = match exact.weight() {
+                Weight::Dense(w) => w
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+                Weight::Quant(_) => unreachable!(),
+            };
+            let want: Vec<f32> = Linear::new(Weight::Dense(wr), exact.bias.clone())
+                .forward(&xr)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut differs = false;
+            for ((a, b), w) in a.iter().zip(&b).zip(&want) {
+                assert!(
+                    (b - w).abs() <= 1e-4,
+                    "{kind}: {b} vs rounded-operand product {w}"
+                );
+                assert!(
+                    (a - b).abs() <= 0.05,
+                    "{kind}: bf16 {b} too far from f32 {a}"
+                );
+                differs |= a != b;
+            }
+            assert!(
+                differs,
+                "{kind}: bf16 arithmetic gave the exact f32 bits everywhere"
+            );
+            // A decode-sized product (one row) keeps the exact kernels.
+            let one = x.narrow(0, 0, 1).unwrap();
+            assert_eq!(
+                exact
+                    .forward(&one)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                fast.forward(&one)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                "{kind}: one row"
+            );
+        }
     }
 }

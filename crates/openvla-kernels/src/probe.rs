@@ -1,6 +1,8 @@
 //! Measurements of the machine's limits, for the efficiency figures of `openvla bench`:
 //! memory bandwidth (a large streaming copy and a streaming read) and peak arithmetic rates
-//! (register-resident FMA and int8 dot-product loops, and large matmuls through each kernel).
+//! (register-resident loops of every instruction a kernel dispatches to: AVX2 and AVX-512 FMA,
+//! `vdpbf16ps`, `vpdpbusd`, and large matmuls through each kernel). [`Peaks::path_peak`] gives
+//! the peak of the path a product takes here, the ceiling its efficiency is reported against.
 
 use rayon::prelude::*;
 use std::time::Instant;
@@ -79,6 +81,164 @@ fn fma_peak_with(iters: usize) -> f64 {
         std::hint::black_box(s);
     });
     (threads * iters / 8 * 8 * 2) as f64 / t / 1e9
+}
+
+/// Peak rates of every arithmetic path this CPU has (`None`: the CPU lacks it), in GFLOP/s
+/// (GOP/s for the integer ones), 2 operations per multiply-add, all rayon threads.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Peaks {
+    /// `vfmadd` on ymm (AVX2+FMA), f32.
+    pub avx2_fma: Option<f64>,
+    /// `vfmadd` on zmm (AVX-512F), f32.
+    pub avx512_fma: Option<f64>,
+    /// `vdpbf16ps` on zmm (AVX512-BF16): bf16 pairs into f32.
+    pub avx512_bf16_dot: Option<f64>,
+    /// `vpdpbusd` on zmm (AVX512-VNNI): u8 × s8 quadruples into int32.
+    pub avx512_vnni_dot: Option<f64>,
+    /// `vpdpbusd` on ymm (AVX-VNNI).
+    pub avx_vnni_dot: Option<f64>,
+    /// `vpmaddubsw` + `vpmaddwd` + `vpaddd` on ymm (the AVX2 int8 decode kernels).
+    pub avx2_int8_dot: Option<f64>,
+}
+
+impl Peaks {
+    /// Measures every path [`crate::dispatch::Features::detect`] reports (about a second).
+    pub fn measure() -> Peaks {
+        Peaks::measure_with(20_000_000)
+    }
+
+    fn measure_with(iters: usize) -> Peaks {
+        let f = crate::dispatch::Features::detect();
+        let run = |on: bool, ops_per_iter: usize, kernel: fn(usize) -> f32| -> Option<f64> {
+            on.then(|| {
+                let threads = rayon::current_num_threads();
+                let t = best(2, &mut || {
+                    let s: f32 = (0..threads).into_par_iter().map(|_| kernel(iters)).sum();
+                    std::hint::black_box(s);
+                });
+                (threads * iters * ops_per_iter) as f64 / t / 1e9
+            })
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY (each closure): called only where `run` was told the feature is present.
+            Peaks {
+                avx2_fma: run(f.avx2, 12 * 16, |n| unsafe { fma_loop_avx2(n) }),
+                avx512_fma: run(f.avx512, 12 * 32, |n| unsafe { fma_loop_avx512(n) }),
+                avx512_bf16_dot: run(f.avx512_bf16, 12 * 64, |n| unsafe { bf16_dot_loop(n) }),
+                avx512_vnni_dot: run(f.avx512_vnni, 12 * 128, |n| unsafe { vnni512_loop(n) }),
+                avx_vnni_dot: run(f.avx_vnni, 12 * 64, |n| unsafe { avx_vnni_loop(n) }),
+                avx2_int8_dot: run(f.avx2, 8 * 64, |n| unsafe { maddubs_loop_avx2(n) as f32 }),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (f, run);
+            Peaks {
+                avx2_fma: None,
+                avx512_fma: None,
+                avx512_bf16_dot: None,
+                avx512_vnni_dot: None,
+                avx_vnni_dot: None,
+                avx2_int8_dot: None,
+            }
+        }
+    }
+
+    /// The peak of the path the many-row products take here with `compute`
+    /// ([`crate::dispatch`]): the ceiling their efficiency is reported against (NaN where the
+    /// portable path runs).
+    pub fn path_peak(&self, compute: crate::ComputePrecision) -> f64 {
+        use crate::dispatch::{bf16_dot, f32_gemm, GemmPath};
+        let f32_path = match f32_gemm() {
+            GemmPath::Avx512 => self.avx512_fma,
+            GemmPath::Avx2 => self.avx2_fma,
+            GemmPath::Portable => None,
+        };
+        let peak = match compute {
+            crate::ComputePrecision::Bf16 if bf16_dot() => self.avx512_bf16_dot,
+            _ => f32_path,
+        };
+        peak.unwrap_or(f64::NAN)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_set1_ps(1.0); 12];
+    let m = _mm512_set1_ps(std::hint::black_box(0.999_999));
+    let c = _mm512_set1_ps(1e-7);
+    for _ in 0..iters {
+        for v in a.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, m, c);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for v in a {
+        s = _mm512_add_ps(s, v);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_dot_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_setzero_ps(); 12];
+    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(std::hint::black_box(0x3f80_3f80)));
+    let y: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3380_3380));
+    for _ in 0..iters {
+        for v in a.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, x, y);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for v in a {
+        s = _mm512_add_ps(s, v);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn vnni512_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_setzero_si512(); 12];
+    let x = _mm512_set1_epi8(std::hint::black_box(3));
+    let y = _mm512_set1_epi8(-2);
+    for _ in 0..iters {
+        for v in a.iter_mut() {
+            *v = _mm512_dpbusd_epi32(*v, x, y);
+        }
+    }
+    let mut s = _mm512_setzero_si512();
+    for v in a {
+        s = _mm512_add_epi32(s, v);
+    }
+    _mm512_reduce_add_epi32(s) as f32
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn avx_vnni_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_setzero_si256(); 12];
+    let x = _mm256_set1_epi8(std::hint::black_box(3));
+    let y = _mm256_set1_epi8(-2);
+    for _ in 0..iters {
+        for v in a.iter_mut() {
+            *v = _mm256_dpbusd_avx_epi32(*v, x, y);
+        }
+    }
+    let mut s = _mm256_setzero_si256();
+    for v in a {
+        s = _mm256_add_epi32(s, v);
+    }
+    let mut out = [0i32; 8];
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, s);
+    out.iter().fold(0i32, |a, &b| a.wrapping_add(b)) as f32
 }
 
 /// Peak int8 dot-product rate in GOP/s (2 operations per multiply-add) of register-resident
@@ -173,12 +333,14 @@ pub struct MatmulRates {
     pub q8_0: f64,
     /// `q4_0` weights (the same dispatcher).
     pub q4_0: f64,
+    /// bf16 weights in bf16 arithmetic ([`crate::bf16_gemm`]).
+    pub bf16_compute: f64,
 }
 
 /// Measures [`MatmulRates`] (best of 2 after a warm-up).
 pub fn matmul_gflops(m: usize, n: usize, k: usize) -> MatmulRates {
     use super::{half_matmul, quant_matmul};
-    use crate::quant::{QuantFormat, QuantMatrix};
+    use crate::format::{QuantFormat, QuantMatrix};
     let w: Vec<f32> = (0..n * k)
         .map(|i| (i.wrapping_mul(2654435761) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
@@ -196,12 +358,18 @@ pub fn matmul_gflops(m: usize, n: usize, k: usize) -> MatmulRates {
     let q8_0 = rate(&mut || quant_matmul::matmul(&x, &q8, &mut y, m, false));
     let q4 = QuantMatrix::quantize(QuantFormat::Q4_0, &w, n, k);
     let q4_0 = rate(&mut || quant_matmul::matmul(&x, &q4, &mut y, m, false));
+    let bf16_compute = rate(&mut || {
+        crate::bf16_gemm::tiled_gemm_bf16(&x, &mut y, m, n, k, |j0, nb, t| {
+            t.copy_from_slice(&bf[j0 * k..(j0 + nb) * k])
+        })
+    });
     MatmulRates {
         shape: [m, n, k],
         f32,
         bf16,
         q8_0,
         q4_0,
+        bf16_compute,
     }
 }
 
@@ -213,5 +381,25 @@ mod tests {
         assert!(b.copy_gbs > 0.0 && b.read_gbs > 0.0);
         assert!(super::fma_peak_with(10_000) > 0.0);
         assert!(super::int8_peak_with(10_000) >= 0.0);
+        let p = super::Peaks::measure_with(10_000);
+        let f = crate::dispatch::Features::detect();
+        for (name, has, rate) in [
+            ("AVX2 FMA", f.avx2, p.avx2_fma),
+            ("AVX-512 FMA", f.avx512, p.avx512_fma),
+            ("vdpbf16ps", f.avx512_bf16, p.avx512_bf16_dot),
+            ("vpdpbusd zmm", f.avx512_vnni, p.avx512_vnni_dot),
+            ("vpdpbusd ymm", f.avx_vnni, p.avx_vnni_dot),
+        ] {
+            match rate {
+                Some(r) => assert!(has && r > 0.0, "{name}: {r}"),
+                None => {
+                    assert!(!has, "{name} not measured on a CPU that has it");
+                    eprintln!("skipped: the {name} peak (not on this CPU)");
+                }
+            }
+        }
+        if f.avx2 {
+            assert!(p.path_peak(crate::ComputePrecision::Bf16) > 0.0);
+        }
     }
 }

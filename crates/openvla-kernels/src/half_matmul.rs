@@ -11,6 +11,7 @@
 //! weights up to summation order: the reference's float32 function at 16-bit memory cost.
 
 use super::{for_each_tile, has_avx2, tiled_gemm, DOT_TILE_ROWS, GEMM_MIN_ROWS};
+use crate::ComputePrecision;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use half::{bf16, f16};
 
@@ -27,9 +28,14 @@ pub enum Half {
 ///
 /// With `rowwise`, every output row is computed by the same dot-product kernel whatever the
 /// number of rows, so a row's result does not depend on what else is in the batch.
+///
+/// With [`ComputePrecision::Bf16`], the many-row path computes in bf16 arithmetic
+/// ([`crate::bf16_gemm`]; bf16 weights are used as stored, f16 ones rounded to bf16).
 pub struct HalfMatmul {
     /// Force the row-independent dot-product path.
     pub rowwise: bool,
+    /// The arithmetic of the many-row path.
+    pub compute: ComputePrecision,
 }
 
 impl CustomOp2 for HalfMatmul {
@@ -64,7 +70,23 @@ impl CustomOp2 for HalfMatmul {
             _ => candle_core::bail!("half-weight-matmul expects bf16 or f16 weights"),
         };
         let mut y = vec![0f32; m * n];
-        matmul(&x[xs..xe], bits, kind, &mut y, m, n, k, self.rowwise);
+        let x = &x[xs..xe];
+        if self.compute == ComputePrecision::Bf16 && !self.rowwise && m >= GEMM_MIN_ROWS {
+            assert_eq!(bits.len(), n * k);
+            crate::bf16_gemm::tiled_gemm_bf16(x, &mut y, m, n, k, |j0, nb, t| {
+                let src = &bits[j0 * k..(j0 + nb) * k];
+                match kind {
+                    Half::Bf16 => t.copy_from_slice(src),
+                    Half::F16 => {
+                        let mut wide = vec![0f32; src.len()];
+                        widen(src, kind, &mut wide);
+                        crate::bf16_gemm::round_slice(&wide, t)
+                    }
+                }
+            });
+        } else {
+            matmul(x, bits, kind, &mut y, m, n, k, self.rowwise);
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
@@ -94,7 +116,7 @@ pub fn matmul(
     }
     if rowwise || m < GEMM_MIN_ROWS {
         #[cfg(target_arch = "x86_64")]
-        if kind == Half::Bf16 && has_avx2() && !std::arch::is_x86_feature_detected!("avx512f") {
+        if kind == Half::Bf16 && has_avx2() && !crate::has_avx512() {
             // Activations with even and odd elements of every 16 split, to meet bf16 weights
             // widened without shuffles (see `dot_bf16_avx2_split`).
             let xs: Vec<f32> = x.chunks(k).flat_map(split_even_odd).collect();
@@ -146,7 +168,7 @@ pub fn dot(w: &[u16], x: &[f32], kind: Half) -> f32 {
     debug_assert_eq!(w.len(), x.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if kind == Half::Bf16 && std::arch::is_x86_feature_detected!("avx512f") {
+        if kind == Half::Bf16 && crate::has_avx512() {
             // SAFETY: the CPU supports AVX-512F (checked above).
             return unsafe { dot_bf16_avx512(w, x) };
         }
@@ -353,7 +375,7 @@ pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::{lcg, reference, SHAPES};
+    use crate::test_util::{lcg, reference, SHAPES};
 
     #[test]
     fn matches_f64_reference_on_ragged_shapes() {

@@ -384,8 +384,8 @@ pub fn softmax_scaled(row: &mut [f32], scale: f32) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::lcg;
     use super::*;
+    use crate::test_util::lcg;
 
     fn reference(qkv: &[f32], n: usize, heads: usize, hd: usize) -> Vec<f64> {
         let c = heads * hd;

@@ -14,9 +14,20 @@
 //! are kept in two separate arrays (row-major blocks), which the kernels load with plain vector
 //! loads and which map one-to-one onto two safetensors tensors.
 
-use crate::error::{Error, Result};
 use half::f16;
 use rayon::prelude::*;
+
+/// Stored quants and scales that do not form a valid matrix ([`QuantMatrix::from_parts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatError(pub String);
+
+impl std::fmt::Display for FormatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FormatError {}
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
@@ -133,10 +144,10 @@ impl QuantMatrix {
         cols: usize,
         qs: Vec<u8>,
         scales: Vec<f16>,
-    ) -> Result<QuantMatrix> {
+    ) -> Result<QuantMatrix, FormatError> {
         let bpr = cols.div_ceil(BLOCK);
         if qs.len() != rows * bpr * format.block_bytes() || scales.len() != rows * bpr {
-            return Err(Error::InvalidInput(format!(
+            return Err(FormatError(format!(
                 "{} matrix [{rows}, {cols}] needs {} bytes of quants and {} scales, got {} and {}",
                 format.name(),
                 rows * bpr * format.block_bytes(),
@@ -146,7 +157,7 @@ impl QuantMatrix {
             )));
         }
         if let Some(bad) = scales.iter().find(|s| !s.is_finite()) {
-            return Err(Error::InvalidInput(format!(
+            return Err(FormatError(format!(
                 "{} matrix [{rows}, {cols}] has a non-finite scale {bad}",
                 format.name()
             )));

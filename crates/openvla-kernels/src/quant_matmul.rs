@@ -1,4 +1,4 @@
-//! `y = x · Wᵀ` with `x` in f32 and `W` block-quantized ([`crate::quant::QuantMatrix`]).
+//! `y = x · Wᵀ` with `x` in f32 and `W` block-quantized ([`crate::format::QuantMatrix`]).
 //!
 //! - **Few rows (decode), `q8_0`:** the activations are quantized per block of 32 to int16
 //!   (`d_x = max|x| / 32767`, a rounding error at most 1.5e-5 of the block maximum, far below
@@ -24,7 +24,7 @@
 //! request the bits it gets alone.
 
 use super::{for_each_tile, has_avx2, tiled_gemm, DOT_TILE_ROWS, GEMM_MIN_ROWS};
-use crate::quant::{QuantFormat, QuantMatrix, BLOCK};
+use crate::format::{QuantFormat, QuantMatrix, BLOCK};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 use std::sync::Arc;
@@ -550,7 +550,7 @@ unsafe fn q4_avx2<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::{lcg, reference, SHAPES};
+    use crate::test_util::{lcg, reference, SHAPES};
 
     /// Worst-case error of the int8 activation rounding: half a step of each block's scale
     /// times the weights' magnitudes.

@@ -1,4 +1,6 @@
-//! Hand-written CPU kernels where candle's are slow (measured in `docs/benchmarks.md`).
+//! openvla-kernels: the CPU kernels of openvla-rs where candle's are slow (measured in
+//! `docs/benchmarks.md`), and the block-quantized weight formats they read ([`format`]).
+//! Nothing here depends on the model crate.
 //!
 //! Every kernel computes `y = x · Wᵀ` for f32 activations `x [m, k]` and a weight matrix
 //! `W [n, k]` in some storage format, with two paths:
@@ -19,13 +21,18 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16_gemm;
+pub mod dispatch;
 pub mod f32_matmul;
+pub mod format;
 pub mod half_matmul;
 pub mod i16_gemm;
 pub mod probe;
 pub mod quant_matmul;
 pub mod sgemm;
 
+pub use dispatch::ComputePrecision;
+pub use format::{FormatError, QuantFormat, QuantMatrix, BLOCK};
 use rayon::prelude::*;
 
 /// Rows of `x` at or above which the tiled-gemm path is used (unless row-wise is forced).
@@ -36,23 +43,16 @@ pub const DOT_TILE_ROWS: usize = 64;
 /// for each tile stays a small fraction of the work).
 pub const GEMM_TILE_ROWS: usize = 256;
 
-/// Whether the CPU has AVX2, FMA and F16C (x86-64-v3), checked once.
+/// Whether the kernels may use AVX2, FMA and F16C (x86-64-v3): [`dispatch::Features::get`].
 #[inline]
 pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    dispatch::Features::get().avx2
+}
+
+/// Whether the kernels may use AVX-512 F/BW/VL: [`dispatch::Features::get`].
+#[inline]
+pub fn has_avx512() -> bool {
+    dispatch::Features::get().avx512
 }
 
 /// Runs `f` on a thread of the rayon pool (directly when already on one), so that the parallel
@@ -205,6 +205,34 @@ pub fn tiled_gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k
     for_each_output_tile(y, m, n, k, |j0, nb, dst| {
         // SAFETY: as in tiled_gemm.
         unsafe { packed.gemm(&w[j0 * k..(j0 + nb) * k], dst, n, nb) };
+    });
+}
+
+/// [`tiled_gemm_f32`] with a chosen [`sgemm`] micro-kernel (the kernel bench compares them in
+/// one process). Panics where the CPU lacks the kernel's features.
+#[cfg(target_arch = "x86_64")]
+pub fn tiled_gemm_f32_with(
+    kernel: sgemm::Kernel,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let f = dispatch::Features::detect();
+    assert!(
+        f.avx2 && (kernel == sgemm::Kernel::Avx2 || f.avx512),
+        "the {kernel:?} sgemm kernel cannot run on this CPU"
+    );
+    assert!(x.len() >= m * k && w.len() >= n * k);
+    if m == 0 || k == 0 {
+        return tiled_gemm_f32(x, w, y, m, n, k);
+    }
+    let packed = sgemm::PackedRows::pack(x, m, k);
+    for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+        // SAFETY: features checked above; the tile's columns as in tiled_gemm.
+        unsafe { sgemm::gemm_packed_with(kernel, &packed, &w[j0 * k..(j0 + nb) * k], dst, n, nb) };
     });
 }
 
@@ -371,7 +399,7 @@ pub(crate) mod test_util {
 mod tests {
     use super::test_util::{lcg, reference, SHAPES};
     use super::*;
-    use crate::quant::{QuantFormat, QuantMatrix};
+    use crate::format::{QuantFormat, QuantMatrix};
 
     fn tol(k: usize) -> f64 {
         2e-5 * (k as f64).sqrt().max(1.0)

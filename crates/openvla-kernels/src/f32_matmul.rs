@@ -6,6 +6,7 @@
 //! - Many rows (vision, projector, prefill): the tiled path ([`super::tiled_gemm_f32`]), which
 //!   multiplies with the packed [`super::sgemm`] kernel where the CPU has AVX2+FMA.
 
+use crate::ComputePrecision;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
 
@@ -16,9 +17,14 @@ const TILE_ROWS: usize = 64;
 ///
 /// With `rowwise`, every output row is computed by the same dot-product kernel whatever the
 /// number of rows, so a row's result does not depend on what else is in the batch.
+///
+/// With [`ComputePrecision::Bf16`], the many-row path computes in bf16 arithmetic
+/// ([`crate::bf16_gemm`]).
 pub struct F32Matmul {
     /// Force the row-independent dot-product path.
     pub rowwise: bool,
+    /// The arithmetic of the many-row path.
+    pub compute: ComputePrecision,
 }
 
 impl CustomOp2 for F32Matmul {
@@ -50,6 +56,10 @@ impl CustomOp2 for F32Matmul {
         let (x, w) = (&x[xs..xe], &w[ws..we]);
         if self.rowwise || m < super::GEMM_MIN_ROWS {
             matmul(x, w, &mut y, m, n, k);
+        } else if self.compute == ComputePrecision::Bf16 {
+            crate::bf16_gemm::tiled_gemm_bf16(x, &mut y, m, n, k, |j0, nb, t| {
+                crate::bf16_gemm::round_slice(&w[j0 * k..(j0 + nb) * k], t)
+            });
         } else {
             super::tiled_gemm_f32(x, w, &mut y, m, n, k);
         }
@@ -92,7 +102,7 @@ pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize)
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::has_avx512() {
             // SAFETY: the CPU supports AVX-512F (checked above).
             return unsafe { dot_avx512(a, b) };
         }

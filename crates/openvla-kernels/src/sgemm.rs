@@ -1,4 +1,5 @@
-//! A packed f32 GEMM for `dst [m, nb] = x [m, k] · wᵀ` (`w [nb, k]` row-major), AVX2+FMA.
+//! A packed f32 GEMM for `dst [m, nb] = x [m, k] · wᵀ` (`w [nb, k]` row-major), AVX-512F or
+//! AVX2+FMA ([`crate::dispatch::f32_gemm`]).
 //!
 //! The many-row products (vision towers, projector, prefill) are compute-bound. The `gemm`
 //! crate reaches about 45 % of this machine's measured f32 FMA peak on these shapes
@@ -9,7 +10,9 @@
 //!   (`[kc][NR]`), one panel of which (16 KiB) stays in L1 while every row panel streams past it
 //!   from L2;
 //! - the micro-kernel keeps a 6×16 block of `dst` in twelve AVX registers and does twelve FMAs
-//!   per two weight loads and six broadcasts.
+//!   per two weight loads and six broadcasts; with AVX-512F the panels are [`NR512`] = 32 columns
+//!   wide and the same twelve accumulators are zmm registers (6×32, twice the work per
+//!   instruction).
 //!
 //! Each output element is a sum over `k` in blocks of `KC`, in order, so the result differs from
 //! a plain dot product only by rounding (tests compare with an f64 reference on ragged shapes).
@@ -21,6 +24,8 @@ use std::cell::RefCell;
 pub const MR: usize = 6;
 /// Weight rows (output columns) per micro-panel.
 pub const NR: usize = 16;
+/// Weight rows per micro-panel of the AVX-512F kernel.
+pub const NR512: usize = 32;
 /// Depth of a packed block (a 16-wide weight panel of this depth is 16 KiB, half of L1).
 pub const KC: usize = 256;
 
@@ -75,19 +80,64 @@ thread_local! {
     static PACKED_W: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether this kernel can run here (AVX2 and FMA).
+/// Whether this kernel can run here (AVX2 and FMA, or AVX-512F).
 pub fn available() -> bool {
     super::has_avx2()
 }
 
+/// The micro-kernel of [`gemm_packed`]: the 6×32 zmm one where [`crate::dispatch::f32_gemm`]
+/// says AVX-512, else the 6×16 ymm one. Tests call [`gemm_packed_with`] to run both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// 6×16, AVX2+FMA.
+    Avx2,
+    /// 6×32, AVX-512F.
+    Avx512,
+}
+
+impl Kernel {
+    /// The kernel the dispatcher picks.
+    pub fn dispatched() -> Kernel {
+        if crate::dispatch::f32_gemm() == crate::dispatch::GemmPath::Avx512 {
+            Kernel::Avx512
+        } else {
+            Kernel::Avx2
+        }
+    }
+
+    fn nr(self) -> usize {
+        match self {
+            Kernel::Avx2 => NR,
+            Kernel::Avx512 => NR512,
+        }
+    }
+}
+
 /// `dst [m, nb] (row stride rs) = a · wᵀ` for `w [nb, k]` row-major f32 (single-threaded; the
-/// callers run one tile of weight rows per thread).
+/// callers run one tile of weight rows per thread), with the dispatched micro-kernel.
 ///
 /// # Safety
 /// [`available`] must be true, and `dst` valid for writes of `a.rows()` rows of `nb` elements,
 /// `rs` apart, not written by anyone else meanwhile.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn gemm_packed(a: &PackedRows, w: &[f32], dst: *mut f32, rs: usize, nb: usize) {
+    gemm_packed_with(Kernel::dispatched(), a, w, dst, rs, nb)
+}
+
+/// [`gemm_packed`] with a chosen micro-kernel.
+///
+/// # Safety
+/// As [`gemm_packed`]; for [`Kernel::Avx512`] the CPU must also have AVX-512F
+/// ([`crate::has_avx512`]).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_packed_with(
+    kernel: Kernel,
+    a: &PackedRows,
+    w: &[f32],
+    dst: *mut f32,
+    rs: usize,
+    nb: usize,
+) {
     let (m, k) = (a.m, a.k);
     assert!(w.len() >= nb * k, "sgemm: w holds {} < {nb}×{k}", w.len());
     if m == 0 || nb == 0 {
@@ -99,37 +149,42 @@ pub unsafe fn gemm_packed(a: &PackedRows, w: &[f32], dst: *mut f32, rs: usize, n
         }
         return;
     }
-    let col_panels = nb.div_ceil(NR);
+    let nr = kernel.nr();
+    let col_panels = nb.div_ceil(nr);
     let row_panels = m.div_ceil(MR);
     PACKED_W.with(|buf| {
         let mut buf = buf.borrow_mut();
-        if buf.len() < KC * NR {
-            buf.resize(KC * NR, 0.0);
+        if buf.len() < KC * nr {
+            buf.resize(KC * nr, 0.0);
         }
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
             let first = k0 == 0;
             for jp in 0..col_panels {
-                // One 16-row panel of weights at a time: it stays in L1 while the packed
-                // activations of this depth block stream past it from L2.
-                let cols = NR.min(nb - jp * NR);
-                let bp = &mut buf[..kc * NR];
-                pack_weights(&w[jp * NR * k..], k, cols, k0, kc, bp);
+                // One panel of weights at a time: it stays in L1 while the packed activations
+                // of this depth block stream past it from L2.
+                let cols = nr.min(nb - jp * nr);
+                let bp = &mut buf[..kc * nr];
+                pack_weights_nr(&w[jp * nr * k..], k, cols, k0, kc, bp, nr);
                 for ip in 0..row_panels {
                     let ap = a.block(ip, k0, kc);
                     let rows = MR.min(m - ip * MR);
-                    let c = dst.add(ip * MR * rs + jp * NR);
-                    if rows == MR && cols == NR {
-                        kernel_6x16(kc, ap.as_ptr(), bp.as_ptr(), c, rs, !first);
+                    let c = dst.add(ip * MR * rs + jp * nr);
+                    let micro = |c: *mut f32, rs: usize, acc: bool| match kernel {
+                        Kernel::Avx2 => kernel_6x16(kc, ap.as_ptr(), bp.as_ptr(), c, rs, acc),
+                        Kernel::Avx512 => kernel_6x32(kc, ap.as_ptr(), bp.as_ptr(), c, rs, acc),
+                    };
+                    if rows == MR && cols == nr {
+                        micro(c, rs, !first);
                     } else {
                         // A ragged edge: the full block into a scratch tile, then its valid part.
-                        let mut tile = [0f32; MR * NR];
-                        kernel_6x16(kc, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), NR, false);
+                        let mut tile = [0f32; MR * NR512];
+                        micro(tile.as_mut_ptr(), nr, false);
                         for r in 0..rows {
                             for j in 0..cols {
                                 let o = c.add(r * rs + j);
-                                let v = tile[r * NR + j];
+                                let v = tile[r * nr + j];
                                 *o = if first { v } else { *o + v };
                             }
                         }
@@ -143,35 +198,67 @@ pub unsafe fn gemm_packed(a: &PackedRows, w: &[f32], dst: *mut f32, rs: usize, n
 
 /// Packs columns `k0 .. k0 + kc` of the first `cols` (≤ [`NR`]) rows of `w` (row length `k`)
 /// into one panel `[kc][NR]`, columns past `cols` zero.
+#[cfg(test)]
 fn pack_weights(w: &[f32], k: usize, cols: usize, k0: usize, kc: usize, panel: &mut [f32]) {
-    assert!(panel.len() >= kc * NR && cols <= NR);
+    pack_weights_nr(w, k, cols, k0, kc, panel, NR)
+}
+
+/// Packs columns `k0 .. k0 + kc` of the first `cols` (≤ `nr`, a multiple of 16) rows of `w`
+/// (row length `k`) into one panel `[kc][nr]`, columns past `cols` zero.
+fn pack_weights_nr(
+    w: &[f32],
+    k: usize,
+    cols: usize,
+    k0: usize,
+    kc: usize,
+    panel: &mut [f32],
+    nr: usize,
+) {
+    assert!(panel.len() >= kc * nr && cols <= nr && nr.is_multiple_of(16));
     assert!(cols == 0 || w.len() >= (cols - 1) * k + k0 + kc);
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if cols == NR && super::has_avx2() {
-        done = kc - kc % 8;
-        // SAFETY: AVX2 checked; 16 rows of w hold columns k0 .. k0 + kc and the panel kc × 16
-        // (asserted above).
-        unsafe { transpose_16xk_avx2(w.as_ptr().add(k0), k, done, panel.as_mut_ptr()) };
-    }
-    for j in 0..cols {
-        let row = &w[j * k + k0..j * k + k0 + kc];
-        for (kk, &v) in row.iter().enumerate().skip(done) {
-            panel[kk * NR + j] = v;
+    for g in 0..nr / 16 {
+        let gc = cols.saturating_sub(g * 16).min(16);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if gc == 16 && super::has_avx2() {
+            done = kc - kc % 8;
+            // SAFETY: AVX2 checked; rows g·16 .. g·16 + 16 of w hold columns k0 .. k0 + kc
+            // and the panel kc × nr (asserted above).
+            unsafe {
+                transpose_16xk_avx2(
+                    w.as_ptr().add(g * 16 * k + k0),
+                    k,
+                    done,
+                    panel.as_mut_ptr().add(g * 16),
+                    nr,
+                )
+            };
+        }
+        for j in g * 16..g * 16 + gc {
+            let row = &w[j * k + k0..j * k + k0 + kc];
+            for (kk, &v) in row.iter().enumerate().skip(done) {
+                panel[kk * nr + j] = v;
+            }
         }
     }
-    if cols < NR {
+    if cols < nr {
         for kk in 0..kc {
-            panel[kk * NR + cols..(kk + 1) * NR].fill(0.0);
+            panel[kk * nr + cols..(kk + 1) * nr].fill(0.0);
         }
     }
 }
 
 /// `panel[kk][j] = w[j][kk]` for 16 rows `j` (row stride `k`) and `kk < kc` (a multiple of 8),
-/// by 8×8 register transposes.
+/// by 8×8 register transposes; panel rows are `stride` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transpose_16xk_avx2(w: *const f32, k: usize, kc: usize, panel: *mut f32) {
+pub(crate) unsafe fn transpose_16xk_avx2(
+    w: *const f32,
+    k: usize,
+    kc: usize,
+    panel: *mut f32,
+    stride: usize,
+) {
     use std::arch::x86_64::*;
     for half in 0..2 {
         let rows = w.add(half * 8 * k);
@@ -180,7 +267,7 @@ unsafe fn transpose_16xk_avx2(w: *const f32, k: usize, kc: usize, panel: *mut f3
             let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(rows.add(j * k + kk)));
             let cols = transpose8x8(r);
             for (c, v) in cols.iter().enumerate() {
-                _mm256_storeu_ps(panel.add((kk + c) * NR + half * 8), *v);
+                _mm256_storeu_ps(panel.add((kk + c) * stride + half * 8), *v);
             }
             kk += 8;
         }
@@ -260,10 +347,48 @@ unsafe fn kernel_6x16(
     }
 }
 
+/// The 6×32 micro-kernel: `c[6, 32] (row stride rs) (+)= a[kc][6] · b[kc][32]`, AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_6x32(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    rs: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let b0 = _mm512_loadu_ps(b);
+        let b1 = _mm512_loadu_ps(b.add(16));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let ar = _mm512_set1_ps(*a.add(r));
+            acc[0] = _mm512_fmadd_ps(ar, b0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(ar, b1, acc[1]);
+        }
+        a = a.add(MR);
+        b = b.add(NR512);
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * rs);
+        let (mut v0, mut v1) = (acc[0], acc[1]);
+        if accumulate {
+            v0 = _mm512_add_ps(v0, _mm512_loadu_ps(row));
+            v1 = _mm512_add_ps(v1, _mm512_loadu_ps(row.add(16)));
+        }
+        _mm512_storeu_ps(row, v0);
+        _mm512_storeu_ps(row.add(16), v1);
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::super::test_util::{lcg, reference, SHAPES};
     use super::*;
+    use crate::dispatch::Features;
+    use crate::test_util::{lcg, reference, SHAPES};
 
     #[test]
     fn matches_f64_reference_on_ragged_shapes() {
@@ -271,10 +396,29 @@ mod tests {
             eprintln!("skipped: no AVX2+FMA on this CPU");
             return;
         }
+        let mut kernels = vec![Kernel::Avx2];
+        if Features::detect().avx512 {
+            kernels.push(Kernel::Avx512);
+        } else {
+            eprintln!("skipped: the AVX-512F 6x32 sgemm kernel (no AVX-512 F/BW/VL on this CPU)");
+        }
+        for kernel in kernels {
+            check_kernel(kernel);
+        }
+    }
+
+    fn check_kernel(kernel: Kernel) {
         let mut seed = 7u64;
         let mut shapes = SHAPES.to_vec();
         // Deeper than one KC block (and not a multiple of it), rows and columns off the panels.
-        shapes.extend([(13, 35, 600), (6, 16, 256), (6, 16, 512), (257, 48, 300)]);
+        shapes.extend([
+            (13, 35, 600),
+            (6, 16, 256),
+            (6, 16, 512),
+            (6, 32, 256),
+            (12, 64, 300),
+            (257, 48, 300),
+        ]);
         for (m, n, k) in shapes {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
@@ -283,15 +427,16 @@ mod tests {
             let rs = n + 3;
             let mut y = vec![f32::NAN; m * rs];
             let a = PackedRows::pack(&x, m, k);
-            // SAFETY: AVX2 checked; y holds m rows of stride rs ≥ n.
-            unsafe { gemm_packed(&a, &w, y.as_mut_ptr(), rs, n) };
+            // SAFETY: AVX2 checked (and AVX-512F for that kernel); y holds m rows of stride
+            // rs ≥ n.
+            unsafe { gemm_packed_with(kernel, &a, &w, y.as_mut_ptr(), rs, n) };
             let tol = 2e-5 * (k as f64).sqrt().max(1.0);
             for i in 0..m {
                 for j in 0..n {
                     let got = y[i * rs + j] as f64;
                     assert!(
                         (got - want[i * n + j]).abs() <= tol,
-                        "m={m} n={n} k={k} at ({i},{j}): {got} vs {}",
+                        "{kernel:?} m={m} n={n} k={k} at ({i},{j}): {got} vs {}",
                         want[i * n + j]
                     );
                 }
@@ -309,23 +454,32 @@ mod tests {
     fn packed_weight_panels_match_the_scalar_transpose() {
         let mut seed = 9u64;
         let k = 77;
-        let w: Vec<f32> = (0..NR * k).map(|_| lcg(&mut seed)).collect();
-        for (cols, k0, kc) in [
-            (16, 0, 64),
-            (16, 3, 70),
-            (16, 5, 7),
-            (11, 1, 40),
-            (1, 0, 77),
+        let w: Vec<f32> = (0..NR512 * k).map(|_| lcg(&mut seed)).collect();
+        for (nr, cols, k0, kc) in [
+            (NR, 16, 0, 64),
+            (NR, 16, 3, 70),
+            (NR, 16, 5, 7),
+            (NR, 11, 1, 40),
+            (NR, 1, 0, 77),
+            (NR512, 32, 0, 64),
+            (NR512, 32, 3, 70),
+            (NR512, 20, 5, 17),
+            (NR512, 16, 1, 40),
+            (NR512, 7, 0, 77),
         ] {
-            let mut panel = vec![f32::NAN; kc * NR];
-            pack_weights(&w, k, cols, k0, kc, &mut panel);
+            let mut panel = vec![f32::NAN; kc * nr];
+            if nr == NR {
+                pack_weights(&w, k, cols, k0, kc, &mut panel);
+            } else {
+                pack_weights_nr(&w, k, cols, k0, kc, &mut panel, nr);
+            }
             for kk in 0..kc {
-                for j in 0..NR {
+                for j in 0..nr {
                     let want = if j < cols { w[j * k + k0 + kk] } else { 0.0 };
                     assert_eq!(
-                        panel[kk * NR + j],
+                        panel[kk * nr + j],
                         want,
-                        "cols={cols} k0={k0} kc={kc} ({kk},{j})"
+                        "nr={nr} cols={cols} k0={k0} kc={kc} ({kk},{j})"
                     );
                 }
             }

@@ -1,13 +1,14 @@
 //! Microbenchmarks of the matmul kernels at the model's shapes:
-//! `cargo bench -p openvla --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`, `ONLY=a,b`
-//! to select kernels, `REPS` rounds).
+//! `cargo bench -p openvla-kernels --bench kernels` (env `SHAPES=n,k;n,k`, `MS=1,4,279`, `ONLY=a,b`
+//! to select kernels, `REPS` rounds). `f32avx2`/`f32avx512` run one sgemm micro-kernel each,
+//! `bf16c`/`bf16dot` the bf16-arithmetic GEMM through the f32 GEMM / `vdpbf16ps`, `q8_0avx2` the int16 kernel without AVX512-VNNI.
 //!
 //! The kernels are timed **interleaved**: each round runs every selected kernel once, and the
 //! best round of each is reported, so ratios between kernels are taken under the same machine
 //! load (the benchmark machine is shared and noisy).
 
-use openvla::kernels::{half_matmul, quant_matmul};
-use openvla::quant::{QuantFormat, QuantMatrix};
+use openvla_kernels::{half_matmul, quant_matmul};
+use openvla_kernels::{QuantFormat, QuantMatrix};
 use std::time::Instant;
 
 type Kernel<'a> = (&'static str, usize, Box<dyn FnMut() + 'a>);
@@ -81,7 +82,7 @@ fn main() {
                     "f32 tiled",
                     n * k * 4,
                     Box::new(move || {
-                        openvla::kernels::tiled_gemm_f32(
+                        openvla_kernels::tiled_gemm_f32(
                             x,
                             &ws[next()],
                             &mut y.borrow_mut(),
@@ -92,13 +93,73 @@ fn main() {
                     }),
                 ));
             }
+            #[cfg(target_arch = "x86_64")]
+            for (name, kernel) in [
+                ("f32avx2", openvla_kernels::sgemm::Kernel::Avx2),
+                ("f32avx512", openvla_kernels::sgemm::Kernel::Avx512),
+            ] {
+                let f = openvla_kernels::dispatch::Features::detect();
+                let can = f.avx2 && (kernel == openvla_kernels::sgemm::Kernel::Avx2 || f.avx512);
+                if run(name) && m >= 8 && can {
+                    kernels.push((
+                        name,
+                        n * k * 4,
+                        Box::new(move || {
+                            openvla_kernels::tiled_gemm_f32_with(
+                                kernel,
+                                x,
+                                &ws[next()],
+                                &mut y.borrow_mut(),
+                                m,
+                                n,
+                                k,
+                            )
+                        }),
+                    ));
+                }
+            }
+            let has_dot = openvla_kernels::dispatch::Features::detect().avx512_bf16;
+            for (name, dot) in [("bf16c", false), ("bf16dot", true)] {
+                if run(name) && m >= 8 && (has_dot || !dot) {
+                    kernels.push((
+                        name,
+                        n * k * 2,
+                        Box::new(move || {
+                            let w = &bfs[next()];
+                            openvla_kernels::bf16_gemm::tiled_gemm_bf16_with(
+                                dot,
+                                x,
+                                &mut y.borrow_mut(),
+                                m,
+                                n,
+                                k,
+                                |j0, nb, t| t.copy_from_slice(&w[j0 * k..(j0 + nb) * k]),
+                            )
+                        }),
+                    ));
+                }
+            }
+            if run("q8_0avx2") && m >= 8 && openvla_kernels::i16_gemm::available() {
+                kernels.push((
+                    "q8_0avx2",
+                    q8s[0].storage_bytes(),
+                    Box::new(move || {
+                        let a = openvla_kernels::i16_gemm::PackedActs::new(x, m, k);
+                        openvla_kernels::i16_gemm::matmul_avx2(
+                            &a,
+                            &q8s[next()],
+                            &mut y.borrow_mut(),
+                        )
+                    }),
+                ));
+            }
             if run("bf16v0") && m >= 8 {
                 kernels.push((
                     "bf16 v0",
                     n * k * 2,
                     Box::new(move || {
                         let w = &bfs[next()];
-                        openvla::kernels::tiled_gemm_v0(
+                        openvla_kernels::tiled_gemm_v0(
                             x,
                             &mut y.borrow_mut(),
                             m,
@@ -120,7 +181,7 @@ fn main() {
                     "f32 rows",
                     n * k * 4,
                     Box::new(move || {
-                        openvla::kernels::f32_matmul::matmul(
+                        openvla_kernels::f32_matmul::matmul(
                             x,
                             &ws[next()],
                             &mut y.borrow_mut(),
@@ -170,7 +231,7 @@ fn main() {
                             match path {
                                 0 => quant_matmul::matmul(x, w, y, m, false),
                                 1 => quant_matmul::matmul_dequant(x, w, y, m),
-                                _ => openvla::kernels::tiled_gemm_v0(x, y, m, n, k, |j0, _, b| {
+                                _ => openvla_kernels::tiled_gemm_v0(x, y, m, n, k, |j0, _, b| {
                                     w.dequantize_rows(j0, b)
                                 }),
                             }

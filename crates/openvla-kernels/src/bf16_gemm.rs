@@ -1,0 +1,478 @@
+//! bf16 arithmetic for the many-row products ([`crate::ComputePrecision::Bf16`]):
+//! `dst [m, nb] = bf16(x) · bf16(w)ᵀ`, products of bf16 pairs accumulated in f32.
+//!
+//! This is what PyTorch bf16 (oneDNN) and the GPU reference compute: both operands rounded to
+//! bf16 (round to nearest even), every product exact in f32 (8 × 8 significant bits), sums in
+//! f32. With AVX512-BF16 it runs on `vdpbf16ps`, which multiplies 32 bf16 pairs and adds them
+//! into 16 f32 lanes per instruction, twice the f32 FMA's multiplies per instruction:
+//! - the activations are rounded and packed once per call into panels of [`MR`] rows of 32-bit
+//!   words, each word the bf16 pair `(x[2q], x[2q + 1])` ([`PackedRowsBf16`]);
+//! - each thread packs [`KCP`] pairs of its weight rows into panels of [`NR`] columns of the
+//!   same words (`[kcp][NR]`; a weight row's bf16 pairs are already adjacent in memory, so this is
+//!   a transpose of 32-bit words);
+//! - the 6×32 micro-kernel holds twelve zmm accumulators and does twelve `vdpbf16ps` per two
+//!   weight loads and six broadcasts.
+//!
+//! Without AVX512-BF16 the same operands (bf16-rounded activations and weights, widened back to
+//! f32 exactly) go through the f32 GEMM ([`crate::tiled_gemm`]): the same products, summed in
+//! another order, so the mode means the same arithmetic on every CPU.
+
+use crate::half_matmul::{widen, Half};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Rows of `x` per micro-panel.
+pub const MR: usize = 6;
+/// Weight rows (output columns) per micro-panel.
+pub const NR: usize = 32;
+/// bf16 pairs (32-bit words) per packed depth block: a 32-wide weight panel of this depth is
+/// 32 KiB, inside the 48 KiB L1 of the AVX512-BF16 cores it targets.
+pub const KCP: usize = 256;
+
+/// `x` rounded to bf16, to nearest even (NaN stays NaN, quieted), as raw bits.
+#[inline]
+pub fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// Rounds `src` to bf16 bits into `dst` ([`round_bf16`] element-wise).
+pub fn round_slice(src: &[f32], dst: &mut [u16]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = round_bf16(v);
+    }
+}
+
+/// Activations `x [m, k]` rounded to bf16 and packed into panels of [`MR`] rows: panel `p` holds
+/// rows `p·MR .. p·MR + MR` as `[k/2 rounded up][MR]` words `bf16(x[2q]) | bf16(x[2q+1]) << 16`,
+/// rows past `m` and the odd last element's partner zero.
+pub struct PackedRowsBf16 {
+    data: Vec<u32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedRowsBf16 {
+    /// Rounds and packs `x [m, k]` (row-major).
+    pub fn pack(x: &[f32], m: usize, k: usize) -> PackedRowsBf16 {
+        assert!(x.len() >= m * k, "bf16 rows: x holds {} < {m}×{k}", x.len());
+        let kp = k.div_ceil(2);
+        let panels = m.div_ceil(MR);
+        let mut data = vec![0u32; panels * kp * MR];
+        data.par_chunks_mut((kp * MR).max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                // Each row rounded into contiguous words first (a loop the compiler
+                // vectorizes), then spread into the panel.
+                let mut words = vec![0u32; kp];
+                for r in 0..MR.min(m.saturating_sub(p * MR)) {
+                    let row = &x[(p * MR + r) * k..(p * MR + r + 1) * k];
+                    for (w, pair) in words.iter_mut().zip(row.chunks_exact(2)) {
+                        *w = round_bf16(pair[0]) as u32 | (round_bf16(pair[1]) as u32) << 16;
+                    }
+                    if k % 2 == 1 {
+                        words[kp - 1] = round_bf16(row[k - 1]) as u32;
+                    }
+                    for (q, &w) in words.iter().enumerate() {
+                        panel[q * MR + r] = w;
+                    }
+                }
+            });
+        PackedRowsBf16 { data, m, k }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Depth (elements, not pairs).
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    /// Panel `p`'s pairs `q0 .. q0 + kcp` (`[kcp][MR]`).
+    fn block(&self, p: usize, q0: usize, kcp: usize) -> &[u32] {
+        let start = p * self.k.div_ceil(2) * MR + q0 * MR;
+        &self.data[start..start + kcp * MR]
+    }
+}
+
+thread_local! {
+    /// The calling thread's packed weight panel, reused across tiles and calls.
+    static PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's bf16 weight tile, reused across tiles and calls.
+    static TILE: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// The fallback path's widened tile.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The many-row product in bf16 arithmetic: `y [m, n] = bf16(x) · bf16(W)ᵀ` with f32 sums, where
+/// `to_bf16(j0, nb, tile)` fills `tile [nb, k]` with the bf16 bits of weight rows
+/// `j0 .. j0 + nb` (rounded to nearest even where they are wider). Tiles of
+/// [`crate::gemm_tile_rows`] weight rows run in parallel.
+pub fn tiled_gemm_bf16(
+    x: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    to_bf16: impl Fn(usize, usize, &mut [u16]) + Sync,
+) {
+    tiled_gemm_bf16_with(crate::dispatch::bf16_dot(), x, y, m, n, k, to_bf16)
+}
+
+/// [`tiled_gemm_bf16`] with the path chosen by the caller: `vdpbf16ps` (panics where the CPU
+/// lacks AVX512-BF16) or the rounded operands through the f32 GEMM (the kernel bench and tests
+/// compare both).
+pub fn tiled_gemm_bf16_with(
+    use_dot: bool,
+    x: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    to_bf16: impl Fn(usize, usize, &mut [u16]) + Sync,
+) {
+    assert!(x.len() >= m * k);
+    assert!(
+        !use_dot || crate::dispatch::Features::detect().avx512_bf16,
+        "vdpbf16ps asked for on a CPU without AVX512-BF16"
+    );
+    let with_tile = |j0: usize, nb: usize, f: &mut dyn FnMut(&[u16])| {
+        TILE.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < nb * k {
+                buf.resize(nb * k, 0);
+            }
+            to_bf16(j0, nb, &mut buf[..nb * k]);
+            f(&buf[..nb * k]);
+        })
+    };
+    #[cfg(target_arch = "x86_64")]
+    if use_dot {
+        let packed = PackedRowsBf16::pack(x, m, k);
+        crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+            with_tile(j0, nb, &mut |tile| {
+                // SAFETY: AVX512-BF16 checked; columns j0 .. j0 + nb of the m rows of y (row
+                // stride n) belong to this tile alone.
+                unsafe { gemm_packed(&packed, tile, dst, n, nb) }
+            })
+        });
+        return;
+    }
+    // The same operands through the f32 GEMM.
+    let mut xr = vec![0u16; m * k];
+    round_slice(&x[..m * k], &mut xr);
+    let mut xw = vec![0f32; m * k];
+    widen(&xr, Half::Bf16, &mut xw);
+    crate::tiled_gemm(&xw, y, m, n, k, |j0, nb, wide| {
+        with_tile(j0, nb, &mut |tile| widen(tile, Half::Bf16, wide))
+    });
+}
+
+/// `dst [m, nb] (row stride rs) = a · wᵀ` for bf16 weights `w [nb, k]` (raw bits, row-major),
+/// single-threaded.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16 ([`crate::dispatch::Features::detect`]), and `dst` be valid for
+/// writes of `a.rows()` rows of `nb` elements, `rs` apart, not written by anyone else meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_packed(a: &PackedRowsBf16, w: &[u16], dst: *mut f32, rs: usize, nb: usize) {
+    let (m, k) = (a.m, a.k);
+    assert!(
+        w.len() >= nb * k,
+        "bf16 gemm: w holds {} < {nb}×{k}",
+        w.len()
+    );
+    if m == 0 || nb == 0 {
+        return;
+    }
+    if k == 0 {
+        for r in 0..m {
+            std::ptr::write_bytes(dst.add(r * rs), 0, nb);
+        }
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let col_panels = nb.div_ceil(NR);
+    let row_panels = m.div_ceil(MR);
+    PANEL.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < KCP * NR {
+            buf.resize(KCP * NR, 0);
+        }
+        let mut q0 = 0;
+        while q0 < kp {
+            let kcp = KCP.min(kp - q0);
+            let first = q0 == 0;
+            for jp in 0..col_panels {
+                let cols = NR.min(nb - jp * NR);
+                let bp = &mut buf[..kcp * NR];
+                pack_pairs(&w[jp * NR * k..], k, cols, q0, kcp, bp);
+                for ip in 0..row_panels {
+                    let ap = a.block(ip, q0, kcp);
+                    let rows = MR.min(m - ip * MR);
+                    let c = dst.add(ip * MR * rs + jp * NR);
+                    if rows == MR && cols == NR {
+                        kernel_6x32(kcp, ap.as_ptr(), bp.as_ptr(), c, rs, !first);
+                    } else {
+                        let mut tile = [0f32; MR * NR];
+                        kernel_6x32(kcp, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), NR, false);
+                        for r in 0..rows {
+                            for j in 0..cols {
+                                let o = c.add(r * rs + j);
+                                let v = tile[r * NR + j];
+                                *o = if first { v } else { *o + v };
+                            }
+                        }
+                    }
+                }
+            }
+            q0 += kcp;
+        }
+    });
+}
+
+/// Packs pairs `q0 .. q0 + kcp` of the first `cols` (≤ [`NR`]) rows of `w` (bf16 bits, row
+/// length `k`) into one panel `[kcp][NR]` of words `w[j][2q] | w[j][2q+1] << 16`, the partner of
+/// an odd `k`'s last element and the columns past `cols` zero.
+fn pack_pairs(w: &[u16], k: usize, cols: usize, q0: usize, kcp: usize, panel: &mut [u32]) {
+    assert!(panel.len() >= kcp * NR && cols <= NR);
+    assert!(cols == 0 || w.len() >= (cols - 1) * k + (2 * (q0 + kcp)).min(k));
+    for g in 0..NR / 16 {
+        let gc = cols.saturating_sub(g * 16).min(16);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if gc == 16 && k.is_multiple_of(2) && crate::has_avx2() {
+            done = kcp - kcp % 8;
+            // SAFETY: AVX2 checked; rows g·16 .. g·16 + 16 of w hold pairs q0 .. q0 + kcp (k
+            // even, so every pair is whole) and the panel kcp × NR words (asserted above);
+            // the transpose only moves 32-bit lanes, whatever their bits.
+            unsafe {
+                crate::sgemm::transpose_16xk_avx2(
+                    w.as_ptr().add(g * 16 * k + 2 * q0) as *const f32,
+                    k / 2,
+                    done,
+                    panel.as_mut_ptr().add(g * 16) as *mut f32,
+                    NR,
+                )
+            };
+        }
+        for j in g * 16..g * 16 + gc {
+            let row = &w[j * k..(j + 1) * k];
+            for q in done..kcp {
+                let e = 2 * (q0 + q);
+                let lo = row[e] as u32;
+                let hi = row.get(e + 1).map_or(0, |&v| v as u32);
+                panel[q * NR + j] = lo | hi << 16;
+            }
+        }
+    }
+    if cols < NR {
+        for q in 0..kcp {
+            panel[q * NR + cols..(q + 1) * NR].fill(0);
+        }
+    }
+}
+
+/// The 6×32 micro-kernel: `c[6, 32] (row stride rs) (+)= Σ_q a[q][r] · b[q][j]` over bf16
+/// pairs, `vdpbf16ps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel_6x32(
+    kcp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    rs: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kcp {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b as *const __m512i));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16) as *const __m512i));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r) as i32));
+            acc[0] = _mm512_dpbf16_ps(acc[0], ar, b0);
+            acc[1] = _mm512_dpbf16_ps(acc[1], ar, b1);
+        }
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * rs);
+        let (mut v0, mut v1) = (acc[0], acc[1]);
+        if accumulate {
+            v0 = _mm512_add_ps(v0, _mm512_loadu_ps(row));
+            v1 = _mm512_add_ps(v1, _mm512_loadu_ps(row.add(16)));
+        }
+        _mm512_storeu_ps(row, v0);
+        _mm512_storeu_ps(row.add(16), v1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::Features;
+    use crate::test_util::{lcg, SHAPES};
+
+    fn widen1(b: u16) -> f64 {
+        f32::from_bits((b as u32) << 16) as f64
+    }
+
+    /// `bf16(x) · bf16(w)ᵀ` in f64.
+    fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|p| widen1(round_bf16(x[i * k + p])) * widen1(round_bf16(w[j * k + p])))
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2⁻⁸ lies halfway between 1 and 1 + 2⁻⁷: ties go to the even mantissa (1).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2⁻⁸ lies halfway between 1 + 2⁻⁷ (odd) and 1 + 2⁻⁶: up to the even one.
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        // Just above the tie rounds up.
+        assert_eq!(round_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(round_bf16(-2.0), 0xc000);
+        assert_eq!(round_bf16(f32::INFINITY), 0x7f80);
+        assert_eq!(round_bf16(f32::MAX), 0x7f80, "overflow rounds to infinity");
+        assert!(f32::from_bits((round_bf16(f32::NAN) as u32) << 16).is_nan());
+        // Agrees with the half crate's conversion on ordinary values.
+        let mut seed = 3u64;
+        for _ in 0..10_000 {
+            let v = lcg(&mut seed) * 1e3;
+            assert_eq!(round_bf16(v), half::bf16::from_f32(v).to_bits(), "{v}");
+        }
+    }
+
+    #[test]
+    fn packed_pairs_match_the_scalar_layout() {
+        let mut seed = 5u64;
+        for k in [77usize, 64, 530] {
+            let w: Vec<u16> = (0..NR * k).map(|_| round_bf16(lcg(&mut seed))).collect();
+            let kp = k.div_ceil(2);
+            for (cols, q0, kcp) in [
+                (32, 0, kp),
+                (32, 3, kp - 3),
+                (20, 1, 9),
+                (16, 0, 8),
+                (5, 2, 7),
+            ] {
+                let mut panel = vec![u32::MAX; kcp * NR];
+                pack_pairs(&w, k, cols, q0, kcp, &mut panel);
+                for q in 0..kcp {
+                    for j in 0..NR {
+                        let e = 2 * (q0 + q);
+                        let want = if j < cols {
+                            let hi = if e + 1 < k {
+                                w[j * k + e + 1] as u32
+                            } else {
+                                0
+                            };
+                            w[j * k + e] as u32 | hi << 16
+                        } else {
+                            0
+                        };
+                        assert_eq!(
+                            panel[q * NR + j],
+                            want,
+                            "k={k} cols={cols} q0={q0} ({q},{j})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dispatched product (vdpbf16ps where the CPU has it, else the f32 fallback, which is
+    /// also checked explicitly) against the f64 product of the bf16-rounded operands.
+    #[test]
+    fn matches_f64_reference_of_rounded_operands_on_ragged_shapes() {
+        let mut seed = 11u64;
+        let mut shapes = SHAPES.to_vec();
+        shapes.extend([(6, 32, 512), (13, 70, 600), (257, 48, 301), (30, 1152, 20)]);
+        let native = Features::detect().avx512_bf16;
+        if !native {
+            eprintln!("skipped: the AVX512-BF16 vdpbf16ps kernel (no avx512_bf16 on this CPU); testing the f32 fallback only");
+        }
+        for (m, n, k) in shapes {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let want = reference(&x, &w, m, n, k);
+            let tol = 3e-5 * (k as f64).sqrt().max(1.0) * 3.0;
+            let mut paths = vec![("dispatched", None), ("f32 GEMM", Some(false))];
+            if native {
+                paths.push(("vdpbf16ps", Some(true)));
+            }
+            for (name, path) in paths {
+                let mut y = vec![f32::NAN; m * n];
+                let tile =
+                    |j0: usize, nb: usize, t: &mut [u16]| round_slice(&w[j0 * k..(j0 + nb) * k], t);
+                match path {
+                    None => tiled_gemm_bf16(&x, &mut y, m, n, k, tile),
+                    Some(dot) => tiled_gemm_bf16_with(dot, &x, &mut y, m, n, k, tile),
+                }
+                for (idx, (got, want)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*got as f64 - want).abs() <= tol,
+                        "{name} m={m} n={n} k={k} at {idx}: {got} vs {want}"
+                    );
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if native {
+                // The kernel directly, into a strided destination whose gaps must survive.
+                let rs = n + 3;
+                let mut y = vec![f32::NAN; m * rs];
+                let a = PackedRowsBf16::pack(&x, m, k);
+                let mut wb = vec![0u16; n * k];
+                round_slice(&w, &mut wb);
+                // SAFETY: AVX512-BF16 checked; y holds m rows of stride rs ≥ n.
+                unsafe { gemm_packed(&a, &wb, y.as_mut_ptr(), rs, n) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let got = y[i * rs + j] as f64;
+                        assert!(
+                            (got - want[i * n + j]).abs() <= tol,
+                            "vdpbf16ps m={m} n={n} k={k} ({i},{j}): {got} vs {}",
+                            want[i * n + j]
+                        );
+                    }
+                    for j in n..rs {
+                        assert!(y[i * rs + j].is_nan(), "gap ({i},{j}) written");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rounding really happens: with operands that bf16 cannot hold, the result differs from the
+    /// f32 product and equals the product of the rounded operands.
+    #[test]
+    fn rounds_operands_that_bf16_cannot_hold() {
+        let (m, n, k) = (8, 16, 4);
+        let x = vec![1.0 + 1.0 / 512.0; m * k]; // rounds to 1.0
+        let w = vec![1.0f32; n * k];
+        let mut y = vec![0f32; m * n];
+        tiled_gemm_bf16(&x, &mut y, m, n, k, |j0, nb, t| {
+            round_slice(&w[j0 * k..(j0 + nb) * k], t)
+        });
+        assert!(y.iter().all(|&v| v == 4.0), "{y:?}");
+    }
+}
