@@ -90,6 +90,7 @@ impl DecoderLayer {
         k: Tensor,
         v: Tensor,
         cache: &mut Option<LayerKv>,
+        causal: bool,
     ) -> Result<Tensor> {
         let t = q.dim(2)?;
         let hd = self.head_dim;
@@ -98,8 +99,10 @@ impl DecoderLayer {
         // On CPU in f32, prefill and decode steps alike: the fused causal kernel (no GQA
         // expansion, mask tensor or copies). It sees only this row's cache, so a row's result
         // does not depend on the rest of the batch.
-        if let Some(out) = causal_attention(q, &k, &v)? {
-            return Ok(out);
+        if causal {
+            if let Some(out) = causal_attention(q, &k, &v)? {
+                return Ok(out);
+            }
         }
         // The generic path (other devices and dtypes) takes packed copies of the cache views.
         let (k, v) = (k.contiguous()?, v.contiguous()?);
@@ -116,7 +119,7 @@ impl DecoderLayer {
         };
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
+        if causal && t > 1 {
             // Causal: the query at new position i sees every cached key and new keys <= i.
             let past = s - t;
             let mask: Vec<f32> = (0..t)
@@ -134,6 +137,7 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &[(Tensor, Tensor)],
         caches: &mut [Option<LayerKv>],
+        causal: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -160,7 +164,7 @@ impl DecoderLayer {
             let qr = candle_nn::rotary_emb::rope(&q.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let kr = candle_nn::rotary_emb::rope(&k.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let vr = v.narrow(0, row, 1)?.contiguous()?;
-            outs.push(self.attend_row(&qr, kr, vr, cache)?);
+            outs.push(self.attend_row(&qr, kr, vr, cache, causal)?);
         }
         let out = Tensor::cat(&outs, 0)?
             .transpose(1, 2)?
@@ -383,6 +387,19 @@ impl Llama {
     /// Row `r`'s new tokens take positions `cache.len(r) ..`, attention is causal, and each row
     /// attends only to its own cache. Returns the hidden states after the final RMSNorm.
     pub fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(x, cache, true)
+    }
+
+    /// Runs the decoder over `x [B, T, D]` (positions `0 .. T`) with **bidirectional**
+    /// attention: every position attends to every position of its row, as OpenVLA-OFT's
+    /// parallel decoding does (the transformers fork's `is_causal=False`, oft-spec §2.4). No
+    /// cache is kept. Returns the hidden states after the final RMSNorm.
+    pub fn forward_bidirectional(&self, x: &Tensor) -> Result<Tensor> {
+        let mut cache = KvCache::new(x.dim(0)?);
+        self.run(x, &mut cache, false)
+    }
+
+    fn run(&self, x: &Tensor, cache: &mut KvCache, causal: bool) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         if cache.rows() != b {
             return Err(Error::InvalidInput(format!(
@@ -411,7 +428,7 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let mut caches: Vec<Option<LayerKv>> =
                 cache.rows.iter_mut().map(|r| r[li].take()).collect();
-            h = layer.forward(&h, &rope, &mut caches)?;
+            h = layer.forward(&h, &rope, &mut caches, causal)?;
             for (r, c) in cache.rows.iter_mut().zip(caches) {
                 r[li] = c;
             }
