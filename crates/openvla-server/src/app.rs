@@ -230,10 +230,7 @@ async fn handle_act(
     )?;
     let encoded = parsed.encoded;
     let request = Request {
-        observation: Observation {
-            image: parsed.image,
-            instruction: parsed.instruction,
-        },
+        observation: Observation::new(parsed.image, parsed.instruction),
         unnorm_key: parsed.unnorm_key,
     };
     let rx = state.batcher.submit(request, deadline)?;
@@ -243,9 +240,9 @@ async fn handle_act(
     let prediction = reply.outcome?;
     let body = if encoded {
         // deploy.py: JSONResponse(json_numpy.dumps(action)), a JSON string.
-        serde_json::Value::String(json_numpy::dumps_f64(&prediction.action)).to_string()
+        serde_json::Value::String(json_numpy::dumps_f64(prediction.action())).to_string()
     } else {
-        json_numpy::encode_f64(&prediction.action).to_string()
+        json_numpy::encode_f64(prediction.action()).to_string()
     };
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();

@@ -33,6 +33,9 @@ pub struct ModelMetadata {
 
 impl Engine for Policy {
     fn run_batch(&self, requests: &[Request]) -> openvla::Result<Vec<openvla::Result<Prediction>>> {
+        if self.head().is_parallel() {
+            return Ok(self.predict_batch(requests));
+        }
         Ok(self
             .trace_batch(requests)?
             .into_iter()

@@ -7,9 +7,9 @@
 //! use openvla::{LoadOptions, Observation, Policy};
 //! let policy = Policy::load("models/openvla-tiny".as_ref(), &LoadOptions::default())?;
 //! let image = openvla::processor::RgbImage::from_raw(2, 1, vec![0, 0, 0, 255, 255, 255])?;
-//! let obs = Observation { image, instruction: "pick up the red block".into() };
+//! let obs = Observation::new(image, "pick up the red block");
 //! let prediction = &policy.predict(&[obs], Some("fake_bridge_orig"))?[0];
-//! println!("{:?}", prediction.action);
+//! println!("{:?}", prediction.action());
 //! # Ok::<(), openvla::Error>(())
 //! ```
 //!
