@@ -399,13 +399,19 @@ impl Policy {
     /// still get their predictions.
     pub fn predict_batch(&self, requests: &[Request]) -> Vec<Result<Prediction>> {
         if self.head.is_parallel() {
-            return requests
-                .iter()
-                .map(|r| {
-                    self.trace_parallel(&r.observation, r.unnorm_key.as_deref())
-                        .map(|t| t.prediction)
-                })
-                .collect();
+            return match self.trace_parallel_batch(requests) {
+                Ok(traces) => traces
+                    .into_iter()
+                    .map(|t| t.map(|t| t.prediction))
+                    .collect(),
+                Err(e) => {
+                    let msg = e.to_string();
+                    requests
+                        .iter()
+                        .map(|_| Err(Error::InvalidInput(msg.clone())))
+                        .collect()
+                }
+            };
         }
         Ok(()).and_then(|_| self.trace_batch(requests)).map_or_else(
             |e| {
@@ -649,6 +655,17 @@ pub struct ParallelPolicyTrace {
     pub prediction: Prediction,
 }
 
+/// An OFT request after the checks and preprocessing that precede the model.
+struct PreparedParallel {
+    images: Vec<RgbImage>,
+    pixel_values: Vec<Tensor>,
+    proprio_normalized: Option<Vec<f64>>,
+    proprio_token: Option<Tensor>,
+    input_ids: Vec<u32>,
+    unnorm_key: String,
+    preprocess_time: Duration,
+}
+
 /// Side of the images OFT's processor path expects before the centre crop.
 pub const OFT_IMAGE_SIZE: u32 = 224;
 
@@ -679,6 +696,65 @@ impl Policy {
         observation: &Observation,
         unnorm_key: Option<&str>,
     ) -> Result<ParallelPolicyTrace> {
+        let request = Request {
+            observation: observation.clone(),
+            unnorm_key: unnorm_key.map(str::to_string),
+        };
+        self.trace_parallel_batch(std::slice::from_ref(&request))?
+            .pop()
+            .ok_or_else(|| Error::InvalidInput("the batch lost its only request".into()))?
+    }
+
+    /// Runs a batch of requests through an OFT model: each is checked and preprocessed on its
+    /// own (a bad request fails alone), then all run as one packed LLM pass
+    /// ([`OpenVla::parallel_forward_batch`]); every request gets exactly its single answer.
+    /// The outer error is a failure of the batch as a whole.
+    pub fn trace_parallel_batch(
+        &self,
+        requests: &[Request],
+    ) -> Result<Vec<Result<ParallelPolicyTrace>>> {
+        let prepared: Vec<Result<PreparedParallel>> = requests
+            .iter()
+            .map(|r| self.prepare_parallel(&r.observation, r.unnorm_key.as_deref()))
+            .collect();
+        let ok: Vec<&PreparedParallel> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
+        let placeholders = match &self.oft {
+            Some(o) => o.placeholders(),
+            None => return Err(Error::InvalidInput("not an OpenVLA-OFT model".into())),
+        };
+        let inputs: Vec<ParallelInput> = ok
+            .iter()
+            .map(|p| ParallelInput {
+                pixel_values: &p.pixel_values,
+                proprio_token: p.proprio_token.as_ref(),
+                input_ids: &p.input_ids,
+                placeholders,
+            })
+            .collect();
+        let mut forwards = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            self.model.parallel_forward_batch(&inputs)?
+        }
+        .into_iter();
+        Ok(prepared
+            .into_iter()
+            .map(|p| {
+                let p = p?;
+                let forward = forwards.next().ok_or_else(|| {
+                    Error::InvalidInput("batch forward lost a request".into())
+                })?;
+                self.finish_parallel(p, forward)
+            })
+            .collect())
+    }
+
+    /// Everything about an OFT request that can fail before the model runs.
+    fn prepare_parallel(
+        &self,
+        observation: &Observation,
+        unnorm_key: Option<&str>,
+    ) -> Result<PreparedParallel> {
         let oft = self.oft.as_ref().ok_or_else(|| {
             Error::InvalidInput(
                 "trace_parallel needs an OpenVLA-OFT model; this is an OpenVLA (256-bin) model"
@@ -733,14 +809,34 @@ impl Policy {
         if input_ids.last() != Some(&crate::model::SPACE_TOKEN) {
             input_ids.push(crate::model::SPACE_TOKEN);
         }
-        let preprocess_time = t0.elapsed();
+        Ok(PreparedParallel {
+            images,
+            pixel_values,
+            proprio_normalized,
+            proprio_token,
+            input_ids,
+            unnorm_key: key.to_string(),
+            preprocess_time: t0.elapsed(),
+        })
+    }
+
+    /// Runs the head on a forward pass's window and un-normalizes the chunk.
+    fn finish_parallel(
+        &self,
+        p: PreparedParallel,
+        forward: ParallelTrace,
+    ) -> Result<ParallelPolicyTrace> {
+        let oft = self
+            .oft
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("not an OpenVLA-OFT model".into()))?;
+        let c = &oft.constants;
         let placeholders = oft.placeholders();
-        let forward = self.model.parallel_forward(&ParallelInput {
-            pixel_values: &pixel_values,
-            proprio_token: proprio_token.as_ref(),
-            input_ids: &input_ids,
-            placeholders,
-        })?;
+        let stats = &self
+            .norm_stats
+            .get(&p.unnorm_key)
+            .ok_or_else(|| Error::UnnormKey(format!("unknown unnorm_key {:?}", p.unnorm_key)))?
+            .action;
         let (k, d) = (c.chunk.value, c.action_dim.value);
         let (normalized, token_ids, head, f32_head) = match &self.head {
             ActionHead::ParallelL1(mlp) => {
@@ -777,26 +873,26 @@ impl Policy {
         for row in normalized.chunks(d) {
             actions.push(unnormalize_oft(
                 row,
-                &stats.action,
+                stats,
                 c.normalization.value,
                 f32_head,
             )?);
             normalized_actions.push(row.to_vec());
         }
         Ok(ParallelPolicyTrace {
-            images,
-            pixel_values,
-            proprio_normalized,
-            proprio_token,
-            input_ids,
+            images: p.images,
+            pixel_values: p.pixel_values,
+            proprio_normalized: p.proprio_normalized,
+            proprio_token: p.proprio_token,
+            input_ids: p.input_ids,
             forward,
             head,
-            preprocess_time,
+            preprocess_time: p.preprocess_time,
             prediction: Prediction {
                 actions,
                 normalized_actions,
                 token_ids,
-                unnorm_key: key.to_string(),
+                unnorm_key: p.unnorm_key,
             },
         })
     }

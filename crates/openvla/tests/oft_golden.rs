@@ -255,3 +255,27 @@ fn unnormalization_is_bit_exact_on_the_reference_chunk() {
         }
     }
 }
+
+/// All main-checkpoint samples as one batch (one packed LLM pass) give exactly their single
+/// answers, and the batched answers still match the reference.
+#[test]
+fn a_batch_equals_single_requests() {
+    let policy = load("model");
+    let requests: Vec<openvla::Request> = samples()
+        .iter()
+        .filter(|s| s["model"] == "model")
+        .map(|s| openvla::Request {
+            observation: observation(s),
+            unnorm_key: s["unnorm_key"].as_str().map(str::to_string),
+        })
+        .collect();
+    assert!(requests.len() >= 3);
+    let batch = policy.predict_batch(&requests);
+    for (r, b) in requests.iter().zip(batch) {
+        let single = policy
+            .predict_batch(std::slice::from_ref(r))
+            .remove(0)
+            .unwrap();
+        assert_eq!(b.unwrap(), single);
+    }
+}

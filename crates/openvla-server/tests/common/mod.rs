@@ -157,6 +157,10 @@ impl Engine for MockEngine {
             weight_dtype: "f32".into(),
             action_dims: BTreeMap::from([("three".into(), 3), ("four".into(), 4)]),
             norm_stats_source: "mock".into(),
+            family: "openvla".into(),
+            images: vec!["image".into()],
+            proprio_dim: None,
+            chunk_size: 1,
         }
     }
 }

@@ -177,6 +177,41 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// The layer over several sequences packed along the positions of `x [1, T, D]`
+    /// (`lens` sum to `T`): the projections run on all positions at once, attention is
+    /// bidirectional within each sequence only. `rope` holds each position's own angles.
+    fn forward_packed(&self, x: &Tensor, rope: &(Tensor, Tensor), lens: &[usize]) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let n = self.input_layernorm.forward(x)?;
+        let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
+            Ok(y.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let [q, k, v] = self.qkv_proj.forward(&n, false)?;
+        let (cos, sin) = rope;
+        let q = candle_nn::rotary_emb::rope(&heads(q, self.num_heads)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(k, self.num_kv_heads)?, cos, sin)?;
+        let v = heads(v, self.num_kv_heads)?;
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            let seg = |y: &Tensor| -> Result<Tensor> { Ok(y.narrow(2, start, len)?.contiguous()?) };
+            let mut none = None;
+            outs.push(self.attend_row(&seg(&q)?, seg(&k)?, seg(&v)?, &mut none, false)?);
+            start += len;
+        }
+        let out = Tensor::cat(&outs, 2)?
+            .transpose(1, 2)?
+            .reshape((1, t, self.num_heads * hd))?;
+        let x = (x + self.o_proj.forward(&out)?)?;
+        let n = self.post_attention_layernorm.forward(&x)?;
+        let [gate, up] = self.gate_up_proj.forward(&n, false)?;
+        let m = silu_mul(&gate, &up)?;
+        Ok((x + self.down_proj.forward(&m)?)?)
+    }
+}
+
 /// One layer's keys and values for one sequence: buffers `[1, kv_heads, capacity, head_dim]`
 /// whose first `len` positions are filled.
 ///
@@ -397,6 +432,40 @@ impl Llama {
     pub fn forward_bidirectional(&self, x: &Tensor) -> Result<Tensor> {
         let mut cache = KvCache::new(x.dim(0)?);
         self.run(x, &mut cache, false)
+    }
+
+    /// Runs several sequences, packed one after the other along the positions of
+    /// `x [1, T, D]` (`lens` give their lengths, summing to `T`), with **bidirectional**
+    /// attention inside each sequence, as OpenVLA-OFT's parallel decoding does (the
+    /// transformers fork's `is_causal=False`, oft-spec §2.4). Each sequence takes positions
+    /// `0 .. len`; the projections run on all positions at once. No cache is kept. Returns the
+    /// hidden states after the final RMSNorm, packed the same way.
+    pub fn forward_packed_bidirectional(&self, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if x.dim(0)? != 1 || lens.iter().sum::<usize>() != t || lens.contains(&0) {
+            return Err(Error::InvalidInput(format!(
+                "packed sequences of lengths {lens:?} do not fill the {t} positions of one row"
+            )));
+        }
+        let mut cos = Vec::with_capacity(lens.len());
+        let mut sin = Vec::with_capacity(lens.len());
+        for &len in lens {
+            if len > self.cfg.max_position_embeddings {
+                return Err(Error::InvalidInput(format!(
+                    "sequence of {len} positions exceeds max_position_embeddings {}",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            let (c, s) = self.rope_tables(0, len)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        let rope = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = layer.forward_packed(&h, &rope, lens)?;
+        }
+        self.norm.forward(&h)
     }
 
     fn run(&self, x: &Tensor, cache: &mut KvCache, causal: bool) -> Result<Tensor> {
