@@ -287,7 +287,11 @@ fn predict(a: PredictArgs) -> Result<()> {
             println!("unnorm_key:         {}", p.unnorm_key);
             println!("family:             {}", policy.head().family());
             for (i, (act, norm)) in p.actions.iter().zip(&p.normalized_actions).enumerate() {
-                println!("action[{i}]:{:>width$}{act:?}", "", width = 9 - i.to_string().len());
+                println!(
+                    "action[{i}]:{:>width$}{act:?}",
+                    "",
+                    width = 9 - i.to_string().len()
+                );
                 println!("  normalized:       {norm:?}");
             }
             if !p.token_ids.is_empty() {
@@ -352,7 +356,12 @@ fn inspect(a: InspectArgs) -> Result<()> {
     if let Some(o) = &s.oft {
         println!("oft constants:");
         for c in &o.constants {
-            println!("  {:<14} {:<12} from {}", c.name, c.value.to_string(), c.source);
+            println!(
+                "  {:<14} {:<12} from {}",
+                c.name,
+                c.value.to_string(),
+                c.source
+            );
         }
         println!("  {:<14} {:<12}", "center_crop", o.center_crop);
         for f in &o.files {

@@ -232,7 +232,9 @@ fn warm_up(policy: &Policy) -> Result<()> {
     let image = RgbImage::filled(224, 224, [128, 128, 128])?;
     let mut observation = Observation::new(image.clone(), "warm up");
     for i in 1..policy.num_images() {
-        observation.images.push((format!("wrist_{i}"), image.clone()));
+        observation
+            .images
+            .push((format!("wrist_{i}"), image.clone()));
     }
     observation.proprio = policy.proprio_dim().map(|p| vec![0.0; p]);
     let out = policy.predict_batch(&[Request {

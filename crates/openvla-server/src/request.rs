@@ -178,7 +178,10 @@ fn parse_fields(
         Some(v) => Some(parse_state(&v)?),
     };
     let images = if let Some(full) = obj.remove("full_image") {
-        let mut images = vec![("full_image".to_string(), parse_named_image("full_image", &full, limits)?)];
+        let mut images = vec![(
+            "full_image".to_string(),
+            parse_named_image("full_image", &full, limits)?,
+        )];
         let mut wrist: Vec<&String> = obj.keys().filter(|k| k.contains("wrist")).collect();
         wrist.sort_by_key(|k| order.iter().position(|o| o == *k).unwrap_or(usize::MAX));
         for k in wrist {
@@ -187,9 +190,7 @@ fn parse_fields(
         images
     } else {
         match obj.remove("image") {
-            None => {
-                return Err(ApiError::missing_field("image"))
-            }
+            None => return Err(ApiError::missing_field("image")),
             Some(v) => vec![("image".to_string(), parse_image(&v, limits)?)],
         }
     };
@@ -213,9 +214,8 @@ fn parse_named_image(key: &str, v: &Value, limits: &ParseLimits) -> Result<RgbIm
 /// OFT's `state`: a json-numpy float64 vector or a plain list of numbers.
 fn parse_state(v: &Value) -> Result<Vec<f64>, ApiError> {
     if json_numpy::is_numpy(v) {
-        return json_numpy::decode_f64(v).map_err(|e| {
-            ApiError::bad_request("invalid_array", format!("\"state\": {e}"))
-        });
+        return json_numpy::decode_f64(v)
+            .map_err(|e| ApiError::bad_request("invalid_array", format!("\"state\": {e}")));
     }
     match v {
         Value::Array(items) => items

@@ -37,10 +37,7 @@ fn samples() -> Vec<(String, String, String)> {
 
 fn expected(image: &openvla_image::RgbImage, instruction: &str, key: &str) -> Vec<f64> {
     tiny()
-        .predict(
-            &[Observation::new(image.clone(), instruction)],
-            Some(key),
-        )
+        .predict(&[Observation::new(image.clone(), instruction)], Some(key))
         .unwrap()
         .remove(0)
         .action()

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use openvla::{LoadOptions, Observation, Policy, Precision};
+use openvla_server::client::Reply;
 use openvla_server::json_numpy;
 use openvla_server::{BatchConfig, Engine, ServerConfig};
 use serde_json::{json, Value};
@@ -30,8 +31,10 @@ fn oft() -> Arc<Policy> {
 }
 
 fn image(sample: &str, i: usize) -> openvla_image::RgbImage {
-    openvla_image::open(&root().join(format!("testdata/openvla-oft-tiny/{sample}img{i}_input.png")))
-        .unwrap()
+    openvla_image::open(&root().join(format!(
+        "testdata/openvla-oft-tiny/{sample}img{i}_input.png"
+    )))
+    .unwrap()
 }
 
 const STATE: [f64; 8] = [
@@ -52,7 +55,11 @@ fn u8_array(img: &openvla_image::RgbImage) -> Value {
 }
 
 /// OFT deploy.py's request, with the wrist image under `wrist_key`.
-fn oft_body(full: &openvla_image::RgbImage, wrist: &openvla_image::RgbImage, instruction: &str) -> Value {
+fn oft_body(
+    full: &openvla_image::RgbImage,
+    wrist: &openvla_image::RgbImage,
+    instruction: &str,
+) -> Value {
     json!({
         "full_image": u8_array(full),
         "wrist_image": u8_array(wrist),
@@ -62,7 +69,11 @@ fn oft_body(full: &openvla_image::RgbImage, wrist: &openvla_image::RgbImage, ins
     })
 }
 
-fn expected(full: &openvla_image::RgbImage, wrist: &openvla_image::RgbImage, instruction: &str) -> Vec<Vec<f64>> {
+fn expected(
+    full: &openvla_image::RgbImage,
+    wrist: &openvla_image::RgbImage,
+    instruction: &str,
+) -> Vec<Vec<f64>> {
     let obs = Observation {
         images: vec![
             ("full_image".into(), full.clone()),
@@ -102,7 +113,8 @@ async fn deploy_py_format_answers_the_chunk() {
     let engine: Arc<dyn Engine> = oft();
     let server = TestServer::start(engine, config(8, 0)).await;
     let (full, wrist) = (image("s0_", 0), image("s0_", 1));
-    let instruction = "pick up the black bowl between the plate and the ramekin and place it on the plate";
+    let instruction =
+        "pick up the black bowl between the plate and the ramekin and place it on the plate";
     let want = expected(&full, &wrist, instruction);
     assert_eq!(want.len(), 8);
     let body = oft_body(&full, &wrist, instruction);
@@ -138,19 +150,30 @@ async fn deploy_py_format_answers_the_chunk() {
     one_image.as_object_mut().unwrap().remove("wrist_image");
     let r = server.post(one_image.to_string()).await;
     let (status, _) = error_of(&r);
-    assert!(status >= 400 && r.text().contains("2 images"), "{}", r.text());
+    assert!(
+        status >= 400 && r.text().contains("2 images"),
+        "{}",
+        r.text()
+    );
 
     // /metadata names the OFT inputs.
     let m = server.get("/metadata").await.json().unwrap();
     assert_eq!(m["family"], "oft-l1");
     assert_eq!(m["chunk_size"], 8);
-    assert_eq!(m["inputs"], json!({"images": ["full_image", "wrist_image"], "proprio_dim": 8}));
+    assert_eq!(
+        m["inputs"],
+        json!({"images": ["full_image", "wrist_image"], "proprio_dim": 8})
+    );
     server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_equal_single_ones() {
-    let samples = [("s0_", "pick up the black bowl"), ("s3_", "turn on the stove and put the moka pot on it"), ("s0_", "open the top drawer of the cabinet")];
+    let samples = [
+        ("s0_", "pick up the black bowl"),
+        ("s3_", "turn on the stove and put the moka pot on it"),
+        ("s0_", "open the top drawer of the cabinet"),
+    ];
     let inputs: Vec<_> = samples
         .iter()
         .map(|(s, ins)| (image(s, 0), image(s, 1), *ins))
@@ -182,6 +205,9 @@ async fn openvla_metadata_has_the_256_bin_defaults() {
     let m = server.get("/metadata").await.json().unwrap();
     assert_eq!(m["family"], "openvla");
     assert_eq!(m["chunk_size"], 1);
-    assert_eq!(m["inputs"], json!({"images": ["image"], "proprio_dim": null}));
+    assert_eq!(
+        m["inputs"],
+        json!({"images": ["image"], "proprio_dim": null})
+    );
     server.stop().await.unwrap();
 }

@@ -142,7 +142,10 @@ impl MlpResNet {
         };
         let mut blocks = Vec::new();
         while sd
-            .shape(&format!("model.mlp_resnet_blocks.{}.ffn.1.weight", blocks.len()))
+            .shape(&format!(
+                "model.mlp_resnet_blocks.{}.ffn.1.weight",
+                blocks.len()
+            ))
             .is_some()
         {
             let p = format!("model.mlp_resnet_blocks.{}.ffn", blocks.len());

@@ -1,11 +1,11 @@
 //! A summary of a model directory read from its headers only (no weights are loaded).
 
 use crate::action::{ActionTokenizer, NormStats};
-use crate::head::ActionHead;
-use crate::oft::constants::OftOptions;
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, Variant};
 use crate::error::Result;
+use crate::head::ActionHead;
+use crate::oft::constants::OftOptions;
 use crate::policy::load_norm_stats;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -118,14 +118,19 @@ impl ModelSummary {
         )? {
             Some((head, model)) => {
                 let c = &model.constants;
-                let entry = |name: &str, value: serde_json::Value, source: String| ConstantSummary {
-                    name: name.into(),
-                    value,
-                    source,
-                };
+                let entry =
+                    |name: &str, value: serde_json::Value, source: String| ConstantSummary {
+                        name: name.into(),
+                        value,
+                        source,
+                    };
                 summary.oft = Some(OftSummary {
                     constants: vec![
-                        entry("chunk_size", c.chunk.value.into(), c.chunk.source.to_string()),
+                        entry(
+                            "chunk_size",
+                            c.chunk.value.into(),
+                            c.chunk.source.to_string(),
+                        ),
                         entry(
                             "action_dim",
                             c.action_dim.value.into(),
@@ -147,7 +152,11 @@ impl ModelSummary {
                             c.normalization.source.to_string(),
                         ),
                     ],
-                    files: model.files.iter().map(|p| p.display().to_string()).collect(),
+                    files: model
+                        .files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
                     center_crop: model.center_crop,
                 });
                 head

@@ -6,8 +6,8 @@ use crate::action::{
 use crate::checkpoint::{Checkpoint, LoadProgress, WeightLoader};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::linear::{WeightDtype, WeightPolicy};
 use crate::head::{ActionHead, MlpResNetTrace};
+use crate::model::linear::{WeightDtype, WeightPolicy};
 use crate::model::{GenerationRequest, GenerationTrace, OpenVla, ParallelInput, ParallelTrace};
 use crate::oft::constants::OftOptions;
 use crate::oft::proprio::{normalize_proprio, unnormalize_oft, Stats};
@@ -128,7 +128,9 @@ impl Prediction {
     }
     /// The first normalized action of the chunk.
     pub fn normalized_action(&self) -> &[f64] {
-        self.normalized_actions.first().map_or(&[], |a| a.as_slice())
+        self.normalized_actions
+            .first()
+            .map_or(&[], |a| a.as_slice())
     }
 }
 
@@ -151,18 +153,18 @@ pub struct Trace {
 
 /// A loaded OpenVLA policy.
 pub struct Policy {
-    pub(crate) dir: PathBuf,
-    pub(crate) config: ModelConfig,
-    pub(crate) preprocessor: PreprocessorConfig,
-    pub(crate) tokenizer: PromptTokenizer,
-    pub(crate) model: OpenVla,
-    pub(crate) norm_stats: NormStats,
-    pub(crate) norm_stats_source: PathBuf,
-    pub(crate) action_tokenizer: ActionTokenizer,
-    pub(crate) head: ActionHead,
-    pub(crate) oft: Option<OftModel>,
-    pub(crate) weights: WeightPolicy,
-    pub(crate) device: Device,
+    dir: PathBuf,
+    config: ModelConfig,
+    preprocessor: PreprocessorConfig,
+    tokenizer: PromptTokenizer,
+    model: OpenVla,
+    norm_stats: NormStats,
+    norm_stats_source: PathBuf,
+    action_tokenizer: ActionTokenizer,
+    head: ActionHead,
+    oft: Option<OftModel>,
+    weights: WeightPolicy,
+    device: Device,
 }
 
 impl std::fmt::Debug for Policy {
@@ -265,7 +267,10 @@ impl Policy {
             head_dtype,
         )? {
             Some((head, oft)) => (head, Some(oft)),
-            None => (ActionHead::Autoregressive256(action_tokenizer.clone()), None),
+            None => (
+                ActionHead::Autoregressive256(action_tokenizer.clone()),
+                None,
+            ),
         };
         if let Some(oft) = &oft {
             check_oft_stats(&norm_stats, &norm_stats_source, oft)?;
@@ -336,11 +341,15 @@ impl Policy {
     }
     /// Images per observation.
     pub fn num_images(&self) -> usize {
-        self.oft.as_ref().map_or(1, |o| o.constants.num_images.value)
+        self.oft
+            .as_ref()
+            .map_or(1, |o| o.constants.num_images.value)
     }
     /// Proprio dimension, if the model takes proprio.
     pub fn proprio_dim(&self) -> Option<usize> {
-        self.oft.as_ref().and_then(|o| o.constants.proprio_dim.value)
+        self.oft
+            .as_ref()
+            .and_then(|o| o.constants.proprio_dim.value)
     }
 
     /// Action dimension of a dataset.
@@ -620,7 +629,7 @@ fn check_oft_stats(stats: &NormStats, source: &Path, oft: &OftModel) -> Result<(
 }
 
 /// The proprio statistics of a dataset (`dataset_statistics.json` `proprio`).
-pub(crate) fn proprio_stats(stats: &crate::action::DatasetStatistics, key: &str) -> Result<Stats> {
+fn proprio_stats(stats: &crate::action::DatasetStatistics, key: &str) -> Result<Stats> {
     let v = stats.proprio.as_ref().ok_or_else(|| {
         Error::InvalidInput(format!(
             "dataset {key:?} has no proprio statistics in dataset_statistics.json, which a \
@@ -628,7 +637,9 @@ pub(crate) fn proprio_stats(stats: &crate::action::DatasetStatistics, key: &str)
         ))
     })?;
     serde_json::from_value(v.clone()).map_err(|e| {
-        Error::InvalidInput(format!("dataset {key:?}: malformed proprio statistics: {e}"))
+        Error::InvalidInput(format!(
+            "dataset {key:?}: malformed proprio statistics: {e}"
+        ))
     })
 }
 
@@ -673,9 +684,10 @@ impl Policy {
     /// The image an OFT model's processor receives: resized to 224×224 with TF's JPEG round
     /// trip and lanczos3 when it has another size, then centre-cropped as TF does.
     pub fn oft_image(&self, image: &RgbImage) -> Result<RgbImage> {
-        let oft = self.oft.as_ref().ok_or_else(|| {
-            Error::InvalidInput("not an OpenVLA-OFT model".into())
-        })?;
+        let oft = self
+            .oft
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("not an OpenVLA-OFT model".into()))?;
         let resized;
         let image = if image.size() != (OFT_IMAGE_SIZE, OFT_IMAGE_SIZE) {
             resized = openvla_image::tf_resize_for_policy(image, OFT_IMAGE_SIZE)?;
@@ -684,7 +696,10 @@ impl Policy {
             image
         };
         if oft.center_crop {
-            Ok(openvla_image::tf_center_crop(image, openvla_image::OFT_CROP_SCALE)?)
+            Ok(openvla_image::tf_center_crop(
+                image,
+                openvla_image::OFT_CROP_SCALE,
+            )?)
         } else {
             Ok(image.clone())
         }
@@ -741,9 +756,9 @@ impl Policy {
             .into_iter()
             .map(|p| {
                 let p = p?;
-                let forward = forwards.next().ok_or_else(|| {
-                    Error::InvalidInput("batch forward lost a request".into())
-                })?;
+                let forward = forwards
+                    .next()
+                    .ok_or_else(|| Error::InvalidInput("batch forward lost a request".into()))?;
                 self.finish_parallel(p, forward)
             })
             .collect())

@@ -50,7 +50,9 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 fn obs(images: usize, proprio: Option<Vec<f64>>) -> Observation {
     let img = openvla_image::open(&fixture("s0_img0_input.png")).unwrap();
     Observation {
-        images: (0..images).map(|i| (format!("img{i}"), img.clone())).collect(),
+        images: (0..images)
+            .map(|i| (format!("img{i}"), img.clone()))
+            .collect(),
         instruction: "pick up the black bowl".into(),
         proprio,
     }
@@ -127,7 +129,10 @@ fn a_dimension_contradicting_the_head_names_both() {
             ..Default::default()
         },
     );
-    assert!(e.contains("14 (from --platform aloha preset)") && e.contains("7 rows"), "{e}");
+    assert!(
+        e.contains("14 (from --platform aloha preset)") && e.contains("7 rows"),
+        "{e}"
+    );
     // A proprio dimension contradicting the projector.
     let e = load_err(
         &fixture("model"),
@@ -136,7 +141,10 @@ fn a_dimension_contradicting_the_head_names_both() {
             ..Default::default()
         },
     );
-    assert!(e.contains("7 (from flag)") && e.contains("8 columns"), "{e}");
+    assert!(
+        e.contains("7 (from flag)") && e.contains("8 columns"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -222,8 +230,16 @@ fn constants_follow_flags_config_preset_shapes() {
     )
     .unwrap();
     let c = &p.oft().unwrap().constants;
-    assert!(matches!(c.action_dim.source, Source::Shape(_)), "{:?}", c.action_dim);
-    assert!(matches!(c.proprio_dim.source, Source::Shape(_)), "{:?}", c.proprio_dim);
+    assert!(
+        matches!(c.action_dim.source, Source::Shape(_)),
+        "{:?}",
+        c.action_dim
+    );
+    assert!(
+        matches!(c.proprio_dim.source, Source::Shape(_)),
+        "{:?}",
+        c.proprio_dim
+    );
     assert_eq!((c.action_dim.value, c.proprio_dim.value), (7, Some(8)));
 }
 
@@ -231,7 +247,10 @@ fn constants_follow_flags_config_preset_shapes() {
 fn requests_with_missing_proprio_or_wrong_image_count_fail_alone() {
     let p = load_with(&fixture("model"), OftOptions::default()).unwrap();
     let key = Some("fake_libero_spatial_no_noops");
-    let e = p.trace_parallel(&obs(2, None), key).unwrap_err().to_string();
+    let e = p
+        .trace_parallel(&obs(2, None), key)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("takes proprio") && e.contains("8 values"), "{e}");
     let e = p
         .trace_parallel(&obs(1, Some(vec![0.0; 8])), key)
@@ -252,7 +271,10 @@ fn requests_with_missing_proprio_or_wrong_image_count_fail_alone() {
         observation: obs(3, Some(vec![0.1; 8])),
         unnorm_key: key.map(str::to_string),
     };
-    let single = p.predict_batch(std::slice::from_ref(&good)).remove(0).unwrap();
+    let single = p
+        .predict_batch(std::slice::from_ref(&good))
+        .remove(0)
+        .unwrap();
     let batch = p.predict_batch(&[bad.clone(), good.clone(), bad]);
     assert!(batch[0].is_err() && batch[2].is_err());
     assert_eq!(batch[1].as_ref().unwrap(), &single);

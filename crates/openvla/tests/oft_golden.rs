@@ -61,7 +61,10 @@ fn assert_rel(got: &Tensor, golden: &Tensor, rel: f64, what: &str) {
 fn assert_abs(got: &[f64], golden: &[f64], tol: f64, what: &str) {
     let d = max_abs_diff(got, golden, what);
     eprintln!("{what}: max abs diff {d:.3e}");
-    assert!(d <= tol, "stage {what}: max abs diff {d:.3e} exceeds {tol:e}");
+    assert!(
+        d <= tol,
+        "stage {what}: max abs diff {d:.3e} exceeds {tol:e}"
+    );
 }
 
 fn u8_image(t: &Tensor) -> RgbImage {
@@ -144,7 +147,12 @@ fn every_sample_matches_the_reference_stage_by_stage() {
                     .zip(golden.data())
                     .filter(|(a, b)| a != b)
                     .count();
-                assert_eq!(diff, 0, "stage {}: {diff} pixels differ", tag(&resized_file));
+                assert_eq!(
+                    diff,
+                    0,
+                    "stage {}: {diff} pixels differ",
+                    tag(&resized_file)
+                );
                 golden
             } else {
                 img.clone()
@@ -170,14 +178,23 @@ fn every_sample_matches_the_reference_stage_by_stage() {
             .map(|v| v as u32)
             .collect();
         let placeholders = full.len() - t.input_ids.len() - 1;
-        assert_eq!(full[..t.input_ids.len()], t.input_ids[..], "stage {}", tag("ids"));
+        assert_eq!(
+            full[..t.input_ids.len()],
+            t.input_ids[..],
+            "stage {}",
+            tag("ids")
+        );
         assert_eq!(full.last(), Some(&2), "stage {}", tag("stop id"));
         assert_eq!(placeholders, 56, "stage {}", tag("placeholders"));
         for (i, pv) in t.pixel_values.iter().enumerate() {
             let pv_file = format!("{p}img{i}_pixel_values.npy");
             if dir().join(&pv_file).exists() {
                 let d = max_abs_diff(&f64s(pv), &f64s(&npy(&pv_file)), &pv_file);
-                assert!(d <= 1e-6, "stage {}: end-to-end pixel_values {d:.3e}", tag(&pv_file));
+                assert!(
+                    d <= 1e-6,
+                    "stage {}: end-to-end pixel_values {d:.3e}",
+                    tag(&pv_file)
+                );
             }
             let rows = t.forward.projected.narrow(1, 256 * i, 256).unwrap();
             assert_rel(
@@ -195,7 +212,12 @@ fn every_sample_matches_the_reference_stage_by_stage() {
                 1e-12,
                 &tag("proprio_normalized"),
             );
-            assert_rel(tok, &npy(&format!("{p}proprio_embedding.npy")), 1e-4, &tag("proprio_embedding"));
+            assert_rel(
+                tok,
+                &npy(&format!("{p}proprio_embedding.npy")),
+                1e-4,
+                &tag("proprio_embedding"),
+            );
         }
         assert_eq!(
             t.forward.window_start,
@@ -210,14 +232,34 @@ fn every_sample_matches_the_reference_stage_by_stage() {
             &tag("actions_hidden_states"),
         );
         let head = t.head.as_ref().unwrap();
-        assert_rel(&head.layer_norm1, &npy(&format!("{p}head_layer_norm1.npy")), 1e-4, &tag("head_layer_norm1"));
-        assert_rel(&head.blocks[1], &npy(&format!("{p}head_block1.npy")), 1e-4, &tag("head_block1"));
+        assert_rel(
+            &head.layer_norm1,
+            &npy(&format!("{p}head_layer_norm1.npy")),
+            1e-4,
+            &tag("head_layer_norm1"),
+        );
+        assert_rel(
+            &head.blocks[1],
+            &npy(&format!("{p}head_block1.npy")),
+            1e-4,
+            &tag("head_block1"),
+        );
         let norm: Vec<f64> = t.prediction.normalized_actions.concat();
         let golden_norm = f64s(&npy(&format!("{p}normalized_actions.npy")));
         assert_abs(&norm, &golden_norm, 1e-5, &tag("normalized_actions"));
         let actions: Vec<f64> = t.prediction.actions.concat();
-        assert_abs(&actions, &f64s(&npy(&format!("{p}actions.npy"))), 1e-5, &tag("actions"));
-        assert_eq!(t.prediction.actions.len(), 8, "stage {}: chunk size", tag("actions"));
+        assert_abs(
+            &actions,
+            &f64s(&npy(&format!("{p}actions.npy"))),
+            1e-5,
+            &tag("actions"),
+        );
+        assert_eq!(
+            t.prediction.actions.len(),
+            8,
+            "stage {}: chunk size",
+            tag("actions")
+        );
         // The causal control differs by far more than our error.
         let causal = f64s(&npy(&format!("causal_{p}normalized_actions.npy")));
         let ours_vs_causal = max_abs_diff(&norm, &causal, "causal");

@@ -31,7 +31,10 @@ fn load(
 
 fn request(image: &str, instruction: &str, key: &str) -> Request {
     Request {
-        observation: Observation::new(openvla_image::open(&root().join(image)).unwrap(), instruction),
+        observation: Observation::new(
+            openvla_image::open(&root().join(image)).unwrap(),
+            instruction,
+        ),
         unnorm_key: Some(key.to_string()),
     }
 }

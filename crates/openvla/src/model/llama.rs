@@ -83,7 +83,8 @@ impl DecoderLayer {
         })
     }
 
-    /// Attention of one batch row over its own cache (`q`, `k`, `v` are `[1, heads, T, hd]`).
+    /// Attention of one batch row over its own cache (`q`, `k`, `v` are `[1, heads, T, hd]`):
+    /// causal, or bidirectional over every cached and new position (OFT's parallel decoding).
     fn attend_row(
         &self,
         q: &Tensor,
@@ -137,7 +138,6 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &[(Tensor, Tensor)],
         caches: &mut [Option<LayerKv>],
-        causal: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -164,7 +164,7 @@ impl DecoderLayer {
             let qr = candle_nn::rotary_emb::rope(&q.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let kr = candle_nn::rotary_emb::rope(&k.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let vr = v.narrow(0, row, 1)?.contiguous()?;
-            outs.push(self.attend_row(&qr, kr, vr, cache, causal)?);
+            outs.push(self.attend_row(&qr, kr, vr, cache, true)?);
         }
         let out = Tensor::cat(&outs, 0)?
             .transpose(1, 2)?
@@ -181,7 +181,12 @@ impl DecoderLayer {
     /// The layer over several sequences packed along the positions of `x [1, T, D]`
     /// (`lens` sum to `T`): the projections run on all positions at once, attention is
     /// bidirectional within each sequence only. `rope` holds each position's own angles.
-    fn forward_packed(&self, x: &Tensor, rope: &(Tensor, Tensor), lens: &[usize]) -> Result<Tensor> {
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        lens: &[usize],
+    ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let n = self.input_layernorm.forward(x)?;
@@ -418,22 +423,6 @@ impl Llama {
         ))
     }
 
-    /// Runs the decoder over `x [B, T, D]`, appending to `cache` (which must have `B` rows).
-    /// Row `r`'s new tokens take positions `cache.len(r) ..`, attention is causal, and each row
-    /// attends only to its own cache. Returns the hidden states after the final RMSNorm.
-    pub fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run(x, cache, true)
-    }
-
-    /// Runs the decoder over `x [B, T, D]` (positions `0 .. T`) with **bidirectional**
-    /// attention: every position attends to every position of its row, as OpenVLA-OFT's
-    /// parallel decoding does (the transformers fork's `is_causal=False`, oft-spec §2.4). No
-    /// cache is kept. Returns the hidden states after the final RMSNorm.
-    pub fn forward_bidirectional(&self, x: &Tensor) -> Result<Tensor> {
-        let mut cache = KvCache::new(x.dim(0)?);
-        self.run(x, &mut cache, false)
-    }
-
     /// Runs several sequences, packed one after the other along the positions of
     /// `x [1, T, D]` (`lens` give their lengths, summing to `T`), with **bidirectional**
     /// attention inside each sequence, as OpenVLA-OFT's parallel decoding does (the
@@ -468,7 +457,10 @@ impl Llama {
         self.norm.forward(&h)
     }
 
-    fn run(&self, x: &Tensor, cache: &mut KvCache, causal: bool) -> Result<Tensor> {
+    /// Runs the decoder over `x [B, T, D]`, appending to `cache` (which must have `B` rows).
+    /// Row `r`'s new tokens take positions `cache.len(r) ..`, attention is causal, and each row
+    /// attends only to its own cache. Returns the hidden states after the final RMSNorm.
+    pub fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         if cache.rows() != b {
             return Err(Error::InvalidInput(format!(
@@ -497,7 +489,7 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let mut caches: Vec<Option<LayerKv>> =
                 cache.rows.iter_mut().map(|r| r[li].take()).collect();
-            h = layer.forward(&h, &rope, &mut caches, causal)?;
+            h = layer.forward(&h, &rope, &mut caches)?;
             for (r, c) in cache.rows.iter_mut().zip(caches) {
                 r[li] = c;
             }

@@ -252,7 +252,9 @@ impl ConfigFields {
             }),
             Some(v) => Err(Error::config(
                 path,
-                format!("oft_constants.ACTION_PROPRIO_NORMALIZATION_TYPE must be a string, found {v}"),
+                format!(
+                    "oft_constants.ACTION_PROPRIO_NORMALIZATION_TYPE must be a string, found {v}"
+                ),
             )),
         }
     }
@@ -278,9 +280,10 @@ pub fn resolve(
     has_proprio: bool,
 ) -> Result<OftConstants> {
     let preset = flags.platform.map(|p| (p, p.preset()));
-    let plat = |f: fn(&(usize, usize, usize, NormalizationType, Option<usize>)) -> Option<usize>| {
-        preset.as_ref().and_then(|(_, p)| f(p))
-    };
+    let plat =
+        |f: fn(&(usize, usize, usize, NormalizationType, Option<usize>)) -> Option<usize>| {
+            preset.as_ref().and_then(|(_, p)| f(p))
+        };
     let plat_src = || Source::Platform(flags.platform.unwrap_or(Platform::Libero));
     let missing = |name: &str, flag: &str, field: &str| {
         Error::config(
@@ -301,11 +304,20 @@ pub fn resolve(
         ),
         (plat(|p| Some(p.0)), plat_src()),
     ])
-    .ok_or_else(|| missing("chunk size (NUM_ACTIONS_CHUNK)", "--chunk", "oft_constants.NUM_ACTIONS_CHUNK"))?;
+    .ok_or_else(|| {
+        missing(
+            "chunk size (NUM_ACTIONS_CHUNK)",
+            "--chunk",
+            "oft_constants.NUM_ACTIONS_CHUNK",
+        )
+    })?;
     if chunk.value == 0 {
         return Err(Error::config(
             config_path,
-            format!("the chunk size is 0 (from {}); it must be at least 1", chunk.source),
+            format!(
+                "the chunk size is 0 (from {}); it must be at least 1",
+                chunk.source
+            ),
         ));
     }
 
@@ -317,9 +329,18 @@ pub fn resolve(
             Source::Config(conf("ACTION_DIM")),
         ),
         (plat(|p| Some(p.1)), plat_src()),
-        (shape_d, Source::Shape("action head model.fc2.weight".into())),
+        (
+            shape_d,
+            Source::Shape("action head model.fc2.weight".into()),
+        ),
     ])
-    .ok_or_else(|| missing("action dimension (ACTION_DIM)", "--action-dim", "oft_constants.ACTION_DIM"))?;
+    .ok_or_else(|| {
+        missing(
+            "action dimension (ACTION_DIM)",
+            "--action-dim",
+            "oft_constants.ACTION_DIM",
+        )
+    })?;
     if let Some(d) = shape_d {
         if d != action_dim.value {
             return Err(Error::config(
@@ -359,7 +380,13 @@ pub fn resolve(
                 Source::Shape("proprio projector fc1.weight".into()),
             ),
         ])
-        .ok_or_else(|| missing("proprio dimension (PROPRIO_DIM)", "--proprio-dim", "oft_constants.PROPRIO_DIM"))?;
+        .ok_or_else(|| {
+            missing(
+                "proprio dimension (PROPRIO_DIM)",
+                "--proprio-dim",
+                "oft_constants.PROPRIO_DIM",
+            )
+        })?;
         if let Some(p) = shapes.proprio_fc1_cols {
             if p != given.value {
                 return Err(Error::config(
@@ -398,11 +425,20 @@ pub fn resolve(
         ),
         (plat(|p| p.4), plat_src()),
     ])
-    .ok_or_else(|| missing("number of input images", "--num-images", "oft_eval_cfg.num_images_in_input"))?;
+    .ok_or_else(|| {
+        missing(
+            "number of input images",
+            "--num-images",
+            "oft_eval_cfg.num_images_in_input",
+        )
+    })?;
     if num_images.value == 0 {
         return Err(Error::config(
             config_path,
-            format!("the image count is 0 (from {}); it must be at least 1", num_images.source),
+            format!(
+                "the image count is 0 (from {}); it must be at least 1",
+                num_images.source
+            ),
         ));
     }
 

@@ -94,28 +94,27 @@ pub fn load(
     }
     let l1 = fields.eval_flag(&config_path, "use_l1_regression")?;
     let mut files = Vec::new();
-    let head_sd = match (&head_file, l1, options.discrete) {
-        (Some(f), _, false) if l1 != Some(false) => {
-            files.push(f.clone());
-            Some(pt::StateDict::read(f)?)
-        }
-        (Some(f), _, _) => {
-            return Err(Error::config(
+    let head_sd =
+        match (&head_file, l1, options.discrete) {
+            (Some(f), _, false) if l1 != Some(false) => {
+                files.push(f.clone());
+                Some(pt::StateDict::read(f)?)
+            }
+            (Some(f), _, _) => return Err(Error::config(
                 f,
                 "an action head file is present, but the model is configured as discrete-token \
                  OFT (oft_eval_cfg.use_l1_regression = false or the discrete flag): remove one",
-            ))
-        }
-        (None, Some(false), _) | (None, _, true) => None,
-        (None, _, false) => {
-            return Err(Error::config(
-                dir,
-                "no action_head--<step>_checkpoint.pt file: an L1 OFT model needs exactly one \
+            )),
+            (None, Some(false), _) | (None, _, true) => None,
+            (None, _, false) => {
+                return Err(Error::config(
+                    dir,
+                    "no action_head--<step>_checkpoint.pt file: an L1 OFT model needs exactly one \
                  (for a discrete-token OFT checkpoint set oft_eval_cfg.use_l1_regression = false \
                  or pass the discrete-head flag)",
-            ))
-        }
-    };
+                ))
+            }
+        };
     let proprio_sd = match &proprio_file {
         Some(f) => {
             files.push(f.clone());

@@ -77,7 +77,10 @@ pub fn normalize_proprio(x: &[f64], stats: &Stats, norm: NormalizationType) -> R
     Ok(x.iter()
         .enumerate()
         .map(|(i, &v)| {
-            let on = stats.mask.as_ref().is_none_or(|m| m.get(i).copied().unwrap_or(true));
+            let on = stats
+                .mask
+                .as_ref()
+                .is_none_or(|m| m.get(i).copied().unwrap_or(true));
             let n = if on {
                 2.0 * (v - lo[i]) / (hi[i] - lo[i] + 1e-8) - 1.0
             } else {
@@ -114,7 +117,10 @@ pub fn unnormalize_oft(
         .iter()
         .enumerate()
         .map(|(i, &n)| {
-            let on = stats.mask.as_ref().is_none_or(|m| m.get(i).copied().unwrap_or(true));
+            let on = stats
+                .mask
+                .as_ref()
+                .is_none_or(|m| m.get(i).copied().unwrap_or(true));
             if !on {
                 return n;
             }

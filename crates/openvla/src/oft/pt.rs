@@ -131,7 +131,11 @@ pub fn find_component(dir: &Path, component: &str) -> Result<Option<PathBuf>> {
                 found.len(),
                 found
                     .iter()
-                    .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                    .map(|p| p
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
