@@ -14,8 +14,11 @@
 //! ```
 //!
 //! The stages follow the paper and the spec: [`processor`] (image and prompt), [`model`]
-//! (vision backbone, projector, Llama), [`action`] (bins and un-normalization), and [`policy`],
-//! the single object every front end holds.
+//! (vision backbone, projector, Llama), [`head`] (the action head seam: OpenVLA's 256-bin
+//! autoregressive tokens, OpenVLA-OFT's parallel L1 and discrete heads), [`action`] (bins and
+//! un-normalization), [`oft`] (OpenVLA-OFT's component files, constants and proprio), and
+//! [`policy`], the single object every front end holds. Both families answer a chunk of
+//! actions `[K][D]` (a chunk of one for OpenVLA); see docs/oft.md.
 
 pub mod action;
 pub mod checkpoint;

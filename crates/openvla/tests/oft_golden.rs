@@ -345,7 +345,11 @@ fn precision_and_quantization_apply_to_oft() {
         (t.prediction.normalized_actions.concat(), p)
     };
     let mean_abs = |a: &[f64]| {
-        a.iter().zip(&golden).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len() as f64
+        a.iter()
+            .zip(&golden)
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f64>()
+            / a.len() as f64
     };
     let (bf16, p) = run(Precision::Bf16, None);
     assert_eq!(p.weight_dtype(), openvla::model::linear::WeightDtype::Bf16);

@@ -24,13 +24,31 @@ pub enum Platform {
     Bridge,
 }
 
+/// The constants of a platform preset.
+#[derive(Debug, Clone, Copy)]
+struct Preset {
+    chunk: usize,
+    action_dim: usize,
+    proprio_dim: usize,
+    normalization: NormalizationType,
+    num_images: Option<usize>,
+}
+
 impl Platform {
-    /// `(K, D, proprio, normalization, images)` of the preset.
-    fn preset(self) -> (usize, usize, usize, NormalizationType, Option<usize>) {
-        match self {
+    /// The preset's constants (`prismatic/vla/constants.py`; image counts of the published
+    /// LIBERO and ALOHA configurations).
+    fn preset(self) -> Preset {
+        let (chunk, action_dim, proprio_dim, normalization, num_images) = match self {
             Platform::Libero => (8, 7, 8, NormalizationType::BoundsQ99, Some(2)),
             Platform::Aloha => (25, 14, 14, NormalizationType::Bounds, Some(3)),
             Platform::Bridge => (5, 7, 7, NormalizationType::BoundsQ99, None),
+        };
+        Preset {
+            chunk,
+            action_dim,
+            proprio_dim,
+            normalization,
+            num_images,
         }
     }
 }
@@ -279,11 +297,8 @@ pub fn resolve(
     shapes: &Shapes,
     has_proprio: bool,
 ) -> Result<OftConstants> {
-    let preset = flags.platform.map(|p| (p, p.preset()));
-    let plat =
-        |f: fn(&(usize, usize, usize, NormalizationType, Option<usize>)) -> Option<usize>| {
-            preset.as_ref().and_then(|(_, p)| f(p))
-        };
+    let preset = flags.platform.map(Platform::preset);
+    let plat = |f: fn(&Preset) -> Option<usize>| preset.as_ref().and_then(f);
     let plat_src = || Source::Platform(flags.platform.unwrap_or(Platform::Libero));
     let missing = |name: &str, flag: &str, field: &str| {
         Error::config(
@@ -302,7 +317,7 @@ pub fn resolve(
             cfg.usize(config_path, "oft_constants", "NUM_ACTIONS_CHUNK")?,
             Source::Config(conf("NUM_ACTIONS_CHUNK")),
         ),
-        (plat(|p| Some(p.0)), plat_src()),
+        (plat(|p| Some(p.chunk)), plat_src()),
     ])
     .ok_or_else(|| {
         missing(
@@ -328,7 +343,7 @@ pub fn resolve(
             cfg.usize(config_path, "oft_constants", "ACTION_DIM")?,
             Source::Config(conf("ACTION_DIM")),
         ),
-        (plat(|p| Some(p.1)), plat_src()),
+        (plat(|p| Some(p.action_dim)), plat_src()),
         (
             shape_d,
             Source::Shape("action head model.fc2.weight".into()),
@@ -374,7 +389,7 @@ pub fn resolve(
                 cfg.usize(config_path, "oft_constants", "PROPRIO_DIM")?,
                 Source::Config(conf("PROPRIO_DIM")),
             ),
-            (plat(|p| Some(p.2)), plat_src()),
+            (plat(|p| Some(p.proprio_dim)), plat_src()),
             (
                 shapes.proprio_fc1_cols,
                 Source::Shape("proprio projector fc1.weight".into()),
@@ -423,7 +438,7 @@ pub fn resolve(
             cfg.usize(config_path, "oft_eval_cfg", "num_images_in_input")?,
             Source::Config("oft_eval_cfg.num_images_in_input".into()),
         ),
-        (plat(|p| p.4), plat_src()),
+        (plat(|p| p.num_images), plat_src()),
     ])
     .ok_or_else(|| {
         missing(
@@ -448,7 +463,7 @@ pub fn resolve(
             cfg.normalization(config_path)?,
             Source::Config(conf("ACTION_PROPRIO_NORMALIZATION_TYPE")),
         ),
-        (preset.as_ref().map(|(_, p)| p.3), plat_src()),
+        (preset.map(|p| p.normalization), plat_src()),
     ])
     .ok_or_else(|| {
         missing(

@@ -28,23 +28,26 @@ pub struct Stats {
     pub mask: Option<Vec<bool>>,
 }
 
+/// The candidate bounds of a statistics record.
+struct Candidates<'a> {
+    min: Option<&'a [f64]>,
+    max: Option<&'a [f64]>,
+    q01: Option<&'a [f64]>,
+    q99: Option<&'a [f64]>,
+}
+
 /// The (low, high) bounds a normalization type reads, checked to have `dim` entries.
 fn bounds<'a>(
     what: &str,
     norm: NormalizationType,
-    (min, max, q01, q99): (
-        Option<&'a Vec<f64>>,
-        Option<&'a Vec<f64>>,
-        Option<&'a Vec<f64>>,
-        Option<&'a Vec<f64>>,
-    ),
+    c: Candidates<'a>,
     dim: usize,
 ) -> Result<(&'a [f64], &'a [f64])> {
     let (lo, hi, names) = match norm {
-        NormalizationType::Bounds => (min, max, ("min", "max")),
-        NormalizationType::BoundsQ99 => (q01, q99, ("q01", "q99")),
+        NormalizationType::Bounds => (c.min, c.max, ("min", "max")),
+        NormalizationType::BoundsQ99 => (c.q01, c.q99, ("q01", "q99")),
     };
-    let check = |v: Option<&'a Vec<f64>>, name: &str| -> Result<&'a [f64]> {
+    let check = |v: Option<&'a [f64]>, name: &str| -> Result<&'a [f64]> {
         let v = v.ok_or_else(|| {
             Error::InvalidInput(format!(
                 "{what} statistics have no {name:?}, which {norm} normalization needs"
@@ -66,12 +69,12 @@ pub fn normalize_proprio(x: &[f64], stats: &Stats, norm: NormalizationType) -> R
     let (lo, hi) = bounds(
         "proprio",
         norm,
-        (
-            stats.min.as_ref(),
-            stats.max.as_ref(),
-            stats.q01.as_ref(),
-            stats.q99.as_ref(),
-        ),
+        Candidates {
+            min: stats.min.as_deref(),
+            max: stats.max.as_deref(),
+            q01: stats.q01.as_deref(),
+            q99: stats.q99.as_deref(),
+        },
         x.len(),
     )?;
     Ok(x.iter()
@@ -105,12 +108,12 @@ pub fn unnormalize_oft(
     let (lo, hi) = bounds(
         "action",
         norm,
-        (
-            stats.min.as_ref(),
-            stats.max.as_ref(),
-            Some(&stats.q01),
-            Some(&stats.q99),
-        ),
+        Candidates {
+            min: stats.min.as_deref(),
+            max: stats.max.as_deref(),
+            q01: Some(&stats.q01),
+            q99: Some(&stats.q99),
+        },
         normalized.len(),
     )?;
     Ok(normalized
