@@ -317,10 +317,7 @@ fn time_one(
     )
     .with_context(|| format!("loading model from {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
-    let obs = Observation {
-        image,
-        instruction: a.instruction.clone(),
-    };
+    let obs = Observation::new(image, a.instruction.clone());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut rows: Vec<[f64; 6]> = Vec::new();
     let mut tokens = Vec::new();
@@ -783,10 +780,7 @@ fn read_pairs(dir: &Path, n: usize) -> Result<Vec<Observation>> {
             } else {
                 openvla_image::open(&path)?
             };
-            Ok(Observation {
-                image,
-                instruction: instruction.to_string(),
-            })
+            Ok(Observation::new(image, instruction.to_string()))
         })
         .collect()
 }
@@ -848,14 +842,10 @@ fn dataset_pairs(dir: &Path, name: Option<&str>, n: usize) -> Result<Vec<Observa
     let mut all = Vec::new();
     for f in frames {
         let f = f?;
-        all.push(Observation {
-            image: openvla::processor::RgbImage::from_raw(
-                f.image.width,
-                f.image.height,
-                f.image.data,
-            )?,
-            instruction: f.instruction,
-        });
+        all.push(Observation::new(
+            openvla::processor::RgbImage::from_raw(f.image.width, f.image.height, f.image.data)?,
+            f.instruction,
+        ));
     }
     if all.len() < n {
         bail!(
@@ -927,10 +917,10 @@ fn accuracy_pairs(n: usize) -> Result<Vec<Observation>> {
                 data.extend(px.iter().map(|&c| (c + noise).min(255) as u8));
             }
         }
-        out.push(Observation {
-            image: openvla_image::RgbImage::from_raw(w, h, data)?,
-            instruction: TASKS[i % TASKS.len()].to_string(),
-        });
+        out.push(Observation::new(
+            openvla_image::RgbImage::from_raw(w, h, data)?,
+            TASKS[i % TASKS.len()],
+        ));
     }
     Ok(out)
 }
@@ -941,9 +931,12 @@ fn dump_pairs(dir: &Path, pairs: &[Observation]) -> Result<()> {
     let mut list = Vec::new();
     for (i, p) in pairs.iter().enumerate() {
         let name = format!("pair_{i:03}.ppm");
-        let (w, h) = (p.image.width(), p.image.height());
+        let image = p
+            .primary()
+            .ok_or_else(|| anyhow::anyhow!("pair {i} has no image"))?;
+        let (w, h) = (image.width(), image.height());
         let mut bytes = format!("P6\n{w} {h}\n255\n").into_bytes();
-        bytes.extend_from_slice(p.image.data());
+        bytes.extend_from_slice(image.data());
         std::fs::write(dir.join(&name), bytes)
             .with_context(|| format!("writing {}", dir.join(&name).display()))?;
         list.push(json!({"image": name, "instruction": p.instruction}));
@@ -1038,8 +1031,8 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
                     })
                     .collect();
                 out.push(PairResult {
+                    normalized_action: t.prediction.normalized_action().to_vec(),
                     tokens: t.prediction.token_ids,
-                    normalized_action: t.prediction.normalized_action,
                     margins,
                     generated: t.generation.generated,
                     teacher_forced: teacher,

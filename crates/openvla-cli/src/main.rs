@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use openvla::quant::Quantization;
 use openvla::{LoadOptions, Observation, Policy, Precision};
+use openvla_server::cli::OftArgs;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -59,20 +60,28 @@ enum Command {
 
 #[derive(clap::Args)]
 struct PredictArgs {
-    /// HF model directory (config.json, preprocessor_config.json, tokenizer.json, safetensors).
+    /// HF model directory (config.json, preprocessor_config.json, tokenizer.json, safetensors;
+    /// for OpenVLA-OFT also the action_head / proprio_projector .pt files).
     #[arg(long)]
     model: PathBuf,
-    /// Camera image, PNG or JPEG, any size.
-    #[arg(long)]
-    image: PathBuf,
+    /// Camera image, PNG or JPEG, any size. Repeat for OFT models that take several: the
+    /// primary (third-person) image first, then the wrist views in the model's order.
+    #[arg(long, required = true)]
+    image: Vec<PathBuf>,
     /// Task instruction, e.g. "pick up the red block" (lowercased as the reference does).
     #[arg(long)]
     instruction: String,
+    /// Robot state for OFT models with a proprio projector: comma-separated raw values,
+    /// e.g. --proprio=-0.2,0.01,1.17,3.14,0,-0.09,0.04,-0.04.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    proprio: Option<Vec<f64>>,
     /// Dataset whose statistics un-normalize the action (e.g. bridge_orig). May be omitted only
     /// when the model has exactly one dataset.
     #[arg(long)]
     unnorm_key: Option<String>,
-    /// Print exactly one JSON object on stdout: action, normalized_action, token_ids, unnorm_key.
+    /// Print exactly one JSON object on stdout: actions ([K][D]), normalized_actions,
+    /// unnorm_key; for the 256-bin family also action, normalized_action (the chunk's only
+    /// row) and token_ids.
     #[arg(long)]
     json: bool,
     /// Weight precision: f32 (the reference's float32 run), bf16 (same results, half the
@@ -84,6 +93,9 @@ struct PredictArgs {
     /// q8_0 elsewhere). See docs/quantization.md.
     #[arg(long)]
     quantize: Option<Quantization>,
+    /// OpenVLA-OFT constants.
+    #[command(flatten)]
+    oft: OftArgs,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +106,9 @@ struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// OpenVLA-OFT constants (as for `openvla predict`).
+    #[command(flatten)]
+    oft: OftArgs,
 }
 
 #[derive(clap::Args)]
@@ -205,6 +220,16 @@ pub(crate) fn load_policy(
     precision: Precision,
     quantize: Option<Quantization>,
 ) -> Result<Policy> {
+    load_policy_with(model, precision, quantize, &OftArgs::default())
+}
+
+/// Like [`load_policy`], with OpenVLA-OFT constants given as flags.
+pub(crate) fn load_policy_with(
+    model: &std::path::Path,
+    precision: Precision,
+    quantize: Option<Quantization>,
+    oft: &OftArgs,
+) -> Result<Policy> {
     let bar = progress::Progress::new("loading weights");
     let cb = |p: openvla::checkpoint::LoadProgress| bar.update(p.done, p.total);
     let policy = Policy::load(
@@ -213,6 +238,7 @@ pub(crate) fn load_policy(
             precision,
             quantize,
             progress: Some(&cb),
+            oft: oft.options(),
             ..Default::default()
         },
     )
@@ -221,19 +247,77 @@ pub(crate) fn load_policy(
     Ok(policy)
 }
 
+/// Names of the images of `openvla predict`, in order: `primary`, then `wrist`, `wrist_2`, ...
+fn image_name(i: usize) -> String {
+    match i {
+        0 => "primary".into(),
+        1 => "wrist".into(),
+        _ => format!("wrist_{i}"),
+    }
+}
+
 fn predict(a: PredictArgs) -> Result<()> {
-    let image = openvla_image::open(&a.image)?;
-    let policy = load_policy(&a.model, a.precision, a.quantize)?;
+    let mut images = Vec::with_capacity(a.image.len());
+    for (i, path) in a.image.iter().enumerate() {
+        images.push((image_name(i), openvla_image::open(path)?));
+    }
+    let policy = load_policy_with(&a.model, a.precision, a.quantize, &a.oft)?;
+    if a.proprio.is_some() && policy.proprio_dim().is_none() {
+        eprintln!("openvla predict: this model takes no proprio; --proprio is ignored");
+    }
     let obs = Observation {
-        image,
+        images,
         instruction: a.instruction.clone(),
+        proprio: a.proprio.clone(),
     };
+    if policy.head().is_parallel() {
+        let t = policy.trace_parallel(&obs, a.unnorm_key.as_deref())?;
+        let p = &t.prediction;
+        if a.json {
+            let mut out = serde_json::json!({
+                "actions": p.actions,
+                "normalized_actions": p.normalized_actions,
+                "unnorm_key": p.unnorm_key,
+            });
+            if !p.token_ids.is_empty() {
+                out["token_ids"] = serde_json::json!(p.token_ids);
+            }
+            println!("{out}");
+        } else {
+            println!("instruction:        {}", a.instruction);
+            println!("unnorm_key:         {}", p.unnorm_key);
+            println!("family:             {}", policy.head().family());
+            for (i, (act, norm)) in p.actions.iter().zip(&p.normalized_actions).enumerate() {
+                println!(
+                    "action[{i}]:{:>width$}{act:?}",
+                    "",
+                    width = 9 - i.to_string().len()
+                );
+                println!("  normalized:       {norm:?}");
+            }
+            if !p.token_ids.is_empty() {
+                println!("token_ids:          {:?}", p.token_ids);
+            }
+            let f = &t.forward;
+            println!(
+                "time:               preprocess {:.1} ms, vision {:.1} ms, projector {:.1} ms, llm {:.1} ms ({} positions, bidirectional)",
+                t.preprocess_time.as_secs_f64() * 1e3,
+                f.vision_time.as_secs_f64() * 1e3,
+                f.projector_time.as_secs_f64() * 1e3,
+                f.llm_time.as_secs_f64() * 1e3,
+                f.hidden.dim(1)?
+            );
+        }
+        return Ok(());
+    }
     let trace = policy.trace(&obs, a.unnorm_key.as_deref())?;
     let p = &trace.prediction;
     if a.json {
         let out = serde_json::json!({
-            "action": p.action,
-            "normalized_action": p.normalized_action,
+            "action": p.action(),
+            "actions": p.actions,
+            "normalized_action": p.normalized_action(),
+            "normalized_actions": p.normalized_actions,
             "token_ids": p.token_ids,
             "unnorm_key": p.unnorm_key,
         });
@@ -241,8 +325,8 @@ fn predict(a: PredictArgs) -> Result<()> {
     } else {
         println!("instruction:       {}", a.instruction);
         println!("unnorm_key:        {}", p.unnorm_key);
-        println!("action:            {:?}", p.action);
-        println!("normalized_action: {:?}", p.normalized_action);
+        println!("action:            {:?}", p.action());
+        println!("normalized_action: {:?}", p.normalized_action());
         println!("token_ids:         {:?}", p.token_ids);
         let g = &trace.generation;
         let decode: f64 = g.decode_times.iter().map(|d| d.as_secs_f64()).sum();
@@ -260,7 +344,7 @@ fn predict(a: PredictArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let s = openvla::inspect::ModelSummary::read(&a.model)
+    let s = openvla::inspect::ModelSummary::read_with(&a.model, &a.oft.options())
         .with_context(|| format!("inspecting {}", a.model.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -268,6 +352,23 @@ fn inspect(a: InspectArgs) -> Result<()> {
     }
     println!("model:      {}", a.model.display());
     println!("variant:    {}", s.variant);
+    println!("family:     {}", s.family);
+    println!("head:       {}", s.head);
+    if let Some(o) = &s.oft {
+        println!("oft constants:");
+        for c in &o.constants {
+            println!(
+                "  {:<14} {:<12} from {}",
+                c.name,
+                c.value.to_string(),
+                c.source
+            );
+        }
+        println!("  {:<14} {:<12}", "center_crop", o.center_crop);
+        for f in &o.files {
+            println!("oft file:   {f}");
+        }
+    }
     for t in &s.towers {
         println!("tower:      {t}");
     }

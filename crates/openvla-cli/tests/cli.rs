@@ -54,8 +54,17 @@ fn predict_json_prints_one_object_equal_to_the_reference() {
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         assert_eq!(
             keys,
-            ["action", "normalized_action", "token_ids", "unnorm_key"]
+            [
+                "action",
+                "actions",
+                "normalized_action",
+                "normalized_actions",
+                "token_ids",
+                "unnorm_key"
+            ]
         );
+        // The 256-bin family answers a chunk of one: its only row is the action.
+        assert_eq!(v["actions"], Value::Array(vec![v["action"].clone()]));
         assert_eq!(v["token_ids"], s["generated_ids_list"]);
         assert_eq!(v["unnorm_key"], s["unnorm_key"]);
         let got = v["action"].as_array().unwrap();
@@ -221,4 +230,84 @@ fn synthesized_sharded_checkpoint_loads_and_predicts() {
     assert!(shards
         .iter()
         .all(|s| s.as_str().unwrap().starts_with("model-0000")));
+}
+
+/// OpenVLA-OFT: `predict --image --image --proprio --json` prints the chunk the reference
+/// computes (fixture sample s0), and `inspect` names the family and where each constant came
+/// from.
+#[test]
+fn oft_predict_prints_the_chunk_and_inspect_names_sources() {
+    let d = "testdata/openvla-oft-tiny";
+    let proprio = "--proprio=-0.21124162683394807,-0.011090601889321502,1.1742495176982402,\
+                   3.140895396142254,-0.002847819833825949,-0.08773931027790592,\
+                   0.03872336505859045,-0.0387222020954563";
+    let o = openvla(&[
+        "predict",
+        "--model",
+        &format!("{d}/model"),
+        "--image",
+        &format!("{d}/s0_img0_input.png"),
+        "--image",
+        &format!("{d}/s0_img1_input.png"),
+        proprio,
+        "--instruction",
+        "pick up the black bowl between the plate and the ramekin and place it on the plate",
+        "--unnorm-key",
+        "fake_libero_spatial_no_noops",
+        "--precision",
+        "f32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    assert_eq!(keys, ["actions", "normalized_actions", "unnorm_key"]);
+    let golden = candle_core::Tensor::read_npy(root().join(d).join("s0_actions.npy"))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let got: Vec<f64> = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| {
+            assert_eq!(row.as_array().unwrap().len(), 7);
+            row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())
+        })
+        .collect();
+    assert_eq!(got.len(), 56);
+    for (a, b) in got.iter().zip(&golden) {
+        assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+    }
+    // One image for a two-image model: a clear error.
+    let o = openvla(&[
+        "predict",
+        "--model",
+        &format!("{d}/model"),
+        "--image",
+        &format!("{d}/s0_img0_input.png"),
+        proprio,
+        "--instruction",
+        "pick up the bowl",
+        "--unnorm-key",
+        "fake_libero_spatial_no_noops",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("takes 2 images"), "{}", stderr(&o));
+
+    let o = openvla(&["inspect", "--model", &format!("{d}/model"), "--chunk", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("family:     oft-l1"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("chunk_size") && l.contains("4") && l.contains("from flag")),
+        "{out}"
+    );
+    assert!(
+        out.contains("from config.json oft_constants.ACTION_DIM"),
+        "{out}"
+    );
 }

@@ -97,6 +97,8 @@ mod geometry;
 mod image;
 mod preprocess;
 mod resize;
+mod tf_crop;
+mod tf_resize;
 
 pub use config::{Interpolation, PreprocessorConfig, ResizeStrategy};
 pub use decode::{decode, decode_with, detect_format, open, ImageFormat, JpegIdct};
@@ -109,3 +111,5 @@ pub use preprocess::{
     apply_resize_strategy, preprocess, preprocess_batch, PixelBatch, PixelValues,
 };
 pub use resize::resize_bicubic;
+pub use tf_crop::{tf_center_crop, OFT_CROP_SCALE};
+pub use tf_resize::{resize_lanczos3_f32, resize_lanczos3_u8, tf_resize_for_policy};

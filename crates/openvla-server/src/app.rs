@@ -231,8 +231,9 @@ async fn handle_act(
     let encoded = parsed.encoded;
     let request = Request {
         observation: Observation {
-            image: parsed.image,
+            images: parsed.images,
             instruction: parsed.instruction,
+            proprio: parsed.proprio,
         },
         unnorm_key: parsed.unnorm_key,
     };
@@ -241,11 +242,26 @@ async fn handle_act(
         .await
         .map_err(|_| ApiError::internal("the model thread dropped the request"))?;
     let prediction = reply.outcome?;
-    let body = if encoded {
+    let body = if state.metadata.is_oft() {
+        // OFT deploy.py: JSONResponse(action), a list of K float64 arrays; double-encoded
+        // requests get json_numpy.dumps(action), a JSON string.
+        if encoded {
+            serde_json::Value::String(json_numpy::dumps_f64_list(&prediction.actions)).to_string()
+        } else {
+            serde_json::Value::Array(
+                prediction
+                    .actions
+                    .iter()
+                    .map(|a| json_numpy::encode_f64(a))
+                    .collect(),
+            )
+            .to_string()
+        }
+    } else if encoded {
         // deploy.py: JSONResponse(json_numpy.dumps(action)), a JSON string.
-        serde_json::Value::String(json_numpy::dumps_f64(&prediction.action)).to_string()
+        serde_json::Value::String(json_numpy::dumps_f64(prediction.action())).to_string()
     } else {
-        json_numpy::encode_f64(&prediction.action).to_string()
+        json_numpy::encode_f64(prediction.action()).to_string()
     };
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
@@ -288,6 +304,9 @@ async fn metadata(State(state): State<Arc<AppState>>) -> Response {
             "action_dims": m.action_dims,
             "norm_stats_keys": m.action_dims.keys().collect::<Vec<_>>(),
             "norm_stats_source": m.norm_stats_source,
+            "family": m.family,
+            "inputs": {"images": m.images, "proprio_dim": m.proprio_dim},
+            "chunk_size": m.chunk_size,
             "server": "openvla-rs",
             "server_version": env!("CARGO_PKG_VERSION"),
             "limits": {

@@ -62,6 +62,54 @@ pub struct ServeArgs {
     /// Skip the warm-up prediction run before the server starts listening.
     #[arg(long)]
     pub no_warmup: bool,
+    /// OpenVLA-OFT constants.
+    #[command(flatten)]
+    pub oft: OftArgs,
+}
+
+/// OpenVLA-OFT constants a checkpoint does not store (chunk size, action and proprio
+/// dimensions, image count, normalization). Each flag overrides `config.json`'s
+/// `oft_constants` / `oft_eval_cfg` and the `--platform` preset; see docs/oft.md.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OftArgs {
+    /// OFT platform preset: libero (K=8, D=7, proprio 8, bounds_q99, 2 images), aloha (25, 14,
+    /// 14, bounds, 3 images) or bridge (5, 7, 7, bounds_q99).
+    #[arg(long)]
+    pub platform: Option<openvla::oft::constants::Platform>,
+    /// OFT: actions per chunk (NUM_ACTIONS_CHUNK).
+    #[arg(long)]
+    pub chunk: Option<usize>,
+    /// OFT: action dimension (ACTION_DIM).
+    #[arg(long)]
+    pub action_dim: Option<usize>,
+    /// OFT: proprio dimension (PROPRIO_DIM).
+    #[arg(long)]
+    pub proprio_dim: Option<usize>,
+    /// OFT: images per observation (primary, then wrist views).
+    #[arg(long)]
+    pub num_images: Option<usize>,
+    /// OFT: normalization of actions and proprio: bounds or bounds_q99.
+    #[arg(long)]
+    pub normalization: Option<openvla::oft::constants::NormalizationType>,
+    /// OFT: the checkpoint is discrete-token OFT (parallel decoding of 256-bin tokens, no
+    /// action_head file).
+    #[arg(long)]
+    pub oft_discrete: bool,
+}
+
+impl OftArgs {
+    /// The load options these flags describe.
+    pub fn options(&self) -> openvla::oft::constants::OftOptions {
+        openvla::oft::constants::OftOptions {
+            platform: self.platform,
+            chunk: self.chunk,
+            action_dim: self.action_dim,
+            proprio_dim: self.proprio_dim,
+            num_images: self.num_images,
+            normalization: self.normalization,
+            discrete: self.oft_discrete,
+        }
+    }
 }
 
 impl ServeArgs {
@@ -127,6 +175,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         &LoadOptions {
             precision: args.precision,
             quantize: args.quantize,
+            oft: args.oft.options(),
             ..Default::default()
         },
     )
@@ -181,11 +230,15 @@ fn warm_up(policy: &Policy) -> Result<()> {
     };
     let t0 = Instant::now();
     let image = RgbImage::filled(224, 224, [128, 128, 128])?;
+    let mut observation = Observation::new(image.clone(), "warm up");
+    for i in 1..policy.num_images() {
+        observation
+            .images
+            .push((format!("wrist_{i}"), image.clone()));
+    }
+    observation.proprio = policy.proprio_dim().map(|p| vec![0.0; p]);
     let out = policy.predict_batch(&[Request {
-        observation: Observation {
-            image,
-            instruction: "warm up".into(),
-        },
+        observation,
         unnorm_key: Some(key),
     }]);
     for r in out {

@@ -29,10 +29,46 @@ pub struct ModelMetadata {
     pub action_dims: BTreeMap<String, usize>,
     /// The file the statistics were read from.
     pub norm_stats_source: String,
+    /// Action head family: `openvla` (256-bin), `oft-l1` or `oft-discrete`.
+    pub family: String,
+    /// The request keys of the images, primary first (`["image"]` for the 256-bin family).
+    pub images: Vec<String>,
+    /// Proprio dimension, if the model takes proprio (`state`).
+    pub proprio_dim: Option<usize>,
+    /// Actions per reply (1 for the 256-bin family).
+    pub chunk_size: usize,
+}
+
+impl ModelMetadata {
+    /// Metadata fields of the 256-bin family for an engine that has nothing else to say.
+    pub fn openvla_inputs() -> (String, Vec<String>, Option<usize>, usize) {
+        ("openvla".into(), vec!["image".into()], None, 1)
+    }
+
+    /// Whether the model answers in OFT's deploy.py format (a list of K arrays).
+    pub fn is_oft(&self) -> bool {
+        self.family != "openvla"
+    }
+}
+
+/// OFT deploy.py image keys for `n` images: `full_image`, then the wrist keys OFT's clients
+/// send (LIBERO: `wrist_image`; ALOHA: `left_wrist_image`, `right_wrist_image`).
+pub fn oft_image_keys(n: usize) -> Vec<String> {
+    let mut keys = vec!["full_image".to_string()];
+    match n {
+        0 | 1 => {}
+        2 => keys.push("wrist_image".into()),
+        3 => keys.extend(["left_wrist_image".into(), "right_wrist_image".into()]),
+        _ => keys.extend((1..n).map(|i| format!("wrist_image_{i}"))),
+    }
+    keys
 }
 
 impl Engine for Policy {
     fn run_batch(&self, requests: &[Request]) -> openvla::Result<Vec<openvla::Result<Prediction>>> {
+        if self.head().is_parallel() {
+            return Ok(self.predict_batch(requests));
+        }
         Ok(self
             .trace_batch(requests)?
             .into_iter()
@@ -54,6 +90,14 @@ impl Engine for Policy {
                 .map(|(k, s)| (k.clone(), s.action.action_dim()))
                 .collect(),
             norm_stats_source: self.norm_stats_source().display().to_string(),
+            family: self.head().family().into(),
+            images: if self.head().is_parallel() {
+                oft_image_keys(self.num_images())
+            } else {
+                vec!["image".into()]
+            },
+            proprio_dim: self.proprio_dim(),
+            chunk_size: self.chunk_size(),
         }
     }
 }

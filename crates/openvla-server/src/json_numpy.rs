@@ -201,6 +201,13 @@ pub fn dumps_f64(values: &[f64]) -> String {
     )
 }
 
+/// `json_numpy.dumps(actions)` for a list of `float64` vectors (OFT's deploy.py reply in the
+/// double-encoded mode): `[<dumps of each>]` joined with Python's `", "`.
+pub fn dumps_f64_list(rows: &[Vec<f64>]) -> String {
+    let parts: Vec<String> = rows.iter().map(|r| dumps_f64(r)).collect();
+    format!("[{}]", parts.join(", "))
+}
+
 /// The little-endian bytes of a `float64` vector (numpy's `"<f8"`).
 fn f64_le_bytes(values: &[f64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()

@@ -7,6 +7,10 @@
 //!   dropped, as `Image.fromarray(a).convert("RGB")` does);
 //! - the same with `"image"` a base64 string of a PNG or JPEG file (an optional
 //!   `data:image/...;base64,` prefix is allowed), for clients without numpy;
+//! - OpenVLA-OFT's deploy.py format: `{"full_image": <uint8 array>, <every key containing
+//!   "wrist">: <uint8 array> (in the order of the body), "state": <float array>, "instruction":
+//!   str, "unnorm_key": str}`; the images are taken primary first, then the wrist keys in key
+//!   order, as the reference's `get_vla_action` does;
 //! - `{"encoded": "<one of the above as a JSON string>"}`, deploy.py's double-encoded mode,
 //!   whose reply is a JSON string too.
 //!
@@ -43,8 +47,11 @@ impl Default for ParseLimits {
 /// A parsed `/act` request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActRequest {
-    /// The camera image.
-    pub image: RgbImage,
+    /// The camera images with their request keys, primary first (`image`, or OFT's
+    /// `full_image` followed by the wrist keys).
+    pub images: Vec<(String, RgbImage)>,
+    /// The raw robot state (OFT's `state`), if given.
+    pub proprio: Option<Vec<f64>>,
     /// The task instruction.
     pub instruction: String,
     /// The dataset statistics to un-normalize with, if given.
@@ -99,12 +106,38 @@ pub fn parse_act(body: &[u8], limits: &ParseLimits) -> Result<ActRequest, ApiErr
             }
         };
         encoded = true;
+        let order = key_order(inner.as_bytes());
+        return parse_fields(obj, &order, limits, encoded);
     }
-    parse_fields(obj, limits, encoded)
+    parse_fields(obj, &key_order(body), limits, encoded)
+}
+
+/// The top-level keys of a JSON object in the order they appear (the parsed map is sorted;
+/// OFT's wrist images are taken in the order the client wrote them).
+fn key_order(json: &[u8]) -> Vec<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                keys.push(k);
+            }
+            Ok(keys)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    (&mut de).deserialize_map(Keys).unwrap_or_default()
 }
 
 fn parse_fields(
     mut obj: Map<String, Value>,
+    order: &[String],
     limits: &ParseLimits,
     encoded: bool,
 ) -> Result<ActRequest, ApiError> {
@@ -140,16 +173,67 @@ fn parse_fields(
             )))
         }
     };
-    let image = match obj.remove("image") {
-        None => return Err(ApiError::missing_field("image")),
-        Some(v) => parse_image(&v, limits)?,
+    let proprio = match obj.remove("state") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_state(&v)?),
+    };
+    let images = if let Some(full) = obj.remove("full_image") {
+        let mut images = vec![(
+            "full_image".to_string(),
+            parse_named_image("full_image", &full, limits)?,
+        )];
+        let mut wrist: Vec<&String> = obj.keys().filter(|k| k.contains("wrist")).collect();
+        wrist.sort_by_key(|k| order.iter().position(|o| o == *k).unwrap_or(usize::MAX));
+        for k in wrist {
+            images.push((k.clone(), parse_named_image(k, &obj[k.as_str()], limits)?));
+        }
+        images
+    } else {
+        match obj.remove("image") {
+            None => return Err(ApiError::missing_field("image")),
+            Some(v) => vec![("image".to_string(), parse_image(&v, limits)?)],
+        }
     };
     Ok(ActRequest {
-        image,
+        images,
+        proprio,
         instruction,
         unnorm_key,
         encoded,
     })
+}
+
+/// Decodes one image field, naming the key in errors.
+fn parse_named_image(key: &str, v: &Value, limits: &ParseLimits) -> Result<RgbImage, ApiError> {
+    parse_image(v, limits).map_err(|mut e| {
+        e.detail = format!("{key:?}: {}", e.detail);
+        e
+    })
+}
+
+/// OFT's `state`: a json-numpy float64 vector or a plain list of numbers.
+fn parse_state(v: &Value) -> Result<Vec<f64>, ApiError> {
+    if json_numpy::is_numpy(v) {
+        return json_numpy::decode_f64(v)
+            .map_err(|e| ApiError::bad_request("invalid_array", format!("\"state\": {e}")));
+    }
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .map(|x| {
+                x.as_f64().ok_or_else(|| {
+                    ApiError::invalid_field(format!(
+                        "\"state\" must hold numbers, got {}",
+                        type_name(x)
+                    ))
+                })
+            })
+            .collect(),
+        other => Err(ApiError::invalid_field(format!(
+            "\"state\" must be a json-numpy float array or a list of numbers, got {}",
+            type_name(other)
+        ))),
+    }
 }
 
 /// Decodes the `"image"` field: a json-numpy array or a base64 PNG/JPEG string.
@@ -332,31 +416,31 @@ mod tests {
     fn numpy_png_and_encoded_forms_give_the_same_image() {
         let b64 = png_b64();
         let from_png = parse(json!({"image": b64, "instruction": "go"})).unwrap();
-        let img = from_png.image.clone();
+        let img = from_png.images[0].1.clone();
         let (w, h) = img.size();
         let arr = json_numpy::encode_u8(&[h as usize, w as usize, 3], img.data());
         let from_np = parse(json!({"image": arr, "instruction": "go", "unnorm_key": "k"})).unwrap();
-        assert_eq!(from_np.image, img);
+        assert_eq!(from_np.images[0].1, img);
         assert_eq!(from_np.unnorm_key.as_deref(), Some("k"));
         assert!(!from_np.encoded);
         let inner = json!({"image": arr, "instruction": "go"}).to_string();
         let enc = parse(json!({ "encoded": inner })).unwrap();
-        assert_eq!(enc.image, img);
+        assert_eq!(enc.images[0].1, img);
         assert!(enc.encoded);
         let data_url =
             parse(json!({"image": format!("data:image/png;base64,{b64}"), "instruction": "go"}))
                 .unwrap();
-        assert_eq!(data_url.image, img);
+        assert_eq!(data_url.images[0].1, img);
     }
 
     #[test]
     fn grey_and_rgba_arrays_convert_like_pillow() {
         let grey = json_numpy::encode_u8(&[1, 2], &[10, 20]);
         let r = parse(json!({"image": grey, "instruction": "x"})).unwrap();
-        assert_eq!(r.image.data(), &[10, 10, 10, 20, 20, 20]);
+        assert_eq!(r.images[0].1.data(), &[10, 10, 10, 20, 20, 20]);
         let rgba = json_numpy::encode_u8(&[1, 1, 4], &[1, 2, 3, 4]);
         let r = parse(json!({"image": rgba, "instruction": "x"})).unwrap();
-        assert_eq!(r.image.data(), &[1, 2, 3]);
+        assert_eq!(r.images[0].1.data(), &[1, 2, 3]);
     }
 
     #[test]

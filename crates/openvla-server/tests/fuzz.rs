@@ -164,9 +164,9 @@ fn limits() -> ParseLimits {
 fn check_parse(body: &[u8]) -> Result<(), TestCaseError> {
     match parse_act(body, &limits()) {
         Ok(r) => {
-            let (w, h) = r.image.size();
+            let (w, h) = r.images[0].1.size();
             prop_assert!(u64::from(w) * u64::from(h) <= 64);
-            prop_assert_eq!(r.image.data().len(), (w * h * 3) as usize);
+            prop_assert_eq!(r.images[0].1.data().len(), (w * h * 3) as usize);
         }
         Err(e) => {
             prop_assert!(

@@ -37,16 +37,11 @@ fn samples() -> Vec<(String, String, String)> {
 
 fn expected(image: &openvla_image::RgbImage, instruction: &str, key: &str) -> Vec<f64> {
     tiny()
-        .predict(
-            &[Observation {
-                image: image.clone(),
-                instruction: instruction.into(),
-            }],
-            Some(key),
-        )
+        .predict(&[Observation::new(image.clone(), instruction)], Some(key))
         .unwrap()
         .remove(0)
-        .action
+        .action()
+        .to_vec()
 }
 
 fn config(max_batch: usize, wait_ms: u64) -> ServerConfig {

@@ -84,10 +84,7 @@ fn merged_directory_matches_reference_and_predicts_the_same_actions() {
     let image = openvla_image::open(&root().join("testdata/openvla-tiny/s0_image.png")).unwrap();
     let exp = expected();
     let want = &exp["predict_action_merged"];
-    let obs = openvla::Observation {
-        image,
-        instruction: "pick up the red block".into(),
-    };
+    let obs = openvla::Observation::new(image, "pick up the red block");
     let pred = policy
         .predict(
             &[obs],
@@ -103,7 +100,7 @@ fn merged_directory_matches_reference_and_predicts_the_same_actions() {
         .collect();
     assert_eq!(ids, want_ids);
     for (a, b) in pred[0]
-        .action
+        .action()
         .iter()
         .zip(want["actions"].as_array().unwrap())
     {

@@ -111,10 +111,7 @@ fn predict(dir: &Path, key: &str) -> openvla::Prediction {
     )
     .unwrap();
     let image = openvla_image::open(&root().join("testdata/openvla-tiny/s0_image.png")).unwrap();
-    let obs = openvla::Observation {
-        image,
-        instruction: "pick up the red block".into(),
-    };
+    let obs = openvla::Observation::new(image, "pick up the red block");
     policy.predict(&[obs], Some(key)).unwrap().remove(0)
 }
 
@@ -140,11 +137,11 @@ fn check_loads_and_moved(model: &Path) {
     assert_eq!(keys, ["bridge_orig"]);
     let tuned = predict(model, "bridge_orig");
     let base = predict(&tiny_model(), "fake_bridge_orig");
-    assert_eq!(tuned.action.len(), 7);
-    assert!(tuned.action.iter().all(|a| a.is_finite()));
+    assert_eq!(tuned.action().len(), 7);
+    assert!(tuned.action().iter().all(|a| a.is_finite()));
     assert_ne!(tuned.token_ids, base.token_ids, "the weights moved");
     // Same statistics-free comparison: the normalized actions differ too.
-    assert_ne!(tuned.normalized_action, base.normalized_action);
+    assert_ne!(tuned.normalized_action(), base.normalized_action());
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! A summary of a model directory read from its headers only (no weights are loaded).
 
-use crate::action::NormStats;
+use crate::action::{ActionTokenizer, NormStats};
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, Variant};
 use crate::error::Result;
+use crate::head::ActionHead;
+use crate::oft::constants::OftOptions;
 use crate::policy::load_norm_stats;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -62,15 +64,108 @@ pub struct ModelSummary {
     pub norm_stats_source: String,
     /// Datasets of `norm_stats`.
     pub datasets: Vec<DatasetSummary>,
+    /// Action head family: `openvla`, `oft-l1` or `oft-discrete`.
+    pub family: String,
+    /// The action head.
+    pub head: String,
+    /// OpenVLA-OFT constants and component files (`None` for the 256-bin family).
+    pub oft: Option<OftSummary>,
+}
+
+/// One resolved OFT constant.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConstantSummary {
+    /// Its name (`chunk_size`, `action_dim`, ...).
+    pub name: String,
+    /// Its value (`null` when not applicable).
+    pub value: serde_json::Value,
+    /// Where it came from.
+    pub source: String,
+}
+
+/// The OFT part of a summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct OftSummary {
+    /// The constants with their sources.
+    pub constants: Vec<ConstantSummary>,
+    /// The component files read.
+    pub files: Vec<String>,
+    /// Whether images are centre-cropped.
+    pub center_crop: bool,
 }
 
 impl ModelSummary {
     /// Reads config, statistics and safetensors headers of `dir`.
     pub fn read(dir: &Path) -> Result<ModelSummary> {
+        Self::read_with(dir, &OftOptions::default())
+    }
+
+    /// Like [`ModelSummary::read`], resolving OpenVLA-OFT constants with `oft` flags (the
+    /// component `.pt` files are read to check their shapes).
+    pub fn read_with(dir: &Path, oft: &OftOptions) -> Result<ModelSummary> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let (norm_stats, source) = load_norm_stats(dir, &config)?;
         let ckpt = Checkpoint::open_dir(dir)?;
-        Ok(Self::build(&config, &ckpt, &norm_stats, &source))
+        let mut summary = Self::build(&config, &ckpt, &norm_stats, &source);
+        let tokenizer = ActionTokenizer::new(config.n_action_bins, config.action_vocab_size);
+        let head = match crate::oft::load(
+            dir,
+            config.text.hidden_size,
+            config.n_action_bins,
+            config.action_vocab_size,
+            oft,
+            candle_core::DType::F32,
+        )? {
+            Some((head, model)) => {
+                let c = &model.constants;
+                let entry =
+                    |name: &str, value: serde_json::Value, source: String| ConstantSummary {
+                        name: name.into(),
+                        value,
+                        source,
+                    };
+                summary.oft = Some(OftSummary {
+                    constants: vec![
+                        entry(
+                            "chunk_size",
+                            c.chunk.value.into(),
+                            c.chunk.source.to_string(),
+                        ),
+                        entry(
+                            "action_dim",
+                            c.action_dim.value.into(),
+                            c.action_dim.source.to_string(),
+                        ),
+                        entry(
+                            "proprio_dim",
+                            c.proprio_dim.value.into(),
+                            c.proprio_dim.source.to_string(),
+                        ),
+                        entry(
+                            "num_images",
+                            c.num_images.value.into(),
+                            c.num_images.source.to_string(),
+                        ),
+                        entry(
+                            "normalization",
+                            c.normalization.value.to_string().into(),
+                            c.normalization.source.to_string(),
+                        ),
+                    ],
+                    files: model
+                        .files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                    center_crop: model.center_crop,
+                });
+                head
+            }
+            None => ActionHead::Autoregressive256(tokenizer),
+        };
+        summary.family = head.family().into();
+        summary.head = head.describe();
+        Ok(summary)
     }
 
     fn build(
@@ -213,6 +308,9 @@ impl ModelSummary {
                     num_transitions: v.num_transitions,
                 })
                 .collect(),
+            family: "openvla".into(),
+            head: String::new(),
+            oft: None,
         }
     }
 }

@@ -7,22 +7,27 @@
 //! use openvla::{LoadOptions, Observation, Policy};
 //! let policy = Policy::load("models/openvla-tiny".as_ref(), &LoadOptions::default())?;
 //! let image = openvla::processor::RgbImage::from_raw(2, 1, vec![0, 0, 0, 255, 255, 255])?;
-//! let obs = Observation { image, instruction: "pick up the red block".into() };
+//! let obs = Observation::new(image, "pick up the red block");
 //! let prediction = &policy.predict(&[obs], Some("fake_bridge_orig"))?[0];
-//! println!("{:?}", prediction.action);
+//! println!("{:?}", prediction.action());
 //! # Ok::<(), openvla::Error>(())
 //! ```
 //!
 //! The stages follow the paper and the spec: [`processor`] (image and prompt), [`model`]
-//! (vision backbone, projector, Llama), [`action`] (bins and un-normalization), and [`policy`],
-//! the single object every front end holds.
+//! (vision backbone, projector, Llama), [`head`] (the action head seam: OpenVLA's 256-bin
+//! autoregressive tokens, OpenVLA-OFT's parallel L1 and discrete heads), [`action`] (bins and
+//! un-normalization), [`oft`] (OpenVLA-OFT's component files, constants and proprio), and
+//! [`policy`], the single object every front end holds. Both families answer a chunk of
+//! actions `[K][D]` (a chunk of one for OpenVLA); see docs/oft.md.
 
 pub mod action;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod head;
 pub mod inspect;
 pub mod model;
+pub mod oft;
 pub mod policy;
 pub mod processor;
 pub mod quant;

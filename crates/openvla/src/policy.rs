@@ -6,8 +6,12 @@ use crate::action::{
 use crate::checkpoint::{Checkpoint, LoadProgress, WeightLoader};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::head::{ActionHead, MlpResNetTrace};
 use crate::model::linear::{WeightDtype, WeightPolicy};
-use crate::model::{GenerationRequest, GenerationTrace, OpenVla};
+use crate::model::{GenerationRequest, GenerationTrace, OpenVla, ParallelInput, ParallelTrace};
+use crate::oft::constants::OftOptions;
+use crate::oft::proprio::{normalize_proprio, unnormalize_oft, Stats};
+use crate::oft::OftModel;
 use crate::processor::{build_prompt, PixelValues, PreprocessorConfig, PromptTokenizer, RgbImage};
 use crate::quant::Quantization;
 use candle_core::{Device, Tensor};
@@ -73,28 +77,64 @@ pub struct LoadOptions<'a> {
     /// Arithmetic of the many-row products (vision, projector, prefill): exact f32 (the
     /// default) or bf16 ([`crate::model::linear::ComputePrecision`]).
     pub compute: crate::model::linear::ComputePrecision,
+    /// OpenVLA-OFT constants given as flags (they override `config.json` and presets).
+    pub oft: OftOptions,
 }
 
 /// One robot observation.
 #[derive(Debug, Clone)]
 pub struct Observation {
-    /// The camera image (any size, RGB).
-    pub image: RgbImage,
+    /// The camera images (any size, RGB), each with a name (`primary`, `wrist`,
+    /// `left_wrist`, ...): the primary (third-person) image first, then the wrist views in the
+    /// order the model was trained with.
+    pub images: Vec<(String, RgbImage)>,
     /// The task, e.g. "pick up the red block".
     pub instruction: String,
+    /// Raw (un-normalized) proprioceptive state, for models that take it.
+    pub proprio: Option<Vec<f64>>,
 }
 
-/// The policy's answer for one observation.
+impl Observation {
+    /// One primary image, no proprio.
+    pub fn new(image: RgbImage, instruction: impl Into<String>) -> Observation {
+        Observation {
+            images: vec![("primary".to_string(), image)],
+            instruction: instruction.into(),
+            proprio: None,
+        }
+    }
+
+    /// The primary (first) image.
+    pub fn primary(&self) -> Option<&RgbImage> {
+        self.images.first().map(|(_, i)| i)
+    }
+}
+
+/// The policy's answer for one observation: a chunk of `K` actions of `D` dimensions. The
+/// 256-bin OpenVLA family answers a chunk of one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
-    /// Un-normalized action (float64), one value per action dimension.
-    pub action: Vec<f64>,
-    /// Action in [-1, 1] before un-normalization.
-    pub normalized_action: Vec<f64>,
-    /// The generated action token ids.
+    /// Un-normalized actions (float64), `[K][D]`.
+    pub actions: Vec<Vec<f64>>,
+    /// The actions before un-normalization, `[K][D]`.
+    pub normalized_actions: Vec<Vec<f64>>,
+    /// The action token ids (256-bin heads; empty for the L1 head).
     pub token_ids: Vec<u32>,
     /// The dataset statistics used.
     pub unnorm_key: String,
+}
+
+impl Prediction {
+    /// The first action of the chunk.
+    pub fn action(&self) -> &[f64] {
+        self.actions.first().map_or(&[], |a| a.as_slice())
+    }
+    /// The first normalized action of the chunk.
+    pub fn normalized_action(&self) -> &[f64] {
+        self.normalized_actions
+            .first()
+            .map_or(&[], |a| a.as_slice())
+    }
 }
 
 /// Everything computed for one observation, for golden tests and benchmarks.
@@ -124,6 +164,8 @@ pub struct Policy {
     norm_stats: NormStats,
     norm_stats_source: PathBuf,
     action_tokenizer: ActionTokenizer,
+    head: ActionHead,
+    oft: Option<OftModel>,
     weights: WeightPolicy,
     device: Device,
 }
@@ -215,6 +257,28 @@ impl Policy {
         let model = OpenVla::load(&loader, &config, &weights)?;
         loader.finish()?;
         let action_tokenizer = ActionTokenizer::new(config.n_action_bins, config.action_vocab_size);
+        let head_dtype = match weights.dtype {
+            WeightDtype::Bf16 => candle_core::DType::BF16,
+            WeightDtype::F16 => candle_core::DType::F16,
+            _ => candle_core::DType::F32,
+        };
+        let (head, oft) = match crate::oft::load(
+            dir,
+            config.text.hidden_size,
+            config.n_action_bins,
+            config.action_vocab_size,
+            &options.oft,
+            head_dtype,
+        )? {
+            Some((head, oft)) => (head, Some(oft)),
+            None => (
+                ActionHead::Autoregressive256(action_tokenizer.clone()),
+                None,
+            ),
+        };
+        if let Some(oft) = &oft {
+            check_oft_stats(&norm_stats, &norm_stats_source, oft)?;
+        }
         Ok(Policy {
             dir: dir.to_path_buf(),
             config,
@@ -224,6 +288,8 @@ impl Policy {
             norm_stats,
             norm_stats_source,
             action_tokenizer,
+            head,
+            oft,
             weights,
             device,
         })
@@ -265,9 +331,36 @@ impl Policy {
     pub fn action_tokenizer(&self) -> &ActionTokenizer {
         &self.action_tokenizer
     }
+    /// The action head.
+    pub fn head(&self) -> &ActionHead {
+        &self.head
+    }
+    /// The OFT components and constants (`None` for the original OpenVLA family).
+    pub fn oft(&self) -> Option<&OftModel> {
+        self.oft.as_ref()
+    }
+    /// Actions per prediction (K; 1 for the 256-bin family).
+    pub fn chunk_size(&self) -> usize {
+        self.oft.as_ref().map_or(1, |o| o.constants.chunk.value)
+    }
+    /// Images per observation.
+    pub fn num_images(&self) -> usize {
+        self.oft
+            .as_ref()
+            .map_or(1, |o| o.constants.num_images.value)
+    }
+    /// Proprio dimension, if the model takes proprio.
+    pub fn proprio_dim(&self) -> Option<usize> {
+        self.oft
+            .as_ref()
+            .and_then(|o| o.constants.proprio_dim.value)
+    }
 
     /// Action dimension of a dataset.
     pub fn action_dim(&self, unnorm_key: Option<&str>) -> Result<usize> {
+        if let Some(o) = &self.oft {
+            return Ok(o.constants.action_dim.value);
+        }
         Ok(resolve_unnorm_key(&self.norm_stats, unnorm_key)?
             .1
             .action
@@ -318,6 +411,21 @@ impl Policy {
     /// it gets alone. A bad request (unknown key, empty instruction) fails alone: the others
     /// still get their predictions.
     pub fn predict_batch(&self, requests: &[Request]) -> Vec<Result<Prediction>> {
+        if self.head.is_parallel() {
+            return match self.trace_parallel_batch(requests) {
+                Ok(traces) => traces
+                    .into_iter()
+                    .map(|t| t.map(|t| t.prediction))
+                    .collect(),
+                Err(e) => {
+                    let msg = e.to_string();
+                    requests
+                        .iter()
+                        .map(|_| Err(Error::InvalidInput(msg.clone())))
+                        .collect()
+                }
+            };
+        }
         Ok(()).and_then(|_| self.trace_batch(requests)).map_or_else(
             |e| {
                 let msg = e.to_string();
@@ -347,6 +455,12 @@ impl Policy {
     /// Like [`Policy::predict_batch`], keeping every intermediate result. The outer error is a
     /// failure of the batch as a whole; inner errors belong to single requests.
     pub fn trace_batch(&self, requests: &[Request]) -> Result<Vec<Result<Trace>>> {
+        if self.head.is_parallel() {
+            return Err(Error::InvalidInput(format!(
+                "this is an OpenVLA-OFT model ({}): use trace_parallel",
+                self.head.family()
+            )));
+        }
         let prepared: Vec<Result<Prepared>> = requests
             .iter()
             .map(|r| self.prepare(&r.observation, r.unnorm_key.as_deref()))
@@ -401,7 +515,16 @@ impl Policy {
                 action_dim
             )));
         }
-        let pixel_values = self.preprocess_image(&observation.image)?;
+        let image = match observation.images.as_slice() {
+            [(_, image)] => image,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "this model takes exactly 1 image, got {}",
+                    other.len()
+                )))
+            }
+        };
+        let pixel_values = self.preprocess_image(image)?;
         Ok(Prepared {
             pixel_values,
             prompt_ids,
@@ -440,8 +563,8 @@ impl Policy {
             generation,
             preprocess_time: p.preprocess_time,
             prediction: Prediction {
-                action,
-                normalized_action,
+                actions: vec![action],
+                normalized_actions: vec![normalized_action],
                 token_ids,
                 unnorm_key: p.unnorm_key,
             },
@@ -488,4 +611,308 @@ fn load_preprocessor(dir: &Path, config: &ModelConfig) -> Result<PreprocessorCon
         ));
     }
     Ok(pre)
+}
+
+/// Checks that every dataset's statistics hold what the OFT constants need: action statistics
+/// of dimension D, and proprio statistics when the model takes proprio.
+fn check_oft_stats(stats: &NormStats, source: &Path, oft: &OftModel) -> Result<()> {
+    let d = oft.constants.action_dim.value;
+    for (key, s) in stats {
+        if s.action.action_dim() != d {
+            return Err(Error::config(
+                source,
+                format!(
+                    "{key:?}: action statistics have {} dimensions, but the action dimension is                      {d} (from {})",
+                    s.action.action_dim(),
+                    oft.constants.action_dim.source
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The proprio statistics of a dataset (`dataset_statistics.json` `proprio`).
+fn proprio_stats(stats: &crate::action::DatasetStatistics, key: &str) -> Result<Stats> {
+    let v = stats.proprio.as_ref().ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "dataset {key:?} has no proprio statistics in dataset_statistics.json, which a \
+             model with a proprio projector needs"
+        ))
+    })?;
+    serde_json::from_value(v.clone()).map_err(|e| {
+        Error::InvalidInput(format!(
+            "dataset {key:?}: malformed proprio statistics: {e}"
+        ))
+    })
+}
+
+/// Everything computed for one observation by an OFT (parallel decoding) model.
+#[derive(Debug, Clone)]
+pub struct ParallelPolicyTrace {
+    /// Each image as the towers' processor receives it (after the resize and centre crop).
+    pub images: Vec<RgbImage>,
+    /// `pixel_values [1, C, H, W]` of each image.
+    pub pixel_values: Vec<Tensor>,
+    /// Normalized proprio (float64), if the model takes proprio.
+    pub proprio_normalized: Option<Vec<f64>>,
+    /// The proprio token `[1, 1, D]`.
+    pub proprio_token: Option<Tensor>,
+    /// Prompt ids with BOS and the trailing 29871.
+    pub input_ids: Vec<u32>,
+    /// The LLM pass.
+    pub forward: ParallelTrace,
+    /// The L1 head's stages (L1 head only).
+    pub head: Option<MlpResNetTrace>,
+    /// Time spent in image preprocessing, proprio and tokenization.
+    pub preprocess_time: Duration,
+    /// The final prediction.
+    pub prediction: Prediction,
+}
+
+/// An OFT request after the checks and preprocessing that precede the model.
+struct PreparedParallel {
+    images: Vec<RgbImage>,
+    pixel_values: Vec<Tensor>,
+    proprio_normalized: Option<Vec<f64>>,
+    proprio_token: Option<Tensor>,
+    input_ids: Vec<u32>,
+    unnorm_key: String,
+    preprocess_time: Duration,
+}
+
+/// Side of the images OFT's processor path expects before the centre crop.
+pub const OFT_IMAGE_SIZE: u32 = 224;
+
+impl Policy {
+    /// The image an OFT model's processor receives: resized to 224×224 with TF's JPEG round
+    /// trip and lanczos3 when it has another size, then centre-cropped as TF does.
+    pub fn oft_image(&self, image: &RgbImage) -> Result<RgbImage> {
+        let oft = self
+            .oft
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("not an OpenVLA-OFT model".into()))?;
+        let resized;
+        let image = if image.size() != (OFT_IMAGE_SIZE, OFT_IMAGE_SIZE) {
+            resized = openvla_image::tf_resize_for_policy(image, OFT_IMAGE_SIZE)?;
+            &resized
+        } else {
+            image
+        };
+        if oft.center_crop {
+            Ok(openvla_image::tf_center_crop(
+                image,
+                openvla_image::OFT_CROP_SCALE,
+            )?)
+        } else {
+            Ok(image.clone())
+        }
+    }
+
+    /// Runs one observation through an OFT model, keeping every intermediate result.
+    pub fn trace_parallel(
+        &self,
+        observation: &Observation,
+        unnorm_key: Option<&str>,
+    ) -> Result<ParallelPolicyTrace> {
+        let request = Request {
+            observation: observation.clone(),
+            unnorm_key: unnorm_key.map(str::to_string),
+        };
+        self.trace_parallel_batch(std::slice::from_ref(&request))?
+            .pop()
+            .ok_or_else(|| Error::InvalidInput("the batch lost its only request".into()))?
+    }
+
+    /// Runs a batch of requests through an OFT model: each is checked and preprocessed on its
+    /// own (a bad request fails alone), then all run as one packed LLM pass
+    /// ([`OpenVla::parallel_forward_batch`]); every request gets exactly its single answer.
+    /// The outer error is a failure of the batch as a whole.
+    pub fn trace_parallel_batch(
+        &self,
+        requests: &[Request],
+    ) -> Result<Vec<Result<ParallelPolicyTrace>>> {
+        let prepared: Vec<Result<PreparedParallel>> = requests
+            .iter()
+            .map(|r| self.prepare_parallel(&r.observation, r.unnorm_key.as_deref()))
+            .collect();
+        let ok: Vec<&PreparedParallel> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
+        let placeholders = match &self.oft {
+            Some(o) => o.placeholders(),
+            None => return Err(Error::InvalidInput("not an OpenVLA-OFT model".into())),
+        };
+        let inputs: Vec<ParallelInput> = ok
+            .iter()
+            .map(|p| ParallelInput {
+                pixel_values: &p.pixel_values,
+                proprio_token: p.proprio_token.as_ref(),
+                input_ids: &p.input_ids,
+                placeholders,
+            })
+            .collect();
+        let mut forwards = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            self.model.parallel_forward_batch(&inputs)?
+        }
+        .into_iter();
+        Ok(prepared
+            .into_iter()
+            .map(|p| {
+                let p = p?;
+                let forward = forwards
+                    .next()
+                    .ok_or_else(|| Error::InvalidInput("batch forward lost a request".into()))?;
+                self.finish_parallel(p, forward)
+            })
+            .collect())
+    }
+
+    /// Everything about an OFT request that can fail before the model runs.
+    fn prepare_parallel(
+        &self,
+        observation: &Observation,
+        unnorm_key: Option<&str>,
+    ) -> Result<PreparedParallel> {
+        let oft = self.oft.as_ref().ok_or_else(|| {
+            Error::InvalidInput(
+                "trace_parallel needs an OpenVLA-OFT model; this is an OpenVLA (256-bin) model"
+                    .into(),
+            )
+        })?;
+        let t0 = Instant::now();
+        let (key, stats) = resolve_unnorm_key(&self.norm_stats, unnorm_key)?;
+        let c = &oft.constants;
+        let n = c.num_images.value;
+        if observation.images.len() != n {
+            let names: Vec<&str> = observation.images.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(Error::InvalidInput(format!(
+                "this model takes {n} images (from {}: primary first, then wrist views), got {} \
+                 ({})",
+                c.num_images.source,
+                observation.images.len(),
+                names.join(", ")
+            )));
+        }
+        let (proprio_normalized, proprio_token) = match (&oft.proprio, c.proprio_dim.value) {
+            (Some(projector), Some(p)) => {
+                let raw = observation.proprio.as_ref().ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "this model takes proprio ({p} values: the robot state) and none was given"
+                    ))
+                })?;
+                if raw.len() != p {
+                    return Err(Error::InvalidInput(format!(
+                        "proprio has {} values, this model takes {p} (from {})",
+                        raw.len(),
+                        c.proprio_dim.source
+                    )));
+                }
+                let normalized =
+                    normalize_proprio(raw, &proprio_stats(stats, key)?, c.normalization.value)?;
+                let token = projector.forward(&normalized, &self.device)?;
+                (Some(normalized), Some(token))
+            }
+            _ => (None, None),
+        };
+        let images = observation
+            .images
+            .iter()
+            .map(|(_, img)| self.oft_image(img))
+            .collect::<Result<Vec<_>>>()?;
+        let pixel_values = images
+            .iter()
+            .map(|img| self.preprocess_image(img))
+            .collect::<Result<Vec<_>>>()?;
+        let mut input_ids = self.prompt_ids(&observation.instruction)?;
+        if input_ids.last() != Some(&crate::model::SPACE_TOKEN) {
+            input_ids.push(crate::model::SPACE_TOKEN);
+        }
+        Ok(PreparedParallel {
+            images,
+            pixel_values,
+            proprio_normalized,
+            proprio_token,
+            input_ids,
+            unnorm_key: key.to_string(),
+            preprocess_time: t0.elapsed(),
+        })
+    }
+
+    /// Runs the head on a forward pass's window and un-normalizes the chunk.
+    fn finish_parallel(
+        &self,
+        p: PreparedParallel,
+        forward: ParallelTrace,
+    ) -> Result<ParallelPolicyTrace> {
+        let oft = self
+            .oft
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("not an OpenVLA-OFT model".into()))?;
+        let c = &oft.constants;
+        let placeholders = oft.placeholders();
+        let stats = &self
+            .norm_stats
+            .get(&p.unnorm_key)
+            .ok_or_else(|| Error::UnnormKey(format!("unknown unnorm_key {:?}", p.unnorm_key)))?
+            .action;
+        let (k, d) = (c.chunk.value, c.action_dim.value);
+        let (normalized, token_ids, head, f32_head) = match &self.head {
+            ActionHead::ParallelL1(mlp) => {
+                let x = forward.window.reshape((k, d * forward.window.dim(2)?))?;
+                let tr = mlp.forward_traced(&x)?;
+                let flat: Vec<f64> = tr
+                    .output
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                (flat, Vec::new(), Some(tr), true)
+            }
+            ActionHead::ParallelDiscrete(tok) => {
+                let logits = self.model.llm.all_logits(&forward.window)?.squeeze(0)?;
+                let ids: Vec<u32> = (0..placeholders)
+                    .map(|i| -> Result<u32> {
+                        let row = logits.get(i)?.to_vec1::<f32>()?;
+                        Ok(crate::model::llama::argmax(&row) as u32)
+                    })
+                    .collect::<Result<_>>()?;
+                (tok.decode(&ids), ids, None, false)
+            }
+            ActionHead::Autoregressive256(_) => {
+                return Err(Error::InvalidInput(
+                    "the 256-bin head decodes autoregressively: use trace".into(),
+                ))
+            }
+        };
+        let mut actions = Vec::with_capacity(k);
+        let mut normalized_actions = Vec::with_capacity(k);
+        for row in normalized.chunks(d) {
+            actions.push(unnormalize_oft(
+                row,
+                stats,
+                c.normalization.value,
+                f32_head,
+            )?);
+            normalized_actions.push(row.to_vec());
+        }
+        Ok(ParallelPolicyTrace {
+            images: p.images,
+            pixel_values: p.pixel_values,
+            proprio_normalized: p.proprio_normalized,
+            proprio_token: p.proprio_token,
+            input_ids: p.input_ids,
+            forward,
+            head,
+            preprocess_time: p.preprocess_time,
+            prediction: Prediction {
+                actions,
+                normalized_actions,
+                token_ids,
+                unnorm_key: p.unnorm_key,
+            },
+        })
+    }
 }

@@ -9,10 +9,10 @@ fn root() -> PathBuf {
 
 fn request(image: &str, instruction: &str, key: Option<&str>) -> Request {
     Request {
-        observation: Observation {
-            image: openvla_image::open(&root().join(image)).unwrap(),
-            instruction: instruction.into(),
-        },
+        observation: Observation::new(
+            openvla_image::open(&root().join(image)).unwrap(),
+            instruction,
+        ),
         unnorm_key: key.map(str::to_string),
     }
 }

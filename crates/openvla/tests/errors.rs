@@ -31,10 +31,7 @@ fn load_err(dir: &Path) -> String {
 
 fn obs(instruction: &str) -> Observation {
     let image = openvla_image::open(&root().join("testdata/openvla-tiny/s0_image.png")).unwrap();
-    Observation {
-        image,
-        instruction: instruction.into(),
-    }
+    Observation::new(image, instruction)
 }
 
 #[test]
@@ -254,10 +251,7 @@ fn config_json_stats_apply_without_sidecar() {
         let image = openvla_image::open(&src.join(s["files"]["image"].as_str().unwrap())).unwrap();
         let pred = p
             .predict(
-                &[Observation {
-                    image,
-                    instruction: s["instruction"].as_str().unwrap().into(),
-                }],
+                &[Observation::new(image, s["instruction"].as_str().unwrap())],
                 s["unnorm_key"].as_str(),
             )
             .unwrap()
@@ -268,7 +262,7 @@ fn config_json_stats_apply_without_sidecar() {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        for (a, b) in pred.action.iter().zip(&want) {
+        for (a, b) in pred.action().iter().zip(&want) {
             assert!((a - b).abs() <= 1e-9, "{a} vs {b}");
         }
     }

@@ -169,10 +169,7 @@ fn check_fixture(name: &str, precision: Precision) {
         // End to end: image + instruction -> actions.
         let prediction = policy
             .predict(
-                &[Observation {
-                    image,
-                    instruction: instruction.to_string(),
-                }],
+                &[Observation::new(image, instruction.to_string())],
                 unnorm_key,
             )
             .unwrap()
@@ -187,13 +184,13 @@ fn check_fixture(name: &str, precision: Precision) {
         let golden_actions = npy(&dir, &f("actions").unwrap());
         let t = |v: &[f64]| Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
         assert_abs(
-            &t(&prediction.normalized_action),
+            &t(prediction.normalized_action()),
             &golden_norm,
             1e-9,
             &tag("normalized_actions"),
         );
         assert_abs(
-            &t(&prediction.action),
+            &t(prediction.action()),
             &golden_actions,
             1e-9,
             &tag("actions"),

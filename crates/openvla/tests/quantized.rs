@@ -31,10 +31,10 @@ fn load(
 
 fn request(image: &str, instruction: &str, key: &str) -> Request {
     Request {
-        observation: Observation {
-            image: openvla_image::open(&root().join(image)).unwrap(),
-            instruction: instruction.into(),
-        },
+        observation: Observation::new(
+            openvla_image::open(&root().join(image)).unwrap(),
+            instruction,
+        ),
         unnorm_key: Some(key.to_string()),
     }
 }

@@ -252,6 +252,100 @@ pub(crate) fn decode_jpeg(bytes: &[u8], idct: JpegIdct) -> Result<RgbImage, Imag
     }
 }
 
+/// Owns a libjpeg compressor; destroys it on drop (also while unwinding).
+struct Compressor {
+    cinfo: Box<ffi::jpeg_compress_struct>,
+    // Referenced by `cinfo.common.err`; boxed so that its address never changes.
+    _err: Box<ErrorState>,
+}
+
+impl Compressor {
+    fn new() -> Self {
+        // SAFETY: as for `Decompressor::new`: zeroed C structs, then libjpeg initialises them.
+        let mut err: Box<ErrorState> = Box::new(unsafe { std::mem::zeroed() });
+        let mut cinfo: Box<ffi::jpeg_compress_struct> = Box::new(unsafe { std::mem::zeroed() });
+        unsafe {
+            ffi::jpeg_std_error(&mut err.mgr);
+        }
+        err.mgr.error_exit = Some(error_exit);
+        err.mgr.emit_message = Some(emit_message);
+        err.mgr.output_message = Some(output_message);
+        cinfo.common.err = &mut err.mgr;
+        // SAFETY: zeroed struct with a valid error manager, as jpeg_create_compress requires.
+        unsafe {
+            ffi::jpeg_create_compress(&mut *cinfo);
+        }
+        Compressor { cinfo, _err: err }
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        // SAFETY: valid in any state after jpeg_create_compress.
+        unsafe { ffi::jpeg_destroy_compress(&mut self.cinfo) };
+    }
+}
+
+/// The body of [`encode_jpeg_baseline`]; libjpeg errors unwind out of it.
+fn encode_unwinding(img: &RgbImage, quality: i32) -> Result<Vec<u8>, ImageError> {
+    let mut c = Compressor::new();
+    let mut buf: *mut u8 = std::ptr::null_mut();
+    let mut size: c_ulong = 0;
+    c.cinfo.image_width = img.width();
+    c.cinfo.image_height = img.height();
+    c.cinfo.input_components = 3;
+    c.cinfo.in_color_space = ffi::J_COLOR_SPACE::JCS_RGB;
+    // SAFETY: the compressor is created; the profile must be chosen before
+    // jpeg_set_defaults, which then applies libjpeg(-turbo)'s defaults (baseline, Annex K
+    // tables, 2x2 luma sampling, ISLOW forward DCT, no mozjpeg extensions).
+    unsafe {
+        ffi::jpeg_c_set_int_param(
+            &mut c.cinfo,
+            ffi::J_INT_PARAM::JINT_COMPRESS_PROFILE,
+            ffi::JINT_COMPRESS_PROFILE_VALUE::JCP_FASTEST as c_int,
+        );
+        ffi::jpeg_set_defaults(&mut c.cinfo);
+        ffi::jpeg_set_quality(&mut c.cinfo, quality, 1);
+        ffi::jpeg_mem_dest(&mut c.cinfo, &mut buf, &mut size);
+        ffi::jpeg_start_compress(&mut c.cinfo, 1);
+    }
+    let stride = img.width() as usize * 3;
+    for row in img.data().chunks_exact(stride) {
+        let row_ptr: ffi::JSAMPROW = row.as_ptr();
+        // SAFETY: one scanline of width * 3 samples, which libjpeg only reads.
+        unsafe {
+            ffi::jpeg_write_scanlines(&mut c.cinfo, &row_ptr, 1);
+        }
+    }
+    // SAFETY: all scanlines written; the memory destination then holds `size` bytes at `buf`,
+    // allocated with malloc by libjpeg and freed here after copying.
+    unsafe {
+        ffi::jpeg_finish_compress(&mut c.cinfo);
+        let out = std::slice::from_raw_parts(buf, size as usize).to_vec();
+        libc_free(buf);
+        Ok(out)
+    }
+}
+
+extern "C" {
+    #[link_name = "free"]
+    fn libc_free(ptr: *mut u8);
+}
+
+/// Encodes RGB8 as a baseline JPEG the way libjpeg(-turbo)'s defaults do at `quality`
+/// (Annex K tables scaled by quality, 4:2:0 chroma, accurate forward DCT, standard Huffman
+/// tables), which is what `tf.image.encode_jpeg` produces with its default arguments
+/// (`quality=95`).
+pub(crate) fn encode_jpeg_baseline(img: &RgbImage, quality: i32) -> Result<Vec<u8>, ImageError> {
+    match catch_unwind(AssertUnwindSafe(|| encode_unwinding(img, quality))) {
+        Ok(result) => result,
+        Err(payload) => match payload.downcast::<JpegFatal>() {
+            Ok(fatal) => Err(ImageError::corrupt(FORMAT, fatal.message)),
+            Err(other) => resume_unwind(other),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::JpegIdct;

@@ -4,6 +4,8 @@
 mod jpeg;
 mod png;
 
+pub(crate) use jpeg::encode_jpeg_baseline;
+
 use std::path::Path;
 
 use crate::image::RgbImage;

@@ -111,7 +111,7 @@ impl MockEngine {
     }
 
     pub fn action(obs: &Observation, key: Option<&str>) -> Vec<f64> {
-        let (w, h) = obs.image.size();
+        let (w, h) = obs.primary().map_or((0, 0), |i| i.size());
         let mut a = vec![obs.instruction.len() as f64, w as f64, h as f64];
         if key == Some("four") {
             a.push(1.0);
@@ -141,8 +141,8 @@ impl Engine for MockEngine {
                 }
                 let action = MockEngine::action(&r.observation, r.unnorm_key.as_deref());
                 Ok(Prediction {
-                    normalized_action: action.clone(),
-                    action,
+                    normalized_actions: vec![action.clone()],
+                    actions: vec![action],
                     token_ids: vec![],
                     unnorm_key: r.unnorm_key.clone().unwrap_or_default(),
                 })
@@ -157,6 +157,10 @@ impl Engine for MockEngine {
             weight_dtype: "f32".into(),
             action_dims: BTreeMap::from([("three".into(), 3), ("four".into(), 4)]),
             norm_stats_source: "mock".into(),
+            family: "openvla".into(),
+            images: vec!["image".into()],
+            proprio_dim: None,
+            chunk_size: 1,
         }
     }
 }

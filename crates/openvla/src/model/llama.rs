@@ -83,13 +83,15 @@ impl DecoderLayer {
         })
     }
 
-    /// Attention of one batch row over its own cache (`q`, `k`, `v` are `[1, heads, T, hd]`).
+    /// Attention of one batch row over its own cache (`q`, `k`, `v` are `[1, heads, T, hd]`):
+    /// causal, or bidirectional over every cached and new position (OFT's parallel decoding).
     fn attend_row(
         &self,
         q: &Tensor,
         k: Tensor,
         v: Tensor,
         cache: &mut Option<LayerKv>,
+        causal: bool,
     ) -> Result<Tensor> {
         let t = q.dim(2)?;
         let hd = self.head_dim;
@@ -98,8 +100,10 @@ impl DecoderLayer {
         // On CPU in f32, prefill and decode steps alike: the fused causal kernel (no GQA
         // expansion, mask tensor or copies). It sees only this row's cache, so a row's result
         // does not depend on the rest of the batch.
-        if let Some(out) = causal_attention(q, &k, &v)? {
-            return Ok(out);
+        if causal {
+            if let Some(out) = causal_attention(q, &k, &v)? {
+                return Ok(out);
+            }
         }
         // The generic path (other devices and dtypes) takes packed copies of the cache views.
         let (k, v) = (k.contiguous()?, v.contiguous()?);
@@ -116,7 +120,7 @@ impl DecoderLayer {
         };
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
+        if causal && t > 1 {
             // Causal: the query at new position i sees every cached key and new keys <= i.
             let past = s - t;
             let mask: Vec<f32> = (0..t)
@@ -160,7 +164,7 @@ impl DecoderLayer {
             let qr = candle_nn::rotary_emb::rope(&q.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let kr = candle_nn::rotary_emb::rope(&k.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let vr = v.narrow(0, row, 1)?.contiguous()?;
-            outs.push(self.attend_row(&qr, kr, vr, cache)?);
+            outs.push(self.attend_row(&qr, kr, vr, cache, true)?);
         }
         let out = Tensor::cat(&outs, 0)?
             .transpose(1, 2)?
@@ -170,6 +174,46 @@ impl DecoderLayer {
         let [gate, up] = self.gate_up_proj.forward(&n, t == 1)?;
         let m = silu_mul(&gate, &up)?;
         Ok((x + lin(&self.down_proj, &m)?)?)
+    }
+}
+
+impl DecoderLayer {
+    /// The layer over several sequences packed along the positions of `x [1, T, D]`
+    /// (`lens` sum to `T`): the projections run on all positions at once, attention is
+    /// bidirectional within each sequence only. `rope` holds each position's own angles.
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        lens: &[usize],
+    ) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let n = self.input_layernorm.forward(x)?;
+        let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
+            Ok(y.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let [q, k, v] = self.qkv_proj.forward(&n, false)?;
+        let (cos, sin) = rope;
+        let q = candle_nn::rotary_emb::rope(&heads(q, self.num_heads)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(k, self.num_kv_heads)?, cos, sin)?;
+        let v = heads(v, self.num_kv_heads)?;
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            let seg = |y: &Tensor| -> Result<Tensor> { Ok(y.narrow(2, start, len)?.contiguous()?) };
+            let mut none = None;
+            outs.push(self.attend_row(&seg(&q)?, seg(&k)?, seg(&v)?, &mut none, false)?);
+            start += len;
+        }
+        let out = Tensor::cat(&outs, 2)?
+            .transpose(1, 2)?
+            .reshape((1, t, self.num_heads * hd))?;
+        let x = (x + self.o_proj.forward(&out)?)?;
+        let n = self.post_attention_layernorm.forward(&x)?;
+        let [gate, up] = self.gate_up_proj.forward(&n, false)?;
+        let m = silu_mul(&gate, &up)?;
+        Ok((x + self.down_proj.forward(&m)?)?)
     }
 }
 
@@ -377,6 +421,40 @@ impl Llama {
             Tensor::from_vec(cos, (t, half), &self.device)?,
             Tensor::from_vec(sin, (t, half), &self.device)?,
         ))
+    }
+
+    /// Runs several sequences, packed one after the other along the positions of
+    /// `x [1, T, D]` (`lens` give their lengths, summing to `T`), with **bidirectional**
+    /// attention inside each sequence, as OpenVLA-OFT's parallel decoding does (the
+    /// transformers fork's `is_causal=False`, oft-spec §2.4). Each sequence takes positions
+    /// `0 .. len`; the projections run on all positions at once. No cache is kept. Returns the
+    /// hidden states after the final RMSNorm, packed the same way.
+    pub fn forward_packed_bidirectional(&self, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if x.dim(0)? != 1 || lens.iter().sum::<usize>() != t || lens.contains(&0) {
+            return Err(Error::InvalidInput(format!(
+                "packed sequences of lengths {lens:?} do not fill the {t} positions of one row"
+            )));
+        }
+        let mut cos = Vec::with_capacity(lens.len());
+        let mut sin = Vec::with_capacity(lens.len());
+        for &len in lens {
+            if len > self.cfg.max_position_embeddings {
+                return Err(Error::InvalidInput(format!(
+                    "sequence of {len} positions exceeds max_position_embeddings {}",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            let (c, s) = self.rope_tables(0, len)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        let rope = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = layer.forward_packed(&h, &rope, lens)?;
+        }
+        self.norm.forward(&h)
     }
 
     /// Runs the decoder over `x [B, T, D]`, appending to `cache` (which must have `B` rows).

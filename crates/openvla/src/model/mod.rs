@@ -19,6 +19,45 @@ use vision::{VisionBackbone, VisionFeatures};
 /// Token id of `▁`, appended to the prompt before generation (spec §5.1).
 pub const SPACE_TOKEN: u32 = 29871;
 
+/// Token id of `</s>`, which closes OFT's placeholder block (oft-spec §2.4).
+pub const STOP_TOKEN: u32 = 2;
+
+/// The inputs of one OFT parallel decoding pass.
+#[derive(Debug, Clone, Copy)]
+pub struct ParallelInput<'a> {
+    /// `pixel_values [1, C, H, W]` of each image, primary first.
+    pub pixel_values: &'a [Tensor],
+    /// The proprio token `[1, 1, D]`, if the model takes proprio.
+    pub proprio_token: Option<&'a Tensor>,
+    /// Prompt ids, BOS first, ending with 29871.
+    pub input_ids: &'a [u32],
+    /// Number of zeroed placeholder positions (K·D).
+    pub placeholders: usize,
+}
+
+/// Intermediate results of [`OpenVla::parallel_forward`].
+#[derive(Debug, Clone)]
+pub struct ParallelTrace {
+    /// Vision features of each image.
+    pub vision: Vec<VisionFeatures>,
+    /// Projector output of all images' patches `[1, 256·N, D]`.
+    pub projected: Tensor,
+    /// The LLM input `[1, S, D]`.
+    pub inputs_embeds: Tensor,
+    /// The last hidden states after the final RMSNorm `[1, S, D]`.
+    pub hidden: Tensor,
+    /// The head's window `[1, K·D, D]`.
+    pub window: Tensor,
+    /// Position of the window's first row (the 29871 token).
+    pub window_start: usize,
+    /// Wall time of the vision towers.
+    pub vision_time: Duration,
+    /// Wall time of the projector.
+    pub projector_time: Duration,
+    /// Wall time of the LLM pass (the whole pack's, when batched).
+    pub llm_time: Duration,
+}
+
 /// The full model.
 #[derive(Debug, Clone)]
 pub struct OpenVla {
@@ -262,6 +301,115 @@ impl OpenVla {
                 decode_times: o.times,
             })
             .collect())
+    }
+
+    /// OpenVLA-OFT's parallel decoding pass (oft-spec §2.2-2.5): the patches of every image
+    /// (in order), the optional proprio token, then the prompt after BOS (ending with 29871),
+    /// `placeholders` zero vectors and the `</s>` embedding, run through the Llama once with
+    /// bidirectional attention and no cache.
+    pub fn parallel_forward(&self, input: &ParallelInput) -> Result<ParallelTrace> {
+        let mut out = self.parallel_forward_batch(std::slice::from_ref(input))?;
+        out.pop()
+            .ok_or_else(|| Error::InvalidInput("the batch lost its only sample".into()))
+    }
+
+    /// [`OpenVla::parallel_forward`] for several samples at once: the towers and projector run
+    /// per sample, then every sample's sequence is packed into one LLM pass (the projections
+    /// run on all positions together; attention stays within each sequence). A sample gets
+    /// the same result alone (a pack of one) and in any batch.
+    pub fn parallel_forward_batch(&self, inputs: &[ParallelInput]) -> Result<Vec<ParallelTrace>> {
+        crate::kernels::in_pool(|| self.parallel_forward_here(inputs))
+    }
+
+    fn parallel_forward_here(&self, inputs: &[ParallelInput]) -> Result<Vec<ParallelTrace>> {
+        struct Embedded {
+            vision: Vec<VisionFeatures>,
+            projected: Tensor,
+            inputs_embeds: Tensor,
+            window_start: usize,
+            vision_time: Duration,
+            projector_time: Duration,
+        }
+        let mut embedded = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let ids = input.input_ids;
+            if ids.len() < 2 {
+                return Err(Error::InvalidInput(
+                    "input_ids need BOS and at least one prompt token".into(),
+                ));
+            }
+            if input.pixel_values.is_empty() {
+                return Err(Error::InvalidInput("no images".into()));
+            }
+            let t0 = Instant::now();
+            let vision = input
+                .pixel_values
+                .iter()
+                .map(|p| self.vision.forward(p))
+                .collect::<Result<Vec<_>>>()?;
+            let vision_time = t0.elapsed();
+            let t0 = Instant::now();
+            let fused: Vec<&Tensor> = vision.iter().map(|v| &v.fused).collect();
+            let projected = self.projector.forward(&Tensor::cat(&fused, 1)?)?;
+            let projector_time = t0.elapsed();
+            let text = self.llm.embed(ids)?;
+            let hidden_size = text.dim(2)?;
+            let bos = text.narrow(1, 0, 1)?;
+            let rest = text.narrow(1, 1, ids.len() - 1)?;
+            let zeros = Tensor::zeros(
+                (1, input.placeholders, hidden_size),
+                candle_core::DType::F32,
+                text.device(),
+            )?;
+            let stop = self.llm.embed(&[STOP_TOKEN])?;
+            let mut parts: Vec<&Tensor> = vec![&bos, &projected];
+            if let Some(p) = input.proprio_token {
+                parts.push(p);
+            }
+            parts.extend([&rest, &zeros, &stop]);
+            let inputs_embeds = Tensor::cat(&parts, 1)?;
+            let num_patches = projected.dim(1)? + usize::from(input.proprio_token.is_some());
+            // The head reads the window shifted by one: the hidden state at 29871 (the last
+            // prompt token) and the first placeholders (oft-spec §2.5).
+            let window_start = num_patches + ids.len() - 1;
+            embedded.push(Embedded {
+                vision,
+                projected,
+                inputs_embeds,
+                window_start,
+                vision_time,
+                projector_time,
+            });
+        }
+        let t0 = Instant::now();
+        let lens = embedded
+            .iter()
+            .map(|e| e.inputs_embeds.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let packed: Vec<&Tensor> = embedded.iter().map(|e| &e.inputs_embeds).collect();
+        let hidden = self
+            .llm
+            .forward_packed_bidirectional(&Tensor::cat(&packed, 1)?, &lens)?;
+        let llm_time = t0.elapsed();
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        for ((e, input), len) in embedded.into_iter().zip(inputs).zip(lens) {
+            let hidden = hidden.narrow(1, start, len)?;
+            start += len;
+            let window = hidden.narrow(1, e.window_start, input.placeholders)?;
+            out.push(ParallelTrace {
+                vision: e.vision,
+                projected: e.projected,
+                inputs_embeds: e.inputs_embeds,
+                hidden,
+                window,
+                window_start: e.window_start,
+                vision_time: e.vision_time,
+                projector_time: e.projector_time,
+                llm_time,
+            });
+        }
+        Ok(out)
     }
 
     /// Loads every component named by `cfg` from `w`.

@@ -1,0 +1,170 @@
+//! OpenVLA-OFT (Kim, Finn, Liang 2025): parallel decoding of action chunks with an L1
+//! regression (or 256-bin) head, several images, proprioception (oft-spec.md).
+//!
+//! A published OFT directory is the base OpenVLA layout (merged safetensors shards, tokenizer,
+//! processor config, `dataset_statistics.json` with action *and* proprio statistics) plus
+//! component pickles: `action_head--<step>_checkpoint.pt` (bf16) and
+//! `proprio_projector--<step>_checkpoint.pt` (fp32), with DDP's `module.` key prefix.
+
+pub mod constants;
+pub mod proprio;
+pub mod pt;
+
+use crate::action::ActionTokenizer;
+use crate::error::{Error, Result};
+use crate::head::{ActionHead, MlpResNet};
+use candle_core::DType;
+use constants::{ConfigFields, OftConstants, OftOptions, Shapes};
+use proprio::ProprioProjector;
+use std::path::{Path, PathBuf};
+use tracing::debug;
+
+/// Component name of the action head file.
+pub const ACTION_HEAD: &str = "action_head";
+/// Component name of the proprio projector file.
+pub const PROPRIO_PROJECTOR: &str = "proprio_projector";
+
+/// The OFT parts of a loaded model besides the shared towers and LLM.
+#[derive(Debug, Clone)]
+pub struct OftModel {
+    /// The resolved constants, each with its source.
+    pub constants: OftConstants,
+    /// The proprio projector, if the model takes proprio.
+    pub proprio: Option<ProprioProjector>,
+    /// The component files read.
+    pub files: Vec<PathBuf>,
+    /// Whether images are centre-cropped (`oft_eval_cfg.center_crop`; the reference's eval
+    /// and deploy scripts default to true, as every published checkpoint was trained with
+    /// random crops).
+    pub center_crop: bool,
+}
+
+impl OftModel {
+    /// Number of zeroed placeholder positions: K·D.
+    pub fn placeholders(&self) -> usize {
+        self.constants.chunk.value * self.constants.action_dim.value
+    }
+}
+
+/// Detects and loads the OFT components of `dir`.
+///
+/// `Ok(None)`: an original OpenVLA directory (no component files, no `oft_*` fields in
+/// `config.json`, no OFT flags). Otherwise the head and constants; `head_dtype` is the dtype
+/// the head's matrices are held in.
+pub fn load(
+    dir: &Path,
+    llm_hidden: usize,
+    n_action_bins: usize,
+    action_vocab_size: usize,
+    options: &OftOptions,
+    head_dtype: DType,
+) -> Result<Option<(ActionHead, OftModel)>> {
+    let config_path = dir.join("config.json");
+    let fields = ConfigFields::read(&config_path)?;
+    let head_file = pt::find_component(dir, ACTION_HEAD)?;
+    let proprio_file = pt::find_component(dir, PROPRIO_PROJECTOR)?;
+    let film_file = pt::find_component(dir, "vision_backbone")?;
+    let noisy_file = pt::find_component(dir, "noisy_action_projector")?;
+    let is_oft = head_file.is_some()
+        || proprio_file.is_some()
+        || fields.present()
+        || options.any()
+        || film_file.is_some();
+    if !is_oft {
+        return Ok(None);
+    }
+    if let Some(f) = &film_file {
+        return Err(Error::config(
+            f,
+            "FiLM checkpoints (vision_backbone--*.pt with unmerged LoRA) are not supported yet",
+        ));
+    }
+    if fields.eval_flag(&config_path, "use_film")? == Some(true) {
+        return Err(Error::config(
+            &config_path,
+            "oft_eval_cfg.use_film is true: FiLM checkpoints are not supported yet",
+        ));
+    }
+    if noisy_file.is_some() || fields.eval_flag(&config_path, "use_diffusion")? == Some(true) {
+        return Err(Error::config(
+            dir,
+            "this is a diffusion-head OFT checkpoint (noisy_action_projector file or \
+             oft_eval_cfg.use_diffusion), which is not supported",
+        ));
+    }
+    let l1 = fields.eval_flag(&config_path, "use_l1_regression")?;
+    let mut files = Vec::new();
+    let head_sd =
+        match (&head_file, l1, options.discrete) {
+            (Some(f), _, false) if l1 != Some(false) => {
+                files.push(f.clone());
+                Some(pt::StateDict::read(f)?)
+            }
+            (Some(f), _, _) => return Err(Error::config(
+                f,
+                "an action head file is present, but the model is configured as discrete-token \
+                 OFT (oft_eval_cfg.use_l1_regression = false or the discrete flag): remove one",
+            )),
+            (None, Some(false), _) | (None, _, true) => None,
+            (None, _, false) => {
+                return Err(Error::config(
+                    dir,
+                    "no action_head--<step>_checkpoint.pt file: an L1 OFT model needs exactly one \
+                 (for a discrete-token OFT checkpoint set oft_eval_cfg.use_l1_regression = false \
+                 or pass the discrete-head flag)",
+                ))
+            }
+        };
+    let proprio_sd = match &proprio_file {
+        Some(f) => {
+            files.push(f.clone());
+            Some(pt::StateDict::read(f)?)
+        }
+        None => None,
+    };
+    let shapes = Shapes {
+        head_fc2_rows: head_sd
+            .as_ref()
+            .and_then(|s| s.shape("model.fc2.weight"))
+            .and_then(|s| s.first().copied()),
+        head_layer_norm1: head_sd
+            .as_ref()
+            .and_then(|s| s.shape("model.layer_norm1.weight"))
+            .and_then(|s| s.first().copied()),
+        proprio_fc1_cols: proprio_sd
+            .as_ref()
+            .and_then(|s| s.shape("fc1.weight"))
+            .and_then(|s| s.get(1).copied()),
+        llm_hidden,
+    };
+    let constants = constants::resolve(
+        options,
+        &fields,
+        &config_path,
+        &shapes,
+        proprio_sd.is_some(),
+    )?;
+    debug!(?constants, "OFT constants");
+    // Without a head file the model is discrete-token OFT (checked above).
+    let head = match head_sd {
+        Some(sd) => ActionHead::ParallelL1(MlpResNet::load(&sd, head_dtype)?),
+        None => {
+            ActionHead::ParallelDiscrete(ActionTokenizer::new(n_action_bins, action_vocab_size))
+        }
+    };
+    let proprio = proprio_sd
+        .map(|sd| ProprioProjector::load(&sd, llm_hidden))
+        .transpose()?;
+    let center_crop = fields
+        .eval_flag(&config_path, "center_crop")?
+        .unwrap_or(true);
+    Ok(Some((
+        head,
+        OftModel {
+            constants,
+            proprio,
+            files,
+            center_crop,
+        },
+    )))
+}
