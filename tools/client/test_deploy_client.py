@@ -31,7 +31,7 @@ try:
 except ImportError as e:  # pragma: no cover
     sys.exit(
         f"missing Python package {e.name!r}: run `bash tools/setup.sh` "
-        "(pip install -r tools/client/requirements.txt)"
+        "(it installs tools/venv/client.txt into .venv)"
     )
 
 json_numpy.patch()
