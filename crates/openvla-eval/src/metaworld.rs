@@ -89,6 +89,11 @@ pub struct EvalArgs {
     /// Episodes per task recorded as MP4 + contact sheet (the first ones).
     #[arg(long, default_value_t = 1)]
     pub videos: u64,
+    /// With --policy expert or random: the policy server declares no image input, so the workers
+    /// render only the recorded episodes (outcomes are unchanged, as these policies never look at
+    /// the image; for quick tables, not for speed comparisons).
+    #[arg(long)]
+    pub no_render: bool,
     /// Longest wait for one policy answer, in seconds; past it the episode fails.
     #[arg(long, default_value_t = 60.0)]
     pub policy_timeout_s: f64,
@@ -145,6 +150,9 @@ fn check_flags(a: &EvalArgs) -> Result<Plan> {
     if a.execute == Some(0) {
         bail!("--execute must be at least 1 (omit it for the whole chunk, up to 8)");
     }
+    if a.no_render && !matches!(a.policy, PolicyKind::Expert | PolicyKind::Random) {
+        bail!("--no-render goes with --policy expert or random (a model needs its images)");
+    }
     if !(a.policy_timeout_s > 0.0) {
         bail!("--policy-timeout-s must be positive");
     }
@@ -190,6 +198,7 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
         "model": a.model.as_deref().map(model_path),
         "url": a.url,
         "policy_timeout_s": a.policy_timeout_s,
+        "render_every_step": !a.no_render,
         "mt1_seed": 42,
     })
 }
@@ -292,7 +301,7 @@ pub fn run_with_stop(a: &EvalArgs, stop: Arc<AtomicBool>) -> Result<EvalOutcome>
         }
         (PolicyKind::Model, None, Some(u)) => Endpoint::remote(u)?,
         (PolicyKind::LocalExpert, _, _) => Endpoint::local_expert(),
-        (k, _, _) => Endpoint::python_policy(&env, k, a.seed)?,
+        (k, _, _) => Endpoint::python_policy(&env, k, a.seed, !a.no_render)?,
     };
     let inputs = PolicyInputs::from_metadata(&endpoint.metadata)?;
     inputs.check()?;
@@ -371,7 +380,8 @@ pub fn run_with_stop(a: &EvalArgs, stop: Arc<AtomicBool>) -> Result<EvalOutcome>
         stop.clone(),
         |h| {
             if versions.is_null() {
-                versions = h.clone();
+                versions = h["versions"].clone();
+                versions["mujoco_gl"] = h["gl"].clone();
             }
         },
         |i, outcome| {

@@ -97,7 +97,7 @@ impl PolicyInputs {
                 );
             }
         }
-        if self.images.is_empty() {
+        if self.images.is_empty() && !self.privileged_obs {
             bail!("the policy takes no image (/metadata inputs.images is empty)");
         }
         Ok(())
@@ -233,7 +233,13 @@ impl Endpoint {
     }
 
     /// Starts `python -m openvla_sim.policy_server` for `expert` or `random`.
-    pub fn python_policy(env: &PythonEnv, kind: PolicyKind, seed: u64) -> Result<Endpoint> {
+    /// With `images` false it declares no image input (the workers then do not render).
+    pub fn python_policy(
+        env: &PythonEnv,
+        kind: PolicyKind,
+        seed: u64,
+        images: bool,
+    ) -> Result<Endpoint> {
         let name = match kind {
             PolicyKind::Expert => "expert",
             PolicyKind::Random => "random",
@@ -242,6 +248,7 @@ impl Endpoint {
         let mut child = env
             .module("openvla_sim.policy_server")
             .args(["--policy", name, "--port", "0", "--seed", &seed.to_string()])
+            .args(["--images", if images { "image" } else { "none" }])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

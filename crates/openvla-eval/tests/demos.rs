@@ -87,9 +87,9 @@ fn demo_dataset_reads_back_equal_to_what_the_simulator_produced() {
         let produced = std::fs::read(raw.join(format!("episode-{n}.rgb"))).unwrap();
         assert_eq!(produced.len(), len * 64 * 64 * 3);
         for (t, img) in images.iter().enumerate() {
-            assert_eq!(img.size(), (64, 64));
+            assert_eq!((img.width, img.height), (64, 64));
             assert!(
-                img.data() == &produced[t * 64 * 64 * 3..(t + 1) * 64 * 64 * 3],
+                img.data[..] == produced[t * 64 * 64 * 3..(t + 1) * 64 * 64 * 3],
                 "episode {n} frame {t} differs from the rendered one"
             );
         }

@@ -4,7 +4,7 @@ itself through the very loop a model runs in.
     python -m openvla_sim.policy_server --policy expert|random [--port 0] [--seed S]
 
 - GET /metadata: {"variant": "metaworld-expert" | "random", "family": "openvla", "inputs":
-  {"images": ["image"], "proprio_dim": 4}, "chunk_size": 1, "action_dims": {"metaworld": 4},
+  {"images": ["image"] (or [] with --images none), "proprio_dim": 4}, "chunk_size": 1, "action_dims": {"metaworld": 4},
   "privileged_obs": true}. `privileged_obs` tells the workers to add the full 39-D observation
   (`privileged_obs`, json-numpy), the task name (`task`), the episode seed (`episode_seed`) and the
   step (`step`) to each request: the scripted experts act on object and goal positions, which no
@@ -32,9 +32,10 @@ from .tasks import DESCRIPTIONS
 
 
 class _Policy:
-    def __init__(self, kind, seed):
+    def __init__(self, kind, seed, images=True):
         self.kind = kind
         self.seed = seed
+        self.images = images
         self.experts = {}
         self.lock = threading.Lock()
 
@@ -43,19 +44,20 @@ class _Policy:
             "variant": "metaworld-expert" if self.kind == "expert" else "random",
             "family": "openvla",
             "model_dir": "metaworld.policies (scripted experts)" if self.kind == "expert" else f"random (seed {self.seed})",
-            "inputs": {"images": ["image"], "proprio_dim": 4},
+            "inputs": {"images": ["image"] if self.images else [], "proprio_dim": 4},
             "chunk_size": 1,
             "action_dims": {"metaworld": 4},
             "privileged_obs": True,
         }
 
     def act(self, req):
-        for key in ("image", "instruction", "privileged_obs", "task"):
+        for key in ("image",) * self.images + ("instruction", "privileged_obs", "task"):
             if key not in req:
                 raise ValueError(f"missing key {key!r} (this server needs the privileged observation)")
-        image = decode_array(req["image"])
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be HxWx3, got shape {list(image.shape)}")
+        if self.images:
+            image = decode_array(req["image"])
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"image must be HxWx3, got shape {list(image.shape)}")
         task = req["task"]
         if task not in DESCRIPTIONS:
             raise ValueError(f"unknown task {task!r}")
@@ -122,11 +124,14 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", choices=["image", "none"], default="image",
+                    help="declare the camera image as an input (default; the workers render and send it "
+                         "as for a model) or none (no rendering: the policies do not look at it)")
     args = ap.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(_Policy(args.policy, args.seed)))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(_Policy(args.policy, args.seed, args.images == "image")))
     server.daemon_threads = True
     host, port = server.server_address[:2]
     print(f"openvla_sim.policy_server ({args.policy}): listening on http://{host}:{port}", file=sys.stderr, flush=True)
