@@ -153,7 +153,7 @@ fn check_flags(a: &EvalArgs) -> Result<Plan> {
     if a.no_render && !matches!(a.policy, PolicyKind::Expert | PolicyKind::Random) {
         bail!("--no-render goes with --policy expert or random (a model needs its images)");
     }
-    if !(a.policy_timeout_s > 0.0) {
+    if a.policy_timeout_s.is_nan() || a.policy_timeout_s <= 0.0 {
         bail!("--policy-timeout-s must be positive");
     }
     let envs = a.envs.unwrap_or_else(|| {
