@@ -3,7 +3,8 @@
 # registries only. Safe to run repeatedly.
 #
 # - Debian packages: gcc, ffmpeg, python3 with venv, and the GL libraries MuJoCo renders
-#   headless with (libegl1 libgl1 libosmesa6: MUJOCO_GL=egl or osmesa on Mesa llvmpipe).
+#   headless with (libegl1 libgl1 libosmesa6, and the Mesa drivers libegl-mesa0 libgl1-mesa-dri:
+#   MUJOCO_GL=egl, or osmesa as the fallback, on Mesa llvmpipe).
 # - The project virtual environment `.venv` at the repository root: every pinned requirements
 #   file in tools/venv/*.txt, and the simulator package python/sim (openvla_sim, linked into the
 #   venv with a .pth file, so it runs from the checkout). Tests find the interpreter as
@@ -17,7 +18,7 @@ command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
-for lib in libegl1 libgl1 libosmesa6; do
+for lib in libegl1 libgl1 libosmesa6 libegl-mesa0 libgl1-mesa-dri; do
   dpkg -s "$lib" >/dev/null 2>&1 || need_apt+=("$lib")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
