@@ -257,3 +257,55 @@ fn a_model_with_another_action_dimension_is_refused_before_any_worker_starts() {
     .to_string();
     assert!(e.contains("action dimension 7"), "{e}");
 }
+
+#[test]
+fn an_interrupted_run_writes_partial_results_and_resume_finishes_it() {
+    require_venv();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("int");
+    let args = [
+        "--policy",
+        "expert",
+        "--tasks",
+        "reach",
+        "--episodes",
+        "3",
+        "--envs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--videos",
+        "0",
+    ];
+    // Stop (as Ctrl-C does) once the first episode is on disk.
+    let stop = no_stop();
+    let (flag, jsonl) = (stop.clone(), out.join("episodes.jsonl"));
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(600) {
+            if std::fs::read_to_string(&jsonl).is_ok_and(|s| s.lines().count() >= 1) {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let o = run_with_stop(&eval_args(&args), stop).unwrap();
+    assert!(!o.complete);
+    let done = o.results["episodes_done"].as_u64().unwrap();
+    assert!((1..3).contains(&done), "{done}");
+    assert_eq!(o.results["complete"], false);
+    assert!(out.join("results.json").is_file());
+    let mut again = args.to_vec();
+    again.push("--resume");
+    let o = run_with_stop(&eval_args(&again), no_stop()).unwrap();
+    assert!(o.complete);
+    assert_eq!(o.results["tasks"]["reach-v3"]["successes"], 3);
+    let indices: Vec<u64> = o.results["episodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 2]);
+}
