@@ -8,7 +8,7 @@ instruction and unnorm_key, bit for bit. It covers the json-numpy image, deploy.
 double-encoded form, a base64 PNG string, concurrent requests (batched by the server), and the
 error replies.
 
-    python3 tools/client/test_deploy_client.py --url http://127.0.0.1:8000 \
+    .venv/bin/python tools/client/test_deploy_client.py --url http://127.0.0.1:8000 \
         --openvla target/release/openvla --model models/openvla-tiny \
         --testdata testdata/openvla-tiny
 
@@ -31,7 +31,7 @@ try:
 except ImportError as e:  # pragma: no cover
     sys.exit(
         f"missing Python package {e.name!r}: run `bash tools/setup.sh` "
-        "(pip install -r tools/client/requirements.txt)"
+        "(it installs tools/venv/client.txt into .venv)"
     )
 
 json_numpy.patch()

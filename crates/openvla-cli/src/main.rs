@@ -56,6 +56,14 @@ enum Command {
     /// sandwich): resumable checkpoints, metrics.jsonl, curves.svg and, for LoRA, a PEFT adapter
     /// that `openvla merge` folds into the model. See docs/finetuning.md.
     Finetune(openvla_train::cli::FinetuneArgs),
+    /// Closed-loop evaluation in a simulator through the policy's HTTP server
+    /// (`openvla eval metaworld`; see docs/evaluation.md).
+    #[command(subcommand)]
+    Eval(openvla_eval::cli::EvalCommand),
+    /// Simulator utilities: `openvla sim demos metaworld` records scripted-expert demonstrations
+    /// as a LeRobot v3 dataset.
+    #[command(subcommand)]
+    Sim(openvla_eval::cli::SimCommand),
 }
 
 #[derive(clap::Args)]
@@ -150,6 +158,8 @@ fn main() {
         Command::BenchData(a) => openvla_data::cli::run_data_bench(&a),
         Command::Serve(a) => openvla_server::cli::run_serve(&a),
         Command::Loadtest(a) => openvla_server::cli::run_loadtest(&a),
+        Command::Eval(c) => openvla_eval::cli::run_eval(&c),
+        Command::Sim(c) => openvla_eval::cli::run_sim(&c),
         Command::Merge(a) => openvla_train::cli::run_merge(&a)
             .map(|r| {
                 eprintln!(

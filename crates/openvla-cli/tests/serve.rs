@@ -94,18 +94,29 @@ impl Drop for ServeProcess {
     }
 }
 
+/// The project venv's interpreter (CONTRACTS.md): `$OPENVLA_PYTHON` if set, else
+/// `<repo>/.venv/bin/python`, which tools/setup.sh creates.
+fn python() -> PathBuf {
+    std::env::var_os("OPENVLA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"))
+}
+
 fn require_python_client_packages() {
-    let hint = "run `bash tools/setup.sh` (it installs tools/client/requirements.txt: requests, \
-                json-numpy, numpy, pillow)";
-    match Command::new("python3")
+    let hint = "run `bash tools/setup.sh` (it creates .venv and installs tools/venv/client.txt: \
+                requests, json-numpy, numpy, pillow)";
+    let py = python();
+    match Command::new(&py)
         .args(["-c", "import requests, json_numpy, numpy, PIL"])
         .output()
     {
-        Err(e) => {
-            panic!("python3 is needed for the deploy.py client test but cannot run ({e}); {hint}")
-        }
+        Err(e) => panic!(
+            "{} is needed for the deploy.py client test but cannot run ({e}); {hint}",
+            py.display()
+        ),
         Ok(o) if !o.status.success() => panic!(
-            "python3 lacks the deploy.py client packages:\n{}\n{hint}",
+            "{} lacks the deploy.py client packages:\n{}\n{hint}",
+            py.display(),
             String::from_utf8_lossy(&o.stderr)
         ),
         Ok(_) => {}
@@ -117,7 +128,7 @@ fn python_deploy_client_gets_predict_actions_and_loadtest_runs_clean() {
     require_python_client_packages();
     let server = ServeProcess::start(&["--max-batch", "8", "--batch-wait-ms", "20"]);
 
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .arg("tools/client/test_deploy_client.py")
         .args(["--url", &server.url, "--openvla", bin()])
         .args([
@@ -128,7 +139,7 @@ fn python_deploy_client_gets_predict_actions_and_loadtest_runs_clean() {
         ])
         .current_dir(root())
         .output()
-        .expect("running python3");
+        .expect("running the venv python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

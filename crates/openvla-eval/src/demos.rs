@@ -1,0 +1,288 @@
+//! `openvla sim demos metaworld`: scripted-expert demonstrations as a LeRobot v3 dataset.
+//!
+//! Exactly the evaluation's camera (corner4 rotated 180 degrees, fast render settings), image
+//! size, state (obs[:4]) and instructions (LeRobot's descriptions); actions clipped to [-1, 1];
+//! 80 fps. An episode ends `--extra-steps` steps after its first success. Failed expert episodes
+//! are dropped and counted, and replaced by fresh seeds (at most `--per-task` extra attempts per
+//! task).
+//!
+//! Initial conditions never meet an evaluation's: demo seeds are
+//! `DEMO_SEED_BASE + 1_000_000 * (task's MT50 position) + attempt` (evaluation seeds must stay below
+//! DEMO_SEED_BASE), and each worker refuses a demo whose random vector equals one of the
+//! benchmark's 50 goals (`--protocol metaworld`).
+
+use crate::metaworld::DEMO_SEED_BASE;
+use crate::pool::{self, Job, Outcome, PoolConfig};
+use crate::tasks;
+use crate::worker::PythonEnv;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Arguments of `openvla sim demos metaworld`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemosArgs {
+    /// Tasks: mt10, mt50, easy, medium, hard, very_hard, or names, comma-separated.
+    #[arg(long, default_value = "mt10")]
+    pub tasks: String,
+    /// Successful demonstrations per task.
+    #[arg(long, default_value_t = 50)]
+    pub per_task: u64,
+    /// Output directory of the LeRobot v3 dataset (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Simulator worker processes (default: one per core).
+    #[arg(long)]
+    pub envs: Option<usize>,
+    /// Camera image size (square), as `openvla eval metaworld --image-size`.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    /// Steps recorded after the first success.
+    #[arg(long, default_value_t = 10)]
+    pub extra_steps: u64,
+    /// Encode the videos losslessly (H.264 RGB, -qp 0): exact frames, large files.
+    #[arg(long)]
+    pub lossless: bool,
+    /// Also write each episode's raw frames (`episode-N.rgb`, N x H x W x 3 bytes) and its
+    /// states and actions (`episode-N.json`) here (for checks).
+    #[arg(long, hide = true)]
+    pub keep_raw: Option<PathBuf>,
+}
+
+/// What `openvla sim demos` wrote.
+#[derive(Debug, Clone)]
+pub struct DemosOutcome {
+    /// Episodes in the dataset.
+    pub episodes: u64,
+    /// Frames in the dataset.
+    pub frames: u64,
+    /// Expert episodes that failed and were dropped, per task.
+    pub dropped: Vec<(String, u64)>,
+}
+
+struct Pending {
+    task: String,
+    attempt: u64,
+}
+
+/// Runs `openvla sim demos metaworld`.
+pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
+    let task_list = tasks::resolve(&a.tasks)?;
+    if a.per_task == 0 {
+        bail!("--per-task must be at least 1");
+    }
+    if a.per_task > 100_000 {
+        bail!("--per-task {} is more than 100000", a.per_task);
+    }
+    if !(32..=1024).contains(&a.image_size) {
+        bail!("--image-size {} is outside 32..=1024", a.image_size);
+    }
+    let envs = a.envs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if envs == 0 {
+        bail!("--envs must be at least 1");
+    }
+    if a.out.exists()
+        && std::fs::read_dir(&a.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!("--out {} exists and is not empty", a.out.display());
+    }
+    let env = PythonEnv::discover()?;
+    let staging = a.out.join(".staging");
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    if let Some(raw) = &a.keep_raw {
+        std::fs::create_dir_all(raw).with_context(|| format!("creating {}", raw.display()))?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = task_list.len() as u64 * a.per_task;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {pos}/{len} demos, {msg}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    // Per task: successful episodes (attempt, answer), and attempts made.
+    let mut good: Vec<Vec<(u64, Value)>> = vec![Vec::new(); task_list.len()];
+    let mut attempts = vec![0u64; task_list.len()];
+    let mut dropped = vec![0u64; task_list.len()];
+    let started = Instant::now();
+    let cfg = PoolConfig {
+        workers: envs,
+        job_timeout: Duration::from_secs(1800),
+        start_timeout: Duration::from_secs(180),
+    };
+    loop {
+        let mut pending = Vec::new();
+        for (t, task) in task_list.iter().enumerate() {
+            let missing = a.per_task.saturating_sub(good[t].len() as u64);
+            let budget = (2 * a.per_task).saturating_sub(attempts[t]);
+            for _ in 0..missing.min(budget) {
+                pending.push(Pending {
+                    task: task.clone(),
+                    attempt: attempts[t],
+                });
+                attempts[t] += 1;
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        let jobs: Vec<Job> = pending
+            .iter()
+            .map(|p| {
+                let t = mt50_position(&p.task);
+                let seed = DEMO_SEED_BASE + 1_000_000 * t + p.attempt;
+                Job {
+                    cmd: json!({
+                        "op": "demo", "task": p.task, "seed": seed, "image_size": a.image_size,
+                        "extra_steps": a.extra_steps, "staging": staging,
+                        "key": format!("{}-{}", p.task, p.attempt), "lossless": a.lossless,
+                        "save_raw": a.keep_raw.is_some(),
+                    }),
+                }
+            })
+            .collect();
+        let mut failure: Option<String> = None;
+        pool::run(
+            &env,
+            jobs,
+            &cfg,
+            stop.clone(),
+            |_| {},
+            |i, outcome| {
+                let p = &pending[i];
+                let t = task_list.iter().position(|x| *x == p.task).unwrap_or(0);
+                match outcome {
+                    Outcome::Done(v, _) if v["success"].as_bool() == Some(true) => {
+                        good[t].push((p.attempt, v));
+                        bar.inc(1);
+                    }
+                    Outcome::Done(_, _) => dropped[t] += 1,
+                    Outcome::Failed(reason, _) => {
+                        failure
+                            .get_or_insert(format!("{} attempt {}: {reason}", p.task, p.attempt));
+                    }
+                }
+                bar.set_message(format!("{} dropped", dropped.iter().sum::<u64>()));
+                Ok(())
+            },
+        )?;
+        if let Some(f) = failure {
+            bail!("a demonstration could not be recorded: {f}");
+        }
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+    }
+    bar.finish_and_clear();
+
+    // The manifest, in task order then attempt order.
+    let mut episodes = Vec::new();
+    for (t, task) in task_list.iter().enumerate() {
+        good[t].sort_by_key(|g| g.0);
+        for (attempt, v) in good[t].iter().take(a.per_task as usize) {
+            episodes.push(json!({
+                "key": format!("{task}-{attempt}"), "task": task, "length": v["length"],
+                "image_stats": v["image_stats"], "seed": DEMO_SEED_BASE + 1_000_000 * mt50_position(task) + attempt,
+                "success_step": v["success_step"],
+            }));
+        }
+    }
+    let frames: u64 = episodes.iter().filter_map(|e| e["length"].as_u64()).sum();
+    let manifest = json!({
+        "episodes": episodes,
+        "image_size": a.image_size,
+        "lossless": a.lossless,
+        "provenance": {
+            "generator": "openvla sim demos metaworld",
+            "openvla_version": env!("CARGO_PKG_VERSION"),
+            "camera": "corner4 (rotated 180 degrees; fast render settings)",
+            "state": "obs[:4]",
+            "extra_steps_after_success": a.extra_steps,
+            "seed_rule": format!("{DEMO_SEED_BASE} + 1000000 * (MT50 position of the task) + attempt"),
+            "dropped_failed_expert_episodes": task_list.iter().zip(&dropped)
+                .map(|(t, d)| (t.clone(), json!(d))).collect::<serde_json::Map<_, _>>(),
+            "episode_seeds": episodes.iter().map(|e| e["seed"].clone()).collect::<Vec<_>>(),
+        },
+    });
+    let manifest_path = staging.join("manifest.json");
+    std::fs::write(&manifest_path, serde_json::to_string(&manifest)?)?;
+    if let Some(raw) = &a.keep_raw {
+        keep_raw(&staging, raw, &manifest)?;
+    }
+    let st = env
+        .module("openvla_sim.lerobot_v3")
+        .arg("assemble")
+        .arg("--staging")
+        .arg(&staging)
+        .arg("--out")
+        .arg(&a.out)
+        .arg("--manifest")
+        .arg(&manifest_path)
+        .status()
+        .context("running the LeRobot v3 writer")?;
+    if !st.success() {
+        bail!(
+            "writing the LeRobot v3 dataset failed ({st}); the recordings stay in {}",
+            staging.display()
+        );
+    }
+    std::fs::remove_dir_all(&staging).ok();
+    let dropped: Vec<(String, u64)> = task_list.iter().cloned().zip(dropped).collect();
+    eprintln!(
+        "openvla sim demos: {} episodes, {frames} frames in {} ({:.0} s); failed expert episodes dropped: {}",
+        manifest["episodes"].as_array().map_or(0, Vec::len),
+        a.out.display(),
+        started.elapsed().as_secs_f64(),
+        dropped.iter().map(|(_, d)| d).sum::<u64>()
+    );
+    Ok(DemosOutcome {
+        episodes: manifest["episodes"].as_array().map_or(0, Vec::len) as u64,
+        frames,
+        dropped,
+    })
+}
+
+fn mt50_position(task: &str) -> u64 {
+    tasks::table()
+        .mt50
+        .iter()
+        .position(|t| t == task)
+        .unwrap_or(0) as u64
+}
+
+fn keep_raw(staging: &Path, raw: &Path, manifest: &Value) -> Result<()> {
+    let eps = manifest["episodes"].as_array().cloned().unwrap_or_default();
+    for (n, e) in eps.iter().enumerate() {
+        let key = e["key"].as_str().unwrap_or("");
+        std::fs::copy(
+            staging.join(format!("{key}.rgb")),
+            raw.join(format!("episode-{n}.rgb")),
+        )
+        .with_context(|| format!("copying the raw frames of {key}"))?;
+        std::fs::copy(
+            staging.join(format!("{key}.json")),
+            raw.join(format!("episode-{n}.json")),
+        )
+        .with_context(|| format!("copying the states and actions of {key}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+"""One Meta-World env with LeRobot's evaluation protocol and the fast corner4 camera.
+
+Protocol `lerobot` (LeRobot's `lerobot-eval --env.type=metaworld`, after PR #3727):
+    MT1(task, seed=42); env.set_task(train_tasks[0]); env._freeze_rand_vec = False;
+    env.seeded_rand_vec = True; per episode: env.seed(seed), then env.reset().
+Protocol `metaworld` (the benchmark's own): MT1(task, seed=42); episode i runs the fixed goal
+    train_tasks[i % 50] (set_task freezes its random vector); env.seed(seed) too, for the
+    remaining randomness.
+Both: horizon 500 (max_path_length), actions clipped to [-1, 1], success if info["success"]
+fires at any step.
+"""
+
+import numpy as np
+
+MT1_SEED = 42
+HORIZON = 500
+#: Seeds of demonstration episodes start here; evaluation seeds must stay below (see demos).
+DEMO_SEED_BASE = 1_000_000_000
+
+
+class Camera:
+    """An offscreen renderer with the fast settings: MSAA off (offsamples=0), shadows and
+    reflections off. `corner*` cameras are rotated 180 degrees (img[::-1, ::-1])."""
+
+    def __init__(self, model, size: int):
+        import mujoco
+
+        model.vis.quality.offsamples = 0
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, size)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, size)
+        self.renderer = mujoco.Renderer(model, size, size)
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self.size = size
+
+    def render(self, data, camera: str) -> np.ndarray:
+        self.renderer.update_scene(data, camera=camera)
+        img = self.renderer.render()
+        if camera.startswith("corner"):
+            img = img[::-1, ::-1]
+        return np.ascontiguousarray(img)
+
+    def close(self):
+        self.renderer.close()
+
+
+class MetaWorldTask:
+    """A Meta-World env for one task, set up for `protocol` ("lerobot" or "metaworld")."""
+
+    def __init__(self, task: str, protocol: str = "lerobot", image_size: int = 224):
+        import metaworld
+
+        if protocol not in ("lerobot", "metaworld"):
+            raise ValueError(f"unknown protocol {protocol!r}; expected lerobot or metaworld")
+        self.task = task
+        self.protocol = protocol
+        self.benchmark = metaworld.MT1(task, seed=MT1_SEED)
+        self.env = self.benchmark.train_classes[task]()
+        self.env.set_task(self.benchmark.train_tasks[0])
+        self.env._freeze_rand_vec = False
+        self.env.seeded_rand_vec = True
+        self.horizon = min(HORIZON, int(self.env.max_path_length))
+        self.image_size = image_size
+        self.camera = Camera(self.env.model, image_size)
+
+    def reset(self, index: int, seed: int):
+        """Resets for episode `index` with `seed`; returns the 39-D observation."""
+        if self.protocol == "metaworld":
+            self.env.set_task(self.benchmark.train_tasks[index % len(self.benchmark.train_tasks)])
+        else:
+            self.env._freeze_rand_vec = False
+            self.env.seeded_rand_vec = True
+        self.env.seed(int(seed))
+        obs, _ = self.env.reset()
+        return obs
+
+    def rand_vec(self) -> np.ndarray:
+        """The object/goal random vector of the current episode."""
+        return np.asarray(self.env._last_rand_vec, dtype=np.float64)
+
+    def step(self, action):
+        """Steps with the action clipped to [-1, 1]; returns (obs, success, truncated)."""
+        a = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        obs, _, _, truncated, info = self.env.step(a)
+        return obs, bool(info.get("success", 0.0) > 0.5), bool(truncated)
+
+    def render(self, camera: str = "corner4") -> np.ndarray:
+        return self.camera.render(self.env.data, camera)
+
+    def close(self):
+        self.camera.close()
+        self.env.close()
+
+
+def benchmark_goals(task: str) -> np.ndarray:
+    """The benchmark's 50 fixed random vectors of `task` (MT1(task, seed=42).train_tasks)."""
+    import pickle
+
+    import metaworld
+
+    bench = metaworld.MT1(task, seed=MT1_SEED)
+    return np.stack([np.asarray(pickle.loads(t.data)["rand_vec"], dtype=np.float64) for t in bench.train_tasks])
