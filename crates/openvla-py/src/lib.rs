@@ -335,6 +335,50 @@ impl PyPolicy {
             .collect()
     }
 
+    /// Benchmark hook: runs one already-converted observation ``runs`` times through the
+    /// engine alone (no Python conversion, no GIL handling, no numpy result) and returns the
+    /// mean seconds per call, for measuring what the Python layer adds (python/bench_overhead.py).
+    #[pyo3(signature = (image, instruction, unnorm_key = None, runs = 10))]
+    fn _bench_engine(
+        &self,
+        py: Python<'_>,
+        image: &Bound<'_, PyAny>,
+        instruction: &Bound<'_, PyAny>,
+        unnorm_key: Option<String>,
+        runs: usize,
+    ) -> PyResult<f64> {
+        let input = self.input(
+            PyInput {
+                image,
+                instruction,
+                unnorm_key,
+                images: None,
+                proprio: None,
+            },
+            "",
+        )?;
+        let runs = runs.max(1);
+        let policy = self.inner.clone();
+        py.detach(move || {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..runs {
+                let one = Input {
+                    images: input.images.clone(),
+                    instruction: input.instruction.clone(),
+                    proprio: input.proprio.clone(),
+                    unnorm_key: input.unnorm_key.clone(),
+                };
+                let t0 = std::time::Instant::now();
+                let out = engine::predict(&policy, vec![one]);
+                total += t0.elapsed();
+                for r in out {
+                    r.map_err(to_py_err)?;
+                }
+            }
+            Ok(total.as_secs_f64() / runs as f64)
+        })
+    }
+
     /// The dataset statistics, as in dataset_statistics.json: {unnorm_key: {"action": {...},
     /// ...}}.
     #[getter]
