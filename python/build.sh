@@ -2,7 +2,9 @@
 # Builds the openvla_rs wheel (one abi3 wheel: CPython >= 3.9, x86-64 Linux) with maturin and
 # installs it into the repository's venv, then the openpi websocket client the tests talk to.
 #
-#   python/build.sh            # dev profile (the workspace's: dependencies at opt-level 3)
+#   python/build.sh            # dev profile at opt-level 1: the settings of the workspace's test
+#                              # profile, so it reuses what `cargo test --workspace` compiled
+#                              # (CI: about a minute on top of it); ~0.1 s per tiny-model call
 #   python/build.sh --release  # release profile, for measurements and distribution
 #
 # The venv is $OPENVLA_PYTHON's if set, else <repo>/.venv (tools/setup.sh creates it and
@@ -17,7 +19,8 @@ fi
 profile=()
 case "${1:-}" in
   --release) profile=(--release) ;;
-  "") ;;
+  # The dev profile's own opt-level 0 runs the tiny model ~10x slower (about 1 s per call).
+  "") export CARGO_PROFILE_DEV_OPT_LEVEL=1 ;;
   *) echo "usage: python/build.sh [--release]" >&2; exit 2 ;;
 esac
 out="$root/target/wheels"

@@ -95,7 +95,7 @@ def test_predict_batch_one_instruction_and_key_for_all(policy, samples):
 
 def test_two_threads_equal_one_thread(policy, samples, cli_answers):
     arrays = [np.asarray(Image.open(s["image"]).convert("RGB")) for s in samples]
-    rounds = 3
+    rounds = 2
     results = {}
     errors = []
 
