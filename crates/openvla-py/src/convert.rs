@@ -3,7 +3,7 @@
 use openvla_image::RgbImage;
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
 pyo3::create_exception!(
     openvla_rs,
@@ -35,6 +35,17 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".to_string())
 }
 
+/// The contents of a `bytes` object (one copy; extracting a `Vec<u8>` would go item by item).
+fn bytes(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+    let b = obj.cast::<PyBytes>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what}: tobytes() returned {}, not bytes",
+            type_name(obj)
+        ))
+    })?;
+    Ok(b.as_bytes().to_vec())
+}
+
 /// Reads an image: a `PIL.Image.Image` (converted with `convert("RGB")` unless it is RGB
 /// already, as the engine's decoder does) or an `HxWx3` `uint8` array (numpy or anything with
 /// `dtype`, `shape` and `tobytes`). `what` names the argument in errors.
@@ -48,7 +59,7 @@ pub fn image(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<RgbImage> {
             obj.call_method1("convert", ("RGB",))?
         };
         let (w, h): (u32, u32) = rgb.getattr("size")?.extract()?;
-        let data: Vec<u8> = rgb.call_method0("tobytes")?.extract()?;
+        let data = bytes(&rgb.call_method0("tobytes")?, what)?;
         return RgbImage::from_raw(w, h, data)
             .map_err(|e| PyValueError::new_err(format!("{what}: {e}")));
     }
@@ -69,7 +80,7 @@ pub fn image(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<RgbImage> {
             )));
         };
         // tobytes() returns C order whatever the strides are.
-        let data: Vec<u8> = obj.call_method0("tobytes")?.extract()?;
+        let data = bytes(&obj.call_method0("tobytes")?, what)?;
         return RgbImage::from_raw(w, h, data)
             .map_err(|e| PyValueError::new_err(format!("{what}: {e}")));
     }

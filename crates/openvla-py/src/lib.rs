@@ -78,10 +78,19 @@ impl PyPolicy {
     /// Runs the inputs without the GIL; the first failure raises, naming its index when
     /// there are several.
     fn run(&self, py: Python<'_>, inputs: Vec<Input>) -> PyResult<Vec<Output>> {
+        self.run_timed(py, inputs).map(|(out, _)| out)
+    }
+
+    /// [`Self::run`], also returning the seconds spent inside the engine call.
+    fn run_timed(&self, py: Python<'_>, inputs: Vec<Input>) -> PyResult<(Vec<Output>, f64)> {
         let n = inputs.len();
         let policy = self.inner.clone();
-        let results = py.detach(move || engine::predict(&policy, inputs));
-        results
+        let (results, seconds) = py.detach(move || {
+            let t0 = std::time::Instant::now();
+            let results = engine::predict(&policy, inputs);
+            (results, t0.elapsed().as_secs_f64())
+        });
+        let outputs = results
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
@@ -96,7 +105,8 @@ impl PyPolicy {
                     }
                 })
             })
-            .collect()
+            .collect::<PyResult<Vec<Output>>>()?;
+        Ok((outputs, seconds))
     }
 
     fn flat(&self) -> bool {
@@ -335,18 +345,17 @@ impl PyPolicy {
             .collect()
     }
 
-    /// Benchmark hook: runs one already-converted observation ``runs`` times through the
-    /// engine alone (no Python conversion, no GIL handling, no numpy result) and returns the
-    /// mean seconds per call, for measuring what the Python layer adds (python/bench_overhead.py).
-    #[pyo3(signature = (image, instruction, unnorm_key = None, runs = 10))]
-    fn _bench_engine(
+    /// Benchmark hook: ``predict_action(image, instruction, unnorm_key)`` that also returns the
+    /// seconds spent inside the engine call, as ``(action, engine_seconds)``; the rest of the
+    /// call's time is what the Python layer adds (python/bench/overhead.py).
+    #[pyo3(signature = (image, instruction, unnorm_key = None))]
+    fn _timed_predict_action<'py>(
         &self,
-        py: Python<'_>,
-        image: &Bound<'_, PyAny>,
-        instruction: &Bound<'_, PyAny>,
+        py: Python<'py>,
+        image: &Bound<'py, PyAny>,
+        instruction: &Bound<'py, PyAny>,
         unnorm_key: Option<String>,
-        runs: usize,
-    ) -> PyResult<f64> {
+    ) -> PyResult<(Bound<'py, PyAny>, f64)> {
         let input = self.input(
             PyInput {
                 image,
@@ -357,26 +366,12 @@ impl PyPolicy {
             },
             "",
         )?;
-        let runs = runs.max(1);
-        let policy = self.inner.clone();
-        py.detach(move || {
-            let mut total = std::time::Duration::ZERO;
-            for _ in 0..runs {
-                let one = Input {
-                    images: input.images.clone(),
-                    instruction: input.instruction.clone(),
-                    proprio: input.proprio.clone(),
-                    unnorm_key: input.unnorm_key.clone(),
-                };
-                let t0 = std::time::Instant::now();
-                let out = engine::predict(&policy, vec![one]);
-                total += t0.elapsed();
-                for r in out {
-                    r.map_err(to_py_err)?;
-                }
-            }
-            Ok(total.as_secs_f64() / runs as f64)
-        })
+        let (mut out, seconds) = self.run_timed(py, vec![input])?;
+        let out = out.remove(0);
+        Ok((
+            convert::actions_array(py, &out.actions, self.flat())?,
+            seconds,
+        ))
     }
 
     /// The dataset statistics, as in dataset_statistics.json: {unnorm_key: {"action": {...},
