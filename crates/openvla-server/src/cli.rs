@@ -6,6 +6,7 @@ use crate::batcher::BatchConfig;
 use crate::engine::Engine;
 use crate::json_numpy;
 use crate::loadtest::{self, LoadPlan};
+use crate::openpi::{KeyMap, OpenpiConfig, OpenpiServer};
 use crate::request::ParseLimits;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -65,6 +66,32 @@ pub struct ServeArgs {
     /// OpenVLA-OFT constants.
     #[command(flatten)]
     pub oft: OftArgs,
+    /// Wire protocol: rest (deploy.py's POST /act with json-numpy), openpi (openpi's
+    /// websocket + msgpack-numpy policy server, for openpi-client; GET /healthz), or both
+    /// (rest on --port, openpi on --openpi-port). See docs/python.md.
+    #[arg(long, value_enum, default_value_t = Protocol::Rest)]
+    pub protocol: Protocol,
+    /// Port of the openpi websocket server with --protocol both.
+    #[arg(long, default_value_t = 8001)]
+    pub openpi_port: u16,
+    /// openpi observation keys of the camera images, comma-separated, primary first; a model
+    /// that takes N images reads the first N.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "observation/image,observation/wrist_image"
+    )]
+    pub openpi_image_keys: Vec<String>,
+    /// openpi observation key of the proprio state (read only by models that take one).
+    #[arg(long, default_value = "observation/state")]
+    pub openpi_state_key: String,
+    /// openpi observation key of the task instruction.
+    #[arg(long, default_value = "prompt")]
+    pub openpi_prompt_key: String,
+    /// Dataset statistics for openpi observations without an "unnorm_key" entry (openpi
+    /// clients send none). May be omitted when the model has exactly one dataset.
+    #[arg(long)]
+    pub openpi_unnorm_key: Option<String>,
 }
 
 /// OpenVLA-OFT constants a checkpoint does not store (chunk size, action and proprio
@@ -112,6 +139,17 @@ impl OftArgs {
     }
 }
 
+/// The wire protocols of `openvla serve`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// deploy.py's REST API: POST /act with json-numpy.
+    Rest,
+    /// openpi's websocket + msgpack-numpy policy protocol.
+    Openpi,
+    /// Both: REST on --port, openpi on --openpi-port.
+    Both,
+}
+
 impl ServeArgs {
     /// The server configuration these flags describe.
     pub fn config(&self) -> Result<ServerConfig> {
@@ -136,6 +174,29 @@ impl ServeArgs {
                 max_image_pixels: self.max_image_pixels,
                 max_instruction_bytes: self.max_instruction_bytes,
             },
+        })
+    }
+
+    /// The openpi front end's configuration these flags describe.
+    pub fn openpi_config(&self) -> Result<OpenpiConfig> {
+        let images: Vec<String> = self
+            .openpi_image_keys
+            .iter()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if images.is_empty() {
+            bail!("--openpi-image-keys must name at least one key");
+        }
+        Ok(OpenpiConfig {
+            server: self.config()?,
+            keys: KeyMap {
+                images,
+                state: self.openpi_state_key.clone(),
+                prompt: self.openpi_prompt_key.clone(),
+                ..KeyMap::default()
+            },
+            default_unnorm_key: self.openpi_unnorm_key.clone(),
         })
     }
 }
@@ -194,33 +255,73 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         .thread_name("openvla-http")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        let addr = listener.local_addr()?;
-        if !addr.ip().is_loopback() {
-            eprintln!(
-                "openvla serve: WARNING: listening on {} is not loopback-only: any machine that \
-                 can reach this one can send requests (there is no authentication)",
-                addr.ip()
-            );
+    runtime.block_on(serve_protocols(args, engine, config))
+}
+
+/// Binds `host:port` and warns when it is not loopback-only.
+async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "openvla serve: WARNING: listening on {} is not loopback-only: any machine that \
+             can reach this one can send requests (there is no authentication)",
+            addr.ip()
+        );
+    }
+    Ok(listener)
+}
+
+/// Runs the REST and/or openpi servers of `--protocol` until SIGINT or SIGTERM.
+async fn serve_protocols(
+    args: &ServeArgs,
+    engine: Arc<dyn Engine>,
+    config: ServerConfig,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
         }
-        let server = Server::new(engine, config).context("starting the model thread")?;
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    let (rest_port, openpi_port) = match args.protocol {
+        Protocol::Rest => (Some(args.port), None),
+        Protocol::Openpi => (None, Some(args.port)),
+        Protocol::Both => (Some(args.port), Some(args.openpi_port)),
+    };
+    if let Some(port) = rest_port {
+        let listener = bind(&args.host, port).await?;
+        let addr = listener.local_addr()?;
+        let server = Server::new(engine.clone(), config).context("starting the model thread")?;
         eprintln!("openvla serve: listening on http://{addr}");
-        let shutdown = async {
-            shutdown_signal().await;
-            eprintln!("openvla serve: shutting down, finishing requests in flight");
-            tokio::spawn(async {
-                shutdown_signal().await;
-                eprintln!("openvla serve: second signal, exiting now");
-                std::process::exit(130);
-            });
-        };
-        server.serve(listener, shutdown).await?;
-        eprintln!("openvla serve: stopped");
-        Ok(())
-    })
+        servers.spawn(server.serve(listener, stopped()));
+    }
+    if let Some(port) = openpi_port {
+        let openpi = args.openpi_config()?;
+        let listener = bind(&args.host, port).await?;
+        let addr = listener.local_addr()?;
+        let server =
+            OpenpiServer::new(engine.clone(), openpi).context("starting the openpi server")?;
+        eprintln!("openvla serve: openpi websocket listening on ws://{addr}");
+        servers.spawn(server.serve(listener, stopped()));
+    }
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        eprintln!("openvla serve: shutting down, finishing requests in flight");
+        let _ = stop_tx.send(true);
+        shutdown_signal().await;
+        eprintln!("openvla serve: second signal, exiting now");
+        std::process::exit(130);
+    });
+    while let Some(done) = servers.join_next().await {
+        done.context("a server task failed")??;
+    }
+    eprintln!("openvla serve: stopped");
+    Ok(())
 }
 
 /// One prediction before listening, so that the first client does not pay for lazy setup.

@@ -11,6 +11,8 @@
 //! - [`app`]: the routes (`POST /act`, `GET /health`, `GET /metadata`, `GET /metrics`),
 //!   errors as status codes with `{"error", "detail"}`, graceful shutdown.
 //! - [`metrics`]: Prometheus text metrics.
+//! - [`openpi`]: openpi's websocket + msgpack-numpy policy protocol (`openvla serve
+//!   --protocol openpi`), for `openpi-client`.
 //! - [`client`], [`loadtest`]: the HTTP client and load generator of `openvla loadtest`.
 //! - [`cli`]: `openvla serve` and `openvla loadtest`.
 //!
@@ -40,10 +42,12 @@ pub mod image_header;
 pub mod json_numpy;
 pub mod loadtest;
 pub mod metrics;
+pub mod openpi;
 pub mod request;
 
 pub use app::{Server, ServerConfig, BATCH_SIZE_HEADER};
 pub use batcher::BatchConfig;
 pub use engine::{Engine, ModelMetadata};
 pub use error::ApiError;
+pub use openpi::{KeyMap, OpenpiConfig, OpenpiServer};
 pub use request::ParseLimits;

@@ -1,0 +1,141 @@
+//! The one place where the bindings call `openvla::Policy`.
+//!
+//! Everything else in this crate speaks [`Input`] and [`Output`], so a change of the engine's
+//! `Observation` / `Prediction` types is absorbed here.
+
+use openvla::config::Variant;
+use openvla::quant::Quantization;
+use openvla::{LoadOptions, Observation, Policy, Precision, Request};
+use openvla_image::RgbImage;
+use std::path::Path;
+
+/// One observation as the Python caller gives it.
+pub struct Input {
+    /// Camera images, primary first, each with its name (`image`, `wrist_image`, ...).
+    pub images: Vec<(String, RgbImage)>,
+    /// The task.
+    pub instruction: String,
+    /// Proprioceptive state, for the families that take it.
+    pub proprio: Option<Vec<f64>>,
+    /// Dataset statistics to un-normalize with.
+    pub unnorm_key: Option<String>,
+}
+
+/// The engine's answer for one observation.
+pub struct Output {
+    /// Un-normalized actions, `[K][D]` (K = 1 for the 256-bin family).
+    pub actions: Vec<Vec<f64>>,
+    /// Actions in [-1, 1] before un-normalization, `[K][D]`.
+    pub normalized_actions: Vec<Vec<f64>>,
+    /// Generated action token ids (empty for a family without action tokens).
+    pub token_ids: Vec<u32>,
+    /// The dataset statistics used.
+    pub unnorm_key: String,
+}
+
+/// Loads a policy from an HF model directory.
+pub fn load(
+    dir: &Path,
+    precision: Precision,
+    quantize: Option<Quantization>,
+) -> openvla::Result<Policy> {
+    Policy::load(
+        dir,
+        &LoadOptions {
+            precision,
+            quantize,
+            progress: None,
+        },
+    )
+}
+
+/// The action head family, as `GET /metadata` names it: `openvla` (256-bin tokens),
+/// `oft-l1` or `oft-discrete`.
+pub fn family(policy: &Policy) -> &'static str {
+    match policy.config().variant {
+        Variant::OpenVla | Variant::OpenVlaV01 => "openvla",
+    }
+}
+
+/// Actions per prediction (1 for the 256-bin family).
+pub fn chunk_size(_policy: &Policy) -> usize {
+    1
+}
+
+/// The names of the images the model takes, primary first.
+pub fn image_names(_policy: &Policy) -> Vec<String> {
+    vec!["image".to_string()]
+}
+
+/// Length of the proprio vector the model takes, `None` if it takes none.
+pub fn proprio_dim(_policy: &Policy) -> Option<usize> {
+    None
+}
+
+/// Checks an input against what the model takes and turns it into an engine request.
+fn request(policy: &Policy, input: Input) -> openvla::Result<Request> {
+    let Input {
+        mut images,
+        instruction,
+        proprio,
+        unnorm_key,
+    } = input;
+    let family = family(policy);
+    if images.len() != 1 {
+        return Err(openvla::Error::InvalidInput(format!(
+            "a model of family {family} takes exactly one image; got {} ({})",
+            images.len(),
+            images
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if proprio.is_some() {
+        return Err(openvla::Error::InvalidInput(format!(
+            "a model of family {family} takes no proprio state; pass proprio=None"
+        )));
+    }
+    let (_, image) = images.remove(0);
+    Ok(Request {
+        observation: Observation { image, instruction },
+        unnorm_key,
+    })
+}
+
+/// Predicts every input; each gets its own result, as it would alone.
+pub fn predict(policy: &Policy, inputs: Vec<Input>) -> Vec<openvla::Result<Output>> {
+    let mut requests = Vec::with_capacity(inputs.len());
+    let mut results: Vec<Option<openvla::Result<Output>>> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        match request(policy, input) {
+            Ok(r) => {
+                requests.push(r);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let mut predictions = policy.predict_batch(&requests).into_iter();
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.unwrap_or_else(|| {
+                predictions
+                    .next()
+                    .ok_or_else(|| {
+                        openvla::Error::InvalidInput(
+                            "the engine returned too few predictions".into(),
+                        )
+                    })?
+                    .map(|p| Output {
+                        actions: vec![p.action],
+                        normalized_actions: vec![p.normalized_action],
+                        token_ids: p.token_ids,
+                        unnorm_key: p.unnorm_key,
+                    })
+            })
+        })
+        .collect()
+}
