@@ -224,16 +224,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     msg
 }
 
-/// Loads a policy with a progress display on stderr.
-pub(crate) fn load_policy(
-    model: &std::path::Path,
-    precision: Precision,
-    quantize: Option<Quantization>,
-) -> Result<Policy> {
-    load_policy_with(model, precision, quantize, &OftArgs::default())
-}
-
-/// Like [`load_policy`], with OpenVLA-OFT constants given as flags.
+/// Loads a policy with a progress display on stderr, with OpenVLA-OFT constants given as flags.
 pub(crate) fn load_policy_with(
     model: &std::path::Path,
     precision: Precision,

@@ -3,7 +3,6 @@
 //! Everything else in this crate speaks [`Input`] and [`Output`], so a change of the engine's
 //! `Observation` / `Prediction` types is absorbed here.
 
-use openvla::config::Variant;
 use openvla::quant::Quantization;
 use openvla::{LoadOptions, Observation, Policy, Precision, Request};
 use openvla_image::RgbImage;
@@ -45,6 +44,7 @@ pub fn load(
             precision,
             quantize,
             progress: None,
+            ..Default::default()
         },
     )
 }
@@ -52,24 +52,27 @@ pub fn load(
 /// The action head family, as `GET /metadata` names it: `openvla` (256-bin tokens),
 /// `oft-l1` or `oft-discrete`.
 pub fn family(policy: &Policy) -> &'static str {
-    match policy.config().variant {
-        Variant::OpenVla | Variant::OpenVlaV01 => "openvla",
-    }
+    policy.head().family()
 }
 
 /// Actions per prediction (1 for the 256-bin family).
-pub fn chunk_size(_policy: &Policy) -> usize {
-    1
+pub fn chunk_size(policy: &Policy) -> usize {
+    policy.chunk_size()
 }
 
-/// The names of the images the model takes, primary first.
-pub fn image_names(_policy: &Policy) -> Vec<String> {
-    vec!["image".to_string()]
+/// The names of the images the model takes, primary first (the request keys of
+/// `GET /metadata`: `image` for the 256-bin family, OFT deploy.py's keys otherwise).
+pub fn image_names(policy: &Policy) -> Vec<String> {
+    if policy.head().is_parallel() {
+        openvla::oft::oft_image_keys(policy.num_images())
+    } else {
+        vec!["image".to_string()]
+    }
 }
 
 /// Length of the proprio vector the model takes, `None` if it takes none.
-pub fn proprio_dim(_policy: &Policy) -> Option<usize> {
-    None
+pub fn proprio_dim(policy: &Policy) -> Option<usize> {
+    policy.proprio_dim()
 }
 
 /// Checks an input against what the model takes and turns it into an engine request.
@@ -81,9 +84,11 @@ fn request(policy: &Policy, input: Input) -> openvla::Result<Request> {
         unnorm_key,
     } = input;
     let family = family(policy);
-    if images.len() != 1 {
+    let want = policy.num_images();
+    if images.len() != want {
         return Err(openvla::Error::InvalidInput(format!(
-            "a model of family {family} takes exactly one image; got {} ({})",
+            "a model of family {family} takes {want} image(s) ({}); got {} ({})",
+            image_names(policy).join(", "),
             images.len(),
             images
                 .iter()
@@ -92,14 +97,26 @@ fn request(policy: &Policy, input: Input) -> openvla::Result<Request> {
                 .join(", ")
         )));
     }
-    if proprio.is_some() {
-        return Err(openvla::Error::InvalidInput(format!(
-            "a model of family {family} takes no proprio state; pass proprio=None"
-        )));
+    match (proprio_dim(policy), &proprio) {
+        (None, Some(_)) => {
+            return Err(openvla::Error::InvalidInput(format!(
+                "a model of family {family} takes no proprio state; pass proprio=None"
+            )))
+        }
+        (Some(d), None) => {
+            return Err(openvla::Error::InvalidInput(format!(
+                "this {family} model takes a {d}-dimensional proprio state; pass proprio=[...]"
+            )))
+        }
+        _ => {}
     }
-    let (_, image) = images.remove(0);
+    images.truncate(want);
     Ok(Request {
-        observation: Observation { image, instruction },
+        observation: Observation {
+            images,
+            instruction,
+            proprio,
+        },
         unnorm_key,
     })
 }
@@ -130,8 +147,8 @@ pub fn predict(policy: &Policy, inputs: Vec<Input>) -> Vec<openvla::Result<Outpu
                         )
                     })?
                     .map(|p| Output {
-                        actions: vec![p.action],
-                        normalized_actions: vec![p.normalized_action],
+                        actions: p.actions,
+                        normalized_actions: p.normalized_actions,
                         token_ids: p.token_ids,
                         unnorm_key: p.unnorm_key,
                     })

@@ -231,10 +231,9 @@ pub struct ModelInputs {
 
 impl OpenpiState {
     fn model_inputs(&self) -> ModelInputs {
-        // The 256-bin family: one image, no proprio.
         ModelInputs {
-            images: 1,
-            proprio: false,
+            images: self.model.images.len().max(1),
+            proprio: self.model.proprio_dim.is_some(),
         }
     }
 }
@@ -254,15 +253,14 @@ pub struct OpenpiObservation {
 
 /// The engine request of an observation (the one place this module builds engine types).
 fn to_request(obs: OpenpiObservation, unnorm_key: Option<String>) -> Result<Request, String> {
-    let (_, image) = obs
-        .images
-        .into_iter()
-        .next()
-        .ok_or_else(|| "the observation has no image".to_string())?;
+    if obs.images.is_empty() {
+        return Err("the observation has no image".to_string());
+    }
     Ok(Request {
         observation: Observation {
-            image,
+            images: obs.images,
             instruction: obs.prompt,
+            proprio: obs.state,
         },
         unnorm_key,
     })
@@ -270,7 +268,7 @@ fn to_request(obs: OpenpiObservation, unnorm_key: Option<String>) -> Result<Requ
 
 /// The actions of a prediction as rows `[K][D]` (K = 1 for the 256-bin family).
 fn prediction_rows(p: openvla::Prediction) -> Vec<Vec<f64>> {
-    vec![p.action]
+    p.actions
 }
 
 /// Decodes one msgpack message.
@@ -611,11 +609,11 @@ pub fn metadata_value(model: &ModelMetadata, config: &OpenpiConfig) -> Value {
         (s("server"), s("openvla-rs")),
         (s("server_version"), s(env!("CARGO_PKG_VERSION"))),
         (s("protocol"), s("openpi")),
-        (s("family"), s("openvla")),
+        (s("family"), s(&model.family)),
         (s("variant"), s(&model.variant)),
         (s("model_dir"), s(&model.model_dir)),
         (s("weight_dtype"), s(&model.weight_dtype)),
-        (s("chunk_size"), Value::from(1u64)),
+        (s("chunk_size"), Value::from(model.chunk_size as u64)),
         (
             s("action_dims"),
             Value::Map(

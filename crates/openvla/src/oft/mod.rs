@@ -168,3 +168,16 @@ pub fn load(
         },
     )))
 }
+
+/// OFT deploy.py image keys for `n` images: `full_image`, then the wrist keys OFT's clients
+/// send (LIBERO: `wrist_image`; ALOHA: `left_wrist_image`, `right_wrist_image`).
+pub fn oft_image_keys(n: usize) -> Vec<String> {
+    let mut keys = vec!["full_image".to_string()];
+    match n {
+        0 | 1 => {}
+        2 => keys.push("wrist_image".into()),
+        3 => keys.extend(["left_wrist_image".into(), "right_wrist_image".into()]),
+        _ => keys.extend((1..n).map(|i| format!("wrist_image_{i}"))),
+    }
+    keys
+}
