@@ -86,8 +86,12 @@ fn request(policy: &Policy, input: Input) -> openvla::Result<Request> {
     let family = family(policy);
     let want = policy.num_images();
     if images.len() != want {
+        let takes = match want {
+            1 => "exactly one image".to_string(),
+            n => format!("{n} images"),
+        };
         return Err(openvla::Error::InvalidInput(format!(
-            "a model of family {family} takes {want} image(s) ({}); got {} ({})",
+            "a model of family {family} takes {takes} ({}); got {} ({})",
             image_names(policy).join(", "),
             images.len(),
             images
