@@ -226,34 +226,28 @@ impl OpenVlaTrain {
             offset: np,
         })
     }
+}
 
-    /// One micro-batch's forward and backward with per-block gradient checkpointing (see
-    /// [`crate::recompute`]): every vision block and every decoder layer keeps only its input,
-    /// and is recomputed during a backward driven block by block. `loss_of` turns the logits
-    /// into the loss to differentiate (plus anything else the caller wants back). Returns that
-    /// and the gradients of `params`; `lora` are the attached LoRA branches, whose dropout
-    /// streams are replayed. Gradients equal [`TrainModel::forward_train`] + `backward`'s up
-    /// to summation order.
-    pub fn forward_backward_checkpointed(
-        &self,
-        pixel_values: &Tensor,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        params: &[(String, Var)],
-        lora: &[Arc<LoraLayer>],
-        loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
-    ) -> Result<(Tensor, Grads)> {
-        self.checkpointed_step(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            params,
-            lora,
-            loss_of,
-        )
+impl TrainModel for OpenVlaTrain {
+    fn num_patches(&self) -> usize {
+        self.config.num_patches()
     }
 
-    fn checkpointed_step(
+    fn forward_train(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<TrainLogits> {
+        let hidden = self.hidden_states(pixel_values, input_ids, attention_mask)?;
+        self.train_logits(&hidden)
+    }
+
+    fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.params.named_parameters()
+    }
+
+    fn forward_backward_checkpointed(
         &self,
         pixel_values: &Tensor,
         input_ids: &Tensor,
@@ -262,6 +256,9 @@ impl OpenVlaTrain {
         lora: &[Arc<LoraLayer>],
         loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
     ) -> Result<(Tensor, Grads)> {
+        // Every vision block and decoder layer keeps only its input and is recomputed in a
+        // backward driven block by block (crate::recompute); gradients equal forward_train +
+        // backward's up to summation order.
         let p = &self.params;
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let pixels = self.check_inputs(pixel_values, input_ids, attention_mask)?;
@@ -329,45 +326,6 @@ impl OpenVlaTrain {
             grads.absorb(&backward_through(stem, &g_stem)?, &vars)?;
         }
         Ok((loss.detach(), grads))
-    }
-}
-
-impl TrainModel for OpenVlaTrain {
-    fn num_patches(&self) -> usize {
-        self.config.num_patches()
-    }
-
-    fn forward_train(
-        &self,
-        pixel_values: &Tensor,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> Result<TrainLogits> {
-        let hidden = self.hidden_states(pixel_values, input_ids, attention_mask)?;
-        self.train_logits(&hidden)
-    }
-
-    fn named_parameters(&self) -> Vec<(String, Var)> {
-        self.params.named_parameters()
-    }
-
-    fn forward_backward_checkpointed(
-        &self,
-        pixel_values: &Tensor,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        params: &[(String, Var)],
-        lora: &[Arc<LoraLayer>],
-        loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
-    ) -> Result<(Tensor, Grads)> {
-        self.checkpointed_step(
-            pixel_values,
-            input_ids,
-            attention_mask,
-            params,
-            lora,
-            loss_of,
-        )
     }
 
     fn modules(&self) -> Vec<ModuleInfo> {
