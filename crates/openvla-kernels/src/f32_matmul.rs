@@ -8,7 +8,6 @@
 
 use crate::ComputePrecision;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
-use rayon::prelude::*;
 
 /// Weight rows per task.
 const TILE_ROWS: usize = 64;
@@ -71,31 +70,14 @@ impl CustomOp2 for F32Matmul {
 pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize) {
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
-    assert_eq!(y.len(), m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TILE_ROWS))
-        .into_par_iter()
-        .map(|b| {
-            let j0 = b * TILE_ROWS;
-            let nb = TILE_ROWS.min(n - j0);
-            let mut out = vec![0f32; m * nb];
-            for j in 0..nb {
-                let wj = &w[(j0 + j) * k..(j0 + j + 1) * k];
-                for i in 0..m {
-                    out[i * nb + j] = dot(wj, &x[i * k..(i + 1) * k]);
-                }
+    crate::for_each_tile(m, n, TILE_ROWS, y, |j0, nb, out| {
+        for j in 0..nb {
+            let wj = &w[(j0 + j) * k..(j0 + j + 1) * k];
+            for i in 0..m {
+                out[i * nb + j] = dot(wj, &x[i * k..(i + 1) * k]);
             }
-            (j0, out)
-        })
-        .collect();
-    for (j0, out) in blocks {
-        let nb = out.len() / m;
-        for i in 0..m {
-            y[i * n + j0..i * n + j0 + nb].copy_from_slice(&out[i * nb..(i + 1) * nb]);
         }
-    }
+    });
 }
 
 /// Dot product of two f32 slices with a fixed summation order.
