@@ -18,7 +18,7 @@ use crate::worker::PythonEnv;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,9 +33,15 @@ pub struct DemosArgs {
     /// Successful demonstrations per task.
     #[arg(long, default_value_t = 50)]
     pub per_task: u64,
-    /// Output directory of the LeRobot v3 dataset (must not exist or be empty).
+    /// Output directory of the LeRobot v3 dataset (must not exist or be empty, unless
+    /// `--resume`).
     #[arg(long)]
     pub out: PathBuf,
+    /// Continue an interrupted run in `--out`: episodes already recorded (listed in
+    /// `.staging/journal.jsonl`) are kept, and only the missing ones are recorded. The other
+    /// flags must equal the interrupted run's.
+    #[arg(long)]
+    pub resume: bool,
     /// Simulator worker processes (default: one per core).
     #[arg(long)]
     pub envs: Option<usize>,
@@ -70,6 +76,73 @@ struct Pending {
     attempt: u64,
 }
 
+/// File (in the staging directory) that records every finished attempt, one JSON object a
+/// line: `{"task", "attempt", "success", "answer"}`; `--resume` restarts from it.
+const JOURNAL: &str = "journal.jsonl";
+
+/// File (in the staging directory) holding the flags that shape the recordings; `--resume`
+/// refuses a run whose flags differ.
+const RUN_FLAGS: &str = "run.json";
+
+/// The flags a resumed run must share with the interrupted one.
+fn run_flags(a: &DemosArgs) -> Value {
+    json!({"tasks": a.tasks, "per_task": a.per_task, "image_size": a.image_size,
+           "extra_steps": a.extra_steps, "lossless": a.lossless})
+}
+
+/// Finished attempts of an interrupted run, per task: (successful attempts with their answers,
+/// attempt numbers finished, dropped count).
+type Restored = (Vec<Vec<(u64, Value)>>, Vec<std::collections::BTreeSet<u64>>, Vec<u64>);
+
+/// Reads the journal of `staging` for `task_list`. A torn last line (the run was killed while
+/// writing it) is ignored; any other unreadable line is an error.
+fn read_journal(staging: &Path, task_list: &[String]) -> Result<Restored> {
+    let mut good = vec![Vec::new(); task_list.len()];
+    let mut finished = vec![std::collections::BTreeSet::new(); task_list.len()];
+    let mut dropped = vec![0u64; task_list.len()];
+    let path = staging.join(JOURNAL);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if i + 1 == lines.len() => break,
+            Err(e) => bail!("{} line {}: {e}", path.display(), i + 1),
+        };
+        let (Some(task), Some(attempt), Some(success)) = (
+            v["task"].as_str(),
+            v["attempt"].as_u64(),
+            v["success"].as_bool(),
+        ) else {
+            bail!(
+                "{} line {}: expected task, attempt and success",
+                path.display(),
+                i + 1
+            );
+        };
+        let Some(t) = task_list.iter().position(|x| x == task) else {
+            bail!(
+                "{} line {}: task {task} is not in --tasks",
+                path.display(),
+                i + 1
+            );
+        };
+        if !finished[t].insert(attempt) {
+            continue;
+        }
+        if success {
+            good[t].push((attempt, v["answer"].clone()));
+        } else {
+            dropped[t] += 1;
+        }
+    }
+    Ok((good, finished, dropped))
+}
+
 /// Runs `openvla sim demos metaworld`.
 pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
     let task_list = tasks::resolve(&a.tasks)?;
@@ -90,16 +163,40 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
     if envs == 0 {
         bail!("--envs must be at least 1");
     }
-    if a.out.exists()
+    let staging = a.out.join(".staging");
+    let flags_path = staging.join(RUN_FLAGS);
+    if a.resume {
+        let old: Value = std::fs::read_to_string(&flags_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .with_context(|| {
+                format!(
+                    "--resume: {} holds no interrupted recording (no readable {})",
+                    a.out.display(),
+                    flags_path.display()
+                )
+            })?;
+        if old != run_flags(a) {
+            bail!(
+                "--resume: the interrupted run in {} used {old}; this one asks for {}",
+                a.out.display(),
+                run_flags(a)
+            );
+        }
+    } else if a.out.exists()
         && std::fs::read_dir(&a.out)
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        bail!("--out {} exists and is not empty", a.out.display());
+        bail!(
+            "--out {} exists and is not empty (use --resume to continue an interrupted run)",
+            a.out.display()
+        );
     }
     let env = PythonEnv::discover()?;
-    let staging = a.out.join(".staging");
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    std::fs::write(&flags_path, run_flags(a).to_string())
+        .with_context(|| format!("writing {}", flags_path.display()))?;
     if let Some(raw) = &a.keep_raw {
         std::fs::create_dir_all(raw).with_context(|| format!("creating {}", raw.display()))?;
     }
@@ -119,10 +216,15 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
     } else {
         ProgressBar::hidden()
     };
-    // Per task: successful episodes (attempt, answer), and attempts made.
-    let mut good: Vec<Vec<(u64, Value)>> = vec![Vec::new(); task_list.len()];
-    let mut attempts = vec![0u64; task_list.len()];
-    let mut dropped = vec![0u64; task_list.len()];
+    // Per task: successful episodes (attempt, answer), attempts finished, and dropped ones.
+    let (mut good, mut finished, mut dropped) = read_journal(&staging, &task_list)?;
+    bar.inc(good.iter().map(|g| g.len().min(a.per_task as usize) as u64).sum());
+    let journal_path = staging.join(JOURNAL);
+    let mut journal = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&journal_path)
+        .with_context(|| format!("opening {}", journal_path.display()))?;
     let started = Instant::now();
     let cfg = PoolConfig {
         workers: envs,
@@ -133,13 +235,15 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
         let mut pending = Vec::new();
         for (t, task) in task_list.iter().enumerate() {
             let missing = a.per_task.saturating_sub(good[t].len() as u64);
-            let budget = (2 * a.per_task).saturating_sub(attempts[t]);
-            for _ in 0..missing.min(budget) {
+            let budget = (2 * a.per_task).saturating_sub(finished[t].len() as u64);
+            // The lowest attempt numbers not finished yet (an attempt cut off by a kill is
+            // recorded again with the same seed).
+            let fresh = (0..2 * a.per_task).filter(|n| !finished[t].contains(n));
+            for attempt in fresh.take(missing.min(budget) as usize) {
                 pending.push(Pending {
                     task: task.clone(),
-                    attempt: attempts[t],
+                    attempt,
                 });
-                attempts[t] += 1;
             }
         }
         if pending.is_empty() {
@@ -170,6 +274,15 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
             |i, outcome| {
                 let p = &pending[i];
                 let t = task_list.iter().position(|x| *x == p.task).unwrap_or(0);
+                if let Outcome::Done(v, _) = &outcome {
+                    let success = v["success"].as_bool() == Some(true);
+                    let line = json!({"task": p.task, "attempt": p.attempt, "success": success,
+                                      "answer": v});
+                    writeln!(journal, "{line}")
+                        .and_then(|_| journal.flush())
+                        .with_context(|| format!("writing {}", journal_path.display()))?;
+                    finished[t].insert(p.attempt);
+                }
                 match outcome {
                     Outcome::Done(v, _) if v["success"].as_bool() == Some(true) => {
                         good[t].push((p.attempt, v));

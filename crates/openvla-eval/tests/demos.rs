@@ -117,3 +117,72 @@ fn demo_flags_are_checked() {
     std::fs::write(dir.path().join("f"), b"x").unwrap();
     assert!(e(&["--out", dir.path().to_str().unwrap()]).contains("not empty"));
 }
+
+#[test]
+fn resume_keeps_finished_attempts_and_records_only_the_missing_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demos");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "x",
+            "--tasks",
+            "reach",
+            "--per-task",
+            "1",
+            "--image-size",
+            "64",
+            "--envs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        v.extend_from_slice(extra);
+        Cli::parse_from(v).a
+    };
+    // Nothing to resume: a clear error, nothing written.
+    let e = run(&args(&["--resume"])).unwrap_err().to_string();
+    assert!(e.contains("no readable"), "{e}");
+    // An interrupted run whose attempt 0 failed (journal written by the run itself).
+    let staging = out.join(".staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(
+        staging.join("run.json"),
+        r#"{"tasks":"reach","per_task":1,"image_size":64,"extra_steps":10,"lossless":false}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        staging.join("journal.jsonl"),
+        "{\"task\":\"reach-v3\",\"attempt\":0,\"success\":false,\"answer\":{}}\n{\"task\":",
+    )
+    .unwrap();
+    // Other flags than the interrupted run's are refused.
+    let e = run(&Cli::parse_from([
+        "x",
+        "--tasks",
+        "reach",
+        "--per-task",
+        "2",
+        "--image-size",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+    ])
+    .a)
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("used"), "{e}");
+    // Without --resume the directory is not overwritten.
+    assert!(run(&args(&[])).unwrap_err().to_string().contains("--resume"));
+    require_venv();
+    let o = run(&args(&["--resume"])).unwrap();
+    assert_eq!(o.episodes, 1);
+    assert_eq!(o.dropped, vec![("reach-v3".to_string(), 1)]);
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("meta/info.json")).unwrap())
+            .unwrap();
+    // Attempt 0 was not recorded again: the one episode is attempt 1's seed.
+    let seeds = info["openvla_sim"]["episode_seeds"].as_array().unwrap();
+    assert_eq!(seeds.len(), 1);
+    assert_eq!(seeds[0].as_u64().unwrap() % 1_000_000, 1);
+}
