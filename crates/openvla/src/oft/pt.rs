@@ -354,6 +354,11 @@ mod tests {
         let path = dir.path().join("action_head--7_checkpoint.pt");
         let tensors = sample(dtype);
         write_state_dict(&path, &tensors).unwrap();
+        // tools/reference/check_pt.py reads these with torch when this variable names a folder.
+        if let Some(keep) = std::env::var_os("OPENVLA_PT_SAMPLE_DIR") {
+            let name = format!("sample_{}.pt", dtype.as_str());
+            std::fs::copy(&path, Path::new(&keep).join(name)).unwrap();
+        }
         // candle's reader sees the keys as written, with dtype, shape and values intact.
         let back: BTreeMap<String, Tensor> = candle_core::pickle::read_all(&path)
             .unwrap()
