@@ -83,6 +83,10 @@ pub struct TimmOverride {
     /// Input resolution (timm `img_size`).
     #[serde(default)]
     pub img_size: Option<usize>,
+    /// Whether the tower has SigLIP's attention-pool head (timm `global_pool='map'`), which
+    /// the reference stores but never uses; `false` leaves it out of the checkpoint.
+    #[serde(default)]
+    pub attn_pool: Option<bool>,
 }
 
 /// Which published OpenVLA layout a checkpoint follows.
@@ -431,6 +435,7 @@ impl ModelConfig {
                 tower.reg_tokens = o.reg_tokens.unwrap_or(tower.reg_tokens);
                 tower.class_token = o.class_token.unwrap_or(tower.class_token);
                 tower.image_size = o.img_size.unwrap_or(tower.image_size);
+                tower.attn_pool = o.attn_pool.unwrap_or(tower.attn_pool);
             }
             if let Some(size) = raw.image_sizes.as_ref().and_then(|s| s.get(i)) {
                 tower.image_size = *size;
@@ -451,6 +456,16 @@ impl ModelConfig {
                         "tower {id}: depth {} is too small; OpenVLA uses the output of block \
                          len-2",
                         tower.depth
+                    ),
+                ));
+            }
+            if tower.patch_size == 0 || tower.image_size < tower.patch_size {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "tower {id}: patch size {} must be at least 1 and at most the image \
+                         size {}",
+                        tower.patch_size, tower.image_size
                     ),
                 ));
             }

@@ -25,6 +25,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod head;
+pub mod init;
 pub mod inspect;
 pub mod model;
 pub mod oft;

@@ -92,7 +92,9 @@ impl SynthShape {
     }
 }
 
-/// Every tensor an HF OpenVLA checkpoint of this configuration stores, with its shape.
+/// Every tensor an HF OpenVLA checkpoint of this configuration stores, with its shape, in model
+/// order (towers, projector, LLM). `language_model.lm_head.weight` is absent when
+/// `text_config.tie_word_embeddings` is true.
 pub fn checkpoint_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     let mut push = |n: String, s: Vec<usize>| out.push((n, s));
@@ -215,10 +217,13 @@ pub fn checkpoint_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         );
     }
     push("language_model.model.norm.weight".into(), vec![llm]);
-    push(
-        "language_model.lm_head.weight".into(),
-        vec![t.vocab_size, llm],
-    );
+    // With tied embeddings (HF `tie_word_embeddings`) lm_head is embed_tokens and not stored.
+    if !t.tie_word_embeddings {
+        push(
+            "language_model.lm_head.weight".into(),
+            vec![t.vocab_size, llm],
+        );
+    }
     out
 }
 
@@ -253,13 +258,27 @@ fn init_rule(name: &str, shape: &[usize]) -> (f32, f32) {
     }
 }
 
-/// Fills `out` with deterministic bf16 values for tensor `name` (SplitMix64 per element block).
-fn fill_bf16(name: &str, shape: &[usize], seed: u64, out: &mut [u16]) {
-    let (mean, half) = init_rule(name, shape);
+/// SplitMix64's output function: a well-mixed 64-bit value of `z`.
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The stream seed of tensor `name` under `seed` (FNV-1a of the name over the seed), so that a
+/// tensor's values depend on the seed and its name only, not on the order of writing.
+pub(crate) fn name_seed(seed: u64, name: &str) -> u64 {
     let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
     for b in name.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
     }
+    h
+}
+
+/// Fills `out` with deterministic bf16 values for tensor `name` (SplitMix64 per element block).
+fn fill_bf16(name: &str, shape: &[usize], seed: u64, out: &mut [u16]) {
+    let (mean, half) = init_rule(name, shape);
+    let h = name_seed(seed, name);
     let boost_rows = name == "language_model.lm_head.weight";
     let row = shape.get(1).copied().unwrap_or(1).max(1);
     out.par_chunks_mut(4096)
@@ -268,11 +287,7 @@ fn fill_bf16(name: &str, shape: &[usize], seed: u64, out: &mut [u16]) {
             let mut s = h.wrapping_add((ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
             for (j, v) in chunk.iter_mut().enumerate() {
                 s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                let u = (splitmix64(s) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
                 let mut x = mean + half * u;
                 // Make the action-token rows of lm_head (31744..32000) dominate, so that greedy
                 // decoding emits action tokens as a trained model does.
@@ -307,39 +322,126 @@ pub fn write_random_checkpoint(
     opts: &SynthOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cfg_json = opts.shape.config_json();
     let stats: Value =
         serde_json::from_str(DEFAULT_NORM_STATS).map_err(|e| Error::InvalidInput(e.to_string()))?;
     if let Some(obj) = cfg_json.as_object_mut() {
         obj.insert("norm_stats".into(), stats);
     }
+    let preprocessor = serde_json::from_str::<Value>(FUSED_PREPROCESSOR)
+        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let config = write_model_files(out, &cfg_json, &preprocessor, &opts.tokenizer)?;
+    let tensors = checkpoint_tensors(&config);
+    let fill = |name: &str, shape: &[usize]| {
+        let mut buf = vec![0u16; shape.iter().product()];
+        fill_bf16(name, shape, opts.seed, &mut buf);
+        bytemuck::cast_slice::<u16, u8>(&buf).to_vec()
+    };
+    write_safetensors(
+        out,
+        &tensors,
+        SavedDtype::Bf16,
+        opts.max_shard_bytes,
+        &fill,
+        progress,
+    )
+}
+
+/// The dtype tensors are written in by [`write_safetensors`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedDtype {
+    /// bfloat16 (2 bytes).
+    Bf16,
+    /// float32 (4 bytes).
+    F32,
+}
+
+impl SavedDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            SavedDtype::Bf16 => 2,
+            SavedDtype::F32 => 4,
+        }
+    }
+    /// The safetensors header name.
+    fn safetensors_name(self) -> &'static str {
+        match self {
+            SavedDtype::Bf16 => "BF16",
+            SavedDtype::F32 => "F32",
+        }
+    }
+    /// Little-endian bytes of `values` in this dtype (bf16 rounds to nearest even).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            SavedDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            SavedDtype::Bf16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+/// Writes `config.json` (`config_json`), `preprocessor_config.json`, `generation_config.json`
+/// and the tokenizer into `out` (created): `tokenizer.json` from `tokenizer`, plus the
+/// `tokenizer_config.json` and `special_tokens_map.json` found next to it. Returns the parsed
+/// config, so that an invalid one fails before any weight is written.
+pub(crate) fn write_model_files(
+    out: &Path,
+    config_json: &Value,
+    preprocessor: &Value,
+    tokenizer: &Path,
+) -> Result<ModelConfig> {
+    if !tokenizer.is_file() {
+        return Err(Error::config(
+            tokenizer,
+            "tokenizer.json not found (the Llama-2 tokenizer ships in the repository as \
+             models/openvla-tiny/tokenizer.json; pass its path)",
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let cfg_path = out.join("config.json");
-    write_json(&cfg_path, &cfg_json)?;
+    write_json(&cfg_path, config_json)?;
     let config = ModelConfig::from_file(&cfg_path)?;
-    write_json(
-        &out.join("preprocessor_config.json"),
-        &serde_json::from_str::<Value>(FUSED_PREPROCESSOR)
-            .map_err(|e| Error::InvalidInput(e.to_string()))?,
-    )?;
-    std::fs::copy(&opts.tokenizer, out.join("tokenizer.json"))
-        .map_err(|e| Error::io(&opts.tokenizer, e))?;
+    write_json(&out.join("preprocessor_config.json"), preprocessor)?;
+    std::fs::copy(tokenizer, out.join("tokenizer.json")).map_err(|e| Error::io(tokenizer, e))?;
+    if let Some(dir) = tokenizer.parent() {
+        for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let src = dir.join(extra);
+            if src.is_file() {
+                std::fs::copy(&src, out.join(extra)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+    }
     write_json(
         &out.join("generation_config.json"),
         &json!({"_from_model_config": true, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000, "transformers_version": "4.40.1"}),
     )?;
+    Ok(config)
+}
 
-    let tensors = checkpoint_tensors(&config);
-    let total: u64 = tensors
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64 * 2)
-        .sum();
+/// Writes `tensors` (name, shape; in this order) as safetensors shards of at most
+/// `max_shard_bytes` into `out`: `model.safetensors`, or `model-0000i-of-0000n.safetensors`
+/// and `model.safetensors.index.json`. `fill(name, shape)` returns a tensor's little-endian
+/// bytes in `dtype`; it is called one tensor at a time, so memory stays at one tensor.
+/// `progress(done_bytes, total_bytes)` is called as data is written.
+pub(crate) fn write_safetensors(
+    out: &Path,
+    tensors: &[(String, Vec<usize>)],
+    dtype: SavedDtype,
+    max_shard_bytes: u64,
+    fill: &dyn Fn(&str, &[usize]) -> Vec<u8>,
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
+    let nbytes = |s: &[usize]| s.iter().product::<usize>() as u64 * dtype.size() as u64;
+    let total: u64 = tensors.iter().map(|(_, s)| nbytes(s)).sum();
     // Assign tensors to shards in order.
     let mut shards: Vec<Vec<&(String, Vec<usize>)>> = vec![vec![]];
     let mut size = 0u64;
-    for t in &tensors {
-        let bytes = t.1.iter().product::<usize>() as u64 * 2;
-        if size > 0 && size + bytes > opts.max_shard_bytes {
+    for t in tensors {
+        let bytes = nbytes(&t.1);
+        if size > 0 && size + bytes > max_shard_bytes {
             shards.push(vec![]);
             size = 0;
         }
@@ -362,10 +464,10 @@ pub fn write_random_checkpoint(
         header.insert("__metadata__".into(), json!({"format": "pt"}));
         let mut offset = 0u64;
         for (name, shape) in shard {
-            let bytes = shape.iter().product::<usize>() as u64 * 2;
+            let bytes = nbytes(shape);
             header.insert(
                 name.clone(),
-                json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+                json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
             );
             offset += bytes;
             weight_map.insert(name.clone(), file_name.clone());
@@ -382,11 +484,19 @@ pub fn write_random_checkpoint(
             .map_err(io)?;
         w.write_all(&header_bytes).map_err(io)?;
         for (name, shape) in shard {
-            let numel: usize = shape.iter().product();
-            let mut buf = vec![0u16; numel];
-            fill_bf16(name, shape, opts.seed, &mut buf);
-            w.write_all(bytemuck::cast_slice(&buf)).map_err(io)?;
-            done += numel as u64 * 2;
+            let bytes = fill(name, shape);
+            if bytes.len() as u64 != nbytes(shape) {
+                return Err(Error::checkpoint(
+                    &path,
+                    format!(
+                        "tensor {name}: {} bytes produced, {} expected for shape {shape:?}",
+                        bytes.len(),
+                        nbytes(shape)
+                    ),
+                ));
+            }
+            w.write_all(&bytes).map_err(io)?;
+            done += bytes.len() as u64;
             progress(done, total);
         }
         w.flush().map_err(io)?;
@@ -400,7 +510,7 @@ pub fn write_random_checkpoint(
     Ok(())
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::InvalidInput(e.to_string()))?;
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }

@@ -18,6 +18,9 @@ pub const TOWER_PREFIXES: [&str; 2] = [
     "vision_backbone.fused_featurizer",
 ];
 
+/// The output projection that tied embeddings replace by `embed_tokens`.
+const TIED_LM_HEAD: &str = "language_model.lm_head.weight";
+
 /// How frozen weight matrices are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightStorage {
@@ -83,6 +86,11 @@ impl ParamStore {
     /// `Var`s (unused ones too, so the optimizer sees them and leaves them alone); the others
     /// are frozen tensors in `storage` (weight matrices) or float32 (vectors), or shape-only
     /// entries when the forward never reads them.
+    ///
+    /// With `text_config.tie_word_embeddings` the output projection is the embedding matrix
+    /// (HF semantics): the store holds `embed_tokens` alone, the model reads it for both, and
+    /// training updates that one shared tensor. A stored `lm_head.weight` is dropped, as
+    /// transformers' `tie_weights` replaces it; exports then omit it too.
     pub fn load(
         dir: &Path,
         config: &ModelConfig,
@@ -92,7 +100,11 @@ impl ParamStore {
     ) -> Result<Self> {
         let ckpt = Checkpoint::open_dir(dir)?;
         let mut params = BTreeMap::new();
+        let tied = config.text.tie_word_embeddings;
         for name in ckpt.names() {
+            if tied && name == TIED_LM_HEAD {
+                continue;
+            }
             let info = ckpt.info(name).ok_or_else(|| {
                 TrainError::Invalid(format!("checkpoint tensor {name} vanished from its index"))
             })?;
@@ -248,5 +260,118 @@ impl ParamStore {
     /// The LoRA branch of module `name`, if any.
     pub fn lora(&self, name: &str) -> Option<&Arc<LoraLayer>> {
         self.lora.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::LlamaTrain;
+    use openvla::init::{InitConfig, InitOptions};
+    use openvla::synth::SavedDtype;
+
+    /// A tiny from-scratch model (one SigLIP-like tower, 256-bin head) with tied embeddings.
+    fn tiny_tied(dir: &Path, tie: bool) -> ModelConfig {
+        let text = format!(
+            r#"
+            [vision]
+            image_size = 32
+            [[vision.towers]]
+            kind = "siglip"
+            width = 16
+            depth = 2
+            heads = 2
+            patch_size = 16
+            [llm]
+            width = 16
+            depth = 1
+            heads = 2
+            intermediate = 32
+            tie_word_embeddings = {tie}
+            [head]
+            kind = "bins"
+            "#
+        );
+        let cfg = InitConfig::from_toml(&text, Path::new("tiny.toml")).unwrap();
+        let tokenizer =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/openvla-tiny/tokenizer.json");
+        openvla::init::write_initialized(
+            dir,
+            &cfg,
+            &InitOptions {
+                seed: 3,
+                dtype: SavedDtype::F32,
+                tokenizer,
+                stats: None,
+                max_shard_bytes: u64::MAX,
+            },
+            &|_, _| {},
+        )
+        .unwrap();
+        ModelConfig::from_file(&dir.join("config.json")).unwrap()
+    }
+
+    #[test]
+    fn tied_embeddings_train_one_shared_tensor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tiny_tied(tmp.path(), true);
+        let dev = Device::Cpu;
+        let store =
+            ParamStore::load(tmp.path(), &config, &|_| true, WeightStorage::F32, &dev).unwrap();
+        let names: Vec<String> = store
+            .named_parameters()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(names
+            .iter()
+            .any(|n| n == "language_model.model.embed_tokens.weight"));
+        assert!(!store.contains(TIED_LM_HEAD));
+        let llm = LlamaTrain::load(&store, &config.text).unwrap();
+        // The logits read every row of the shared matrix, the embedding only rows 5 and 7: a
+        // gradient on row 100 can only come through the output projection.
+        let ids = Tensor::new(&[[5u32, 7]], &dev).unwrap();
+        let h = llm.embed(&ids).unwrap();
+        let loss = llm.logits(&store, &h).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let (_, var) = store
+            .named_parameters()
+            .into_iter()
+            .find(|(n, _)| n == "language_model.model.embed_tokens.weight")
+            .unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .expect("embed_tokens gets a gradient");
+        let row = |r: usize| g.get(r).unwrap().abs().unwrap().sum_all().unwrap();
+        assert!(row(100).to_scalar::<f32>().unwrap() > 0.0);
+        assert!(row(5).to_scalar::<f32>().unwrap() > 0.0);
+        // The whole training model loads (every stored tensor used or knowingly unused).
+        crate::model::OpenVlaTrain::load(
+            tmp.path(),
+            crate::model::LoadTrainOptions {
+                mode: crate::TrainMode::Full,
+                storage: WeightStorage::F32,
+            },
+            &dev,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_stored_lm_head_is_dropped_when_tied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = tiny_tied(tmp.path(), false);
+        let dev = Device::Cpu;
+        let untied =
+            ParamStore::load(tmp.path(), &config, &|_| true, WeightStorage::F32, &dev).unwrap();
+        assert!(untied.contains(TIED_LM_HEAD));
+        config.text.tie_word_embeddings = true;
+        let tied =
+            ParamStore::load(tmp.path(), &config, &|_| true, WeightStorage::F32, &dev).unwrap();
+        assert!(!tied.contains(TIED_LM_HEAD));
+        assert_eq!(
+            tied.named_parameters().len() + 1,
+            untied.named_parameters().len()
+        );
     }
 }

@@ -335,7 +335,12 @@ impl Llama {
             .map(|i| DecoderLayer::load(w, &format!("language_model.model.layers.{i}"), cfg, wp))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(w, "language_model.model.norm.weight", d, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings && !w.has_weight("language_model.lm_head.weight") {
+        // HF `tie_word_embeddings`: lm_head *is* embed_tokens; a stored lm_head is ignored, as
+        // transformers' `tie_weights` replaces it after loading.
+        let lm_head = if cfg.tie_word_embeddings {
+            if w.has_weight("language_model.lm_head.weight") {
+                w.skip_prefix("language_model.lm_head.");
+            }
             Linear::new(embed_tokens.clone(), None)
         } else {
             Linear::load(
@@ -386,6 +391,16 @@ impl Llama {
     /// Bytes of `lm_head` (read in full at every decode step).
     pub fn lm_head_bytes(&self) -> usize {
         self.lm_head.weight().storage_bytes()
+    }
+
+    /// The output projection's weight (`[vocab, D]`; the embedding table when tied).
+    pub fn lm_head_weight(&self) -> &Weight {
+        self.lm_head.weight()
+    }
+
+    /// The token embedding table `[vocab, D]`.
+    pub fn embed_tokens_weight(&self) -> &Weight {
+        &self.embed_tokens
     }
 
     /// Bytes of the token embedding table (a few rows are read per step).
