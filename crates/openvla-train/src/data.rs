@@ -8,6 +8,7 @@
 
 use crate::batch::ExampleBuilder;
 use crate::error::{Result, TrainError};
+use crate::oft::{make_oft_batch, OftBatch, OftSample};
 use crate::seam::{make_batch, VlaBatch, VlaSample};
 use crate::trainer::DataSource;
 use candle_core::Device;
@@ -76,7 +77,8 @@ impl StreamBatches {
         })
     }
 
-    fn next_sample(&mut self) -> Result<VlaSample> {
+    /// The next frame of the stream.
+    fn next_frame(&mut self) -> Result<openvla_data::stream::Sample> {
         let s = self.stream.next().ok_or_else(|| {
             TrainError::Invalid(
                 "the dataset stream ended; training streams repeat, so the dataset is empty \
@@ -85,14 +87,43 @@ impl StreamBatches {
             )
         })??;
         self.consumed += 1;
-        let img = openvla_image::RgbImage::from_raw(s.image.width, s.image.height, s.image.data)
-            .map_err(|e| TrainError::Invalid(format!("frame {}: {e}", s.seq)))?;
-        let pixel_values = openvla_image::preprocess(&img, &self.format.preprocessor)
-            .map_err(|e| TrainError::Invalid(format!("frame {}: {e}", s.seq)))?;
+        Ok(s)
+    }
+
+    /// The model's image transform of one stream image.
+    fn preprocess(
+        &self,
+        image: openvla_data::decode::RgbImage,
+        seq: u64,
+    ) -> Result<openvla_image::PixelValues> {
+        let img = openvla_image::RgbImage::from_raw(image.width, image.height, image.data)
+            .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))?;
+        openvla_image::preprocess(&img, &self.format.preprocessor)
+            .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))
+    }
+
+    fn next_sample(&mut self) -> Result<VlaSample> {
+        let s = self.next_frame()?;
         Ok(VlaSample {
-            pixel_values,
+            pixel_values: self.preprocess(s.image, s.seq)?,
             instruction: s.instruction,
             action: s.action,
+        })
+    }
+
+    /// The next OFT sample: the primary image, the wrist image if the stream delivers it, the
+    /// action chunk and the proprio state.
+    fn next_oft_sample(&mut self) -> Result<OftSample> {
+        let s = self.next_frame()?;
+        let mut images = vec![self.preprocess(s.image, s.seq)?];
+        if let Some(w) = s.wrist_image {
+            images.push(self.preprocess(w, s.seq)?);
+        }
+        Ok(OftSample {
+            images,
+            instruction: s.instruction,
+            chunk: s.action_chunk,
+            proprio: s.proprio,
         })
     }
 
@@ -134,6 +165,52 @@ impl DataSource for StreamBatches {
             self.consumed += 1;
         }
         Ok(())
+    }
+}
+
+/// A [`DataSource`] of [`OftBatch`]es (`openvla finetune --head l1`) over a frame stream opened
+/// with the chunk size, the wrist camera and proprio as the run asks
+/// (`openvla_data::stream::StreamConfig::{action_chunk, wrist, proprio}`).
+#[derive(Debug)]
+pub struct OftStreamBatches {
+    inner: StreamBatches,
+    chunk: usize,
+}
+
+impl OftStreamBatches {
+    /// Opens the stream; every sample must carry a chunk of `chunk` actions.
+    pub fn new(
+        open: StreamFactory,
+        batch_size: usize,
+        chunk: usize,
+        format: BatchFormat,
+        device: Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            inner: StreamBatches::new(open, batch_size, format, device)?,
+            chunk,
+        })
+    }
+}
+
+impl DataSource for OftStreamBatches {
+    type Batch = OftBatch;
+
+    fn next_batch(&mut self) -> Result<OftBatch> {
+        let samples = (0..self.inner.batch_size)
+            .map(|_| self.inner.next_oft_sample())
+            .collect::<Result<Vec<_>>>()?;
+        let f = &self.inner.format;
+        let builder = ExampleBuilder::new(&f.tokenizer, f.style, f.n_bins, f.action_vocab_size);
+        make_oft_batch(&builder, &samples, self.chunk, &self.inner.device)
+    }
+
+    fn position(&self) -> serde_json::Value {
+        self.inner.position()
+    }
+
+    fn seek(&mut self, position: &serde_json::Value) -> Result<()> {
+        self.inner.seek(position)
     }
 }
 
