@@ -90,40 +90,12 @@ impl StreamBatches {
         Ok(s)
     }
 
-    /// The model's image transform of one stream image.
-    fn preprocess(
-        &self,
-        image: openvla_data::decode::RgbImage,
-        seq: u64,
-    ) -> Result<openvla_image::PixelValues> {
-        let img = openvla_image::RgbImage::from_raw(image.width, image.height, image.data)
-            .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))?;
-        openvla_image::preprocess(&img, &self.format.preprocessor)
-            .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))
-    }
-
     fn next_sample(&mut self) -> Result<VlaSample> {
         let s = self.next_frame()?;
         Ok(VlaSample {
-            pixel_values: self.preprocess(s.image, s.seq)?,
+            pixel_values: preprocess_frame(s.image, s.seq, &self.format.preprocessor)?,
             instruction: s.instruction,
             action: s.action,
-        })
-    }
-
-    /// The next OFT sample: the primary image, the wrist image if the stream delivers it, the
-    /// action chunk and the proprio state.
-    fn next_oft_sample(&mut self) -> Result<OftSample> {
-        let s = self.next_frame()?;
-        let mut images = vec![self.preprocess(s.image, s.seq)?];
-        if let Some(w) = s.wrist_image {
-            images.push(self.preprocess(w, s.seq)?);
-        }
-        Ok(OftSample {
-            images,
-            instruction: s.instruction,
-            chunk: s.action_chunk,
-            proprio: s.proprio,
         })
     }
 
@@ -168,6 +140,36 @@ impl DataSource for StreamBatches {
     }
 }
 
+/// The model's image transform of one stream image (frame `seq`, for errors).
+pub fn preprocess_frame(
+    image: openvla_data::decode::RgbImage,
+    seq: u64,
+    preprocessor: &PreprocessorConfig,
+) -> Result<openvla_image::PixelValues> {
+    let img = openvla_image::RgbImage::from_raw(image.width, image.height, image.data)
+        .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))?;
+    openvla_image::preprocess(&img, preprocessor)
+        .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))
+}
+
+/// An OFT sample from a stream sample: the primary image, the wrist image if the stream
+/// delivers it (each through the model's transform), the action chunk and the proprio state.
+pub fn oft_sample(
+    s: openvla_data::stream::Sample,
+    preprocessor: &PreprocessorConfig,
+) -> Result<OftSample> {
+    let mut images = vec![preprocess_frame(s.image, s.seq, preprocessor)?];
+    if let Some(w) = s.wrist_image {
+        images.push(preprocess_frame(w, s.seq, preprocessor)?);
+    }
+    Ok(OftSample {
+        images,
+        instruction: s.instruction,
+        chunk: s.action_chunk,
+        proprio: s.proprio,
+    })
+}
+
 /// A [`DataSource`] of [`OftBatch`]es (`openvla finetune --head l1`) over a frame stream opened
 /// with the chunk size, the wrist camera and proprio as the run asks
 /// (`openvla_data::stream::StreamConfig::{action_chunk, wrist, proprio}`).
@@ -198,7 +200,10 @@ impl DataSource for OftStreamBatches {
 
     fn next_batch(&mut self) -> Result<OftBatch> {
         let samples = (0..self.inner.batch_size)
-            .map(|_| self.inner.next_oft_sample())
+            .map(|_| {
+                let s = self.inner.next_frame()?;
+                oft_sample(s, &self.inner.format.preprocessor)
+            })
             .collect::<Result<Vec<_>>>()?;
         let f = &self.inner.format;
         let builder = ExampleBuilder::new(&f.tokenizer, f.style, f.n_bins, f.action_vocab_size);
@@ -222,6 +227,17 @@ pub fn first_frames(
     statistics: openvla_data::stats::DatasetStatistics,
     episodes: usize,
 ) -> Result<Vec<openvla_data::stream::Sample>> {
+    first_frames_with(source, statistics, episodes, Default::default())
+}
+
+/// [`first_frames`] with the stream's other settings (action chunk, wrist camera, proprio,
+/// normalization) from `config`; its order, repetition and augmentation are overridden.
+pub fn first_frames_with(
+    source: &openvla_data::source::DatasetSource,
+    statistics: openvla_data::stats::DatasetStatistics,
+    episodes: usize,
+    config: openvla_data::stream::StreamConfig,
+) -> Result<Vec<openvla_data::stream::Sample>> {
     use openvla_data::stream::{stream, StreamConfig, StreamDataset};
     let frames = stream(
         vec![StreamDataset {
@@ -233,7 +249,8 @@ pub fn first_frames(
         StreamConfig {
             shuffle_buffer: 1,
             repeat: false,
-            ..Default::default()
+            augment: None,
+            ..config
         },
     )?;
     let mut seen = std::collections::BTreeSet::new();

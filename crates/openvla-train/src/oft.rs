@@ -195,36 +195,66 @@ pub fn make_oft_batch(
         examples.push(builder.build(&s.instruction, &flat)?);
     }
     let text = collate(&examples, MODEL_MAX_LENGTH)?;
-    let begin = action_token_begin_idx(builder.action_tokenizer());
     let b = samples.len();
-    let mut zeroed = Vec::with_capacity(b * text.seq_len);
-    let mut head_rows = Vec::with_capacity(b);
-    for row in 0..b {
-        let (rows, z) = action_positions(text.labels_row(row), begin);
-        if rows.len() != chunk * d {
-            return Err(TrainError::Invalid(format!(
-                "sample {row}: {} action positions after truncation to {MODEL_MAX_LENGTH} \
-                 tokens, expected {}",
-                rows.len(),
-                chunk * d
-            )));
-        }
-        head_rows.push(rows);
-        zeroed.extend(z);
-    }
-    Ok(OftBatch {
-        pixel_values: Tensor::from_vec(pixels, (b, n_images * c, h, w), device)?,
-        zeroed: Tensor::from_vec(zeroed, (b, text.seq_len), device)?,
+    OftBatch::from_parts(
+        Tensor::from_vec(pixels, (b, n_images * c, h, w), device)?,
         text,
-        head_rows,
-        actions: Tensor::from_vec(actions, (b, chunk, d), device)?,
-        proprio: match p {
+        Tensor::from_vec(actions, (b, chunk, d), device)?,
+        match p {
             Some(n) => Some(Tensor::from_vec(proprio, (b, n), device)?),
             None => None,
         },
-        chunk,
-        action_dim: d,
-    })
+        action_token_begin_idx(builder.action_tokenizer()),
+    )
+}
+
+impl OftBatch {
+    /// A batch from collated text (labels as the reference's transform makes them), pixel
+    /// values `[B, images·3·towers, H, W]`, the normalized chunk `[B, K, D]` and proprio
+    /// `[B, P]`; `begin` is `ACTION_TOKEN_BEGIN_IDX` (31743). Every sample must have exactly
+    /// `K·D` action positions.
+    pub fn from_parts(
+        pixel_values: Tensor,
+        text: TextBatch,
+        actions: Tensor,
+        proprio: Option<Tensor>,
+        begin: i64,
+    ) -> Result<OftBatch> {
+        let (b, chunk, d) = actions.dims3()?;
+        if b != text.batch || pixel_values.dim(0)? != b {
+            return Err(TrainError::Invalid(format!(
+                "batch parts disagree: {} texts, pixel values {:?}, actions {:?}",
+                text.batch,
+                pixel_values.dims(),
+                actions.dims()
+            )));
+        }
+        let mut zeroed = Vec::with_capacity(b * text.seq_len);
+        let mut head_rows = Vec::with_capacity(b);
+        for row in 0..b {
+            let (rows, z) = action_positions(text.labels_row(row), begin);
+            if rows.len() != chunk * d {
+                return Err(TrainError::Invalid(format!(
+                    "sample {row}: {} action positions (after truncation to {MODEL_MAX_LENGTH} \
+                     tokens), expected K·D = {}",
+                    rows.len(),
+                    chunk * d
+                )));
+            }
+            head_rows.push(rows);
+            zeroed.extend(z);
+        }
+        Ok(OftBatch {
+            zeroed: Tensor::from_vec(zeroed, (b, text.seq_len), pixel_values.device())?,
+            pixel_values,
+            text,
+            head_rows,
+            actions,
+            proprio,
+            chunk,
+            action_dim: d,
+        })
+    }
 }
 
 /// The action head and proprio projector a `--head l1` run starts from: those of `--model`
