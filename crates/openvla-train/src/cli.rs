@@ -14,6 +14,7 @@ use crate::merge::{merge_model_dir, MergeOptions, MergeRecipe};
 use crate::mode::TrainMode;
 use crate::optim::AdamWConfig;
 use clap::{Args, ValueEnum};
+use openvla::oft::constants::NormalizationType;
 use openvla::ModelConfig;
 use openvla_data::source::DatasetSource;
 use std::collections::BTreeSet;
@@ -123,6 +124,72 @@ pub struct FinetuneArgs {
     /// Largest shard of the exported model in GB.
     #[arg(long, default_value_t = 5.0)]
     pub export_max_shard_gb: f64,
+    /// The training objective: `256-bin` (OpenVLA's next-token objective over action tokens)
+    /// or `l1` (OpenVLA-OFT: parallel decoding of an action chunk with an MLPResNet L1 head
+    /// and bidirectional attention; needs --chunk).
+    #[arg(long, value_enum, default_value_t = HeadArg::Bins256)]
+    pub head: HeadArg,
+    /// Actions per chunk K (OFT's NUM_ACTIONS_CHUNK; with --head l1). Each sample's chunk is
+    /// the current and the next K-1 actions of its episode; frames too close to the episode's
+    /// end are not sampled, as the reference does.
+    #[arg(long)]
+    pub chunk: Option<usize>,
+    /// Cameras the model reads, in order (with --head l1): `primary` or `primary,wrist` (the
+    /// dataset's wrist_image_key).
+    #[arg(long, default_value = "primary")]
+    pub images: String,
+    /// Feed the robot state (the dataset's state_key, normalized like the actions) through a
+    /// proprio projector as one more token (with --head l1).
+    #[arg(long)]
+    pub proprio: bool,
+    /// Normalization of actions and proprio for --head l1 (OFT's
+    /// ACTION_PROPRIO_NORMALIZATION_TYPE: LIBERO and Bridge use bounds_q99, ALOHA bounds).
+    #[arg(long, value_enum, default_value_t = NormalizationArg::BoundsQ99)]
+    pub normalization: NormalizationArg,
+}
+
+/// `--head` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum HeadArg {
+    /// OpenVLA's 256-bin action tokens (cross-entropy).
+    #[value(name = "256-bin")]
+    #[serde(rename = "256-bin")]
+    Bins256,
+    /// OpenVLA-OFT's L1 regression head on an action chunk.
+    #[value(name = "l1")]
+    #[serde(rename = "l1")]
+    L1,
+}
+
+/// `--normalization` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum NormalizationArg {
+    /// `(min, max)`.
+    #[value(name = "bounds")]
+    #[serde(rename = "bounds")]
+    Bounds,
+    /// `(q01, q99)`.
+    #[value(name = "bounds_q99")]
+    #[serde(rename = "bounds_q99")]
+    BoundsQ99,
+}
+
+impl NormalizationArg {
+    /// The data stream's normalization.
+    pub fn data(self) -> openvla_data::normalize::Normalization {
+        match self {
+            NormalizationArg::Bounds => openvla_data::normalize::Normalization::Bounds,
+            NormalizationArg::BoundsQ99 => openvla_data::normalize::Normalization::BoundsQ99,
+        }
+    }
+
+    /// The engine's OFT normalization type.
+    pub fn oft(self) -> NormalizationType {
+        match self {
+            NormalizationArg::Bounds => NormalizationType::Bounds,
+            NormalizationArg::BoundsQ99 => NormalizationType::BoundsQ99,
+        }
+    }
 }
 
 /// `openvla merge`: merge a PEFT LoRA adapter into its base model and write a full HF model
@@ -224,7 +291,57 @@ impl FinetuneArgs {
             ));
         }
         parse_target_modules(&self.target_modules)?;
+        match self.head {
+            HeadArg::L1 => {
+                match self.chunk {
+                    None => {
+                        return bad(
+                            "--head l1 needs --chunk K, the number of actions per chunk \
+                                    (OFT's NUM_ACTIONS_CHUNK, e.g. 8 for LIBERO)"
+                                .into(),
+                        )
+                    }
+                    Some(0) => return bad("--chunk must be at least 1".into()),
+                    Some(_) => {}
+                }
+                crate::oft::parse_images(&self.images)?;
+            }
+            HeadArg::Bins256 => {
+                let oft_only = [
+                    (self.chunk.is_some(), "--chunk"),
+                    (self.images.trim() != "primary", "--images"),
+                    (self.proprio, "--proprio"),
+                    (
+                        self.normalization != NormalizationArg::BoundsQ99,
+                        "--normalization",
+                    ),
+                ];
+                if let Some((_, flag)) = oft_only.iter().find(|(given, _)| *given) {
+                    return bad(format!(
+                        "{flag} applies to the OFT objective only: add --head l1 (the 256-bin \
+                         objective reads one image and one action)"
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The OFT settings of a `--head l1` run (`None` for the 256-bin objective).
+    pub fn oft(&self) -> Result<Option<OftRun>> {
+        if self.head != HeadArg::L1 {
+            return Ok(None);
+        }
+        let chunk = self
+            .chunk
+            .ok_or_else(|| TrainError::Invalid("--head l1 needs --chunk K".into()))?;
+        let wrist = crate::oft::parse_images(&self.images)?;
+        Ok(Some(OftRun {
+            chunk,
+            wrist,
+            proprio: self.proprio,
+            normalization: self.normalization,
+        }))
     }
 
     /// The AdamW settings.
@@ -259,6 +376,26 @@ impl FinetuneArgs {
     }
 }
 
+/// The OFT settings of a `--head l1` run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OftRun {
+    /// Actions per chunk (K).
+    pub chunk: usize,
+    /// Whether the wrist camera is the second image.
+    pub wrist: bool,
+    /// Whether the robot state is an input.
+    pub proprio: bool,
+    /// Normalization of actions and proprio.
+    pub normalization: NormalizationArg,
+}
+
+impl OftRun {
+    /// Images per sample.
+    pub fn num_images(&self) -> usize {
+        1 + usize::from(self.wrist)
+    }
+}
+
 /// Everything `finetune` resolved before training starts.
 #[derive(Debug, Clone)]
 pub struct FinetunePlan {
@@ -280,6 +417,8 @@ pub struct FinetunePlan {
     pub experiment_id: String,
     /// What a resumed run must agree on.
     pub fingerprint: serde_json::Value,
+    /// The OFT settings (`--head l1`).
+    pub oft: Option<OftRun>,
 }
 
 /// The action dimensions the model was trained for, by dataset, from its `norm_stats` (a
@@ -349,11 +488,20 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
     )?;
     let dataset_name = source.name().to_string();
     let action_dim = source.config.action_encoding.dim();
-    check_action_dim(
-        &dataset_name,
-        action_dim,
-        &model_action_dims(&args.model, &config)?,
-    )?;
+    let oft = args.oft()?;
+    match &oft {
+        // The L1 head regresses any action dimension; an existing head is checked against it
+        // when it is read.
+        Some(o) => {
+            check_oft_data(&source, o)?;
+            check_oft_model(&args.model, o)?;
+        }
+        None => check_action_dim(
+            &dataset_name,
+            action_dim,
+            &model_action_dims(&args.model, &config)?,
+        )?,
+    }
     let targets = parse_target_modules(&args.target_modules)?;
     let (lora, lora_modules) = if args.mode == TrainMode::Lora {
         let tensors = openvla::synth::checkpoint_tensors(&config);
@@ -382,7 +530,14 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         lora_rank: args.lora_rank,
         lora_targets: targets,
         batch_size: args.batch_size,
-        text_tokens: 40,
+        // OFT: the other images' patches, the proprio token and the K·D action positions too.
+        text_tokens: 40
+            + oft.map_or(0, |o| {
+                o.chunk * action_dim
+                    + (o.num_images() - 1) * config.num_patches()
+                    + usize::from(o.proprio)
+            }),
+        images: oft.map_or(1, |o| o.num_images()),
         weight_bytes: bytes,
         // The forward and backward compute in float32 with either precision.
         activation_bytes: 4,
@@ -420,6 +575,14 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         "precision": args.precision,
         "image_aug": args.image_aug,
     });
+    let mut fingerprint = fingerprint;
+    if let Some(o) = &oft {
+        fingerprint["head"] = serde_json::json!(args.head);
+        fingerprint["chunk"] = o.chunk.into();
+        fingerprint["images"] = args.images.trim().into();
+        fingerprint["proprio"] = o.proprio.into();
+        fingerprint["normalization"] = serde_json::json!(o.normalization);
+    }
     let run_dir = args.out.clone();
     let has_ckpt = crate::checkpoint::latest_checkpoint(&run_dir)?.is_some();
     if has_ckpt && !args.resume {
@@ -436,7 +599,7 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         )));
     }
     let model_dir = run_dir.join("model");
-    if args.mode != TrainMode::Lora && model_dir.exists() && !args.resume {
+    if (args.mode != TrainMode::Lora || oft.is_some()) && model_dir.exists() && !args.resume {
         return Err(TrainError::Invalid(format!(
             "{} already holds an exported model; pass --resume to continue that run (its end \
              replaces the export) or choose another --out",
@@ -455,6 +618,10 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         "action_dim": action_dim,
         "lora_modules": lora_modules,
         "memory_estimate_bytes": memory.total(),
+        "head": args.head,
+        "chunk": oft.map(|o| o.chunk),
+        "images": oft.map(|o| o.num_images()),
+        "proprio": oft.map(|o| o.proprio),
     });
     let text =
         serde_json::to_string_pretty(&run_json).map_err(|e| TrainError::json(&run_dir, e))?;
@@ -469,7 +636,119 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         run_dir,
         experiment_id,
         fingerprint,
+        oft,
     })
+}
+
+/// Checks that the dataset has what `--images` and `--proprio` ask for.
+pub fn check_oft_data(source: &DatasetSource, oft: &OftRun) -> Result<()> {
+    let name = source.name();
+    if oft.wrist && source.config.wrist_image_key.is_none() {
+        return Err(TrainError::Invalid(format!(
+            "--images primary,wrist: dataset {name:?} has no wrist camera (its configuration \
+             has no wrist_image_key; set one in a --dataset-config file)"
+        )));
+    }
+    if oft.proprio && source.config.state_key.is_none() {
+        return Err(TrainError::Invalid(format!(
+            "--proprio: dataset {name:?} has no robot state (its configuration has no \
+             state_key; set one in a --dataset-config file, or drop --proprio)"
+        )));
+    }
+    Ok(())
+}
+
+/// An `oft_constants` / `oft_eval_cfg` value of `config.json` (the fields this engine writes
+/// and reads; absent: `None`).
+fn oft_config_value(
+    config: &serde_json::Value,
+    table: &str,
+    key: &str,
+) -> Option<serde_json::Value> {
+    config
+        .get(table)?
+        .get(key)
+        .filter(|v| !v.is_null())
+        .cloned()
+}
+
+/// Checks the run's OFT settings against an OFT `--model` (one with `oft_constants` /
+/// `oft_eval_cfg` fields or component files): its chunk size, image count, proprio input and
+/// normalization must be the ones given. A plain OpenVLA model passes (its head and projector
+/// are initialized fresh).
+pub fn check_oft_model(model: &Path, oft: &OftRun) -> Result<()> {
+    let path = model.join("config.json");
+    let config: serde_json::Value = crate::error::read_json(&path)?;
+    let contradiction = |what: &str, field: &str, have: String, flag: String| {
+        Err(TrainError::Invalid(format!(
+            "{}: {field} is {have}, but this run gives {what} {flag}; the action head and \
+             proprio projector of --model were trained with {have} (choose matching flags or \
+             start from the plain OpenVLA model)",
+            path.display()
+        )))
+    };
+    if let Some(v) = oft_config_value(&config, "oft_constants", "NUM_ACTIONS_CHUNK") {
+        if v.as_u64() != Some(oft.chunk as u64) {
+            return contradiction(
+                "--chunk",
+                "oft_constants.NUM_ACTIONS_CHUNK",
+                v.to_string(),
+                oft.chunk.to_string(),
+            );
+        }
+    }
+    if let Some(v) = oft_config_value(&config, "oft_eval_cfg", "num_images_in_input") {
+        if v.as_u64() != Some(oft.num_images() as u64) {
+            return contradiction(
+                "--images with",
+                "oft_eval_cfg.num_images_in_input",
+                v.to_string(),
+                format!("{} image(s)", oft.num_images()),
+            );
+        }
+    }
+    let has_projector =
+        openvla::oft::pt::find_component(model, openvla::oft::PROPRIO_PROJECTOR)?.is_some();
+    let has_head = openvla::oft::pt::find_component(model, openvla::oft::ACTION_HEAD)?.is_some();
+    let is_oft = has_head
+        || has_projector
+        || config.get("oft_constants").is_some()
+        || config.get("oft_eval_cfg").is_some();
+    if !is_oft {
+        return Ok(());
+    }
+    let uses_proprio = oft_config_value(&config, "oft_eval_cfg", "use_proprio")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(has_projector);
+    if uses_proprio != oft.proprio {
+        let has = if uses_proprio { "true" } else { "false" };
+        return contradiction(
+            "",
+            "the proprio input (oft_eval_cfg.use_proprio / a proprio_projector file)",
+            has.into(),
+            if oft.proprio {
+                "--proprio".into()
+            } else {
+                "no --proprio".into()
+            },
+        );
+    }
+    if let Some(v) = oft_config_value(
+        &config,
+        "oft_constants",
+        "ACTION_PROPRIO_NORMALIZATION_TYPE",
+    ) {
+        let want = oft.normalization.oft().to_string();
+        if v.as_str().map(str::to_ascii_lowercase) != Some(want.clone()) {
+            return contradiction(
+                "--normalization",
+                "oft_constants.ACTION_PROPRIO_NORMALIZATION_TYPE",
+                v.to_string(),
+                want,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What `openvla finetune` did.
@@ -532,7 +811,7 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
         None
     };
     let adapter_dir = plan.lora.as_ref().map(|_| plan.run_dir.join("adapter"));
-    let model_dir = plan.lora.is_none().then(|| plan.run_dir.join("model"));
+    let model_dir = (plan.lora.is_none() || plan.oft.is_some()).then(|| plan.run_dir.join("model"));
     Ok(FinetuneReport {
         plan,
         outcome,
@@ -590,25 +869,25 @@ pub fn run_merge(args: &MergeArgs) -> Result<crate::merge::MergeReport> {
 
 /// Computes (or, on resume, reloads) the fine-tuning dataset's statistics and writes them as
 /// `<run>/dataset_statistics.json` under the dataset's name, the file `openvla merge` and the
-/// engine read.
+/// engine read. With `proprio`, they include the robot state's statistics (OFT's `proprio`
+/// entry); a saved file without them is recomputed.
 pub fn dataset_statistics(
     source: &DatasetSource,
     run_dir: &Path,
+    proprio: bool,
 ) -> Result<openvla_data::stats::DatasetStatistics> {
     let path = run_dir.join("dataset_statistics.json");
     if path.is_file() {
         let file = openvla_data::stats::load_statistics(&path)?;
         if let Some(s) = file.get(source.name()) {
-            return Ok(s.clone());
+            if !proprio || s.proprio.is_some() {
+                return Ok(s.clone());
+            }
         }
     }
-    let st = source.compute_statistics(
-        "all",
-        false,
-        None,
-        None,
-        openvla_data::stats::StatsAccumulator::new(),
-    )?;
+    let acc = openvla_data::stats::StatsAccumulator::new();
+    let acc = if proprio { acc.with_proprio() } else { acc };
+    let st = source.compute_statistics("all", false, None, None, acc)?;
     let mut file = openvla_data::stats::StatisticsFile::new();
     file.insert(source.name().to_string(), st.clone());
     let text = serde_json::to_string_pretty(&file).map_err(|e| TrainError::json(&path, e))?;
@@ -627,10 +906,11 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     model: M,
     device: &candle_core::Device,
 ) -> Result<crate::trainer::RunOutcome> {
-    use crate::data::{BatchFormat, StreamBatches};
+    use crate::data::{BatchFormat, OftStreamBatches, StreamBatches};
+    use crate::export::{export_oft_dir, OftExport};
     use crate::lora::LoraAdapter;
     use crate::rng::TrainRng;
-    use crate::seam::VlaObjective;
+    use crate::seam::{L1Objective, VlaObjective};
     use crate::trainer::{train, TrainerConfig};
     use std::io::IsTerminal;
 
@@ -640,12 +920,14 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         args.dataset.as_deref(),
         args.dataset_config.as_deref(),
     )?;
-    let stats = dataset_statistics(&source, &plan.run_dir)?;
+    let stats = dataset_statistics(&source, &plan.run_dir, plan.oft.is_some_and(|o| o.proprio))?;
     let split = source.reference_split(true);
     let seed = args.seed;
     let shuffle = args.shuffle_buffer;
     let aug = args.image_aug;
     let open_source = source.clone();
+    let oft = plan.oft;
+    let run_stats = stats.clone();
     let open = move || -> Result<openvla_data::stream::FrameStream> {
         let ds = openvla_data::stream::StreamDataset {
             source: open_source.clone(),
@@ -653,12 +935,18 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
             weight: 1.0,
             statistics: Some(stats.clone()),
         };
-        let cfg = openvla_data::stream::StreamConfig {
+        let mut cfg = openvla_data::stream::StreamConfig {
             seed,
             shuffle_buffer: shuffle,
             augment: aug.then(Default::default),
             ..Default::default()
         };
+        if let Some(o) = oft {
+            cfg.action_chunk = o.chunk;
+            cfg.wrist = o.wrist;
+            cfg.proprio = o.proprio;
+            cfg.normalization = o.normalization.data();
+        }
         Ok(openvla_data::stream::stream(vec![ds], cfg)?)
     };
     let pre_path = args.model.join("preprocessor_config.json");
@@ -674,7 +962,6 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         action_vocab_size: plan.config.action_vocab_size,
         preprocessor,
     };
-    let mut data = StreamBatches::new(Box::new(open), args.batch_size, format, device.clone())?;
     let adapter = match &plan.lora {
         Some(cfg) => {
             let modules = crate::seam::TrainModel::modules(&model);
@@ -690,17 +977,6 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     };
     let layers = plan.config.text.num_hidden_layers;
     let mode = args.mode;
-    let mut objective = VlaObjective::new(
-        model,
-        |n| crate::mode::is_trainable(mode, n, layers),
-        adapter,
-        openvla::action::ActionTokenizer::new(
-            plan.config.n_action_bins,
-            plan.config.action_vocab_size,
-        ),
-        seed,
-    )?;
-    objective.checkpointing = args.checkpointing;
     let cfg = TrainerConfig {
         run_dir: plan.run_dir.clone(),
         max_steps: args.max_steps,
@@ -713,16 +989,78 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         fingerprint: plan.fingerprint.clone(),
         stop_after: None,
     };
+    let stats_path = plan.run_dir.join("dataset_statistics.json");
+    if let Some(o) = plan.oft {
+        let (head, proprio) =
+            crate::oft::start_components(&args.model, &plan.config, &o, &run_stats, seed)?;
+        let mut data = OftStreamBatches::new(
+            Box::new(open),
+            args.batch_size,
+            o.chunk,
+            format,
+            device.clone(),
+        )?;
+        let mut objective = L1Objective::new(
+            model,
+            |n| crate::mode::is_trainable(mode, n, layers),
+            adapter,
+            head,
+            proprio,
+            seed,
+        )?;
+        objective.checkpointing = args.checkpointing;
+        objective.components = Some(crate::export::write_oft_components);
+        let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
+        if let Some(ad) = &objective.adapter {
+            let dir = plan.run_dir.join("adapter");
+            ad.save(&dir)?;
+            let bytes = std::fs::read(&stats_path).map_err(|e| TrainError::io(&stats_path, e))?;
+            write_atomic(&dir.join("dataset_statistics.json"), &bytes)?;
+        }
+        let stats: serde_json::Value = crate::error::read_json(&stats_path)?;
+        export_oft_dir(
+            &ExportOptions {
+                base: args.model.clone(),
+                out: plan.run_dir.join("model"),
+                dtype: args.export_dtype,
+                max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
+                dataset_statistics: Some(stats),
+            },
+            &objective.base_params,
+            objective.adapter.as_ref(),
+            &OftExport {
+                chunk: o.chunk,
+                num_images: o.num_images(),
+                normalization: o.normalization.oft(),
+                center_crop: args.image_aug,
+                lora_rank: plan.lora.as_ref().map(|l| l.r),
+                step: outcome.step,
+                head: &objective.head,
+                proprio: objective.proprio.as_ref(),
+            },
+        )?;
+        return Ok(outcome);
+    }
+    let mut data = StreamBatches::new(Box::new(open), args.batch_size, format, device.clone())?;
+    let mut objective = VlaObjective::new(
+        model,
+        |n| crate::mode::is_trainable(mode, n, layers),
+        adapter,
+        openvla::action::ActionTokenizer::new(
+            plan.config.n_action_bins,
+            plan.config.action_vocab_size,
+        ),
+        seed,
+    )?;
+    objective.checkpointing = args.checkpointing;
     let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
     if let Some(ad) = &objective.adapter {
         let dir = plan.run_dir.join("adapter");
         ad.save(&dir)?;
-        let stats = plan.run_dir.join("dataset_statistics.json");
-        let bytes = std::fs::read(&stats).map_err(|e| TrainError::io(&stats, e))?;
+        let bytes = std::fs::read(&stats_path).map_err(|e| TrainError::io(&stats_path, e))?;
         write_atomic(&dir.join("dataset_statistics.json"), &bytes)?;
     } else if !objective.base_params.is_empty() {
-        let stats = plan.run_dir.join("dataset_statistics.json");
-        let stats: serde_json::Value = crate::error::read_json(&stats)?;
+        let stats: serde_json::Value = crate::error::read_json(&stats_path)?;
         export_model_dir(
             &ExportOptions {
                 base: args.model.clone(),

@@ -8,6 +8,7 @@
 
 use crate::batch::ExampleBuilder;
 use crate::error::{Result, TrainError};
+use crate::oft::{make_oft_batch, OftBatch, OftSample};
 use crate::seam::{make_batch, VlaBatch, VlaSample};
 use crate::trainer::DataSource;
 use candle_core::Device;
@@ -76,7 +77,8 @@ impl StreamBatches {
         })
     }
 
-    fn next_sample(&mut self) -> Result<VlaSample> {
+    /// The next frame of the stream.
+    fn next_frame(&mut self) -> Result<openvla_data::stream::Sample> {
         let s = self.stream.next().ok_or_else(|| {
             TrainError::Invalid(
                 "the dataset stream ended; training streams repeat, so the dataset is empty \
@@ -85,12 +87,13 @@ impl StreamBatches {
             )
         })??;
         self.consumed += 1;
-        let img = openvla_image::RgbImage::from_raw(s.image.width, s.image.height, s.image.data)
-            .map_err(|e| TrainError::Invalid(format!("frame {}: {e}", s.seq)))?;
-        let pixel_values = openvla_image::preprocess(&img, &self.format.preprocessor)
-            .map_err(|e| TrainError::Invalid(format!("frame {}: {e}", s.seq)))?;
+        Ok(s)
+    }
+
+    fn next_sample(&mut self) -> Result<VlaSample> {
+        let s = self.next_frame()?;
         Ok(VlaSample {
-            pixel_values,
+            pixel_values: preprocess_frame(s.image, s.seq, &self.format.preprocessor)?,
             instruction: s.instruction,
             action: s.action,
         })
@@ -137,6 +140,85 @@ impl DataSource for StreamBatches {
     }
 }
 
+/// The model's image transform of one stream image (frame `seq`, for errors).
+pub fn preprocess_frame(
+    image: openvla_data::decode::RgbImage,
+    seq: u64,
+    preprocessor: &PreprocessorConfig,
+) -> Result<openvla_image::PixelValues> {
+    let img = openvla_image::RgbImage::from_raw(image.width, image.height, image.data)
+        .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))?;
+    openvla_image::preprocess(&img, preprocessor)
+        .map_err(|e| TrainError::Invalid(format!("frame {seq}: {e}")))
+}
+
+/// An OFT sample from a stream sample: the primary image, the wrist image if the stream
+/// delivers it (each through the model's transform), the action chunk and the proprio state.
+pub fn oft_sample(
+    s: openvla_data::stream::Sample,
+    preprocessor: &PreprocessorConfig,
+) -> Result<OftSample> {
+    let mut images = vec![preprocess_frame(s.image, s.seq, preprocessor)?];
+    if let Some(w) = s.wrist_image {
+        images.push(preprocess_frame(w, s.seq, preprocessor)?);
+    }
+    Ok(OftSample {
+        images,
+        instruction: s.instruction,
+        chunk: s.action_chunk,
+        proprio: s.proprio,
+    })
+}
+
+/// A [`DataSource`] of [`OftBatch`]es (`openvla finetune --head l1`) over a frame stream opened
+/// with the chunk size, the wrist camera and proprio as the run asks
+/// (`openvla_data::stream::StreamConfig::{action_chunk, wrist, proprio}`).
+#[derive(Debug)]
+pub struct OftStreamBatches {
+    inner: StreamBatches,
+    chunk: usize,
+}
+
+impl OftStreamBatches {
+    /// Opens the stream; every sample must carry a chunk of `chunk` actions.
+    pub fn new(
+        open: StreamFactory,
+        batch_size: usize,
+        chunk: usize,
+        format: BatchFormat,
+        device: Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            inner: StreamBatches::new(open, batch_size, format, device)?,
+            chunk,
+        })
+    }
+}
+
+impl DataSource for OftStreamBatches {
+    type Batch = OftBatch;
+
+    fn next_batch(&mut self) -> Result<OftBatch> {
+        let samples = (0..self.inner.batch_size)
+            .map(|_| {
+                let s = self.inner.next_frame()?;
+                oft_sample(s, &self.inner.format.preprocessor)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let f = &self.inner.format;
+        let builder = ExampleBuilder::new(&f.tokenizer, f.style, f.n_bins, f.action_vocab_size);
+        make_oft_batch(&builder, &samples, self.chunk, &self.inner.device)
+    }
+
+    fn position(&self) -> serde_json::Value {
+        self.inner.position()
+    }
+
+    fn seek(&mut self, position: &serde_json::Value) -> Result<()> {
+        self.inner.seek(position)
+    }
+}
+
 /// The first frame of each of the first `episodes` episodes of `source` (all splits, in
 /// order, no augmentation), with actions normalized by `statistics`: a small fixed set for
 /// memorization tests and trained-model measurements.
@@ -144,6 +226,17 @@ pub fn first_frames(
     source: &openvla_data::source::DatasetSource,
     statistics: openvla_data::stats::DatasetStatistics,
     episodes: usize,
+) -> Result<Vec<openvla_data::stream::Sample>> {
+    first_frames_with(source, statistics, episodes, Default::default())
+}
+
+/// [`first_frames`] with the stream's other settings (action chunk, wrist camera, proprio,
+/// normalization) from `config`; its order, repetition and augmentation are overridden.
+pub fn first_frames_with(
+    source: &openvla_data::source::DatasetSource,
+    statistics: openvla_data::stats::DatasetStatistics,
+    episodes: usize,
+    config: openvla_data::stream::StreamConfig,
 ) -> Result<Vec<openvla_data::stream::Sample>> {
     use openvla_data::stream::{stream, StreamConfig, StreamDataset};
     let frames = stream(
@@ -156,7 +249,8 @@ pub fn first_frames(
         StreamConfig {
             shuffle_buffer: 1,
             repeat: false,
-            ..Default::default()
+            augment: None,
+            ..config
         },
     )?;
     let mut seen = std::collections::BTreeSet::new();

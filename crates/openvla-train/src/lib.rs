@@ -14,6 +14,8 @@
 //!   (atomic checkpoints, keep-last-N, NaN stop, JSONL metrics, SVG curves, progress bar).
 //! * [`memory`]: up-front memory estimates.
 //! * [`model`]: the differentiable OpenVLA ([`model::OpenVlaTrain`]) implementing the seam.
+//! * [`oft`]: OpenVLA-OFT training batches (several images, action chunks, proprio) for the
+//!   L1 objective ([`seam::L1Objective`]).
 //! * [`seam`]: what the model must provide ([`seam::TrainModel`]) and the objective built on it.
 //! * [`cli`]: `openvla finetune` / `openvla merge` arguments and runners.
 
@@ -32,6 +34,7 @@ pub mod merge;
 pub mod metrics;
 pub mod mode;
 pub mod model;
+pub mod oft;
 pub mod optim;
 pub mod plot;
 pub mod progress;

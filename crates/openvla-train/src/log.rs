@@ -16,9 +16,12 @@ pub struct MetricsRecord {
     /// Action-token accuracy (mean over micro-batches), if the objective reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_accuracy: Option<f64>,
-    /// L1 error of decoded actions, if reported.
+    /// L1 error of decoded actions (the L1 objective: of the current action), if reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_l1_loss: Option<f64>,
+    /// L1 error of the chunk's later actions (the L1 objective with a chunk of more than one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_actions_l1_loss: Option<f64>,
     /// Learning rate.
     pub lr: f64,
     /// Optimizer steps per second over this process's steps so far.
@@ -105,6 +108,7 @@ mod tests {
             loss: 1.0 / step as f64,
             action_accuracy: None,
             action_l1_loss: None,
+            next_actions_l1_loss: None,
             lr: 5e-4,
             steps_per_s: 1.0,
             elapsed_s: step as f64,

@@ -44,8 +44,12 @@ pub struct MemoryInputs<'a> {
     pub lora_targets: TargetModules,
     /// Samples per micro-batch.
     pub batch_size: usize,
-    /// Text tokens per sample (prompt + actions + EOS; about 30-45 for OpenVLA prompts).
+    /// Text tokens per sample (prompt + actions + EOS; about 30-45 for OpenVLA prompts), plus
+    /// any positions besides the first image's patches (OFT: the other images' patches, the
+    /// proprio token, the `K·D` action positions).
     pub text_tokens: usize,
+    /// Images per sample, each through the vision towers (1 for OpenVLA).
+    pub images: usize,
     /// Bytes per frozen weight (2 for bf16, 4 for float32).
     pub weight_bytes: usize,
     /// Bytes per activation value (2 for bf16 compute, 4 for float32).
@@ -171,6 +175,7 @@ pub fn estimate(inp: &MemoryInputs) -> Result<MemoryEstimate> {
         inp.mode,
         TrainMode::Lora | TrainMode::Full | TrainMode::Sandwich
     );
+    let vision = vision * inp.images.max(1) as u64;
     let per_sample = llm + if vision_needs_grad { vision } else { 0 };
     let counted = per_sample * inp.batch_size as u64 * inp.activation_bytes as u64;
     let activations = (counted as f64 * ACTIVATION_CALIBRATION) as u64;

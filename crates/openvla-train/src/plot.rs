@@ -125,8 +125,20 @@ pub fn render_svg(records: &[MetricsRecord], title: &str) -> String {
         .iter()
         .filter_map(|r| r.action_accuracy.map(|a| (r.step as f64, a)))
         .collect();
-    let panels = if acc.is_empty() { 1.0 } else { 2.0 };
-    let height = PANEL_H * panels + 24.0;
+    let l1: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| r.action_l1_loss.map(|a| (r.step as f64, a)))
+        .collect();
+    // Panels after the loss: the action-token accuracy (256-bin objective) and the current
+    // action's L1 error (every objective that reports it).
+    let mut panels: Vec<(&str, &str, &[(f64, f64)], Option<(f64, f64)>)> = Vec::new();
+    if !acc.is_empty() {
+        panels.push(("action-token accuracy", "#d62728", &acc, Some((0.0, 1.0))));
+    }
+    if !l1.is_empty() {
+        panels.push(("action L1 (current action)", "#2ca02c", &l1, None));
+    }
+    let height = PANEL_H * (1 + panels.len()) as f64 + 24.0;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -140,14 +152,14 @@ pub fn render_svg(records: &[MetricsRecord], title: &str) -> String {
         escape(title)
     );
     panel(&mut svg, 24.0, "training loss", "#1f77b4", &loss, None);
-    if !acc.is_empty() {
+    for (i, (title, color, points, fixed)) in panels.into_iter().enumerate() {
         panel(
             &mut svg,
-            24.0 + PANEL_H,
-            "action-token accuracy",
-            "#d62728",
-            &acc,
-            Some((0.0, 1.0)),
+            24.0 + PANEL_H * (i + 1) as f64,
+            title,
+            color,
+            points,
+            fixed,
         );
     }
     svg.push_str("</svg>\n");

@@ -42,6 +42,8 @@ use crate::error::{Result, TrainError};
 use crate::lora::{LoraAdapter, LoraLayer, ModuleInfo};
 use crate::loss::causal_lm_loss;
 use crate::metrics::action_metrics;
+use crate::model::head::{L1HeadTrain, ProprioProjectorTrain};
+use crate::oft::OftBatch;
 use crate::recompute::Grads;
 use crate::rng::TrainRng;
 use crate::trainer::{plain_forward_backward, Objective, StepOutput};
@@ -81,6 +83,35 @@ pub trait TrainModel {
     /// Adds a LoRA branch to module `name`.
     fn attach_lora(&mut self, name: &str, layer: Arc<LoraLayer>) -> Result<()>;
 
+    /// The trunk (vision towers -> projector -> Llama) on general inputs: several images, extra
+    /// tokens after the patches, zeroed embeddings and causal or bidirectional attention
+    /// ([`TrunkInputs`]). Returns the hidden states after the final norm. Heads other than the
+    /// 256-bin one read these (the OFT L1 head). Models without it say so.
+    fn trunk_forward(&self, _inputs: &TrunkInputs<'_>) -> Result<TrunkOutput> {
+        Err(TrainError::Invalid(
+            "this model has no general trunk forward (several images, extra tokens, \
+             bidirectional attention)"
+                .into(),
+        ))
+    }
+
+    /// [`TrainModel::trunk_forward`] and its backward with per-block gradient checkpointing:
+    /// `top` maps the trunk's output to the loss (it may use parameters of its own, e.g. a
+    /// head; their gradients are gathered when they are in `params`, as are those of
+    /// parameters that produced `inputs.extra_tokens`). Returns the (detached) loss and the
+    /// gradients of `params`.
+    fn trunk_backward_checkpointed(
+        &self,
+        _inputs: &TrunkInputs<'_>,
+        _params: &[(String, Var)],
+        _lora: &[Arc<LoraLayer>],
+        _top: &mut dyn FnMut(&TrunkOutput) -> Result<Tensor>,
+    ) -> Result<(Tensor, Grads)> {
+        Err(TrainError::Invalid(
+            "this model does not support gradient checkpointing".into(),
+        ))
+    }
+
     /// One micro-batch's forward and backward with per-block gradient checkpointing
     /// ([`crate::recompute`]): `loss_of` maps the logits to the loss; returns the (detached)
     /// loss and the gradients of `params`. Models without block structure say so.
@@ -97,6 +128,97 @@ pub trait TrainModel {
             "this model does not support gradient checkpointing".into(),
         ))
     }
+}
+
+/// How the positions of the multimodal sequence attend to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attention {
+    /// Causal (OpenVLA's next-token objective); right-padding keys masked.
+    Causal,
+    /// Every position attends to every non-padding position (OFT's parallel decoding, with
+    /// the reference's transformers fork: the padding mask's last row broadcast to all rows).
+    Bidirectional,
+}
+
+/// The inputs of the trunk: the one place where new inputs plug in. The LLM reads
+/// `[BOS, the patches of each image in order, extra tokens, input_ids[1..]]`.
+#[derive(Debug, Clone, Copy)]
+pub struct TrunkInputs<'a> {
+    /// `[B, images·3·towers, H, W]`: each image's channels (every tower's 3) one after the
+    /// other, primary first.
+    pub pixel_values: &'a Tensor,
+    /// `[B, T]` (u32), BOS first.
+    pub input_ids: &'a Tensor,
+    /// `[B, T]` (u8, 1 = real token; right padding).
+    pub attention_mask: &'a Tensor,
+    /// `[B, n, D]` tokens appended after all image patches (OFT's proprio token); may carry a
+    /// graph back to parameters outside the model.
+    pub extra_tokens: Option<&'a Tensor>,
+    /// `[B, T]` (u8, 1 = this token's embedding is replaced by zeros: OFT's action positions).
+    pub zeroed: Option<&'a Tensor>,
+    /// The attention pattern.
+    pub attention: Attention,
+}
+
+impl<'a> TrunkInputs<'a> {
+    /// OpenVLA's inputs: one image, no extra tokens, causal attention.
+    pub fn causal(
+        pixel_values: &'a Tensor,
+        input_ids: &'a Tensor,
+        attention_mask: &'a Tensor,
+    ) -> Self {
+        Self {
+            pixel_values,
+            input_ids,
+            attention_mask,
+            extra_tokens: None,
+            zeroed: None,
+            attention: Attention::Causal,
+        }
+    }
+}
+
+/// What [`TrainModel::trunk_forward`] returns.
+#[derive(Debug, Clone)]
+pub struct TrunkOutput {
+    /// `[B, 1 + prefix + T - 1, D]`: the hidden states after the final norm.
+    pub hidden: Tensor,
+    /// Positions between BOS and `input_ids[1]`: all images' patches plus the extra tokens
+    /// (the reference's `NUM_PATCHES`).
+    pub prefix: usize,
+}
+
+/// Attaches `adapter`'s LoRA branches to `model` (their dropout streams seeded from `seed`);
+/// returns the branches.
+pub fn attach_adapter<M: TrainModel>(
+    model: &mut M,
+    adapter: Option<&LoraAdapter>,
+    seed: u64,
+) -> Result<Vec<Arc<LoraLayer>>> {
+    let mut lora_layers = Vec::new();
+    let Some(ad) = adapter else {
+        return Ok(lora_layers);
+    };
+    let modules = model.modules();
+    ad.check_against(&modules)?;
+    let mut rng = TrainRng::new(seed);
+    for (name, w) in &ad.modules {
+        let stride = modules
+            .iter()
+            .find(|m| &m.name == name)
+            .and_then(|m| m.weight_shape.get(2).copied())
+            .unwrap_or(1);
+        let layer = Arc::new(LoraLayer::new(
+            w.clone(),
+            ad.config.scaling(),
+            ad.config.lora_dropout,
+            stride,
+            rng.next_u64(),
+        ));
+        model.attach_lora(name, layer.clone())?;
+        lora_layers.push(layer);
+    }
+    Ok(lora_layers)
 }
 
 /// A training batch for the VLA: images and collated text.
@@ -193,28 +315,7 @@ impl<M: TrainModel> VlaObjective<M> {
             .into_iter()
             .filter(|(n, _)| trainable(n))
             .collect();
-        let mut lora_layers = Vec::new();
-        if let Some(ad) = &adapter {
-            let modules = model.modules();
-            ad.check_against(&modules)?;
-            let mut rng = TrainRng::new(seed);
-            for (name, w) in &ad.modules {
-                let stride = modules
-                    .iter()
-                    .find(|m| &m.name == name)
-                    .and_then(|m| m.weight_shape.get(2).copied())
-                    .unwrap_or(1);
-                let layer = Arc::new(LoraLayer::new(
-                    w.clone(),
-                    ad.config.scaling(),
-                    ad.config.lora_dropout,
-                    stride,
-                    rng.next_u64(),
-                ));
-                model.attach_lora(name, layer.clone())?;
-                lora_layers.push(layer);
-            }
-        }
+        let lora_layers = attach_adapter(&mut model, adapter.as_ref(), seed)?;
         Ok(Self {
             model,
             base_params,
@@ -261,6 +362,7 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
             loss: loss.loss,
             action_accuracy: Some(m.action_accuracy),
             action_l1_loss: Some(m.action_l1_loss),
+            next_actions_l1_loss: None,
         })
     }
 
@@ -316,14 +418,274 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
                 loss,
                 action_accuracy: Some(m.action_accuracy),
                 action_l1_loss: Some(m.action_l1_loss),
+                next_actions_l1_loss: None,
             },
             grads,
         ))
     }
 
-    fn export(&self, dir: &Path) -> Result<()> {
+    fn export(&self, dir: &Path, _step: u64) -> Result<()> {
         if let Some(ad) = &self.adapter {
             ad.save(&dir.join("adapter"))?;
+        }
+        Ok(())
+    }
+}
+
+/// OpenVLA-OFT's L1 objective (`vla-scripts/finetune.py` `run_forward_pass` with
+/// `use_l1_regression`): one bidirectional pass over `[BOS, every image's patches, the proprio
+/// token, prompt, K·D zeroed action positions, </s>]`, the hidden states of the shifted action
+/// window through the MLPResNet head, and `mean |gt - pred|` over the normalized chunk.
+///
+/// Trains the backbone as [`VlaObjective`] does (LoRA or the mode's base parameters) plus the
+/// action head and the proprio projector in full.
+pub struct L1Objective<M: TrainModel> {
+    /// The model.
+    pub model: M,
+    /// Base parameters being trained (empty for LoRA).
+    pub base_params: Vec<(String, Var)>,
+    /// The LoRA adapter, when training LoRA.
+    pub adapter: Option<LoraAdapter>,
+    /// The LoRA branches (reseeded from the run RNG every step for dropout).
+    pub lora_layers: Vec<Arc<LoraLayer>>,
+    /// The L1 action head.
+    pub head: L1HeadTrain,
+    /// The proprio projector, when the model takes proprio.
+    pub proprio: Option<ProprioProjectorTrain>,
+    /// Per-block gradient checkpointing (`--checkpointing`).
+    pub checkpointing: bool,
+    /// Writes the OFT component files of a checkpoint (`Objective::export`), if set.
+    pub components: Option<ComponentWriter>,
+}
+
+/// Writes an objective's OFT component files into a directory at a step
+/// ([`crate::export::write_oft_components`]).
+pub type ComponentWriter =
+    fn(&Path, u64, &L1HeadTrain, Option<&ProprioProjectorTrain>) -> Result<()>;
+
+/// Name prefix of the action head's parameters among the objective's.
+pub const HEAD_PREFIX: &str = "action_head.";
+/// Name prefix of the proprio projector's parameters among the objective's.
+pub const PROPRIO_PREFIX: &str = "proprio_projector.";
+
+/// What the L1 objective computes for one batch.
+#[derive(Debug, Clone)]
+pub struct L1Output {
+    /// `mean |gt - pred|` (differentiable).
+    pub loss: Tensor,
+    /// The predicted normalized chunk `[B, K, D]` (detached).
+    pub predicted: Tensor,
+    /// L1 of chunk row 0.
+    pub current_l1: f64,
+    /// L1 of rows `1..K` (`None` for a chunk of one).
+    pub next_l1: Option<f64>,
+}
+
+impl<M: TrainModel> std::fmt::Debug for L1Objective<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L1Objective")
+            .field("base_params", &self.base_params.len())
+            .field("lora_layers", &self.lora_layers.len())
+            .field("proprio", &self.proprio.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: TrainModel> L1Objective<M> {
+    /// Wraps `model` with `head` (and `proprio`), training the base parameters `trainable`
+    /// accepts and, if given, the LoRA `adapter`.
+    pub fn new(
+        mut model: M,
+        trainable: impl Fn(&str) -> bool,
+        adapter: Option<LoraAdapter>,
+        head: L1HeadTrain,
+        proprio: Option<ProprioProjectorTrain>,
+        seed: u64,
+    ) -> Result<Self> {
+        let base_params: Vec<(String, Var)> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(n, _)| trainable(n))
+            .collect();
+        let lora_layers = attach_adapter(&mut model, adapter.as_ref(), seed)?;
+        Ok(Self {
+            model,
+            base_params,
+            adapter,
+            lora_layers,
+            head,
+            proprio,
+            checkpointing: false,
+            components: None,
+        })
+    }
+
+    /// The proprio token `[B, 1, D]` of the batch (graph back to the projector), checked
+    /// against what the model takes.
+    fn proprio_token(&self, batch: &OftBatch) -> Result<Option<Tensor>> {
+        match (&self.proprio, &batch.proprio) {
+            (Some(p), Some(x)) => Ok(Some(p.forward(x)?)),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(TrainError::Invalid(
+                "the model takes proprio (it has a proprio projector) but the batch has none"
+                    .into(),
+            )),
+            (None, Some(_)) => Err(TrainError::Invalid(
+                "the batch has proprio but the model has no proprio projector".into(),
+            )),
+        }
+    }
+
+    /// The trunk's inputs for `batch`.
+    fn inputs<'a>(
+        batch: &'a OftBatch,
+        ids: &'a Tensor,
+        mask: &'a Tensor,
+        token: Option<&'a Tensor>,
+    ) -> TrunkInputs<'a> {
+        TrunkInputs {
+            pixel_values: &batch.pixel_values,
+            input_ids: ids,
+            attention_mask: mask,
+            extra_tokens: token,
+            zeroed: Some(&batch.zeroed),
+            attention: Attention::Bidirectional,
+        }
+    }
+
+    /// The head and the loss on the trunk's output.
+    pub fn head_loss(&self, out: &TrunkOutput, batch: &OftBatch) -> Result<L1Output> {
+        if batch.action_dim != self.head.action_dim() {
+            return Err(TrainError::Invalid(format!(
+                "the batch has {}-dimensional actions, the action head predicts {}",
+                batch.action_dim,
+                self.head.action_dim()
+            )));
+        }
+        let x = batch.head_input(&out.hidden, out.prefix)?;
+        let pred = self.head.forward(&x)?;
+        let diff = (&batch.actions - &pred)?.abs()?;
+        let loss = diff.mean_all()?;
+        let row_l1 = |start: usize, len: usize| -> Result<f64> {
+            Ok(diff.narrow(1, start, len)?.mean_all()?.to_scalar::<f32>()? as f64)
+        };
+        let k = batch.chunk;
+        Ok(L1Output {
+            current_l1: row_l1(0, 1)?,
+            next_l1: if k > 1 { Some(row_l1(1, k - 1)?) } else { None },
+            predicted: pred.detach(),
+            loss,
+        })
+    }
+
+    /// The in-training model's prediction for `batch`: the normalized chunk `[B, K, D]` (with
+    /// LoRA dropout, if configured, drawn from the branches' current streams).
+    pub fn predict(&self, batch: &OftBatch) -> Result<Tensor> {
+        let dev = batch.pixel_values.device();
+        let ids = batch.text.input_ids_tensor(dev)?;
+        let mask = batch.text.attention_mask_tensor(dev)?;
+        let token = self.proprio_token(batch)?;
+        let out = self
+            .model
+            .trunk_forward(&Self::inputs(batch, &ids, &mask, token.as_ref()))?;
+        Ok(self.head_loss(&out, batch)?.predicted)
+    }
+
+    fn step_output(out: &L1Output) -> StepOutput {
+        StepOutput {
+            loss: out.loss.clone(),
+            action_accuracy: None,
+            action_l1_loss: Some(out.current_l1),
+            next_actions_l1_loss: out.next_l1,
+        }
+    }
+}
+
+impl<M: TrainModel> Objective for L1Objective<M> {
+    type Batch = OftBatch;
+
+    fn params(&self) -> Vec<(String, Var)> {
+        let mut p = self.base_params.clone();
+        if let Some(ad) = &self.adapter {
+            p.extend(ad.named_vars());
+        }
+        p.extend(
+            self.head
+                .named_parameters()
+                .into_iter()
+                .map(|(n, v)| (format!("{HEAD_PREFIX}{n}"), v)),
+        );
+        if let Some(pp) = &self.proprio {
+            p.extend(
+                pp.named_parameters()
+                    .into_iter()
+                    .map(|(n, v)| (format!("{PROPRIO_PREFIX}{n}"), v)),
+            );
+        }
+        p
+    }
+
+    fn forward(&mut self, batch: &OftBatch, rng: &mut TrainRng) -> Result<StepOutput> {
+        for l in &self.lora_layers {
+            l.reseed(rng.next_u64())?;
+        }
+        let dev = batch.pixel_values.device();
+        let ids = batch.text.input_ids_tensor(dev)?;
+        let mask = batch.text.attention_mask_tensor(dev)?;
+        let token = self.proprio_token(batch)?;
+        let out = self
+            .model
+            .trunk_forward(&Self::inputs(batch, &ids, &mask, token.as_ref()))?;
+        Ok(Self::step_output(&self.head_loss(&out, batch)?))
+    }
+
+    fn forward_backward(
+        &mut self,
+        batch: &OftBatch,
+        rng: &mut TrainRng,
+        accumulation: u64,
+    ) -> Result<(StepOutput, Grads)> {
+        if !self.checkpointing {
+            return plain_forward_backward(self, batch, rng, accumulation);
+        }
+        for l in &self.lora_layers {
+            l.reseed(rng.next_u64())?;
+        }
+        let dev = batch.pixel_values.device().clone();
+        let ids = batch.text.input_ids_tensor(&dev)?;
+        let mask = batch.text.attention_mask_tensor(&dev)?;
+        let token = self.proprio_token(batch)?;
+        let params = self.params();
+        let mut result = None;
+        let this = &*self;
+        let mut top = |out: &TrunkOutput| -> Result<Tensor> {
+            let o = this.head_loss(out, batch)?;
+            let loss = if accumulation > 1 {
+                (&o.loss / accumulation as f64)?
+            } else {
+                o.loss.clone()
+            };
+            result = Some(o);
+            Ok(loss)
+        };
+        let (_, grads) = self.model.trunk_backward_checkpointed(
+            &Self::inputs(batch, &ids, &mask, token.as_ref()),
+            &params,
+            &self.lora_layers,
+            &mut top,
+        )?;
+        let o = result.ok_or_else(|| TrainError::Invalid("the loss was never computed".into()))?;
+        let mut step = Self::step_output(&o);
+        step.loss = o.loss.detach();
+        Ok((step, grads))
+    }
+
+    fn export(&self, dir: &Path, step: u64) -> Result<()> {
+        if let Some(ad) = &self.adapter {
+            ad.save(&dir.join("adapter"))?;
+        }
+        if let Some(write) = self.components {
+            write(dir, step, &self.head, self.proprio.as_ref())?;
         }
         Ok(())
     }

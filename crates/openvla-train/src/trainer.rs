@@ -29,8 +29,13 @@ pub struct StepOutput {
     pub loss: Tensor,
     /// Action-token accuracy, if the objective computes it.
     pub action_accuracy: Option<f64>,
-    /// L1 error of decoded actions, if computed.
+    /// L1 error of the (current) action, if computed: of the decoded tokens for the 256-bin
+    /// objective, of chunk row 0 for the L1 objective (the reference's
+    /// `curr_action_l1_loss`).
     pub action_l1_loss: Option<f64>,
+    /// L1 error of the chunk's later actions (rows `1..K`, the reference's
+    /// `next_actions_l1_loss`), for objectives that predict chunks of more than one action.
+    pub next_actions_l1_loss: Option<f64>,
 }
 
 /// A trainable objective: named float32 parameters and a loss over a batch.
@@ -57,9 +62,9 @@ pub trait Objective {
         plain_forward_backward(self, batch, rng, accumulation)
     }
 
-    /// Writes extra artifacts into a checkpoint directory before it is published (e.g. the
-    /// PEFT adapter). The default writes nothing.
-    fn export(&self, _dir: &Path) -> Result<()> {
+    /// Writes extra artifacts into the checkpoint directory of optimizer step `step` before it
+    /// is published (e.g. the PEFT adapter). The default writes nothing.
+    fn export(&self, _dir: &Path, _step: u64) -> Result<()> {
         Ok(())
     }
 }
@@ -189,6 +194,26 @@ pub fn plain_forward_backward<O: Objective + ?Sized>(
     ))
 }
 
+/// The mean of the values a step's micro-batches report (`None` when none reports one).
+#[derive(Debug, Default)]
+struct Mean {
+    sum: f64,
+    n: u64,
+}
+
+impl Mean {
+    fn add(&mut self, v: Option<f64>) {
+        if let Some(v) = v {
+            self.sum += v;
+            self.n += 1;
+        }
+    }
+
+    fn get(&self) -> Option<f64> {
+        (self.n > 0).then(|| self.sum / self.n as f64)
+    }
+}
+
 /// Runs (or, with `resume`, continues) training until `max_steps`.
 pub fn train<O, D>(
     obj: &mut O,
@@ -257,7 +282,9 @@ where
             break;
         }
         let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
-        let (mut loss_sum, mut acc_sum, mut l1_sum, mut n_acc) = (0f64, 0f64, 0f64, 0u64);
+        let mut loss_sum = 0f64;
+        let (mut accuracy, mut l1, mut next_l1) =
+            (Mean::default(), Mean::default(), Mean::default());
         for _ in 0..cfg.grad_accumulation {
             let batch = data.next_batch()?;
             let (out, grads) = obj.forward_backward(&batch, &mut rng, cfg.grad_accumulation)?;
@@ -271,11 +298,9 @@ where
                 });
             }
             loss_sum += l as f64;
-            if let (Some(a), Some(b)) = (out.action_accuracy, out.action_l1_loss) {
-                acc_sum += a;
-                l1_sum += b;
-                n_acc += 1;
-            }
+            accuracy.add(out.action_accuracy);
+            l1.add(out.action_l1_loss);
+            next_l1.add(out.next_actions_l1_loss);
             for (name, var) in &params {
                 if let Some(g) = grads.get(var) {
                     add_grads(&mut acc, name, g)?;
@@ -291,8 +316,9 @@ where
         let rec = MetricsRecord {
             step,
             loss: loss_sum / k,
-            action_accuracy: (n_acc > 0).then(|| acc_sum / n_acc as f64),
-            action_l1_loss: (n_acc > 0).then(|| l1_sum / n_acc as f64),
+            action_accuracy: accuracy.get(),
+            action_l1_loss: l1.get(),
+            next_actions_l1_loss: next_l1.get(),
             lr: cfg.adamw.lr,
             steps_per_s: sps,
             elapsed_s: elapsed,
@@ -310,7 +336,8 @@ where
                 fingerprint: cfg.fingerprint.clone(),
                 loss: last_loss,
             };
-            let dir = save_checkpoint(&cfg.run_dir, &params, &opt, &state, |d| obj.export(d))?;
+            let dir =
+                save_checkpoint(&cfg.run_dir, &params, &opt, &state, |d| obj.export(d, step))?;
             prune_checkpoints(&cfg.run_dir, cfg.keep_last)?;
             write_svg(&plot_path(&cfg.run_dir), &records, &title)?;
             last_checkpoint = Some(dir);

@@ -120,10 +120,11 @@ impl Objective for Softmax {
             loss: loss.loss,
             action_accuracy: Some(0.5),
             action_l1_loss: Some(0.1),
+            next_actions_l1_loss: None,
         })
     }
 
-    fn export(&self, dir: &Path) -> Result<()> {
+    fn export(&self, dir: &Path, _step: u64) -> Result<()> {
         std::fs::write(dir.join("exported.txt"), "ok").map_err(|e| TrainError::io(dir, e))
     }
 }

@@ -7,8 +7,10 @@
 //! * [`params`]: every checkpoint tensor by its HF name, trained ones as float32 `Var`s.
 //! * [`ops`]: the differentiable building blocks (linear with LoRA, norms, softmax, rope).
 //! * [`vit`], [`projector`], [`llama`]: the three stages.
+//! * [`head`]: OFT's L1 action head and proprio projector (trained in full).
 //! * [`vla`]: [`OpenVlaTrain`], the [`TrainModel`](crate::seam::TrainModel) implementation.
 
+pub mod head;
 pub mod llama;
 pub mod ops;
 pub mod params;

@@ -9,7 +9,7 @@ use crate::error::{Result, TrainError};
 use crate::lora::{LoraLayer, ModuleInfo};
 use crate::mode::{is_trainable, TrainMode};
 use crate::recompute::{backward_blocks, backward_through, forward_blocks, Grads};
-use crate::seam::{TrainLogits, TrainModel};
+use crate::seam::{Attention, TrainLogits, TrainModel, TrunkInputs, TrunkOutput};
 use candle_core::{DType, Device, Tensor, Var};
 use openvla::config::Variant;
 use openvla::ModelConfig;
@@ -93,33 +93,57 @@ impl OpenVlaTrain {
         &self.params
     }
 
-    /// Fused patch features `[B, P, vision_dim]` of `pixel_values [B, 3·towers, H, W]`.
-    pub fn vision(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let c = pixel_values.dim(1)?;
-        if c != 3 * self.towers.len() {
+    /// Images per sample in `pixel_values [B, images·3·towers, H, W]`, and the pixel values
+    /// regrouped as one image per row: `[B·images, 3·towers, H, W]` (sample-major).
+    fn per_image(&self, pixel_values: &Tensor) -> Result<(usize, Tensor)> {
+        let per = 3 * self.towers.len();
+        let (b, c, h, w) = pixel_values.dims4()?;
+        if c == 0 || c % per != 0 {
             return Err(TrainError::Invalid(format!(
-                "pixel_values have {c} channels; this model's backbone expects {}",
-                3 * self.towers.len()
+                "pixel_values have {c} channels; this model's backbone expects {per} per image \
+                 (3 per vision tower)"
             )));
         }
+        let n = c / per;
+        Ok((n, pixel_values.contiguous()?.reshape((b * n, per, h, w))?))
+    }
+
+    /// Fused patch features `[B, images·P, vision_dim]` of `pixel_values
+    /// [B, images·3·towers, H, W]`: each image through the towers, patches in image order.
+    pub fn vision(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let b = pixel_values.dim(0)?;
+        let (n, pixels) = self.per_image(pixel_values)?;
         let per_tower = self
             .towers
             .iter()
             .enumerate()
-            .map(|(i, t)| t.forward(&self.params, &pixel_values.narrow(1, 3 * i, 3)?))
+            .map(|(i, t)| t.forward(&self.params, &pixels.narrow(1, 3 * i, 3)?))
             .collect::<Result<Vec<_>>>()?;
-        Ok(if per_tower.len() == 1 {
+        let fused = if per_tower.len() == 1 {
             per_tower[0].clone()
         } else {
             Tensor::cat(&per_tower, 2)?
-        })
+        };
+        Self::images_to_sequence(&fused, b, n)
     }
 
-    /// The additive attention mask `[B, 1, S, S]` of the multimodal sequence: causal, and keys
-    /// masked where `[mask[:, :1], ones(P), mask[:, 1:]]` is 0 (right padding).
-    pub fn multimodal_mask(&self, attention_mask: &Tensor, device: &Device) -> Result<Tensor> {
+    /// `[B·images, P, F]` -> `[B, images·P, F]` (each sample's images in order).
+    fn images_to_sequence(x: &Tensor, b: usize, n: usize) -> Result<Tensor> {
+        let (_, p, f) = x.dims3()?;
+        Ok(x.reshape((b, n * p, f))?)
+    }
+
+    /// The additive attention mask `[B, 1, S, S]` of the multimodal sequence
+    /// `[BOS, prefix positions, rest]`: keys masked where `[mask[:, :1], ones(prefix),
+    /// mask[:, 1:]]` is 0 (right padding), and, for causal attention, keys after the query.
+    pub fn multimodal_mask(
+        &self,
+        attention_mask: &Tensor,
+        prefix: usize,
+        attention: Attention,
+        device: &Device,
+    ) -> Result<Tensor> {
         let m = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let np = self.num_patches();
         let b = m.len();
         let t = m.first().map(|r| r.len()).unwrap_or(0);
         if t == 0 {
@@ -127,24 +151,25 @@ impl OpenVlaTrain {
                 "attention_mask is empty (BOS is required)".into(),
             ));
         }
-        let s = t + np;
+        let s = t + prefix;
+        let causal = attention == Attention::Causal;
         let mut out = vec![0f32; b * s * s];
         for (row, mr) in m.iter().enumerate() {
             let key_ok: Vec<bool> = (0..s)
                 .map(|j| {
                     if j == 0 {
                         mr[0] != 0.0
-                    } else if j <= np {
+                    } else if j <= prefix {
                         true
                     } else {
-                        mr[j - np] != 0.0
+                        mr[j - prefix] != 0.0
                     }
                 })
                 .collect();
             let base = row * s * s;
             for i in 0..s {
                 for j in 0..s {
-                    if j > i || !key_ok[j] {
+                    if (causal && j > i) || !key_ok[j] {
                         out[base + i * s + j] = MASKED;
                     }
                 }
@@ -154,73 +179,99 @@ impl OpenVlaTrain {
     }
 
     /// Checks the batch's shapes; returns the pixel values as float32.
-    fn check_inputs(
-        &self,
-        pixel_values: &Tensor,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+    fn check_inputs(&self, inputs: &TrunkInputs<'_>) -> Result<Tensor> {
+        let (b, t) = inputs.input_ids.dims2()?;
         if t == 0 {
             return Err(TrainError::Invalid(
                 "input_ids are empty (BOS is required)".into(),
             ));
         }
-        if attention_mask.dims2()? != (b, t) || pixel_values.dim(0)? != b {
+        let bad_extra = match inputs.extra_tokens {
+            Some(e) => e.rank() != 3 || e.dim(0)? != b || e.dim(2)? != self.hidden_size(),
+            None => false,
+        };
+        let bad_zeroed = match inputs.zeroed {
+            Some(z) => z.dims() != [b, t],
+            None => false,
+        };
+        if inputs.attention_mask.dims2()? != (b, t)
+            || inputs.pixel_values.dim(0)? != b
+            || bad_extra
+            || bad_zeroed
+        {
             return Err(TrainError::Invalid(format!(
-                "batch shapes disagree: input_ids {:?}, attention_mask {:?}, pixel_values {:?}",
-                input_ids.dims(),
-                attention_mask.dims(),
-                pixel_values.dims()
+                "batch shapes disagree: input_ids {:?}, attention_mask {:?}, pixel_values {:?}, \
+                 extra tokens {:?} (expected [B, n, {}]), zeroed {:?}",
+                inputs.input_ids.dims(),
+                inputs.attention_mask.dims(),
+                inputs.pixel_values.dims(),
+                inputs.extra_tokens.map(|e| e.dims().to_vec()),
+                self.hidden_size(),
+                inputs.zeroed.map(|z| z.dims().to_vec()),
             )));
         }
-        Ok(pixel_values.to_dtype(DType::F32)?)
+        Ok(inputs.pixel_values.to_dtype(DType::F32)?)
     }
 
-    /// The LLM's input `[BOS, projected patches, rest of the prompt]` (`[B, P + T, D]`).
-    fn sequence(&self, projected: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
-        if projected.dim(1)? != self.num_patches() {
+    /// The LLM's hidden size.
+    pub fn hidden_size(&self) -> usize {
+        self.config.text.hidden_size
+    }
+
+    /// The LLM's input `[BOS, projected patches, extra tokens, rest of the prompt]`
+    /// (`[B, prefix + T, D]`), with the `zeroed` positions' embeddings replaced by zeros;
+    /// returns it and `prefix`.
+    fn sequence(
+        &self,
+        projected: &Tensor,
+        images: usize,
+        inputs: &TrunkInputs<'_>,
+    ) -> Result<(Tensor, usize)> {
+        if projected.dim(1)? != images * self.num_patches() {
             return Err(TrainError::Invalid(format!(
-                "the image gives {} patches; the model expects {} (wrong image size?)",
-                projected.dim(1)?,
+                "the images give {} patches; the model expects {} per image (wrong image size?)",
+                projected.dim(1)? / images.max(1),
                 self.num_patches()
             )));
         }
-        let t = input_ids.dim(1)?;
-        let text = self.llm.embed(input_ids)?;
-        Ok(Tensor::cat(
-            &[
-                &text.narrow(1, 0, 1)?,
-                projected,
-                &text.narrow(1, 1, t - 1)?,
-            ],
-            1,
-        )?)
+        let t = inputs.input_ids.dim(1)?;
+        let mut text = self.llm.embed(inputs.input_ids)?;
+        if let Some(z) = inputs.zeroed {
+            let keep = (1.0 - z.to_dtype(DType::F32)?)?.unsqueeze(2)?;
+            text = text.broadcast_mul(&keep)?;
+        }
+        let mut parts = vec![text.narrow(1, 0, 1)?, projected.clone()];
+        if let Some(e) = inputs.extra_tokens {
+            parts.push(e.to_dtype(DType::F32)?);
+        }
+        let prefix = projected.dim(1)? + inputs.extra_tokens.map_or(Ok(0), |e| e.dim(1))?;
+        parts.push(text.narrow(1, 1, t - 1)?);
+        Ok((Tensor::cat(&parts, 1)?, prefix))
     }
 
     /// The forward of the full multimodal sequence up to the final norm: hidden states
-    /// `[B, P + T, D]`.
+    /// `[B, P + T, D]` (OpenVLA's causal inputs).
     pub fn hidden_states(
         &self,
         pixel_values: &Tensor,
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Tensor> {
-        let pixel_values = self.check_inputs(pixel_values, input_ids, attention_mask)?;
-        let projected = self
-            .projector
-            .forward(&self.params, &self.vision(&pixel_values)?)?;
-        let seq = self.sequence(&projected, input_ids)?;
-        let mask = self.multimodal_mask(attention_mask, seq.device())?;
-        self.llm.forward(&self.params, &seq, &mask)
+        Ok(self
+            .trunk_forward(&TrunkInputs::causal(
+                pixel_values,
+                input_ids,
+                attention_mask,
+            ))?
+            .hidden)
     }
 
-    /// The logits the objectives read, from the hidden states.
-    fn train_logits(&self, hidden: &Tensor) -> Result<TrainLogits> {
+    /// The logits the 256-bin objective reads, from the trunk's output.
+    fn train_logits(&self, out: &TrunkOutput) -> Result<TrainLogits> {
         // Patch positions predict patches (label -100): skip their logits.
-        let np = self.num_patches();
-        let s = hidden.dim(1)?;
-        let h = hidden.narrow(1, np, s - np)?;
+        let np = out.prefix;
+        let s = out.hidden.dim(1)?;
+        let h = out.hidden.narrow(1, np, s - np)?;
         Ok(TrainLogits {
             logits: self.llm.logits(&self.params, &h)?,
             offset: np,
@@ -239,8 +290,30 @@ impl TrainModel for OpenVlaTrain {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<TrainLogits> {
-        let hidden = self.hidden_states(pixel_values, input_ids, attention_mask)?;
-        self.train_logits(&hidden)
+        let out = self.trunk_forward(&TrunkInputs::causal(
+            pixel_values,
+            input_ids,
+            attention_mask,
+        ))?;
+        self.train_logits(&out)
+    }
+
+    fn trunk_forward(&self, inputs: &TrunkInputs<'_>) -> Result<TrunkOutput> {
+        let pixel_values = self.check_inputs(inputs)?;
+        let vision = self.vision(&pixel_values)?;
+        let images = pixel_values.dim(1)? / (3 * self.towers.len());
+        let projected = self.projector.forward(&self.params, &vision)?;
+        let (seq, prefix) = self.sequence(&projected, images, inputs)?;
+        let mask = self.multimodal_mask(
+            inputs.attention_mask,
+            prefix,
+            inputs.attention,
+            seq.device(),
+        )?;
+        Ok(TrunkOutput {
+            hidden: self.llm.forward(&self.params, &seq, &mask)?,
+            prefix,
+        })
     }
 
     fn named_parameters(&self) -> Vec<(String, Var)> {
@@ -256,20 +329,28 @@ impl TrainModel for OpenVlaTrain {
         lora: &[Arc<LoraLayer>],
         loss_of: &mut dyn FnMut(&TrainLogits) -> Result<Tensor>,
     ) -> Result<(Tensor, Grads)> {
+        let inputs = TrunkInputs::causal(pixel_values, input_ids, attention_mask);
+        let mut top = |out: &TrunkOutput| -> Result<Tensor> { loss_of(&self.train_logits(out)?) };
+        self.trunk_backward_checkpointed(&inputs, params, lora, &mut top)
+    }
+
+    fn trunk_backward_checkpointed(
+        &self,
+        inputs: &TrunkInputs<'_>,
+        params: &[(String, Var)],
+        lora: &[Arc<LoraLayer>],
+        top: &mut dyn FnMut(&TrunkOutput) -> Result<Tensor>,
+    ) -> Result<(Tensor, Grads)> {
         // Every vision block and decoder layer keeps only its input and is recomputed in a
         // backward driven block by block (crate::recompute); gradients equal forward_train +
         // backward's up to summation order.
         let p = &self.params;
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-        let pixels = self.check_inputs(pixel_values, input_ids, attention_mask)?;
-        let c = pixels.dim(1)?;
-        if c != 3 * self.towers.len() {
-            return Err(TrainError::Invalid(format!(
-                "pixel_values have {c} channels; this model's backbone expects {}",
-                3 * self.towers.len()
-            )));
-        }
-        // Vision: the stems keep their (small) graphs; the blocks are checkpointed.
+        let pixel_values = self.check_inputs(inputs)?;
+        let b = pixel_values.dim(0)?;
+        let (images, pixels) = self.per_image(&pixel_values)?;
+        // Vision (every image of every sample as one batch row): the stems keep their (small)
+        // graphs; the blocks are checkpointed.
         let mut towers = Vec::with_capacity(self.towers.len());
         for (i, t) in self.towers.iter().enumerate() {
             let stem = t.stem(p, &pixels.narrow(1, 3 * i, 3)?)?;
@@ -289,26 +370,32 @@ impl TrainModel for OpenVlaTrain {
         } else {
             Tensor::cat(&feats, 2)?
         };
+        let feats = Self::images_to_sequence(&feats, b, images)?;
         let projected = self.projector.forward(p, &feats)?;
-        let seq = self.sequence(&projected, input_ids)?;
-        let mask = self.multimodal_mask(attention_mask, seq.device())?;
+        let (seq, prefix) = self.sequence(&projected, images, inputs)?;
+        let mask = self.multimodal_mask(
+            inputs.attention_mask,
+            prefix,
+            inputs.attention,
+            seq.device(),
+        )?;
         let rope = self.llm.rope(&seq)?;
         let layer = |i: usize, h: &Tensor| self.llm.decoder_layer(p, i, h, &mask, &rope);
         let (out, llm_tape) = forward_blocks(&seq, self.llm.num_layers(), lora, &layer)?;
-        // The top: final norm, lm_head and the loss, with a plain backward.
-        let top = Var::from_tensor(&out)?;
-        let logits = self.train_logits(&self.llm.final_norm(top.as_tensor())?)?;
-        let loss = loss_of(&logits)?;
-        drop(logits);
+        // The top: final norm and the objective's head and loss, with a plain backward.
+        let top_var = Var::from_tensor(&out)?;
+        let hidden = self.llm.final_norm(top_var.as_tensor())?;
+        let loss = top(&TrunkOutput { hidden, prefix })?;
         let mut grads = Grads::new();
         let store = loss.backward()?;
         grads.absorb(&store, &vars)?;
-        let g_top = match store.get(top.as_tensor()) {
+        let g_top = match store.get(top_var.as_tensor()) {
             Some(g) => g.detach(),
-            None => top.as_tensor().zeros_like()?,
+            None => top_var.as_tensor().zeros_like()?,
         };
         drop(store);
-        // The decoder, layer by layer, then the projector and embeddings in one pass.
+        // The decoder, layer by layer, then the projector, embeddings and extra tokens in one
+        // pass.
         let g_seq = backward_blocks(&llm_tape, &g_top, lora, &layer, &vars, &mut grads)?;
         drop(llm_tape);
         let store = backward_through(&seq, &g_seq)?;

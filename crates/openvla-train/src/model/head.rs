@@ -1,0 +1,307 @@
+//! The OpenVLA-OFT modules outside the VLA, for training: the MLPResNet L1 action head and the
+//! proprio projector (the same math as `openvla::head::MlpResNet` and
+//! `openvla::oft::proprio::ProprioProjector`, written with differentiable ops and float32
+//! `Var`s).
+//!
+//! Tensor names are the reference's `state_dict` keys without DDP's `module.` prefix
+//! (`model.fc1.weight`, `fc1.weight`, ...), so a head read from a published
+//! `action_head--<step>_checkpoint.pt` ([`openvla::oft::pt::StateDict`]) trains on and is
+//! written back under the same names.
+//!
+//! A fresh module is initialized as PyTorch initializes the reference's modules (`nn.Linear`:
+//! weight and bias uniform in `±1/sqrt(fan_in)`; `nn.LayerNorm`: weight 1, bias 0), from the
+//! run's seed.
+
+use super::ops::{layer_norm, linear};
+use crate::error::{Result, TrainError};
+use crate::rng::TrainRng;
+use candle_core::{DType, Device, Tensor, Var};
+use openvla::head::LAYER_NORM_EPS;
+use openvla::oft::pt::StateDict;
+
+/// Residual blocks of the reference's L1 head (`L1RegressionActionHead`: `num_blocks=2`).
+pub const L1_HEAD_BLOCKS: usize = 2;
+
+/// Named float32 parameters of a module, in `state_dict` order.
+#[derive(Debug, Clone)]
+struct Named(Vec<(String, Var)>);
+
+impl Named {
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor())
+            .ok_or_else(|| TrainError::Invalid(format!("missing head parameter {name}")))
+    }
+
+    fn linear(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        linear(
+            x,
+            self.get(&format!("{prefix}.weight"))?,
+            Some(self.get(&format!("{prefix}.bias"))?),
+        )
+    }
+
+    fn layer_norm(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        layer_norm(
+            x,
+            self.get(&format!("{prefix}.weight"))?,
+            self.get(&format!("{prefix}.bias"))?,
+            LAYER_NORM_EPS as f64,
+        )
+    }
+
+    /// `nn.Linear(fin, fout)`'s default initialization (kaiming-uniform with `a = sqrt(5)`,
+    /// i.e. weight and bias uniform in `±1/sqrt(fin)`).
+    fn push_linear(
+        &mut self,
+        prefix: &str,
+        fin: usize,
+        fout: usize,
+        rng: &mut TrainRng,
+    ) -> Result<()> {
+        let bound = 1.0 / (fin as f64).sqrt();
+        let mut uniform = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
+                .collect()
+        };
+        let w = uniform(fout * fin);
+        let b = uniform(fout);
+        self.0.push((
+            format!("{prefix}.weight"),
+            Var::from_vec(w, (fout, fin), &Device::Cpu)?,
+        ));
+        self.0.push((
+            format!("{prefix}.bias"),
+            Var::from_vec(b, fout, &Device::Cpu)?,
+        ));
+        Ok(())
+    }
+
+    /// `nn.LayerNorm(dim)`'s initialization: weight 1, bias 0.
+    fn push_layer_norm(&mut self, prefix: &str, dim: usize) -> Result<()> {
+        self.0.push((
+            format!("{prefix}.weight"),
+            Var::ones(dim, DType::F32, &Device::Cpu)?,
+        ));
+        self.0.push((
+            format!("{prefix}.bias"),
+            Var::zeros(dim, DType::F32, &Device::Cpu)?,
+        ));
+        Ok(())
+    }
+
+    /// Float32 `Var`s of every tensor of `sd`, whose names must be exactly `expected`
+    /// (in that order) with the shapes that `fresh` has.
+    fn from_state_dict(sd: &StateDict, fresh: &Named) -> Result<Named> {
+        let have: Vec<&str> = sd.names().collect();
+        let want: Vec<&str> = fresh.0.iter().map(|(n, _)| n.as_str()).collect();
+        let mut sorted_want = want.clone();
+        sorted_want.sort_unstable();
+        if have != sorted_want {
+            return Err(TrainError::checkpoint(
+                sd.path(),
+                format!(
+                    "holds the tensors [{}], expected [{}]",
+                    have.join(", "),
+                    want.join(", ")
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(fresh.0.len());
+        for (name, v) in &fresh.0 {
+            let t = sd.get_shaped(name, v.dims()).map_err(|e| {
+                TrainError::checkpoint(sd.path(), format!("{e} (for this model and data)"))
+            })?;
+            out.push((name.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?)?));
+        }
+        Ok(Named(out))
+    }
+}
+
+/// OFT's `L1RegressionActionHead`: MLPResNet `LayerNorm(D·H) → fc1 → ReLU → blocks of
+/// x + ReLU(Linear(LayerNorm(x))) → LayerNorm → fc2`, mapping `[B, K, D·H]` to the normalized
+/// chunk `[B, K, D]`.
+#[derive(Debug, Clone)]
+pub struct L1HeadTrain {
+    params: Named,
+    llm_dim: usize,
+    action_dim: usize,
+}
+
+impl L1HeadTrain {
+    /// The names and shapes of a head for `llm_dim` and `action_dim`, freshly initialized.
+    pub fn init(llm_dim: usize, action_dim: usize, rng: &mut TrainRng) -> Result<Self> {
+        if llm_dim == 0 || action_dim == 0 {
+            return Err(TrainError::Invalid(format!(
+                "an L1 head needs a positive LLM width and action dimension, got {llm_dim} and \
+                 {action_dim}"
+            )));
+        }
+        let input = llm_dim * action_dim;
+        let mut p = Named(Vec::new());
+        p.push_layer_norm("model.layer_norm1", input)?;
+        p.push_linear("model.fc1", input, llm_dim, rng)?;
+        for i in 0..L1_HEAD_BLOCKS {
+            let pre = format!("model.mlp_resnet_blocks.{i}.ffn");
+            p.push_layer_norm(&format!("{pre}.0"), llm_dim)?;
+            p.push_linear(&format!("{pre}.1"), llm_dim, llm_dim, rng)?;
+        }
+        p.push_layer_norm("model.layer_norm2", llm_dim)?;
+        p.push_linear("model.fc2", llm_dim, action_dim, rng)?;
+        Ok(Self {
+            params: p,
+            llm_dim,
+            action_dim,
+        })
+    }
+
+    /// The head of a checkpoint's `action_head--*.pt` (keys without `module.`), checked to
+    /// have exactly the tensors and shapes of a head for `llm_dim` and `action_dim`.
+    pub fn from_state_dict(sd: &StateDict, llm_dim: usize, action_dim: usize) -> Result<Self> {
+        let fresh = Self::init(llm_dim, action_dim, &mut TrainRng::new(0))?;
+        Ok(Self {
+            params: Named::from_state_dict(sd, &fresh.params)?,
+            llm_dim,
+            action_dim,
+        })
+    }
+
+    /// The action dimension D.
+    pub fn action_dim(&self) -> usize {
+        self.action_dim
+    }
+
+    /// The parameters by `state_dict` name (without `module.`).
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.params.0.clone()
+    }
+
+    /// `x [B, K, D·H]` → normalized actions `[B, K, D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let want = self.llm_dim * self.action_dim;
+        if x.rank() != 3 || x.dim(2)? != want {
+            return Err(TrainError::Invalid(format!(
+                "action head input is {:?}; the head expects [B, K, {want}]",
+                x.dims()
+            )));
+        }
+        let p = &self.params;
+        let mut h = p
+            .linear("model.fc1", &p.layer_norm("model.layer_norm1", x)?)?
+            .relu()?;
+        for i in 0..L1_HEAD_BLOCKS {
+            let pre = format!("model.mlp_resnet_blocks.{i}.ffn");
+            let branch = p
+                .linear(&format!("{pre}.1"), &p.layer_norm(&format!("{pre}.0"), &h)?)?
+                .relu()?;
+            h = (h + branch)?;
+        }
+        p.linear("model.fc2", &p.layer_norm("model.layer_norm2", &h)?)
+    }
+}
+
+/// OFT's `ProprioProjector`: `fc1 (P → H) → GELU (exact) → fc2 (H → H)`, one token per sample.
+#[derive(Debug, Clone)]
+pub struct ProprioProjectorTrain {
+    params: Named,
+    proprio_dim: usize,
+}
+
+impl ProprioProjectorTrain {
+    /// A fresh projector from `proprio_dim` to `llm_dim`.
+    pub fn init(proprio_dim: usize, llm_dim: usize, rng: &mut TrainRng) -> Result<Self> {
+        if proprio_dim == 0 {
+            return Err(TrainError::Invalid(
+                "the proprio state has no dimensions".into(),
+            ));
+        }
+        let mut p = Named(Vec::new());
+        p.push_linear("fc1", proprio_dim, llm_dim, rng)?;
+        p.push_linear("fc2", llm_dim, llm_dim, rng)?;
+        Ok(Self {
+            params: p,
+            proprio_dim,
+        })
+    }
+
+    /// The projector of a checkpoint's `proprio_projector--*.pt`, checked against the shapes.
+    pub fn from_state_dict(sd: &StateDict, proprio_dim: usize, llm_dim: usize) -> Result<Self> {
+        let fresh = Self::init(proprio_dim, llm_dim, &mut TrainRng::new(0))?;
+        Ok(Self {
+            params: Named::from_state_dict(sd, &fresh.params)?,
+            proprio_dim,
+        })
+    }
+
+    /// The input width.
+    pub fn proprio_dim(&self) -> usize {
+        self.proprio_dim
+    }
+
+    /// The parameters by `state_dict` name.
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.params.0.clone()
+    }
+
+    /// Normalized proprio `[B, P]` → one token per sample `[B, 1, H]`.
+    pub fn forward(&self, proprio: &Tensor) -> Result<Tensor> {
+        if proprio.rank() != 2 || proprio.dim(1)? != self.proprio_dim {
+            return Err(TrainError::Invalid(format!(
+                "proprio is {:?}; the projector expects [B, {}]",
+                proprio.dims(),
+                self.proprio_dim
+            )));
+        }
+        let h = self.params.linear("fc1", proprio)?.gelu_erf()?;
+        Ok(self.params.linear("fc2", &h)?.unsqueeze(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_modules_follow_pytorch_defaults() {
+        let mut rng = TrainRng::new(3);
+        let head = L1HeadTrain::init(8, 3, &mut rng).unwrap();
+        let names: Vec<String> = head.named_parameters().into_iter().map(|p| p.0).collect();
+        assert_eq!(names.len(), 8 + 4 * L1_HEAD_BLOCKS, "{names:?}");
+        for (n, v) in head.named_parameters() {
+            let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            if n.contains("layer_norm") || n.ends_with("ffn.0.weight") || n.ends_with("ffn.0.bias")
+            {
+                let want = if n.ends_with("weight") { 1.0 } else { 0.0 };
+                assert!(x.iter().all(|&v| v == want), "{n}");
+            } else {
+                let fin = if n.starts_with("model.fc1") {
+                    24.0f32
+                } else {
+                    8.0
+                };
+                let bound = 1.0 / fin.sqrt();
+                assert!(x.iter().all(|v| v.abs() <= bound), "{n}");
+                // Not degenerate: spread over the interval.
+                let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(max > 0.5 * bound, "{n}: max {max} of bound {bound}");
+            }
+        }
+        let y = head
+            .forward(&Tensor::ones((2, 5, 24), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(y.dims(), [2, 5, 3]);
+        let err = head
+            .forward(&Tensor::ones((2, 5, 23), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[B, K, 24]"), "{err}");
+        let proj = ProprioProjectorTrain::init(4, 8, &mut rng).unwrap();
+        let t = proj
+            .forward(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(t.dims(), [2, 1, 8]);
+    }
+}
