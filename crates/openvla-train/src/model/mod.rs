@@ -9,6 +9,8 @@
 //! * [`vit`], [`projector`], [`llama`]: the three stages.
 //! * [`vla`]: [`OpenVlaTrain`], the [`TrainModel`](crate::seam::TrainModel) implementation.
 
+pub mod fused;
+pub mod fused_reference;
 pub mod llama;
 pub mod ops;
 pub mod params;
