@@ -6,10 +6,13 @@
 //!
 //! * [`params`]: every checkpoint tensor by its HF name, trained ones as float32 `Var`s.
 //! * [`ops`]: the differentiable building blocks (linear with LoRA, norms, softmax, rope).
+//! * [`fused`]: fused CPU forward kernels with hand-written backwards behind `ops`.
 //! * [`vit`], [`projector`], [`llama`]: the three stages.
 //! * [`head`]: OFT's L1 action head and proprio projector (trained in full).
 //! * [`vla`]: [`OpenVlaTrain`], the [`TrainModel`](crate::seam::TrainModel) implementation.
 
+pub mod fused;
+pub mod fused_reference;
 pub mod head;
 pub mod llama;
 pub mod ops;

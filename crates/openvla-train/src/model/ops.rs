@@ -1,10 +1,16 @@
 //! Differentiable building blocks. Every op here records a backward in candle 0.11.1; none of
-//! the fused kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rotary_emb::rope*`) is used.
+//! candle's fused kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rotary_emb::rope*`,
+//! which have no backward) is used. The norms, softmax, GELU, SwiGLU product, rotary embedding
+//! and linear layers are this crate's fused ops with hand-written backward passes
+//! ([`super::fused`]); the tests keep the earlier compositions of candle ops as references.
 
+use super::fused::{
+    linear_bwd, linear_fwd, GeluKind, GeluOp, LayerNormOp, LinearOp, RmsNormOp, RopeOp, SiluMulOp,
+    SoftmaxOp,
+};
 use super::params::ParamStore;
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
-use openvla::kernels::activation::f32_contiguous;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 /// A Linear (or a Conv2d whose kernel equals its stride, seen as a Linear over flattened
 /// patches) by module name; its LoRA branch, if any, is looked up in the [`ParamStore`].
@@ -47,23 +53,23 @@ impl Linear {
     }
 }
 
-/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one 2-D product. A frozen weight (one that
-/// records no op: not a `Var` and not derived from one) goes through [`FrozenMatmul`], whose
-/// backward yields only the input's gradient.
+/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one 2-D product on the packed sgemm
+/// ([`LinearOp`]). Its backward computes the input's, the weight's and the bias's gradients
+/// only where they are wanted: a frozen weight (float32 or bf16, widened tile by tile, one that
+/// records no op) gets none, as [`FrozenMatmul`].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let fin = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / fin.max(1);
-    let x2 = x.reshape((rows, fin))?;
-    let y = if w.track_op() {
-        x2.matmul(&as_f32(w)?.t()?)?
+    let x2 = x.reshape((rows, fin))?.contiguous()?;
+    let w = if w.dtype() == DType::F32 || w.dtype() == DType::BF16 || w.dtype() == DType::F16 {
+        w.contiguous()?
     } else {
-        x2.contiguous()?
-            .apply_op1(FrozenMatmul { weight: w.clone() })?
+        as_f32(w)?.contiguous()?
     };
     let y = match b {
-        Some(b) => y.broadcast_add(&as_f32(b)?)?,
-        None => y,
+        Some(b) => x2.apply_op3(&w, &as_f32(b)?.contiguous()?, LinearOp)?,
+        None => x2.apply_op2(&w, LinearOp)?,
     };
     let mut out = dims;
     if let Some(last) = out.last_mut() {
@@ -72,13 +78,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
-/// `x W^T` with a frozen `W` (`[out, in]`, float32 or bf16, widened per call) as a custom op.
+/// `x W^T` with a frozen `W` (`[out, in]`, float32 or bf16, widened per tile) as a custom op.
 ///
 /// candle's `matmul` backward computes the gradient of both operands, so a frozen weight would
 /// cost one extra weight-sized product per layer and a weight-sized gradient that stays in the
 /// `GradStore` until the step ends (the whole model's size again, for LoRA). This op's backward
-/// returns only `grad · W`; a bf16 weight is also never kept widened between forward and
-/// backward.
+/// returns only `grad · W`. [`linear`] gets the same from [`LinearOp`] with the weight as an
+/// operand that records no op.
 #[derive(Debug, Clone)]
 pub struct FrozenMatmul {
     /// `[out, in]`.
@@ -95,26 +101,21 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_contiguous(storage, layout, self.name())?;
-        let (rows, fin) = layout.shape().dims2()?;
-        let x = Tensor::from_slice(x, (rows, fin), &Device::Cpu)?;
-        let w = self.weight.to_dtype(DType::F32)?;
-        let y = x.matmul(&w.t()?)?;
-        let out = w.dim(0)?;
-        Ok((
-            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            Shape::from((rows, out)),
-        ))
+        let w = self.weight.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            candle_core::Storage::Cpu(wc) => linear_fwd((storage, layout), (wc, wl), None),
+            _ => candle_core::bail!("frozen-matmul runs on the CPU only"),
+        }
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        arg: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let w = self.weight.to_dtype(DType::F32)?;
-        Ok(Some(grad_res.contiguous()?.matmul(&w)?))
+        Ok(linear_bwd(arg, &self.weight.detach(), grad_res, false)?.0)
     }
 }
 
@@ -127,20 +128,39 @@ pub fn as_f32(t: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// LayerNorm over the last dimension (biased variance, as torch).
+/// LayerNorm over the last dimension (biased variance, as torch), one fused op
+/// ([`LayerNormOp`]) with the gradients of `x`, `w` and `b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+    Ok(x.contiguous()?.apply_op3(
+        &as_f32(w)?.contiguous()?,
+        &as_f32(b)?.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )?)
 }
 
-/// Llama RMSNorm: `w * x / sqrt(mean(x^2) + eps)`.
+/// Llama RMSNorm `w * x / sqrt(mean(x^2) + eps)`, one fused op ([`RmsNormOp`]).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    Ok(y.broadcast_mul(w)?)
+    Ok(x.contiguous()?
+        .apply_op2(&as_f32(w)?.contiguous()?, RmsNormOp { eps: eps as f32 })?)
+}
+
+/// Exact (erf) GELU, one fused op with its analytic backward ([`GeluOp`]).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(GeluOp {
+        kind: GeluKind::Erf,
+    })?)
+}
+
+/// tanh-approximated GELU, one fused op with its analytic backward ([`GeluOp`]).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(GeluOp {
+        kind: GeluKind::Tanh,
+    })?)
+}
+
+/// `silu(gate) * up` (the SwiGLU product), one fused op ([`SiluMulOp`]).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMulOp)?)
 }
 
 /// Softmax over the last dimension (the max is subtracted as a constant), as one op.
@@ -165,94 +185,28 @@ pub fn masked_softmax(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax (optionally of `x + mask`, the mask broadcast over heads) with its analytic
-/// backward `dx = y * (dy - sum(dy * y))`.
+/// backward `dx = y * (dy - sum(dy * y))`: the fused [`SoftmaxOp`].
 ///
 /// Composed of candle ops (max, sub, exp, sum, div), the attention softmax is a chain of about
 /// 25 passes over the `[B, H, S, S]` scores in forward and backward (each node also gets a
-/// zero-filled gradient slot); fused it is 2 passes forward and 4 backward. On the tiny model at
-/// batch 16 the scores are the largest tensors of the step.
-#[derive(Debug, Clone)]
-pub struct MaskedSoftmax {
-    /// `[B, 1, S, K]` float32, contiguous.
-    pub mask: Option<Tensor>,
-}
-
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "masked-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let x = f32_contiguous(storage, layout, self.name())?;
-        let dims = layout.shape().dims();
-        let k = *dims.last().unwrap_or(&1);
-        let mut out = x.to_vec();
-        let mask: Option<Vec<f32>> = match &self.mask {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        // Row r of x is (batch, head, query) = (r / (H S), ., r % S) in [B, H, S, K].
-        let (heads, s) = if dims.len() == 4 {
-            (dims[1], dims[2])
-        } else {
-            (1, 1)
-        };
-        out.par_chunks_mut(k.max(1))
-            .enumerate()
-            .for_each(|(r, row)| {
-                if let Some(m) = &mask {
-                    let bi = r / (heads * s);
-                    let qi = r % s;
-                    let mrow = &m[(bi * s + qi) * k..(bi * s + qi + 1) * k];
-                    for (x, m) in row.iter_mut().zip(mrow) {
-                        *x += m;
-                    }
-                }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                for x in row.iter_mut() {
-                    *x /= sum;
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let gy = (grad * res)?;
-        let s = gy.sum_keepdim(D::Minus1)?;
-        Ok(Some(res.mul(&grad.broadcast_sub(&s)?)?))
-    }
-}
+/// zero-filled gradient slot); fused it is 2 passes forward and 2 backward.
+pub type MaskedSoftmax = SoftmaxOp;
 
 /// Half-rotation rotary embedding (HF `rotate_half`): `x cos + rotate_half(x) sin` for
-/// `x [B, H, T, hd]` and tables `[T, hd]`.
+/// `x [B, H, T, hd]` and tables `[T, hd]`, one fused op ([`RopeOp`]; the tables get no
+/// gradient).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let half = hd / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+    Ok(x.contiguous()?.apply_op3(
+        &as_f32(cos)?.contiguous()?,
+        &as_f32(sin)?.contiguous()?,
+        RopeOp,
+    )?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let d = (a - b)
@@ -379,6 +333,207 @@ mod tests {
         let plain = softmax_last(x.as_tensor()).unwrap();
         let sums = plain.sum_keepdim(D::Minus1).unwrap();
         close(&sums, &sums.ones_like().unwrap(), 1e-6);
+    }
+
+    /// The compositions of candle ops the model used before the fused ops (references).
+    mod composed {
+        use crate::model::fused_reference as r;
+        use candle_core::Tensor;
+
+        pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+            r::layer_norm(x, w, b, eps).unwrap()
+        }
+        pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+            r::rms_norm(x, w, eps).unwrap()
+        }
+        pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+            r::rope(x, cos, sin).unwrap()
+        }
+        pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+            r::linear(x, w, b).unwrap()
+        }
+    }
+
+    /// Relative max difference `max|a - b| / max|b|`.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let s = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-30)
+    }
+
+    /// Checks that `f` (fused) equals `g` (composed) on `inputs` within `tol` relative, and so
+    /// do the gradients of every input of `sum(f(inputs) * r)` for a random `r`.
+    fn same_values_and_grads(
+        inputs: &[Tensor],
+        f: &dyn Fn(&[Tensor]) -> Tensor,
+        g: &dyn Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let yf = f(&ts);
+        let yg = g(&ts);
+        assert_eq!(yf.dims(), yg.dims());
+        let e = rel(&yf, &yg);
+        assert!(e <= tol, "values differ by {e} relative (> {tol})");
+        let r = data(yf.dims(), 99);
+        let gf = (&yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gg = (&yg * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let a = gf
+                .get(v)
+                .unwrap_or_else(|| panic!("no fused gradient for input {i}"));
+            let b = gg.get(v).unwrap();
+            let e = rel(a, b);
+            assert!(
+                e <= 10.0 * tol,
+                "gradient of input {i} differs by {e} relative"
+            );
+        }
+    }
+
+    /// Checks the gradient of `sum(f(inputs) * r)` against central finite differences of the
+    /// op itself (evaluated in float32 at `x ± h`, summed in float64) at a few coordinates of
+    /// each input.
+    fn finite_differences(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let r = data(y.dims(), 77);
+        let loss = |ts: &[Tensor]| -> f64 {
+            (f(ts).to_dtype(DType::F64).unwrap() * r.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let h = 1e-2f32;
+        for (i, v) in vars.iter().enumerate() {
+            let g = grads
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let base = inputs[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for j in (0..base.len()).step_by((base.len() / 7).max(1)) {
+                let at = |delta: f32| -> f64 {
+                    let mut v = base.clone();
+                    v[j] += delta;
+                    let mut moved = ts.to_vec();
+                    moved[i] = Tensor::from_vec(v, inputs[i].dims(), &Device::Cpu).unwrap();
+                    loss(&moved)
+                };
+                let fd = ((at(h) - at(-h)) / (2.0 * h as f64)) as f32;
+                assert!(
+                    (fd - g[j]).abs() <= 2e-2 * scale.max(1.0),
+                    "input {i} element {j}: finite difference {fd}, backward {}",
+                    g[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_layer_norm_equals_the_composed_one_and_finite_differences() {
+        let inputs = [data(&[3, 7, 24], 11), data(&[24], 12), data(&[24], 13)];
+        let f = |t: &[Tensor]| layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap();
+        let g = |t: &[Tensor]| composed::layer_norm(&t[0], &t[1], &t[2], 1e-6);
+        same_values_and_grads(&inputs, &f, &g, 1e-6);
+        finite_differences(&inputs, &f);
+        // Odd widths take the scalar tails of the row sums.
+        let inputs = [data(&[5, 13], 14), data(&[13], 15), data(&[13], 16)];
+        same_values_and_grads(&inputs, &f, &g, 1e-6);
+    }
+
+    #[test]
+    fn fused_rms_norm_equals_the_composed_one_and_finite_differences() {
+        let inputs = [data(&[2, 9, 32], 21), data(&[32], 22)];
+        let f = |t: &[Tensor]| rms_norm(&t[0], &t[1], 1e-5).unwrap();
+        let g = |t: &[Tensor]| composed::rms_norm(&t[0], &t[1], 1e-5);
+        same_values_and_grads(&inputs, &f, &g, 1e-6);
+        finite_differences(&inputs, &f);
+        let inputs = [data(&[70, 11], 23), data(&[11], 24)];
+        same_values_and_grads(&inputs, &f, &g, 1e-6);
+    }
+
+    #[test]
+    fn fused_gelu_and_silu_mul_equal_candle_and_finite_differences() {
+        let x = (data(&[4, 5, 33], 31) * 2.0).unwrap();
+        let f = |t: &[Tensor]| gelu_erf(&t[0]).unwrap();
+        let g = |t: &[Tensor]| t[0].gelu_erf().unwrap();
+        // candle's gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942 (3e-7 relative).
+        same_values_and_grads(std::slice::from_ref(&x), &f, &g, 1e-6);
+        finite_differences(std::slice::from_ref(&x), &f);
+        let f = |t: &[Tensor]| gelu_tanh(&t[0]).unwrap();
+        let g = |t: &[Tensor]| t[0].gelu().unwrap();
+        same_values_and_grads(std::slice::from_ref(&x), &f, &g, 1e-6);
+        finite_differences(std::slice::from_ref(&x), &f);
+        let inputs = [x.clone(), data(&[4, 5, 33], 32)];
+        let f = |t: &[Tensor]| silu_mul(&t[0], &t[1]).unwrap();
+        let g = |t: &[Tensor]| (t[0].silu().unwrap() * &t[1]).unwrap();
+        same_values_and_grads(&inputs, &f, &g, 1e-6);
+        finite_differences(&inputs, &f);
+        assert!(silu_mul(&x, &data(&[4, 5, 32], 33)).is_err());
+    }
+
+    #[test]
+    fn fused_rope_equals_the_composed_one_and_finite_differences() {
+        let cos = data(&[6, 8], 41);
+        let sin = data(&[6, 8], 42);
+        let x = data(&[2, 3, 6, 8], 43);
+        let f = |t: &[Tensor]| rope(&t[0], &cos, &sin).unwrap();
+        let g = |t: &[Tensor]| composed::rope(&t[0], &cos, &sin);
+        same_values_and_grads(std::slice::from_ref(&x), &f, &g, 1e-6);
+        finite_differences(std::slice::from_ref(&x), &f);
+        assert!(rope(&x, &data(&[5, 8], 44), &data(&[5, 8], 45)).is_err());
+    }
+
+    #[test]
+    fn fused_linear_equals_matmul_for_every_operand_and_finite_differences() {
+        // Ragged sizes (not multiples of the sgemm's 6x32 tiles).
+        let inputs = [data(&[3, 13, 37], 51), data(&[45, 37], 52), data(&[45], 53)];
+        let f = |t: &[Tensor]| {
+            linear(&t[0], &t[1], Some(&t[2]))
+                .unwrap()
+                .flatten_to(1)
+                .unwrap()
+        };
+        let g = |t: &[Tensor]| composed::linear(&t[0], &t[1], Some(&t[2]));
+        same_values_and_grads(&inputs, &f, &g, 1e-5);
+        finite_differences(&inputs, &f);
+        let f = |t: &[Tensor]| linear(&t[0], &t[1], None).unwrap().flatten_to(1).unwrap();
+        let g = |t: &[Tensor]| composed::linear(&t[0], &t[1], None);
+        same_values_and_grads(&inputs[..2], &f, &g, 1e-5);
+        assert!(linear(&inputs[0], &data(&[45, 36], 54), None).is_err());
+    }
+
+    #[test]
+    fn fused_norm_weight_gradients_skip_frozen_operands() {
+        let x = Var::from_tensor(&data(&[4, 16], 61)).unwrap();
+        let w = data(&[16], 62);
+        let b = data(&[16], 63);
+        let y = layer_norm(x.as_tensor(), &w, &b, 1e-6).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_some());
+        assert!(
+            g.get(&w).is_none() && g.get(&b).is_none(),
+            "frozen w/b got gradients"
+        );
+        let y = rms_norm(x.as_tensor(), &w, 1e-6).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_some() && g.get(&w).is_none());
+        assert!(layer_norm(x.as_tensor(), &data(&[15], 64), &b, 1e-6).is_err());
     }
 
     #[test]

@@ -1,0 +1,960 @@
+//! Fused CPU float32 ops with hand-written backward passes (candle `CustomOp1/2/3::bwd`).
+//!
+//! candle 0.11.1's own fused kernels (`layer_norm`, `rms_norm`, `softmax_last_dim`, `rope`)
+//! record no backward, so the trainer used to compose these ops from `mean`/`sqr`/`sqrt`/`exp`/
+//! `narrow`/`cat`: a LayerNorm was about 10 graph nodes, each a fresh tensor in forward and two
+//! more (a zero-filled gradient slot and the sum into it) in backward. Here each is one node:
+//! one pass (or two) over the rows forward, one or two backward, and the backward's results
+//! are plain tensors that record no graph of their own.
+//!
+//! All ops read contiguous float32 CPU tensors (the wrappers in [`super::ops`] make them so);
+//! the training model runs on the CPU only. Row loops are split over rayon in fixed blocks of
+//! rows, and the reductions over rows (weight and bias gradients) sum fixed blocks in order, so
+//! results do not depend on the number of threads.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage,
+    Tensor,
+};
+use openvla::kernels::activation::{erf, f32_contiguous, gelu_slice, silu_mul_slice};
+use rayon::prelude::*;
+
+/// Rows per parallel task of the row-wise kernels (and per partial sum of the reductions).
+const ROW_BLOCK: usize = 32;
+/// Elements per parallel task of the element-wise kernels.
+const ELEM_BLOCK: usize = 1 << 14;
+
+/// `1/sqrt(2 pi)`.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+/// `sqrt(2/pi)` (the tanh GELU's scale).
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// Runs `f` on the float32 elements of `t` (made contiguous float32 first where needed).
+fn with_f32<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = if t.dtype() == DType::F32 && t.is_contiguous() {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(c) => f(f32_contiguous(c, layout, op)?),
+        _ => bail!("{op}: the fused training ops run on the CPU only"),
+    }
+}
+
+/// A new float32 CPU tensor (records no op).
+fn tensor(v: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+/// Width of the last dimension and number of rows of `shape`.
+fn rows_of(shape: &Shape, op: &str) -> candle_core::Result<(usize, usize)> {
+    let d = *shape.dims().last().unwrap_or(&1);
+    if d == 0 {
+        bail!("{op}: the last dimension is empty")
+    }
+    Ok((shape.elem_count() / d, d))
+}
+
+/// `Σ a·b` with eight partial sums (vectorizes; a fixed summation order).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() - a.len() % 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ar.iter().zip(br) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+/// `Σ a` with eight partial sums.
+#[inline]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() - a.len() % 8);
+    for x in ac.chunks_exact(8) {
+        for i in 0..8 {
+            acc[i] += x[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for x in ar {
+        s += x;
+    }
+    s
+}
+
+/// Sums the per-block partial vectors (each `width` long) in block order.
+fn sum_partials(parts: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; width];
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// LayerNorm over the last dimension (biased variance, as torch) with weight and bias:
+/// `apply_op3(x, w, b)`. Backward gives `dx`, and `dw`/`db` where those track gradients.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNormOp {
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+/// Mean and `1/sqrt(var + eps)` of one row.
+#[inline]
+fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = sum(x) / n;
+    let mut acc = [0f32; 8];
+    let (xc, xr) = x.split_at(x.len() - x.len() % 8);
+    for c in xc.chunks_exact(8) {
+        for i in 0..8 {
+            let d = c[i] - mean;
+            acc[i] = d.mul_add(d, acc[i]);
+        }
+    }
+    let mut ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for v in xr {
+        let d = v - mean;
+        ss = d.mul_add(d, ss);
+    }
+    (mean, 1.0 / (ss / n + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(s1, l1, self.name())?;
+        let w = f32_contiguous(s2, l2, self.name())?;
+        let b = f32_contiguous(s3, l3, self.name())?;
+        let (_, d) = rows_of(l1.shape(), self.name())?;
+        if w.len() != d || b.len() != d {
+            bail!(
+                "layer norm: weight {} / bias {} elements for rows of {d}",
+                w.len(),
+                b.len()
+            )
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROW_BLOCK)
+            .zip(x.par_chunks(d * ROW_BLOCK))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_exact_mut(d).zip(xb.chunks_exact(d)) {
+                    let (mean, rstd) = ln_stats(xr, self.eps);
+                    for i in 0..d {
+                        yr[i] = ((xr[i] - mean) * rstd).mul_add(w[i], b[i]);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let shape = x.shape().clone();
+        let (_, d) = rows_of(&shape, name)?;
+        let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.track_op());
+        let eps = self.eps;
+        let (dx, dw, db) = with_f32(x, name, |x| {
+            with_f32(w, name, |w| {
+                with_f32(grad, name, |g| {
+                    let mut dx = vec![0f32; if want_x { x.len() } else { 0 }];
+                    let want_wb = want_w || want_b;
+                    // One task per block of rows: dx rows, and partial [dw | db] of the block.
+                    let task = |xb: &[f32], gb: &[f32], dxb: Option<&mut [f32]>| -> Vec<f32> {
+                        let mut part = vec![0f32; if want_wb { 2 * d } else { 0 }];
+                        let mut dxb = dxb;
+                        for (r, (xr, gr)) in xb.chunks_exact(d).zip(gb.chunks_exact(d)).enumerate()
+                        {
+                            let (mean, rstd) = ln_stats(xr, eps);
+                            if want_wb {
+                                let (pw, pb) = part.split_at_mut(d);
+                                for i in 0..d {
+                                    pw[i] = ((xr[i] - mean) * rstd).mul_add(gr[i], pw[i]);
+                                    pb[i] += gr[i];
+                                }
+                            }
+                            if let Some(dxb) = dxb.as_deref_mut() {
+                                // dx = rstd (gw - mean(gw) - xhat mean(gw xhat))
+                                let mut s1 = 0f32;
+                                let mut s2 = 0f32;
+                                for i in 0..d {
+                                    let gw = gr[i] * w[i];
+                                    s1 += gw;
+                                    s2 = gw.mul_add((xr[i] - mean) * rstd, s2);
+                                }
+                                let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                                let dr = &mut dxb[r * d..(r + 1) * d];
+                                for i in 0..d {
+                                    let xh = (xr[i] - mean) * rstd;
+                                    dr[i] = rstd * (gr[i] * w[i] - m1 - xh * m2);
+                                }
+                            }
+                        }
+                        part
+                    };
+                    let parts: Vec<Vec<f32>> = if want_x {
+                        dx.par_chunks_mut(d * ROW_BLOCK)
+                            .zip(x.par_chunks(d * ROW_BLOCK).zip(g.par_chunks(d * ROW_BLOCK)))
+                            .map(|(dxb, (xb, gb))| task(xb, gb, Some(dxb)))
+                            .collect()
+                    } else {
+                        x.par_chunks(d * ROW_BLOCK)
+                            .zip(g.par_chunks(d * ROW_BLOCK))
+                            .map(|(xb, gb)| task(xb, gb, None))
+                            .collect()
+                    };
+                    let wb = if want_wb {
+                        sum_partials(parts, 2 * d)
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((dx, wb))
+                })
+            })
+        })
+        .map(|(dx, wb)| {
+            let (dw, db) = if wb.is_empty() {
+                (Vec::new(), Vec::new())
+            } else {
+                (wb[..d].to_vec(), wb[d..].to_vec())
+            };
+            (dx, dw, db)
+        })?;
+        let dshape = Shape::from(d);
+        Ok((
+            if want_x {
+                Some(tensor(dx, &shape)?)
+            } else {
+                None
+            },
+            if want_w {
+                Some(tensor(dw, &dshape)?.to_dtype(w.dtype())?)
+            } else {
+                None
+            },
+            if want_b {
+                Some(tensor(db, &dshape)?.to_dtype(b.dtype())?)
+            } else {
+                None
+            },
+        ))
+    }
+}
+
+/// Llama RMSNorm `w · x / sqrt(mean(x²) + eps)` over the last dimension: `apply_op2(x, w)`.
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNormOp {
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+#[inline]
+fn rms_rstd(x: &[f32], eps: f32) -> f32 {
+    1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(s1, l1, self.name())?;
+        let w = f32_contiguous(s2, l2, self.name())?;
+        let (_, d) = rows_of(l1.shape(), self.name())?;
+        if w.len() != d {
+            bail!("rms norm: weight of {} elements for rows of {d}", w.len())
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROW_BLOCK)
+            .zip(x.par_chunks(d * ROW_BLOCK))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_exact_mut(d).zip(xb.chunks_exact(d)) {
+                    let rstd = rms_rstd(xr, self.eps);
+                    for i in 0..d {
+                        yr[i] = xr[i] * rstd * w[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let shape = x.shape().clone();
+        let (_, d) = rows_of(&shape, name)?;
+        let (want_x, want_w) = (x.track_op(), w.track_op());
+        let eps = self.eps;
+        let (dx, dw) = with_f32(x, name, |x| {
+            with_f32(w, name, |w| {
+                with_f32(grad, name, |g| {
+                    let mut dx = vec![0f32; if want_x { x.len() } else { 0 }];
+                    let task = |xb: &[f32], gb: &[f32], dxb: Option<&mut [f32]>| -> Vec<f32> {
+                        let mut pw = vec![0f32; if want_w { d } else { 0 }];
+                        let mut dxb = dxb;
+                        for (r, (xr, gr)) in xb.chunks_exact(d).zip(gb.chunks_exact(d)).enumerate()
+                        {
+                            let rstd = rms_rstd(xr, eps);
+                            if want_w {
+                                for i in 0..d {
+                                    pw[i] = (xr[i] * rstd).mul_add(gr[i], pw[i]);
+                                }
+                            }
+                            if let Some(dxb) = dxb.as_deref_mut() {
+                                // dx = rstd (g w - xhat mean(g w xhat)), xhat = x rstd
+                                let mut s = 0f32;
+                                for i in 0..d {
+                                    s = (gr[i] * w[i]).mul_add(xr[i], s);
+                                }
+                                let m = s * rstd * rstd / d as f32;
+                                let dr = &mut dxb[r * d..(r + 1) * d];
+                                for i in 0..d {
+                                    dr[i] = rstd * (gr[i] * w[i] - xr[i] * m);
+                                }
+                            }
+                        }
+                        pw
+                    };
+                    let parts: Vec<Vec<f32>> = if want_x {
+                        dx.par_chunks_mut(d * ROW_BLOCK)
+                            .zip(x.par_chunks(d * ROW_BLOCK).zip(g.par_chunks(d * ROW_BLOCK)))
+                            .map(|(dxb, (xb, gb))| task(xb, gb, Some(dxb)))
+                            .collect()
+                    } else {
+                        x.par_chunks(d * ROW_BLOCK)
+                            .zip(g.par_chunks(d * ROW_BLOCK))
+                            .map(|(xb, gb)| task(xb, gb, None))
+                            .collect()
+                    };
+                    let dw = if want_w {
+                        sum_partials(parts, d)
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            if want_x {
+                Some(tensor(dx, &shape)?)
+            } else {
+                None
+            },
+            if want_w {
+                Some(tensor(dw, &Shape::from(d))?.to_dtype(w.dtype())?)
+            } else {
+                None
+            },
+        ))
+    }
+}
+
+/// Which GELU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeluKind {
+    /// `x/2 · (1 + erf(x/√2))` (torch `nn.GELU()`, candle `gelu_erf`).
+    Erf,
+    /// `x/2 · (1 + tanh(√(2/π)(x + 0.044715 x³)))` (torch `approximate="tanh"`, candle `gelu`).
+    Tanh,
+}
+
+/// Element-wise GELU with its analytic backward: `apply_op1(x)`.
+#[derive(Debug, Clone, Copy)]
+pub struct GeluOp {
+    /// Which form.
+    pub kind: GeluKind,
+}
+
+/// `gelu'(x)` (erf form): `Φ(x) + x φ(x)`.
+#[inline]
+fn gelu_erf_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
+/// `gelu(x)` (tanh form), as candle computes it.
+#[inline]
+fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+/// `gelu'(x)` (tanh form).
+#[inline]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    let t = (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ELEM_BLOCK)
+            .zip(x.par_chunks(ELEM_BLOCK))
+            .for_each(|(y, x)| match self.kind {
+                GeluKind::Erf => gelu_slice(x, y),
+                GeluKind::Tanh => {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = gelu_tanh(x);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let name = self.name();
+        let kind = self.kind;
+        let dx = with_f32(x, name, |x| {
+            with_f32(grad, name, |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(ELEM_BLOCK)
+                    .zip(x.par_chunks(ELEM_BLOCK).zip(g.par_chunks(ELEM_BLOCK)))
+                    .for_each(|(d, (x, g))| {
+                        for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                            *d = g * match kind {
+                                GeluKind::Erf => gelu_erf_grad(x),
+                                GeluKind::Tanh => gelu_tanh_grad(x),
+                            };
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// `silu(gate) · up` (Llama's SwiGLU product) with its backward: `apply_op2(gate, up)`.
+#[derive(Debug, Clone, Copy)]
+pub struct SiluMulOp;
+
+impl CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_contiguous(s1, l1, self.name())?;
+        let u = f32_contiguous(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            bail!(
+                "silu-mul: gate {:?} and up {:?} differ",
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(ELEM_BLOCK)
+            .zip(g.par_chunks(ELEM_BLOCK).zip(u.par_chunks(ELEM_BLOCK)))
+            .for_each(|(y, (g, u))| silu_mul_slice(g, u, y));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let (want_g, want_u) = (gate.track_op(), up.track_op());
+        let (dg, du) = with_f32(gate, name, |a| {
+            with_f32(up, name, |u| {
+                with_f32(grad, name, |g| {
+                    let mut dg = vec![0f32; a.len()];
+                    let mut du = vec![0f32; a.len()];
+                    dg.par_chunks_mut(ELEM_BLOCK)
+                        .zip(du.par_chunks_mut(ELEM_BLOCK))
+                        .zip(
+                            a.par_chunks(ELEM_BLOCK)
+                                .zip(u.par_chunks(ELEM_BLOCK).zip(g.par_chunks(ELEM_BLOCK))),
+                        )
+                        .for_each(|((dg, du), (a, (u, g)))| {
+                            for i in 0..a.len() {
+                                let s = 1.0 / (1.0 + (-a[i]).exp());
+                                let silu = a[i] * s;
+                                du[i] = g[i] * silu;
+                                dg[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+                            }
+                        });
+                    Ok((dg, du))
+                })
+            })
+        })?;
+        Ok((
+            if want_g {
+                Some(tensor(dg, gate.shape())?)
+            } else {
+                None
+            },
+            if want_u {
+                Some(tensor(du, up.shape())?)
+            } else {
+                None
+            },
+        ))
+    }
+}
+
+/// Half-rotation rotary embedding `x cos + rotate_half(x) sin` for `x [.., T, hd]` and tables
+/// `[T, hd]` (constants: no gradient): `apply_op3(x, cos, sin)`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeOp;
+
+/// `y = x c + rotate_half(x) s` (forward), or with `inverse` the transpose
+/// `y = x c + rotate_halfᵀ(x s)` (backward) over rows of `hd` at positions `row % t`.
+fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], hd: usize, t: usize, inverse: bool) -> Vec<f32> {
+    let half = hd / 2;
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(hd * ROW_BLOCK)
+        .zip(x.par_chunks(hd * ROW_BLOCK))
+        .enumerate()
+        .for_each(|(blk, (yb, xb))| {
+            for (r, (yr, xr)) in yb.chunks_exact_mut(hd).zip(xb.chunks_exact(hd)).enumerate() {
+                let pos = (blk * ROW_BLOCK + r) % t;
+                let c = &cos[pos * hd..(pos + 1) * hd];
+                let s = &sin[pos * hd..(pos + 1) * hd];
+                if inverse {
+                    for i in 0..half {
+                        yr[i] = xr[i] * c[i] + xr[i + half] * s[i + half];
+                        yr[i + half] = xr[i + half] * c[i + half] - xr[i] * s[i];
+                    }
+                } else {
+                    for i in 0..half {
+                        yr[i] = xr[i] * c[i] - xr[i + half] * s[i];
+                        yr[i + half] = xr[i + half] * c[i + half] + xr[i] * s[i + half];
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// Checks `x [.., T, hd]` against tables `[T, hd]`; returns `(T, hd)`.
+fn rope_dims(x: &Shape, cos: &Shape, sin: &Shape) -> candle_core::Result<(usize, usize)> {
+    let dims = x.dims();
+    if dims.len() < 2 || cos != sin || cos.dims().len() != 2 {
+        bail!("rope: x {x:?} with tables {cos:?} / {sin:?}: expected x [.., T, hd], tables [T, hd]")
+    }
+    let (t, hd) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if cos.dims() != [t, hd] || hd % 2 != 0 {
+        bail!(
+            "rope: x {x:?} with tables {cos:?}: expected tables [{t}, {hd}] and an even head size"
+        )
+    }
+    Ok((t, hd))
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, hd) = rope_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let x = f32_contiguous(s1, l1, self.name())?;
+        let cos = f32_contiguous(s2, l2, self.name())?;
+        let sin = f32_contiguous(s3, l3, self.name())?;
+        Ok((
+            CpuStorage::F32(rope_rows(x, cos, sin, hd, t, false)),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let (t, hd) = rope_dims(x.shape(), cos.shape(), sin.shape())?;
+        let dx = with_f32(grad, name, |g| {
+            with_f32(cos, name, |c| {
+                with_f32(sin, name, |s| Ok(rope_rows(g, c, s, hd, t, true)))
+            })
+        })?;
+        Ok((Some(tensor(dx, x.shape())?), None, None))
+    }
+}
+
+/// Softmax over the last dimension (optionally of `x + mask`, the additive mask `[B, 1, S, K]`
+/// broadcast over the heads of `x [B, H, S, K]`), with the backward `dx = y (dy - Σ dy y)` as
+/// one pass: `apply_op1(x)`.
+#[derive(Debug, Clone)]
+pub struct SoftmaxOp {
+    /// `[B, 1, S, K]` float32, contiguous.
+    pub mask: Option<Tensor>,
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(s, l, self.name())?;
+        let dims = l.shape().dims();
+        let (_, k) = rows_of(l.shape(), self.name())?;
+        // Row r of x is (batch, head, query) = (r / (H S), ., r % S) in [B, H, S, K].
+        let (heads, q) = if dims.len() == 4 {
+            (dims[1], dims[2])
+        } else {
+            (1, 1)
+        };
+        let run = |mask: Option<&[f32]>| {
+            let mut y = x.to_vec();
+            y.par_chunks_mut(k * ROW_BLOCK)
+                .enumerate()
+                .for_each(|(blk, yb)| {
+                    for (r, row) in yb.chunks_exact_mut(k).enumerate() {
+                        if let Some(m) = mask {
+                            let r = blk * ROW_BLOCK + r;
+                            let (bi, qi) = (r / (heads * q), r % q);
+                            let mrow = &m[(bi * q + qi) * k..(bi * q + qi + 1) * k];
+                            for (x, m) in row.iter_mut().zip(mrow) {
+                                *x += m;
+                            }
+                        }
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut total = 0f32;
+                        for x in row.iter_mut() {
+                            *x = (*x - max).exp();
+                            total += *x;
+                        }
+                        let inv = 1.0 / total;
+                        for x in row.iter_mut() {
+                            *x *= inv;
+                        }
+                    }
+                });
+            y
+        };
+        let y = match &self.mask {
+            Some(m) => {
+                if dims.len() != 4 || m.dims() != [dims[0], 1, dims[2], dims[3]] {
+                    bail!("softmax: mask {:?} does not fit scores {dims:?}", m.dims())
+                }
+                with_f32(m, self.name(), |m| Ok(run(Some(m))))?
+            }
+            None => run(None),
+        };
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let name = self.name();
+        let (_, k) = rows_of(res.shape(), name)?;
+        let dx = with_f32(res, name, |y| {
+            with_f32(grad, name, |g| {
+                let mut dx = vec![0f32; y.len()];
+                dx.par_chunks_mut(k * ROW_BLOCK)
+                    .zip(y.par_chunks(k * ROW_BLOCK).zip(g.par_chunks(k * ROW_BLOCK)))
+                    .for_each(|(db, (yb, gb))| {
+                        for ((dr, yr), gr) in db
+                            .chunks_exact_mut(k)
+                            .zip(yb.chunks_exact(k))
+                            .zip(gb.chunks_exact(k))
+                        {
+                            let s = dot(yr, gr);
+                            for i in 0..k {
+                                dr[i] = yr[i] * (gr[i] - s);
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// `y = x Wᵀ (+ b)` for `x [m, k]`, `W [n, k]` (float32, or a frozen bf16 weight widened tile by
+/// tile) and `b [n]`, on the packed sgemm of `openvla-kernels`: `apply_op2(x, w)` without a
+/// bias, `apply_op3(x, w, b)` with one.
+///
+/// Backward gives `dx = g W`, `dW = gᵀ x` and `db = Σ_rows g`, each only where that operand
+/// tracks gradients: a frozen weight costs no weight-sized product or gradient (as
+/// [`super::ops::FrozenMatmul`]), and the input of the first layer none either.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearOp;
+
+/// A contiguous weight's elements, by dtype.
+enum WeightSlice<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl WeightSlice<'_> {
+    /// Rows `j0 .. j0 + nb` (of length `k`) as float32 into `buf` (`[nb, k]`).
+    fn widen_rows(&self, k: usize, j0: usize, nb: usize, buf: &mut [f32]) {
+        let r = j0 * k..(j0 + nb) * k;
+        match self {
+            WeightSlice::F32(v) => buf.copy_from_slice(&v[r]),
+            WeightSlice::Bf16(v) => {
+                for (o, s) in buf.iter_mut().zip(&v[r]) {
+                    *o = s.to_f32();
+                }
+            }
+            WeightSlice::F16(v) => {
+                for (o, s) in buf.iter_mut().zip(&v[r]) {
+                    *o = s.to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// The forward of [`LinearOp`].
+pub(crate) fn linear_fwd(
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    const NAME: &str = "fused-linear";
+    let xs = f32_contiguous(x.0, x.1, NAME)?;
+    let (m, k) = x.1.shape().dims2()?;
+    let (n, kw) = w.1.shape().dims2()?;
+    if kw != k {
+        bail!("linear: x [{m}, {k}] against weight [{n}, {kw}]")
+    }
+    let Some((a, e)) = w.1.contiguous_offsets() else {
+        bail!("linear: the weight must be contiguous")
+    };
+    let ws = match w.0 {
+        CpuStorage::F32(v) => WeightSlice::F32(&v[a..e]),
+        CpuStorage::BF16(v) => WeightSlice::Bf16(&v[a..e]),
+        CpuStorage::F16(v) => WeightSlice::F16(&v[a..e]),
+        _ => bail!("linear: the weight must be float32, bf16 or f16"),
+    };
+    let mut y = vec![0f32; m * n];
+    match ws {
+        WeightSlice::F32(v) => openvla::kernels::tiled_gemm_f32(xs, v, &mut y, m, n, k),
+        _ => openvla::kernels::tiled_gemm(xs, &mut y, m, n, k, |j0, nb, buf| {
+            ws.widen_rows(k, j0, nb, buf)
+        }),
+    }
+    if let Some((bs, bl)) = b {
+        let bias = f32_contiguous(bs, bl, NAME)?;
+        if bias.len() != n {
+            bail!("linear: bias of {} elements for {n} outputs", bias.len())
+        }
+        y.par_chunks_mut(n * ROW_BLOCK).for_each(|yb| {
+            for yr in yb.chunks_exact_mut(n) {
+                for (y, b) in yr.iter_mut().zip(bias) {
+                    *y += b;
+                }
+            }
+        });
+    }
+    Ok((CpuStorage::F32(y), Shape::from((m, n))))
+}
+
+/// `a [r, c]` transposed to `[c, r]` (in 32×32 blocks, parallel over blocks of columns).
+fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut t = vec![0f32; r * c];
+    t.par_chunks_mut(r * B).enumerate().for_each(|(cb, tb)| {
+        let c0 = cb * B;
+        let cn = B.min(c - c0);
+        for r0 in (0..r).step_by(B) {
+            for i in r0..(r0 + B).min(r) {
+                let row = &a[i * c + c0..i * c + c0 + cn];
+                for (j, &v) in row.iter().enumerate() {
+                    tb[j * r + i] = v;
+                }
+            }
+        }
+    });
+    t
+}
+
+/// `W [n, k]` (float32, bf16 or f16) widened and transposed to `[k, n]`.
+fn weight_t(w: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (n, k) = w.dims2()?;
+    with_f32(w, "fused-linear", |v| Ok(transpose(v, n, k)))
+}
+
+/// The backward of [`LinearOp`]: `(dx, dW, db)` where wanted.
+pub(crate) fn linear_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    want_b: bool,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    const NAME: &str = "fused-linear";
+    let (m, k) = x.dims2()?;
+    let (n, _) = w.dims2()?;
+    let dx = if x.track_op() {
+        let wt = weight_t(w)?;
+        let dx = with_f32(grad, NAME, |g| {
+            let mut dx = vec![0f32; m * k];
+            openvla::kernels::tiled_gemm_f32(g, &wt, &mut dx, m, k, n);
+            Ok(dx)
+        })?;
+        Some(tensor(dx, x.shape())?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        let dw = with_f32(grad, NAME, |g| {
+            with_f32(x, NAME, |xs| {
+                let gt = transpose(g, m, n);
+                let xt = transpose(xs, m, k);
+                let mut dw = vec![0f32; n * k];
+                openvla::kernels::tiled_gemm_f32(&gt, &xt, &mut dw, n, k, m);
+                Ok(dw)
+            })
+        })?;
+        Some(tensor(dw, w.shape())?.to_dtype(w.dtype())?)
+    } else {
+        None
+    };
+    let db = if want_b {
+        let db = with_f32(grad, NAME, |g| {
+            let parts: Vec<Vec<f32>> = g
+                .par_chunks(n * ROW_BLOCK)
+                .map(|gb| {
+                    let mut p = vec![0f32; n];
+                    for gr in gb.chunks_exact(n) {
+                        for (p, g) in p.iter_mut().zip(gr) {
+                            *p += g;
+                        }
+                    }
+                    p
+                })
+                .collect();
+            Ok(sum_partials(parts, n))
+        })?;
+        Some(tensor(db, &Shape::from(n))?)
+    } else {
+        None
+    };
+    Ok((dx, dw, db))
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        linear_fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = linear_bwd(x, w, grad, false)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        linear_fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        linear_bwd(x, w, grad, b.track_op())
+    }
+}
