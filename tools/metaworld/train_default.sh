@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The recipe of the shipped Meta-World policy (models/metaworld-mt10, issue 15): scripted-expert
+# demos -> statistics -> a freshly initialized OpenVLA-family OFT model -> full training with the
+# L1 chunk head and proprio -> closed-loop evaluation through the server. Every step is resumable:
+# run the script again after a kill (or with a larger STEPS) and it continues where it stopped.
+#
+#   bash tools/metaworld/train_default.sh            # MT10, the shipped configuration
+#   TASKS=mt50 RUN=runs/metaworld/mt50 bash tools/metaworld/train_default.sh
+#
+# Settings (environment variables, defaults in brackets):
+#   RUN [runs/metaworld/default]  run directory (demos/, dataset_statistics.json, init/, train/, eval/)
+#   TASKS [mt10]                  Meta-World task set of demos and evaluation
+#   PER_TASK [50]                 expert demos per task (the published protocol's 50)
+#   PRESET [metaworld-small]      `openvla init --preset` (docs/init.md)
+#   STEPS [6000]                  optimizer steps; BATCH [32]; LR [5e-4]
+#   CHUNK [8]                     actions per chunk; EXECUTE [8] actions of a chunk run per call
+#   EPISODES [10]                 evaluation episodes per task (seeds 1000..)
+#   OPENVLA [target/release/openvla]  the binary (built by `cargo build --release -p openvla-cli`)
+#
+# Splitting a long run: stop it any time (Ctrl-C or kill); `openvla finetune --resume` restarts
+# from the newest checkpoint (saved every SAVE steps) and gives the same result as an
+# uninterrupted run. To train longer, run again with a larger STEPS.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+RUN=${RUN:-runs/metaworld/default}
+TASKS=${TASKS:-mt10}
+PER_TASK=${PER_TASK:-50}
+PRESET=${PRESET:-metaworld-small}
+STEPS=${STEPS:-6000}
+BATCH=${BATCH:-32}
+LR=${LR:-5e-4}
+CHUNK=${CHUNK:-8}
+EXECUTE=${EXECUTE:-8}
+SAVE=${SAVE:-500}
+EPISODES=${EPISODES:-10}
+OPENVLA=${OPENVLA:-$root/target/release/openvla}
+if [ ! -x "$OPENVLA" ]; then
+  echo "building $OPENVLA"
+  cargo build --release -p openvla-cli
+fi
+mkdir -p "$RUN"
+step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
+
+step "1/5 demos: $PER_TASK scripted-expert episodes per task of $TASKS"
+if [ ! -f "$RUN/demos/meta/info.json" ]; then
+  resume=()
+  [ -d "$RUN/demos/.staging" ] && resume=(--resume)
+  "$OPENVLA" sim demos metaworld --tasks "$TASKS" --per-task "$PER_TASK" --out "$RUN/demos" "${resume[@]}"
+fi
+
+step "2/5 statistics (actions and proprio)"
+[ -f "$RUN/dataset_statistics.json" ] ||
+  "$OPENVLA" stats --data "$RUN/demos" --proprio --out "$RUN/dataset_statistics.json"
+
+step "3/5 init: $PRESET"
+[ -f "$RUN/init/config.json" ] ||
+  "$OPENVLA" init --preset "$PRESET" --seed 0 --dtype f32 --stats "$RUN/dataset_statistics.json" --out "$RUN/init"
+
+step "4/5 train: full, L1 head, chunk $CHUNK, proprio, $STEPS steps of $BATCH"
+resume=()
+[ -d "$RUN/train/checkpoints" ] && resume=(--resume)
+"$OPENVLA" finetune --model "$RUN/init" --data "$RUN/demos" --out "$RUN/train" \
+  --mode full --head l1 --chunk "$CHUNK" --proprio \
+  --batch-size "$BATCH" --lr "$LR" --max-steps "$STEPS" --save-interval "$SAVE" \
+  --keep-last 2 "${resume[@]}"
+
+step "5/5 closed-loop evaluation: $TASKS, $EPISODES episodes per task"
+eval_resume=()
+[ -f "$RUN/eval/episodes.jsonl" ] && eval_resume=(--resume)
+"$OPENVLA" eval metaworld --model "$RUN/train/model" --tasks "$TASKS" --episodes "$EPISODES" \
+  --execute "$EXECUTE" --out "$RUN/eval" "${eval_resume[@]}"
+echo "results: $RUN/eval/results.md"
