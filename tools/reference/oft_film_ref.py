@@ -34,7 +34,8 @@ Written to --out (default testdata/openvla-oft-film-tiny): model/{config.json (t
 oft_eval_cfg.use_film=true, lora_rank=32), vision_backbone--150000_checkpoint.pt, lora_adapter/adapter_config.json}
 (the other model files are the fixture's, unchanged; the Rust test assembles the directory), per sample
 `<p>language_mean.npy`, `<p>projected_features.npy`, `<p>actions_hidden_states.npy`, `<p>normalized_actions.npy`,
-`<p>actions.npy`, `<p>input_ids_full.npy`, samples.json, manifest.json.
+`<p>actions.npy`, `<p>input_ids_full.npy`, samples.json, manifest.json, and the error-path fixture
+errors/vision_backbone_without_film.pt (one block of the backbone saved without the FiLM wrap).
 
 Checks, all asserted: the pixel_values equal the fixture's stored ones (s0); the FiLM projected features differ from
 a run with FiLM disabled (gamma=beta=0 and LoRA B=0: the same reference code then reproduces the fixture's non-FiLM
@@ -216,6 +217,16 @@ class Film:
             json.dump(config, f, indent=2)
             f.write("\n")
         sd = torch.load(path, weights_only=True)
+        # Error-path fixture: the same backbone saved without the FiLM wrap (what a LoRA-only run would save), cut to
+        # the tensors of one block to stay small. The engine must refuse it as a FiLM file.
+        errors = os.path.join(os.path.dirname(model_out), "errors")
+        os.makedirs(errors, exist_ok=True)
+        no_film = {
+            k.replace(".blocks.0.block.", ".blocks.0."): v.clone()
+            for k, v in sd.items()
+            if k.startswith("vision_backbone.featurizer.blocks.0.block.")
+        }
+        torch.save(no_film, os.path.join(errors, "vision_backbone_without_film.pt"))
         return {
             "lora_modules": stats,
             "num_tensors": len(sd),
