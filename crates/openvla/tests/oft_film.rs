@@ -15,6 +15,7 @@
 use candle_core::{DType, Tensor};
 use openvla::oft::constants::OftOptions;
 use openvla::policy::ParallelPolicyTrace;
+use openvla::quant::io::quantize_model_dir;
 use openvla::quant::Quantization;
 use openvla::{LoadOptions, Observation, Policy, Precision};
 use serde_json::Value;
@@ -287,6 +288,17 @@ fn film_bf16_and_int8_stay_close() {
             "{name}: mean abs error {l1:.3e} vs the f32 golden"
         );
         assert!(norm.iter().all(|v| v.is_finite()));
+        if quant.is_some() {
+            // `openvla quantize` of a FiLM directory copies the vision_backbone file; the
+            // quantized directory loads and gives the same answer as quantizing while loading.
+            let out = tempfile::tempdir().unwrap();
+            let qdir = out.path().join("int8");
+            quantize_model_dir(dir.path(), &qdir, Quantization::Int8, None).unwrap();
+            assert!(qdir.join(STEP_FILE).is_file());
+            let stored = load_with(&qdir, Precision::Auto, None);
+            assert!(stored.model().vision.is_film());
+            assert_eq!(run(&stored, s).prediction, t.prediction);
+        }
     }
 }
 

@@ -164,6 +164,23 @@ impl FilmCheckpoint {
     /// `lora_adapter/adapter_config.json` are checked against the file's rank when present.
     pub fn read(path: &Path, dir: &Path, llm_dim: usize) -> Result<FilmCheckpoint> {
         let sd = StateDict::read(path)?;
+        let named = sd
+            .names()
+            .map(|name| {
+                let rank = sd.shape(name).map_or(0, |s| s.len());
+                Ok((name.to_string(), sd.get(name, rank)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_named(path, dir, llm_dim, named)
+    }
+
+    /// [`FilmCheckpoint::read`] of tensors already read from `path` (f32, file key names).
+    fn from_named(
+        path: &Path,
+        dir: &Path,
+        llm_dim: usize,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<FilmCheckpoint> {
         let mut tensors = BTreeMap::new();
         let mut lora_a: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut lora_b: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -176,7 +193,7 @@ impl FilmCheckpoint {
             }
             Ok(())
         };
-        for name in sd.names() {
+        for (name, t) in named {
             if !name.starts_with("vision_backbone.") {
                 return Err(Error::checkpoint(
                     path,
@@ -187,8 +204,7 @@ impl FilmCheckpoint {
                     ),
                 ));
             }
-            let t = sd.get(name, sd.shape(name).map_or(0, |s| s.len()))?;
-            let unwrapped = unwrap_block(name);
+            let unwrapped = unwrap_block(&name);
             match role(&unwrapped) {
                 Role::Base(key) => insert(&mut tensors, key, t)?,
                 Role::LoraA(stem) => insert(&mut lora_a, stem.to_string(), t)?,
@@ -502,6 +518,110 @@ mod tests {
         assert!(matches!(role("a.norm1.weight"), Role::Plain));
         assert_eq!(reference_lora_alpha(32), 16);
         assert_eq!(reference_lora_alpha(8), 8);
+    }
+
+    fn t(shape: &[usize], v: f32) -> Tensor {
+        Tensor::full(v, shape, &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// One wrapped block: qkv with LoRA (rank `r`), FiLM scale/shift (llm_dim 2, dim 4).
+    fn block(r: usize) -> Vec<(String, Tensor)> {
+        let p = "vision_backbone.featurizer.blocks.0";
+        vec![
+            (
+                format!("{p}.block.attn.qkv.base_layer.weight"),
+                t(&[12, 4], 1.0),
+            ),
+            (format!("{p}.block.attn.qkv.base_layer.bias"), t(&[12], 0.0)),
+            (
+                format!("{p}.block.attn.qkv.lora_A.default.weight"),
+                t(&[r, 4], 0.5),
+            ),
+            (
+                format!("{p}.block.attn.qkv.lora_B.default.weight"),
+                t(&[12, r], 0.25),
+            ),
+            (format!("{p}.scale.weight"), t(&[4, 2], 0.1)),
+            (format!("{p}.scale.bias"), t(&[4], 0.0)),
+            (format!("{p}.shift.weight"), t(&[4, 2], 0.1)),
+            (format!("{p}.shift.bias"), t(&[4], 0.0)),
+        ]
+    }
+
+    fn build(named: Vec<(String, Tensor)>) -> Result<FilmCheckpoint> {
+        let dir = tempfile::tempdir().unwrap();
+        FilmCheckpoint::from_named(&dir.path().join("vb.pt"), dir.path(), 2, named)
+    }
+
+    #[test]
+    fn lora_is_merged_with_alpha_min_r_16_over_r() {
+        for r in [8usize, 32] {
+            let c = build(block(r)).unwrap();
+            let lora = c.lora().unwrap();
+            assert_eq!((lora.rank, lora.alpha, lora.layers), (r, r.min(16), 1));
+            let w = c
+                .tensor(
+                    "vision_backbone.featurizer.blocks.0.attn.qkv.weight",
+                    &[12, 4],
+                )
+                .unwrap();
+            // 1 + (alpha / r) * r * 0.25 * 0.5
+            let want = 1.0 + r.min(16) as f32 / r as f32 * r as f32 * 0.125;
+            let got = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                got.iter().all(|v| (v - want).abs() < 1e-6),
+                "{got:?} vs {want}"
+            );
+            // The FiLM Linears are there; the unused ones are reported by finish().
+            let wp = WeightPolicy::default();
+            assert!(c
+                .film("vision_backbone.featurizer.blocks.0", 4, &wp)
+                .unwrap()
+                .is_some());
+            let e = c.finish().unwrap_err().to_string();
+            assert!(e.contains("qkv.bias"), "{e}");
+        }
+    }
+
+    #[test]
+    fn malformed_files_are_errors_naming_the_tensor() {
+        let err = |named: Vec<(String, Tensor)>| build(named).unwrap_err().to_string();
+        // lora_A without lora_B
+        let mut named = block(4);
+        named.retain(|(n, _)| !n.contains("lora_B"));
+        assert!(err(named).contains("qkv: lora_A without lora_B"));
+        // LoRA without a base layer
+        let mut named = block(4);
+        named.retain(|(n, _)| !n.ends_with("base_layer.weight"));
+        assert!(err(named).contains("without a base layer"));
+        // mixed ranks
+        let mut named = block(4);
+        named.push((
+            "vision_backbone.featurizer.blocks.0.block.mlp.fc1.lora_A.default.weight".into(),
+            t(&[8, 4], 0.0),
+        ));
+        assert!(err(named).contains("rank"));
+        // a key outside the vision backbone
+        let mut named = block(4);
+        named.push(("module.fc1.weight".into(), t(&[1], 0.0)));
+        assert!(err(named).contains("module.fc1.weight"));
+        // no FiLM at all
+        let mut named = block(4);
+        named.retain(|(n, _)| !n.contains(".scale.") && !n.contains(".shift."));
+        assert!(err(named).contains("no FiLM layers"));
+        // one block without its FiLM Linears
+        let mut named = block(4);
+        named.retain(|(n, _)| !n.contains(".shift."));
+        let c = build(named).unwrap();
+        let e = c
+            .film(
+                "vision_backbone.featurizer.blocks.0",
+                4,
+                &WeightPolicy::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blocks.0.shift.weight"), "{e}");
     }
 
     #[test]
