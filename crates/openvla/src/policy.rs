@@ -254,8 +254,12 @@ impl Policy {
         let weights = weights.with_compute(options.compute);
         let device = Device::Cpu;
         let loader = WeightLoader::new(&ckpt, device.clone(), options.progress);
-        let model = OpenVla::load(&loader, &config, &weights)?;
+        let film = crate::oft::film::FilmCheckpoint::open(dir, config.text.hidden_size)?;
+        let model = OpenVla::load_with_film(&loader, &config, &weights, film.as_ref())?;
         loader.finish()?;
+        if let Some(f) = &film {
+            f.finish()?;
+        }
         let action_tokenizer = ActionTokenizer::new(config.n_action_bins, config.action_vocab_size);
         let head_dtype = match weights.dtype {
             WeightDtype::Bf16 => candle_core::DType::BF16,

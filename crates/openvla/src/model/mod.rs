@@ -40,6 +40,9 @@ pub struct ParallelInput<'a> {
 pub struct ParallelTrace {
     /// Vision features of each image.
     pub vision: Vec<VisionFeatures>,
+    /// FiLM models: the average raw embedding `[1, D]` of BOS, the prompt, 29871 and `</s>`
+    /// that the towers were conditioned on.
+    pub language_mean: Option<Tensor>,
     /// Projector output of all images' patches `[1, 256·N, D]`.
     pub projected: Tensor,
     /// The LLM input `[1, S, D]`.
@@ -324,6 +327,7 @@ impl OpenVla {
     fn parallel_forward_here(&self, inputs: &[ParallelInput]) -> Result<Vec<ParallelTrace>> {
         struct Embedded {
             vision: Vec<VisionFeatures>,
+            language_mean: Option<Tensor>,
             projected: Tensor,
             inputs_embeds: Tensor,
             window_start: usize,
@@ -341,18 +345,30 @@ impl OpenVla {
             if input.pixel_values.is_empty() {
                 return Err(Error::InvalidInput("no images".into()));
             }
+            let text = self.llm.embed(ids)?;
+            let stop = self.llm.embed(&[STOP_TOKEN])?;
+            // FiLM is conditioned on the mean raw embedding of every non-placeholder token:
+            // BOS, the prompt, 29871 and `</s>` (modeling_prismatic.py:994-1003,
+            // film_vit_wrapper.py:241-242).
+            let language_mean = if self.vision.is_film() {
+                Some(crate::oft::film::language_mean(&Tensor::cat(
+                    &[&text, &stop],
+                    1,
+                )?)?)
+            } else {
+                None
+            };
             let t0 = Instant::now();
             let vision = input
                 .pixel_values
                 .iter()
-                .map(|p| self.vision.forward(p))
+                .map(|p| self.vision.forward_film(p, language_mean.as_ref()))
                 .collect::<Result<Vec<_>>>()?;
             let vision_time = t0.elapsed();
             let t0 = Instant::now();
             let fused: Vec<&Tensor> = vision.iter().map(|v| &v.fused).collect();
             let projected = self.projector.forward(&Tensor::cat(&fused, 1)?)?;
             let projector_time = t0.elapsed();
-            let text = self.llm.embed(ids)?;
             let hidden_size = text.dim(2)?;
             let bos = text.narrow(1, 0, 1)?;
             let rest = text.narrow(1, 1, ids.len() - 1)?;
@@ -361,7 +377,6 @@ impl OpenVla {
                 candle_core::DType::F32,
                 text.device(),
             )?;
-            let stop = self.llm.embed(&[STOP_TOKEN])?;
             let mut parts: Vec<&Tensor> = vec![&bos, &projected];
             if let Some(p) = input.proprio_token {
                 parts.push(p);
@@ -374,6 +389,7 @@ impl OpenVla {
             let window_start = num_patches + ids.len() - 1;
             embedded.push(Embedded {
                 vision,
+                language_mean,
                 projected,
                 inputs_embeds,
                 window_start,
@@ -399,6 +415,7 @@ impl OpenVla {
             let window = hidden.narrow(1, e.window_start, input.placeholders)?;
             out.push(ParallelTrace {
                 vision: e.vision,
+                language_mean: e.language_mean,
                 projected: e.projected,
                 inputs_embeds: e.inputs_embeds,
                 hidden,
@@ -414,7 +431,25 @@ impl OpenVla {
 
     /// Loads every component named by `cfg` from `w`.
     pub fn load(w: &WeightLoader, cfg: &ModelConfig, wp: &WeightPolicy) -> Result<Self> {
-        let vision = VisionBackbone::load(w, cfg, wp)?;
+        Self::load_with_film(w, cfg, wp, None)
+    }
+
+    /// Like [`OpenVla::load`]; with an OpenVLA-OFT FiLM checkpoint the towers (and their FiLM
+    /// layers) come from its `vision_backbone` file, as in the reference, and the shards'
+    /// vision tensors are skipped.
+    pub fn load_with_film(
+        w: &WeightLoader,
+        cfg: &ModelConfig,
+        wp: &WeightPolicy,
+        film: Option<&crate::oft::film::FilmCheckpoint>,
+    ) -> Result<Self> {
+        let vision = match film {
+            Some(f) => {
+                w.skip_prefix("vision_backbone.");
+                VisionBackbone::load_from(f, cfg, wp)?
+            }
+            None => VisionBackbone::load(w, cfg, wp)?,
+        };
         let projector = Projector::load(
             w,
             cfg.variant == Variant::OpenVla,

@@ -1,14 +1,81 @@
 //! A timm Vision Transformer as OpenVLA uses it (spec §2): pre-norm blocks, fused qkv,
 //! optional class/register tokens and LayerScale, output of block `len - 2`, no final norm,
-//! prefix tokens dropped.
+//! prefix tokens dropped; optionally FiLM-conditioned on the language (OFT, oft-spec §3).
 
 use crate::checkpoint::WeightLoader;
 use crate::config::TowerConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::activation::gelu_erf;
 use crate::kernels::attention::fused_qkv_attention;
-use crate::model::linear::{LayerKind, Linear, WeightPolicy};
+use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
+use crate::oft::film::FilmLayer;
 use candle_core::{DType, Tensor, D};
+
+/// Where a tower's tensors come from, under the safetensors names of the HF checkpoint
+/// (`{prefix}.blocks.{i}.attn.qkv.weight`, ...): the model's shards ([`WeightLoader`]), or an
+/// OFT FiLM `vision_backbone--*.pt` file with its LoRA merged
+/// ([`crate::oft::film::FilmCheckpoint`]).
+pub trait TowerSource {
+    /// The f32 tensor `name`, which must have exactly `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// The weight matrix `name` (`[rows, cols]`), held as `policy` says for `kind`.
+    fn weight(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        policy: &WeightPolicy,
+        kind: LayerKind,
+    ) -> Result<Weight>;
+    /// Marks every tensor under `prefix` as knowingly unused.
+    fn skip_prefix(&self, prefix: &str);
+    /// The FiLM layers of the block under `block_prefix` (`vision_dim` outputs), or `None`
+    /// when this source has no FiLM (the shards never do).
+    fn film(
+        &self,
+        block_prefix: &str,
+        vision_dim: usize,
+        policy: &WeightPolicy,
+    ) -> Result<Option<FilmLayer>>;
+}
+
+impl TowerSource for WeightLoader<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get(name, shape, DType::F32)
+    }
+    fn weight(
+        &self,
+        name: &str,
+        [rows, cols]: [usize; 2],
+        policy: &WeightPolicy,
+        kind: LayerKind,
+    ) -> Result<Weight> {
+        self.get_weight(
+            name,
+            [rows, cols],
+            policy.dtype.dtype(),
+            policy.format_for(kind),
+        )
+    }
+    fn skip_prefix(&self, prefix: &str) {
+        WeightLoader::skip_prefix(self, prefix)
+    }
+    fn film(&self, _: &str, _: usize, _: &WeightPolicy) -> Result<Option<FilmLayer>> {
+        Ok(None)
+    }
+}
+
+/// A linear layer with bias, `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]`.
+pub(crate) fn load_linear(
+    w: &dyn TowerSource,
+    prefix: &str,
+    (in_dim, out_dim): (usize, usize),
+    wp: &WeightPolicy,
+    kind: LayerKind,
+) -> Result<Linear> {
+    let weight = w.weight(&format!("{prefix}.weight"), [out_dim, in_dim], wp, kind)?;
+    let bias = w.tensor(&format!("{prefix}.bias"), &[out_dim])?;
+    Ok(Linear::new(weight, Some(bias)).with_compute(wp.compute))
+}
 
 /// LayerNorm with weight and bias (eps from the tower config).
 #[derive(Debug, Clone)]
@@ -19,10 +86,10 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(w: &WeightLoader, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+    fn load(w: &dyn TowerSource, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
-            weight: w.get(&format!("{prefix}.weight"), &[dim], DType::F32)?,
-            bias: w.get(&format!("{prefix}.bias"), &[dim], DType::F32)?,
+            weight: w.tensor(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.tensor(&format!("{prefix}.bias"), &[dim])?,
             eps: eps as f32,
         })
     }
@@ -36,9 +103,10 @@ impl LayerNorm {
     }
 }
 
-/// One pre-norm transformer block.
+/// One pre-norm transformer block, FiLM-conditioned when `film` is set.
 #[derive(Debug, Clone)]
 struct Block {
+    film: Option<FilmLayer>,
     norm1: LayerNorm,
     qkv: Linear,
     proj: Linear,
@@ -51,24 +119,21 @@ struct Block {
 }
 
 impl Block {
-    fn load(w: &WeightLoader, p: &str, cfg: &TowerConfig, wp: &WeightPolicy) -> Result<Self> {
+    fn load(w: &dyn TowerSource, p: &str, cfg: &TowerConfig, wp: &WeightPolicy) -> Result<Self> {
         let d = cfg.embed_dim;
         let h = cfg.mlp_hidden();
         let ls = |name: &str| -> Result<Option<Tensor>> {
             if cfg.layer_scale {
-                Ok(Some(w.get(
-                    &format!("{p}.{name}.scale_factor"),
-                    &[d],
-                    DType::F32,
-                )?))
+                Ok(Some(w.tensor(&format!("{p}.{name}.scale_factor"), &[d])?))
             } else {
                 Ok(None)
             }
         };
         let linear = |name: &str, dims: (usize, usize)| {
-            Linear::load(w, &format!("{p}.{name}"), dims, true, wp, LayerKind::Vision)
+            load_linear(w, &format!("{p}.{name}"), dims, wp, LayerKind::Vision)
         };
         Ok(Block {
+            film: w.film(p, d, wp)?,
             norm1: LayerNorm::load(w, &format!("{p}.norm1"), d, cfg.norm_eps)?,
             qkv: linear("attn.qkv", (d, 3 * d))?,
             proj: linear("attn.proj", (d, d))?,
@@ -87,13 +152,25 @@ impl Block {
         self.proj.forward(&out)
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `language` is the average language embedding `[B, llm_dim]` (FiLM blocks only).
+    fn forward(&self, x: &Tensor, language: Option<&Tensor>) -> Result<Tensor> {
         let a = self.attention(&self.norm1.forward(x)?)?;
         let a = match &self.ls1 {
             Some(g) => a.broadcast_mul(g)?,
             None => a,
         };
         let x = (x + a)?;
+        // FiLM between the attention and MLP residuals (film_vit_wrapper.py:68-75).
+        let x = match (&self.film, language) {
+            (Some(film), Some(lang)) => film.modulate(&x, lang)?,
+            (Some(_), None) => return Err(Error::InvalidInput(
+                "this vision tower is FiLM-conditioned (OpenVLA-OFT FiLM checkpoint): it needs \
+                     the average language embedding of the prompt, which only the OFT parallel \
+                     decoding pass provides"
+                    .into(),
+            )),
+            (None, _) => x,
+        };
         let m = self
             .fc2
             .forward(&gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
@@ -121,7 +198,7 @@ impl VisionTransformer {
     /// selected one, the final `norm` and SigLIP's `attn_pool` are stored by the reference but
     /// never affect its output; they are skipped knowingly.
     pub fn load(
-        w: &WeightLoader,
+        w: &dyn TowerSource,
         prefix: &str,
         cfg: &TowerConfig,
         wp: &WeightPolicy,
@@ -130,33 +207,21 @@ impl VisionTransformer {
         let p = cfg.patch_size;
         // The patch-embedding convolution (kernel = stride = patch) is a linear map of each
         // flattened (channel, row, column) patch.
-        let conv_w = w.get(
-            &format!("{prefix}.patch_embed.proj.weight"),
-            &[d, 3, p, p],
-            DType::F32,
-        )?;
-        let conv_b = w.get(&format!("{prefix}.patch_embed.proj.bias"), &[d], DType::F32)?;
+        let conv_w = w.tensor(&format!("{prefix}.patch_embed.proj.weight"), &[d, 3, p, p])?;
+        let conv_b = w.tensor(&format!("{prefix}.patch_embed.proj.bias"), &[d])?;
         let conv_w = conv_w.reshape((d, 3 * p * p))?.to_dtype(wp.dtype.dtype())?;
         let patch_embed = Linear::from_tensors(conv_w, Some(conv_b));
         let cls_token = if cfg.class_token {
-            Some(w.get(&format!("{prefix}.cls_token"), &[1, 1, d], DType::F32)?)
+            Some(w.tensor(&format!("{prefix}.cls_token"), &[1, 1, d])?)
         } else {
             None
         };
         let reg_token = if cfg.reg_tokens > 0 {
-            Some(w.get(
-                &format!("{prefix}.reg_token"),
-                &[1, cfg.reg_tokens, d],
-                DType::F32,
-            )?)
+            Some(w.tensor(&format!("{prefix}.reg_token"), &[1, cfg.reg_tokens, d])?)
         } else {
             None
         };
-        let pos_embed = w.get(
-            &format!("{prefix}.pos_embed"),
-            &[1, cfg.num_patches(), d],
-            DType::F32,
-        )?;
+        let pos_embed = w.tensor(&format!("{prefix}.pos_embed"), &[1, cfg.num_patches(), d])?;
         let selected = cfg.selected_block();
         let blocks = (0..=selected)
             .map(|i| Block::load(w, &format!("{prefix}.blocks.{i}"), cfg, wp))
@@ -183,7 +248,7 @@ impl VisionTransformer {
         &self.cfg
     }
 
-    /// Bytes of the tower's weight matrices (patch embedding and block linears).
+    /// Bytes of the tower's weight matrices (patch embedding, block linears, FiLM layers).
     pub fn weight_bytes(&self) -> usize {
         self.patch_embed.weight().storage_bytes()
             + self
@@ -192,10 +257,32 @@ impl VisionTransformer {
                 .flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2])
                 .map(|l| l.weight().storage_bytes())
                 .sum::<usize>()
+            + self.film_bytes()
+    }
+
+    /// Whether the blocks are FiLM-conditioned.
+    pub fn is_film(&self) -> bool {
+        self.blocks.iter().any(|b| b.film.is_some())
+    }
+
+    /// Bytes of the FiLM layers' matrices (0 without FiLM).
+    pub fn film_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .filter_map(|b| b.film.as_ref())
+            .map(FilmLayer::weight_bytes)
+            .sum()
     }
 
     /// `pixels [B, 3, H, W]` -> patch features `[B, num_patches, D]` of block `len - 2`.
+    /// A FiLM tower needs [`VisionTransformer::forward_film`].
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.forward_film(pixels, None)
+    }
+
+    /// Like [`VisionTransformer::forward`], with the average language embedding
+    /// `language [B, llm_dim]` that FiLM blocks are conditioned on (ignored by other towers).
+    pub fn forward_film(&self, pixels: &Tensor, language: Option<&Tensor>) -> Result<Tensor> {
         let (b, c, h, w) = pixels.dims4()?;
         let p = self.cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
@@ -222,7 +309,7 @@ impl VisionTransformer {
             x = Tensor::cat(&prefix, 1)?;
         }
         for block in &self.blocks {
-            x = block.forward(&x)?;
+            x = block.forward(&x, language)?;
         }
         let n = x.dim(1)?;
         let np = self.cfg.num_prefix_tokens();

@@ -4,9 +4,11 @@
 //! A published OFT directory is the base OpenVLA layout (merged safetensors shards, tokenizer,
 //! processor config, `dataset_statistics.json` with action *and* proprio statistics) plus
 //! component pickles: `action_head--<step>_checkpoint.pt` (bf16) and
-//! `proprio_projector--<step>_checkpoint.pt` (fp32), with DDP's `module.` key prefix.
+//! `proprio_projector--<step>_checkpoint.pt` (fp32), with DDP's `module.` key prefix; FiLM
+//! checkpoints add `vision_backbone--<step>_checkpoint.pt` ([`film`]).
 
 pub mod constants;
+pub mod film;
 pub mod proprio;
 pub mod pt;
 
@@ -33,6 +35,8 @@ pub struct OftModel {
     pub proprio: Option<ProprioProjector>,
     /// The component files read.
     pub files: Vec<PathBuf>,
+    /// The FiLM `vision_backbone--<step>_checkpoint.pt` whose towers the model runs, if any.
+    pub film: Option<PathBuf>,
     /// Whether images are centre-cropped (`oft_eval_cfg.center_crop`; the reference's eval
     /// and deploy scripts default to true, as every published checkpoint was trained with
     /// random crops).
@@ -63,7 +67,7 @@ pub fn load(
     let fields = ConfigFields::read(&config_path)?;
     let head_file = pt::find_component(dir, ACTION_HEAD)?;
     let proprio_file = pt::find_component(dir, PROPRIO_PROJECTOR)?;
-    let film_file = pt::find_component(dir, "vision_backbone")?;
+    let film_file = pt::find_component(dir, film::VISION_BACKBONE)?;
     let noisy_file = pt::find_component(dir, "noisy_action_projector")?;
     let is_oft = head_file.is_some()
         || proprio_file.is_some()
@@ -73,17 +77,25 @@ pub fn load(
     if !is_oft {
         return Ok(None);
     }
-    if let Some(f) = &film_file {
-        return Err(Error::config(
-            f,
-            "FiLM checkpoints (vision_backbone--*.pt with unmerged LoRA) are not supported yet",
-        ));
-    }
-    if fields.eval_flag(&config_path, "use_film")? == Some(true) {
-        return Err(Error::config(
-            &config_path,
-            "oft_eval_cfg.use_film is true: FiLM checkpoints are not supported yet",
-        ));
+    match (&film_file, fields.eval_flag(&config_path, "use_film")?) {
+        (Some(f), Some(false)) => {
+            return Err(Error::config(
+                &config_path,
+                format!(
+                    "oft_eval_cfg.use_film is false, but the directory holds the FiLM vision \
+                     backbone {}: remove one",
+                    f.display()
+                ),
+            ))
+        }
+        (None, Some(true)) => {
+            return Err(Error::config(
+                dir,
+                "oft_eval_cfg.use_film is true, but there is no \
+                 vision_backbone--<step>_checkpoint.pt file (a FiLM checkpoint needs exactly one)",
+            ))
+        }
+        _ => {}
     }
     if noisy_file.is_some() || fields.eval_flag(&config_path, "use_diffusion")? == Some(true) {
         return Err(Error::config(
@@ -94,6 +106,9 @@ pub fn load(
     }
     let l1 = fields.eval_flag(&config_path, "use_l1_regression")?;
     let mut files = Vec::new();
+    if let Some(f) = &film_file {
+        files.push(f.clone());
+    }
     let head_sd =
         match (&head_file, l1, options.discrete) {
             (Some(f), _, false) if l1 != Some(false) => {
@@ -145,6 +160,17 @@ pub fn load(
         proprio_sd.is_some(),
     )?;
     debug!(?constants, "OFT constants");
+    if let (Some(f), None) = (&film_file, &head_sd) {
+        // get_vla_action calls predict_action without use_film when there is no action head
+        // (openvla_utils.py:781-783), so the reference cannot run FiLM with the 256-bin head.
+        return Err(Error::config(
+            f,
+            "a FiLM vision backbone with the discrete-token (256-bin) head: the reference runs \
+             FiLM only with a continuous action head (get_vla_action passes use_film only with \
+             an action head, openvla_utils.py:781-795), so this combination has no reference \
+             behaviour to reproduce",
+        ));
+    }
     // Without a head file the model is discrete-token OFT (checked above).
     let head = match head_sd {
         Some(sd) => ActionHead::ParallelL1(MlpResNet::load(&sd, head_dtype)?),
@@ -164,6 +190,7 @@ pub fn load(
             constants,
             proprio,
             files,
+            film: film_file,
             center_crop,
         },
     )))
