@@ -30,6 +30,10 @@ enum Command {
     Inspect(InspectArgs),
     /// Write a random-weight checkpoint of a real OpenVLA shape (for benchmarks and tests).
     Synth(SynthArgs),
+    /// Write a freshly initialized model directory of any OpenVLA-family shape (towers, image
+    /// size, LLM, OFT L1 or 256-bin head) from a TOML config or a preset, with the reference's
+    /// initializations, for `openvla finetune --mode full`. See docs/init.md.
+    Init(InitArgs),
     /// Time predict stage by stage (preprocess, vision, projector, prefill, decode) and report
     /// peak memory.
     Bench(bench::BenchArgs),
@@ -138,6 +142,41 @@ struct SynthArgs {
     tokenizer: PathBuf,
 }
 
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("shape").required(true).args(["config", "preset"])))]
+struct InitArgs {
+    /// TOML file describing the shape ([vision], [[vision.towers]], [llm], [head]; see
+    /// docs/init.md). `--preset NAME --print-config` prints an example to start from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A named shape instead of --config: metaworld-small (one SigLIP-like tower, 128 px,
+    /// patch 16, Llama 256x4, OFT L1 head K=8 D=4 proprio 4; 28.8 MB in bf16) or
+    /// metaworld-fused (the same with DINOv2-reg + SigLIP towers).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Print the configuration's TOML and exit without writing anything.
+    #[arg(long)]
+    print_config: bool,
+    /// Output directory (must not exist, or be empty).
+    #[arg(long, required_unless_present = "print_config")]
+    out: Option<PathBuf>,
+    /// Seed of every random draw (the directory is a function of config, seed and dtype).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Dtype of model.safetensors and the action head: bf16 or f32 (the proprio projector is
+    /// always f32, as the reference saves it).
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// dataset_statistics.json to install (e.g. from `openvla stats`); without it predict
+    /// reports that the model has no statistics until `openvla finetune` writes them.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// The Llama-2 tokenizer.json to copy (with tokenizer_config.json and
+    /// special_tokens_map.json from its folder).
+    #[arg(long, default_value = "models/openvla-tiny/tokenizer.json")]
+    tokenizer: PathBuf,
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -151,6 +190,7 @@ fn main() {
         Command::Predict(a) => predict(a),
         Command::Inspect(a) => inspect(a),
         Command::Synth(a) => synth(a),
+        Command::Init(a) => init(a),
         Command::Bench(a) => bench::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Stats(a) => openvla_data::cli::run_stats(&a),
@@ -429,6 +469,65 @@ fn synth(a: SynthArgs) -> Result<()> {
     .with_context(|| format!("writing {}", a.out.display()))?;
     bar.finish();
     eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    use openvla::init::{preset_text, InitConfig, InitOptions};
+    let (text, origin) = match (&a.config, &a.preset) {
+        (Some(path), None) => (
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+            path.clone(),
+        ),
+        (None, Some(name)) => (
+            preset_text(name)?.to_string(),
+            PathBuf::from(format!("preset {name}")),
+        ),
+        _ => anyhow::bail!("give exactly one of --config FILE and --preset NAME"),
+    };
+    let cfg = InitConfig::from_toml(&text, &origin)?;
+    if a.print_config {
+        print!("{text}");
+        return Ok(());
+    }
+    let dtype = match a.dtype.as_str() {
+        "bf16" => openvla::synth::SavedDtype::Bf16,
+        "f32" => openvla::synth::SavedDtype::F32,
+        other => anyhow::bail!("--dtype {other:?}: expected bf16 or f32"),
+    };
+    let out = a
+        .out
+        .clone()
+        .context("--out DIR is required (the directory to write)")?;
+    let bar = progress::Progress::new("writing weights");
+    let summary = openvla::init::write_initialized(
+        &out,
+        &cfg,
+        &InitOptions {
+            seed: a.seed,
+            dtype,
+            tokenizer: a.tokenizer.clone(),
+            stats: a.stats.clone(),
+            max_shard_bytes: 7_000_000_000,
+        },
+        &|d, t| bar.update(d, t),
+    )
+    .with_context(|| format!("writing {}", out.display()))?;
+    bar.finish();
+    eprintln!(
+        "wrote {}: {} backbone + {} head parameters, {} of weights ({})",
+        out.display(),
+        group_digits(summary.backbone_params),
+        group_digits(summary.head_params),
+        human_bytes(summary.weight_bytes),
+        summary.files.join(", ")
+    );
+    if a.stats.is_none() {
+        eprintln!(
+            "no dataset statistics: `openvla finetune` writes them (or pass --stats FILE from \
+             `openvla stats`)"
+        );
+    }
     Ok(())
 }
 
