@@ -64,6 +64,24 @@ def check(path):
     return sd
 
 
+def _mlp_resnet_like(blocks, inp, hidden, out):
+    """A module with the parameter names and shapes of OFT's L1RegressionActionHead (oft-spec: `model.` holds
+    layer_norm1, fc1, mlp_resnet_blocks[i].ffn = (LayerNorm, Linear, ReLU), layer_norm2, fc2), for a strict
+    load_state_dict."""
+    nn = torch.nn
+    body = nn.Module()
+    body.layer_norm1, body.fc1 = nn.LayerNorm(inp), nn.Linear(inp, hidden)
+    body.mlp_resnet_blocks = nn.ModuleList()
+    for _ in range(blocks):
+        block = nn.Module()
+        block.ffn = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
+        body.mlp_resnet_blocks.append(block)
+    body.layer_norm2, body.fc2 = nn.LayerNorm(hidden), nn.Linear(hidden, out)
+    head = nn.Module()
+    head.model = body
+    return head
+
+
 def check_model_dir(model_dir):
     """Loads the OFT component files of an `openvla init` directory into the reference's module shapes."""
     import glob
@@ -78,6 +96,8 @@ def check_model_dir(model_dir):
             hidden, inp = stripped["model.fc1.weight"].shape
             out = stripped["model.fc2.weight"].shape[0]
             print(f"    MLPResNet(num_blocks={blocks}, input_dim={inp}, hidden_dim={hidden}, output_dim={out})")
+            head = _mlp_resnet_like(blocks, inp, hidden, out)
+            head.load_state_dict({k: v.float() for k, v in stripped.items()}, strict=True)
             for k, v in stripped.items():
                 if "layer_norm" in k or ".ffn.0." in k:
                     want = 1.0 if k.endswith("weight") else 0.0
@@ -85,6 +105,9 @@ def check_model_dir(model_dir):
         if "proprio_projector" in os.path.basename(f):
             llm, p = stripped["fc1.weight"].shape
             print(f"    ProprioProjector(llm_dim={llm}, proprio_dim={p})")
+            proj = torch.nn.Module()
+            proj.fc1, proj.fc2 = torch.nn.Linear(p, llm), torch.nn.Linear(llm, llm)
+            proj.load_state_dict(stripped, strict=True)
             bound = 1 / p**0.5
             assert stripped["fc1.weight"].abs().max() <= bound, "fc1 exceeds nn.Linear's default bound"
 

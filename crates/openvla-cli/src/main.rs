@@ -150,8 +150,9 @@ struct InitArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// A named shape instead of --config: metaworld-small (one SigLIP-like tower, 128 px,
-    /// patch 16, Llama 256x4, OFT L1 head K=8 D=4 proprio 4; about 28 MB in bf16) or
-    /// metaworld-fused (the same with DINOv2-reg + SigLIP towers).
+    /// patch 16, width 192, depth 5 of which OpenVLA uses 4 (the output of block len-2), tied
+    /// Llama 256x4, OFT L1 head K=8 D=4 proprio 4; 28.8 MB in bf16) or metaworld-fused (the
+    /// same with DINOv2-reg + SigLIP towers).
     #[arg(long)]
     preset: Option<String>,
     /// Print the configuration's TOML and exit without writing anything.

@@ -11,9 +11,11 @@
 //! - timm 0.9.10 `VisionTransformer` (`init_weights('')`): Linear weights truncated normal
 //!   (std 0.02, cut at ±2), biases zero; LayerNorm ones and zeros; the patch embedding is a
 //!   `Conv2d` left at PyTorch's default (kaiming uniform with a = √5, so U(±1/√fan_in) for
-//!   weight and bias); `pos_embed` truncated normal std 0.02; class and register tokens normal
-//!   std 1e-6; LayerScale factors 1e-5 (`init_values` of timm's DINOv2 models); SigLIP's
-//!   attention-pool latent truncated normal std `dim^-0.5` cut at ±2 std.
+//!   weight and bias); `pos_embed` truncated normal std 0.02; the class token normal std 1e-6;
+//!   register tokens zero (0.9.10 leaves them as created); LayerScale factors 1e-5
+//!   (`init_values` of timm's DINOv2 models); SigLIP's attention-pool latent truncated normal
+//!   std `dim^-0.5` cut at ±2 std. `tools/reference/check_init.py` compares a written
+//!   directory with timm's and transformers' own modules.
 //! - transformers 4.40.1 `LlamaPreTrainedModel._init_weights`: Linear and Embedding weights
 //!   normal(0, `initializer_range`), the embedding's `pad_token_id` row zero, RMSNorm ones.
 //! - The projector and OFT's `MLPResNet` action head and `ProprioProjector`: `nn.Linear`
@@ -53,7 +55,7 @@ pub const PRESETS: &[(&str, &str)] = &[
 ];
 
 /// The Meta-World policy of issue 15: one SigLIP-like tower, 128 px, 64 patches.
-pub const METAWORLD_SMALL: &str = r#"# openvla init preset "metaworld-small": a from-scratch Meta-World policy, about 28 MB in bf16.
+pub const METAWORLD_SMALL: &str = r#"# openvla init preset "metaworld-small": a from-scratch Meta-World policy, 28.8 MB in bf16.
 
 [vision]
 image_size = 128                # pixels, square; every tower sees this size
@@ -82,7 +84,7 @@ proprio_dim = 4                 # robot state obs[:4]; omit for no proprio proje
 images = 1
 "#;
 
-/// The same policy with the fused DINOv2-reg + SigLIP backbone (about 34 MB in bf16).
+/// The same policy with the fused DINOv2-reg + SigLIP backbone (35.5 MB in bf16).
 pub const METAWORLD_FUSED: &str = r#"# openvla init preset "metaworld-fused": two towers (DINOv2 with registers, then SigLIP), fused.
 
 [vision]
@@ -338,7 +340,7 @@ impl InitConfig {
         }
         for (i, t) in v.towers.iter().enumerate() {
             let at = format!("vision.towers[{i}] ({:?})", t.kind);
-            if t.width == 0 || t.heads == 0 || t.width % t.heads != 0 {
+            if t.width == 0 || t.heads == 0 || !t.width.is_multiple_of(t.heads) {
                 return bad(format!(
                     "{at}: width {} must be a positive multiple of heads {}",
                     t.width, t.heads
@@ -357,7 +359,9 @@ impl InitConfig {
                     t.mlp_ratio
                 ));
             }
-            if t.patch_size == 0 || v.image_size < t.patch_size || v.image_size % t.patch_size != 0
+            if t.patch_size == 0
+                || v.image_size < t.patch_size
+                || !v.image_size.is_multiple_of(t.patch_size)
             {
                 return bad(format!(
                     "{at}: patch_size {} must divide vision.image_size {} (e.g. 128 px with \
@@ -381,13 +385,13 @@ impl InitConfig {
         }
         let l = &self.llm;
         let kv = l.kv_heads.unwrap_or(l.heads);
-        if l.width == 0 || l.heads == 0 || l.width % l.heads != 0 {
+        if l.width == 0 || l.heads == 0 || !l.width.is_multiple_of(l.heads) {
             return bad(format!(
                 "llm: width {} must be a positive multiple of heads {}",
                 l.width, l.heads
             ));
         }
-        if (l.width / l.heads) % 2 != 0 {
+        if !(l.width / l.heads).is_multiple_of(2) {
             return bad(format!(
                 "llm: the head width {} / {} = {} must be even for RoPE",
                 l.width,
@@ -395,7 +399,7 @@ impl InitConfig {
                 l.width / l.heads
             ));
         }
-        if kv == 0 || l.heads % kv != 0 {
+        if kv == 0 || !l.heads.is_multiple_of(kv) {
             return bad(format!("llm: kv_heads {kv} must divide heads {}", l.heads));
         }
         if l.depth == 0 || l.intermediate == 0 {
@@ -404,7 +408,7 @@ impl InitConfig {
                 l.depth, l.intermediate
             ));
         }
-        if l.vocab_size < default_vocab() || l.vocab_size % PAD_TO_MULTIPLE_OF != 0 {
+        if l.vocab_size < default_vocab() || !l.vocab_size.is_multiple_of(PAD_TO_MULTIPLE_OF) {
             return bad(format!(
                 "llm: vocab_size {} must be a multiple of {PAD_TO_MULTIPLE_OF} and at least {} \
                  (the Llama-2 tokenizer has {TOKENIZER_SIZE} tokens and OpenVLA pads the \
@@ -891,8 +895,12 @@ fn backbone_law(
                 std: 0.02,
                 cut: 2.0,
             }
-        } else if name.ends_with(".cls_token") || name.ends_with(".reg_token") {
+        } else if name.ends_with(".cls_token") {
             Law::Normal(1e-6)
+        } else if name.ends_with(".reg_token") {
+            // timm 0.9.10 creates it with torch.zeros and init_weights leaves it (later
+            // versions draw normal(1e-6)).
+            Law::Const(0.0)
         } else if name.ends_with(".attn_pool.latent") {
             let std = (d as f64).powf(-0.5);
             Law::TruncNormal {

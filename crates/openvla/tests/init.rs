@@ -210,6 +210,12 @@ fn fused_bins_loads_and_predicts_action_tokens() {
     assert!(t.contains_key("language_model.lm_head.weight"));
     assert!(t.contains_key("vision_backbone.fused_featurizer.attn_pool.latent"));
     assert_eq!(t["vision_backbone.featurizer.reg_token"].dims(), &[1, 2, 8]);
+    // timm 0.9.10: registers start at zero, the class token at normal(1e-6).
+    assert!(values(&t["vision_backbone.featurizer.reg_token"])
+        .iter()
+        .all(|&x| x == 0.0));
+    let cls = values(&t["vision_backbone.featurizer.cls_token"]);
+    assert!(max_abs(&cls) < 1e-5 && max_abs(&cls) > 0.0);
     let policy = load(&dir);
     assert!(policy.oft().is_none());
     let p = policy
