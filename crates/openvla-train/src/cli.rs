@@ -804,6 +804,30 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
         None => base,
     };
     let outcome = finetune_with_model(args, model, &device)?;
+    // The OFT head and proprio projector train in full besides.
+    let trainable_params = match plan.oft {
+        Some(o) => {
+            use crate::model::head::{l1_head_param_count, proprio_projector_param_count};
+            let h = plan.config.text.hidden_size;
+            let mut n = trainable_params + l1_head_param_count(h, plan.action_dim);
+            if o.proprio {
+                let stats = dataset_statistics(
+                    &DatasetSource::open(
+                        &args.data,
+                        args.dataset.as_deref(),
+                        args.dataset_config.as_deref(),
+                    )?,
+                    &plan.run_dir,
+                    true,
+                )?;
+                if let Some(p) = &stats.proprio {
+                    n += proprio_projector_param_count(p.q01.len(), h);
+                }
+            }
+            n
+        }
+        None => trainable_params,
+    };
     let mpath = crate::trainer::metrics_path(&plan.run_dir);
     let last = if mpath.is_file() {
         crate::log::read_metrics(&mpath)?.pop()
@@ -1073,4 +1097,51 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         )?;
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FinetuneArgs,
+    }
+
+    fn parse(extra: &[&str]) -> std::result::Result<FinetuneArgs, clap::Error> {
+        let mut argv = vec!["finetune", "--model", "m", "--data", "d", "--out", "o"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn oft_flags_parse() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.head, HeadArg::Bins256);
+        assert!(a.oft().unwrap().is_none());
+        a.validate().unwrap();
+        let a = parse(&[
+            "--head",
+            "l1",
+            "--chunk",
+            "8",
+            "--images",
+            "primary,wrist",
+            "--proprio",
+            "--normalization",
+            "bounds",
+        ])
+        .unwrap();
+        a.validate().unwrap();
+        let o = a.oft().unwrap().unwrap();
+        assert_eq!((o.chunk, o.num_images(), o.proprio), (8, 2, true));
+        assert_eq!(o.normalization.oft(), NormalizationType::Bounds);
+        assert!(parse(&["--head", "l2"]).is_err());
+        let e = parse(&["--head", "l1"]).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("--chunk"), "{e}");
+        let e = parse(&["--proprio"]).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("--head l1"), "{e}");
+    }
 }

@@ -417,6 +417,12 @@ fn finetune_l1_writes_an_oft_directory_the_engine_loads() {
     let args = oft_args(&out);
     let report = openvla_train::cli::run_finetune(&args).unwrap();
     assert_eq!(report.outcome.step, 2);
+    let components = openvla_train::model::head::l1_head_param_count(32, 7)
+        + openvla_train::model::head::proprio_projector_param_count(8, 32);
+    assert!(
+        report.trainable_params > components,
+        "LoRA + head + projector"
+    );
     // Metrics: the L1 loss and the current / next actions' L1, and the curves.
     let m = openvla_train::log::read_metrics(&out.join("metrics.jsonl")).unwrap();
     assert_eq!(m.len(), 2);
