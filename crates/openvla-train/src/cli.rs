@@ -680,10 +680,15 @@ pub fn check_oft_model(model: &Path, oft: &OftRun) -> Result<()> {
     let path = model.join("config.json");
     let config: serde_json::Value = crate::error::read_json(&path)?;
     let contradiction = |what: &str, field: &str, have: String, flag: String| {
+        let given = if what.is_empty() {
+            flag
+        } else {
+            format!("{what} {flag}")
+        };
         Err(TrainError::Invalid(format!(
-            "{}: {field} is {have}, but this run gives {what} {flag}; the action head and \
-             proprio projector of --model were trained with {have} (choose matching flags or \
-             start from the plain OpenVLA model)",
+            "{}: {field} is {have}, but this run gives {given}; the action head and proprio \
+             projector of --model were trained with {have} (choose matching flags or start \
+             from the plain OpenVLA model)",
             path.display()
         )))
     };
@@ -919,6 +924,30 @@ pub fn dataset_statistics(
     Ok(st)
 }
 
+/// Writes the PEFT adapter of a LoRA run to `<run>/adapter/`, with the run's
+/// `dataset_statistics.json` next to it (where `openvla merge --adapter` finds it).
+fn save_adapter(adapter: &crate::lora::LoraAdapter, run_dir: &Path) -> Result<()> {
+    let dir = run_dir.join("adapter");
+    adapter.save(&dir)?;
+    let stats = run_dir.join("dataset_statistics.json");
+    let bytes = std::fs::read(&stats).map_err(|e| TrainError::io(&stats, e))?;
+    write_atomic(&dir.join("dataset_statistics.json"), &bytes)
+}
+
+/// Where and how the run's model directory `<run>/model/` is exported, with the run's
+/// statistics.
+fn export_options(args: &FinetuneArgs, run_dir: &Path) -> Result<ExportOptions> {
+    let stats: serde_json::Value =
+        crate::error::read_json(&run_dir.join("dataset_statistics.json"))?;
+    Ok(ExportOptions {
+        base: args.model.clone(),
+        out: run_dir.join("model"),
+        dtype: args.export_dtype,
+        max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
+        dataset_statistics: Some(stats),
+    })
+}
+
 /// Runs `openvla finetune` with a model that implements the training seam: statistics, the
 /// frame stream, LoRA adapters (LoRA mode) or the mode's trainable parameters, the training
 /// loop, and the final PEFT adapter in `<out>/adapter/` (with `dataset_statistics.json`, so
@@ -1013,7 +1042,6 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         fingerprint: plan.fingerprint.clone(),
         stop_after: None,
     };
-    let stats_path = plan.run_dir.join("dataset_statistics.json");
     if let Some(o) = plan.oft {
         let (head, proprio) =
             crate::oft::start_components(&args.model, &plan.config, &o, &run_stats, seed)?;
@@ -1036,20 +1064,10 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         objective.components = Some(crate::export::write_oft_components);
         let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
         if let Some(ad) = &objective.adapter {
-            let dir = plan.run_dir.join("adapter");
-            ad.save(&dir)?;
-            let bytes = std::fs::read(&stats_path).map_err(|e| TrainError::io(&stats_path, e))?;
-            write_atomic(&dir.join("dataset_statistics.json"), &bytes)?;
+            save_adapter(ad, &plan.run_dir)?;
         }
-        let stats: serde_json::Value = crate::error::read_json(&stats_path)?;
         export_oft_dir(
-            &ExportOptions {
-                base: args.model.clone(),
-                out: plan.run_dir.join("model"),
-                dtype: args.export_dtype,
-                max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
-                dataset_statistics: Some(stats),
-            },
+            &export_options(args, &plan.run_dir)?,
             &objective.base_params,
             objective.adapter.as_ref(),
             &OftExport {
@@ -1079,20 +1097,10 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     objective.checkpointing = args.checkpointing;
     let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
     if let Some(ad) = &objective.adapter {
-        let dir = plan.run_dir.join("adapter");
-        ad.save(&dir)?;
-        let bytes = std::fs::read(&stats_path).map_err(|e| TrainError::io(&stats_path, e))?;
-        write_atomic(&dir.join("dataset_statistics.json"), &bytes)?;
+        save_adapter(ad, &plan.run_dir)?;
     } else if !objective.base_params.is_empty() {
-        let stats: serde_json::Value = crate::error::read_json(&stats_path)?;
         export_model_dir(
-            &ExportOptions {
-                base: args.model.clone(),
-                out: plan.run_dir.join("model"),
-                dtype: args.export_dtype,
-                max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
-                dataset_statistics: Some(stats),
-            },
+            &export_options(args, &plan.run_dir)?,
             &objective.base_params,
         )?;
     }

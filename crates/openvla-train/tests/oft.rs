@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use common::*;
 use openvla::oft::pt::{find_component, StateDict};
 use openvla::oft::{ACTION_HEAD, PROPRIO_PROJECTOR};
@@ -71,15 +71,6 @@ fn objective(mode: TrainMode, adapter: Option<LoraAdapter>) -> L1Objective<OpenV
         0,
     )
     .unwrap()
-}
-
-fn vec_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn l2(a: &[f32]) -> f64 {
@@ -353,11 +344,6 @@ fn the_l1_head_memorizes_eight_episodes() {
         }
     }
     panic!("no L1 < 0.01 after 200 steps: {losses:?}");
-}
-
-#[allow(dead_code)]
-fn var_names(v: &[(String, Var)]) -> Vec<&str> {
-    v.iter().map(|(n, _)| n.as_str()).collect()
 }
 
 /// `openvla finetune --head l1` flags on the LIBERO test data from the OFT fixture.
