@@ -680,10 +680,15 @@ pub fn check_oft_model(model: &Path, oft: &OftRun) -> Result<()> {
     let path = model.join("config.json");
     let config: serde_json::Value = crate::error::read_json(&path)?;
     let contradiction = |what: &str, field: &str, have: String, flag: String| {
+        let given = if what.is_empty() {
+            flag
+        } else {
+            format!("{what} {flag}")
+        };
         Err(TrainError::Invalid(format!(
-            "{}: {field} is {have}, but this run gives {what} {flag}; the action head and \
-             proprio projector of --model were trained with {have} (choose matching flags or \
-             start from the plain OpenVLA model)",
+            "{}: {field} is {have}, but this run gives {given}; the action head and proprio \
+             projector of --model were trained with {have} (choose matching flags or start \
+             from the plain OpenVLA model)",
             path.display()
         )))
     };
@@ -804,6 +809,30 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
         None => base,
     };
     let outcome = finetune_with_model(args, model, &device)?;
+    // The OFT head and proprio projector train in full besides.
+    let trainable_params = match plan.oft {
+        Some(o) => {
+            use crate::model::head::{l1_head_param_count, proprio_projector_param_count};
+            let h = plan.config.text.hidden_size;
+            let mut n = trainable_params + l1_head_param_count(h, plan.action_dim);
+            if o.proprio {
+                let stats = dataset_statistics(
+                    &DatasetSource::open(
+                        &args.data,
+                        args.dataset.as_deref(),
+                        args.dataset_config.as_deref(),
+                    )?,
+                    &plan.run_dir,
+                    true,
+                )?;
+                if let Some(p) = &stats.proprio {
+                    n += proprio_projector_param_count(p.q01.len(), h);
+                }
+            }
+            n
+        }
+        None => trainable_params,
+    };
     let mpath = crate::trainer::metrics_path(&plan.run_dir);
     let last = if mpath.is_file() {
         crate::log::read_metrics(&mpath)?.pop()
@@ -893,6 +922,30 @@ pub fn dataset_statistics(
     let text = serde_json::to_string_pretty(&file).map_err(|e| TrainError::json(&path, e))?;
     write_atomic(&path, text.as_bytes())?;
     Ok(st)
+}
+
+/// Writes the PEFT adapter of a LoRA run to `<run>/adapter/`, with the run's
+/// `dataset_statistics.json` next to it (where `openvla merge --adapter` finds it).
+fn save_adapter(adapter: &crate::lora::LoraAdapter, run_dir: &Path) -> Result<()> {
+    let dir = run_dir.join("adapter");
+    adapter.save(&dir)?;
+    let stats = run_dir.join("dataset_statistics.json");
+    let bytes = std::fs::read(&stats).map_err(|e| TrainError::io(&stats, e))?;
+    write_atomic(&dir.join("dataset_statistics.json"), &bytes)
+}
+
+/// Where and how the run's model directory `<run>/model/` is exported, with the run's
+/// statistics.
+fn export_options(args: &FinetuneArgs, run_dir: &Path) -> Result<ExportOptions> {
+    let stats: serde_json::Value =
+        crate::error::read_json(&run_dir.join("dataset_statistics.json"))?;
+    Ok(ExportOptions {
+        base: args.model.clone(),
+        out: run_dir.join("model"),
+        dtype: args.export_dtype,
+        max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
+        dataset_statistics: Some(stats),
+    })
 }
 
 /// Runs `openvla finetune` with a model that implements the training seam: statistics, the
@@ -989,7 +1042,6 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         fingerprint: plan.fingerprint.clone(),
         stop_after: None,
     };
-    let stats_path = plan.run_dir.join("dataset_statistics.json");
     if let Some(o) = plan.oft {
         let (head, proprio) =
             crate::oft::start_components(&args.model, &plan.config, &o, &run_stats, seed)?;
@@ -1012,20 +1064,10 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         objective.components = Some(crate::export::write_oft_components);
         let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
         if let Some(ad) = &objective.adapter {
-            let dir = plan.run_dir.join("adapter");
-            ad.save(&dir)?;
-            let bytes = std::fs::read(&stats_path).map_err(|e| TrainError::io(&stats_path, e))?;
-            write_atomic(&dir.join("dataset_statistics.json"), &bytes)?;
+            save_adapter(ad, &plan.run_dir)?;
         }
-        let stats: serde_json::Value = crate::error::read_json(&stats_path)?;
         export_oft_dir(
-            &ExportOptions {
-                base: args.model.clone(),
-                out: plan.run_dir.join("model"),
-                dtype: args.export_dtype,
-                max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
-                dataset_statistics: Some(stats),
-            },
+            &export_options(args, &plan.run_dir)?,
             &objective.base_params,
             objective.adapter.as_ref(),
             &OftExport {
@@ -1055,22 +1097,59 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     objective.checkpointing = args.checkpointing;
     let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
     if let Some(ad) = &objective.adapter {
-        let dir = plan.run_dir.join("adapter");
-        ad.save(&dir)?;
-        let bytes = std::fs::read(&stats_path).map_err(|e| TrainError::io(&stats_path, e))?;
-        write_atomic(&dir.join("dataset_statistics.json"), &bytes)?;
+        save_adapter(ad, &plan.run_dir)?;
     } else if !objective.base_params.is_empty() {
-        let stats: serde_json::Value = crate::error::read_json(&stats_path)?;
         export_model_dir(
-            &ExportOptions {
-                base: args.model.clone(),
-                out: plan.run_dir.join("model"),
-                dtype: args.export_dtype,
-                max_shard_bytes: (args.export_max_shard_gb * 1e9) as u64,
-                dataset_statistics: Some(stats),
-            },
+            &export_options(args, &plan.run_dir)?,
             &objective.base_params,
         )?;
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FinetuneArgs,
+    }
+
+    fn parse(extra: &[&str]) -> std::result::Result<FinetuneArgs, clap::Error> {
+        let mut argv = vec!["finetune", "--model", "m", "--data", "d", "--out", "o"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    #[test]
+    fn oft_flags_parse() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.head, HeadArg::Bins256);
+        assert!(a.oft().unwrap().is_none());
+        a.validate().unwrap();
+        let a = parse(&[
+            "--head",
+            "l1",
+            "--chunk",
+            "8",
+            "--images",
+            "primary,wrist",
+            "--proprio",
+            "--normalization",
+            "bounds",
+        ])
+        .unwrap();
+        a.validate().unwrap();
+        let o = a.oft().unwrap().unwrap();
+        assert_eq!((o.chunk, o.num_images(), o.proprio), (8, 2, true));
+        assert_eq!(o.normalization.oft(), NormalizationType::Bounds);
+        assert!(parse(&["--head", "l2"]).is_err());
+        let e = parse(&["--head", "l1"]).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("--chunk"), "{e}");
+        let e = parse(&["--proprio"]).unwrap().validate().unwrap_err();
+        assert!(e.to_string().contains("--head l1"), "{e}");
+    }
 }

@@ -280,7 +280,7 @@ pub fn start_components(
     };
     let head_file = find_component(model, ACTION_HEAD)?;
     let proprio_file = find_component(model, PROPRIO_PROJECTOR)?;
-    let mut rng = TrainRng::new(seed ^ 0x4F46_5448_4541_44);
+    let mut rng = TrainRng::new(seed ^ 0x004F_4654_4845_4144);
     let proprio = match (p, &proprio_file) {
         (None, _) => None,
         (Some(p), Some(f)) => {

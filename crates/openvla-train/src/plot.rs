@@ -114,6 +114,9 @@ fn fmt_num(y: f64) -> String {
     }
 }
 
+/// A panel under the loss: title, colour, points, fixed y range.
+type Panel<'a> = (&'a str, &'a str, &'a [(f64, f64)], Option<(f64, f64)>);
+
 /// Renders the curves of `records` as an SVG document.
 pub fn render_svg(records: &[MetricsRecord], title: &str) -> String {
     let loss: Vec<(f64, f64)> = records
@@ -131,7 +134,7 @@ pub fn render_svg(records: &[MetricsRecord], title: &str) -> String {
         .collect();
     // Panels after the loss: the action-token accuracy (256-bin objective) and the current
     // action's L1 error (every objective that reports it).
-    let mut panels: Vec<(&str, &str, &[(f64, f64)], Option<(f64, f64)>)> = Vec::new();
+    let mut panels: Vec<Panel<'_>> = Vec::new();
     if !acc.is_empty() {
         panels.push(("action-token accuracy", "#d62728", &acc, Some((0.0, 1.0))));
     }

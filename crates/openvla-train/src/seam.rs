@@ -221,6 +221,35 @@ pub fn attach_adapter<M: TrainModel>(
     Ok(lora_layers)
 }
 
+/// Parameters by name.
+type NamedVars = Vec<(String, Var)>;
+
+/// The backbone side of an objective: the base parameters `trainable` accepts (as float32
+/// `Var`s) and the LoRA branches of `adapter`, attached to `model`.
+fn prepare_backbone<M: TrainModel>(
+    model: &mut M,
+    trainable: impl Fn(&str) -> bool,
+    adapter: &Option<LoraAdapter>,
+    seed: u64,
+) -> Result<(NamedVars, Vec<Arc<LoraLayer>>)> {
+    let base_params: Vec<(String, Var)> = model
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| trainable(n))
+        .collect();
+    let lora_layers = attach_adapter(model, adapter.as_ref(), seed)?;
+    Ok((base_params, lora_layers))
+}
+
+/// The trained backbone parameters: the base ones, then the adapter's.
+fn backbone_params(base: &[(String, Var)], adapter: &Option<LoraAdapter>) -> Vec<(String, Var)> {
+    let mut p = base.to_vec();
+    if let Some(ad) = adapter {
+        p.extend(ad.named_vars());
+    }
+    p
+}
+
 /// A training batch for the VLA: images and collated text.
 #[derive(Debug, Clone)]
 pub struct VlaBatch {
@@ -310,12 +339,7 @@ impl<M: TrainModel> VlaObjective<M> {
         action_tokenizer: ActionTokenizer,
         seed: u64,
     ) -> Result<Self> {
-        let base_params: Vec<(String, Var)> = model
-            .named_parameters()
-            .into_iter()
-            .filter(|(n, _)| trainable(n))
-            .collect();
-        let lora_layers = attach_adapter(&mut model, adapter.as_ref(), seed)?;
+        let (base_params, lora_layers) = prepare_backbone(&mut model, trainable, &adapter, seed)?;
         Ok(Self {
             model,
             base_params,
@@ -331,11 +355,7 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
     type Batch = VlaBatch;
 
     fn params(&self) -> Vec<(String, Var)> {
-        let mut p = self.base_params.clone();
-        if let Some(ad) = &self.adapter {
-            p.extend(ad.named_vars());
-        }
-        p
+        backbone_params(&self.base_params, &self.adapter)
     }
 
     fn forward(&mut self, batch: &VlaBatch, rng: &mut TrainRng) -> Result<StepOutput> {
@@ -502,12 +522,7 @@ impl<M: TrainModel> L1Objective<M> {
         proprio: Option<ProprioProjectorTrain>,
         seed: u64,
     ) -> Result<Self> {
-        let base_params: Vec<(String, Var)> = model
-            .named_parameters()
-            .into_iter()
-            .filter(|(n, _)| trainable(n))
-            .collect();
-        let lora_layers = attach_adapter(&mut model, adapter.as_ref(), seed)?;
+        let (base_params, lora_layers) = prepare_backbone(&mut model, trainable, &adapter, seed)?;
         Ok(Self {
             model,
             base_params,
@@ -605,10 +620,7 @@ impl<M: TrainModel> Objective for L1Objective<M> {
     type Batch = OftBatch;
 
     fn params(&self) -> Vec<(String, Var)> {
-        let mut p = self.base_params.clone();
-        if let Some(ad) = &self.adapter {
-            p.extend(ad.named_vars());
-        }
+        let mut p = backbone_params(&self.base_params, &self.adapter);
         p.extend(
             self.head
                 .named_parameters()

@@ -44,6 +44,11 @@ fn args(out: &Path, mode: TrainMode) -> FinetuneArgs {
         no_memory_check: false,
         export_dtype: ExportDtype::Base,
         export_max_shard_gb: 5.0,
+        head: openvla_train::cli::HeadArg::Bins256,
+        chunk: None,
+        images: "primary".into(),
+        proprio: false,
+        normalization: openvla_train::cli::NormalizationArg::BoundsQ99,
     }
 }
 

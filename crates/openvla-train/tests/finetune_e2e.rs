@@ -41,6 +41,11 @@ fn args(out: &Path, max_steps: u64) -> FinetuneArgs {
         no_memory_check: false,
         export_dtype: Default::default(),
         export_max_shard_gb: 5.0,
+        head: openvla_train::cli::HeadArg::Bins256,
+        chunk: None,
+        images: "primary".into(),
+        proprio: false,
+        normalization: openvla_train::cli::NormalizationArg::BoundsQ99,
     }
 }
 

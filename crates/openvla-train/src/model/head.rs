@@ -22,6 +22,24 @@ use openvla::oft::pt::StateDict;
 /// Residual blocks of the reference's L1 head (`L1RegressionActionHead`: `num_blocks=2`).
 pub const L1_HEAD_BLOCKS: usize = 2;
 
+/// Parameters of an L1 head for LLM width `llm_dim` and action dimension `action_dim`.
+pub fn l1_head_param_count(llm_dim: usize, action_dim: usize) -> usize {
+    let input = llm_dim * action_dim;
+    let block = 2 * llm_dim + llm_dim * llm_dim + llm_dim;
+    2 * input
+        + input * llm_dim
+        + llm_dim
+        + L1_HEAD_BLOCKS * block
+        + 2 * llm_dim
+        + llm_dim * action_dim
+        + action_dim
+}
+
+/// Parameters of a proprio projector from `proprio_dim` to `llm_dim`.
+pub fn proprio_projector_param_count(proprio_dim: usize, llm_dim: usize) -> usize {
+    proprio_dim * llm_dim + llm_dim + llm_dim * llm_dim + llm_dim
+}
+
 /// Named float32 parameters of a module, in `state_dict` order.
 #[derive(Debug, Clone)]
 struct Named(Vec<(String, Var)>);
@@ -298,7 +316,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[B, K, 24]"), "{err}");
+        let count = |p: Vec<(String, Var)>| p.iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+        assert_eq!(count(head.named_parameters()), l1_head_param_count(8, 3));
         let proj = ProprioProjectorTrain::init(4, 8, &mut rng).unwrap();
+        assert_eq!(
+            count(proj.named_parameters()),
+            proprio_projector_param_count(4, 8)
+        );
         let t = proj
             .forward(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap())
             .unwrap();

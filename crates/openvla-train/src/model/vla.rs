@@ -249,6 +249,23 @@ impl OpenVlaTrain {
         Ok((Tensor::cat(&parts, 1)?, prefix))
     }
 
+    /// The LLM's input sequence, its prefix length and its attention mask.
+    fn llm_input(
+        &self,
+        projected: &Tensor,
+        images: usize,
+        inputs: &TrunkInputs<'_>,
+    ) -> Result<(Tensor, usize, Tensor)> {
+        let (seq, prefix) = self.sequence(projected, images, inputs)?;
+        let mask = self.multimodal_mask(
+            inputs.attention_mask,
+            prefix,
+            inputs.attention,
+            seq.device(),
+        )?;
+        Ok((seq, prefix, mask))
+    }
+
     /// The forward of the full multimodal sequence up to the final norm: hidden states
     /// `[B, P + T, D]` (OpenVLA's causal inputs).
     pub fn hidden_states(
@@ -303,13 +320,7 @@ impl TrainModel for OpenVlaTrain {
         let vision = self.vision(&pixel_values)?;
         let images = pixel_values.dim(1)? / (3 * self.towers.len());
         let projected = self.projector.forward(&self.params, &vision)?;
-        let (seq, prefix) = self.sequence(&projected, images, inputs)?;
-        let mask = self.multimodal_mask(
-            inputs.attention_mask,
-            prefix,
-            inputs.attention,
-            seq.device(),
-        )?;
+        let (seq, prefix, mask) = self.llm_input(&projected, images, inputs)?;
         Ok(TrunkOutput {
             hidden: self.llm.forward(&self.params, &seq, &mask)?,
             prefix,
@@ -372,13 +383,7 @@ impl TrainModel for OpenVlaTrain {
         };
         let feats = Self::images_to_sequence(&feats, b, images)?;
         let projected = self.projector.forward(p, &feats)?;
-        let (seq, prefix) = self.sequence(&projected, images, inputs)?;
-        let mask = self.multimodal_mask(
-            inputs.attention_mask,
-            prefix,
-            inputs.attention,
-            seq.device(),
-        )?;
+        let (seq, prefix, mask) = self.llm_input(&projected, images, inputs)?;
         let rope = self.llm.rope(&seq)?;
         let layer = |i: usize, h: &Tensor| self.llm.decoder_layer(p, i, h, &mask, &rope);
         let (out, llm_tape) = forward_blocks(&seq, self.llm.num_layers(), lora, &layer)?;

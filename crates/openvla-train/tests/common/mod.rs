@@ -132,3 +132,13 @@ pub fn npy_i64(path: &std::path::Path) -> (Vec<usize>, Vec<i64>) {
         .collect();
     (shape, v)
 }
+
+/// A tensor's values as float32, flattened.
+pub fn vec_f32(t: &candle_core::Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
