@@ -10,7 +10,8 @@
 //! All ops read contiguous float32 CPU tensors (the wrappers in [`super::ops`] make them so);
 //! the training model runs on the CPU only. Row loops are split over rayon in fixed blocks of
 //! rows, and the reductions over rows (weight and bias gradients) sum fixed blocks in order, so
-//! results do not depend on the number of threads.
+//! results do not depend on the number of threads. No `mul_add`: the crate is built without a
+//! target CPU, where it is a call to the software `fmaf`.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage,
@@ -69,12 +70,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (bc, br) = b.split_at(ac.len());
     for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ar.iter().zip(br) {
-        s = x.mul_add(*y, s);
+        s += x * y;
     }
     s
 }
@@ -125,13 +126,13 @@ fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
     for c in xc.chunks_exact(8) {
         for i in 0..8 {
             let d = c[i] - mean;
-            acc[i] = d.mul_add(d, acc[i]);
+            acc[i] += d * d;
         }
     }
     let mut ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for v in xr {
         let d = v - mean;
-        ss = d.mul_add(d, ss);
+        ss += d * d;
     }
     (mean, 1.0 / (ss / n + eps).sqrt())
 }
@@ -168,7 +169,7 @@ impl CustomOp3 for LayerNormOp {
                 for (yr, xr) in yb.chunks_exact_mut(d).zip(xb.chunks_exact(d)) {
                     let (mean, rstd) = ln_stats(xr, self.eps);
                     for i in 0..d {
-                        yr[i] = ((xr[i] - mean) * rstd).mul_add(w[i], b[i]);
+                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
                     }
                 }
             });
@@ -203,7 +204,7 @@ impl CustomOp3 for LayerNormOp {
                             if want_wb {
                                 let (pw, pb) = part.split_at_mut(d);
                                 for i in 0..d {
-                                    pw[i] = ((xr[i] - mean) * rstd).mul_add(gr[i], pw[i]);
+                                    pw[i] += (xr[i] - mean) * rstd * gr[i];
                                     pb[i] += gr[i];
                                 }
                             }
@@ -214,7 +215,7 @@ impl CustomOp3 for LayerNormOp {
                                 for i in 0..d {
                                     let gw = gr[i] * w[i];
                                     s1 += gw;
-                                    s2 = gw.mul_add((xr[i] - mean) * rstd, s2);
+                                    s2 += gw * ((xr[i] - mean) * rstd);
                                 }
                                 let (m1, m2) = (s1 / d as f32, s2 / d as f32);
                                 let dr = &mut dxb[r * d..(r + 1) * d];
@@ -343,14 +344,14 @@ impl CustomOp2 for RmsNormOp {
                             let rstd = rms_rstd(xr, eps);
                             if want_w {
                                 for i in 0..d {
-                                    pw[i] = (xr[i] * rstd).mul_add(gr[i], pw[i]);
+                                    pw[i] += xr[i] * rstd * gr[i];
                                 }
                             }
                             if let Some(dxb) = dxb.as_deref_mut() {
                                 // dx = rstd (g w - xhat mean(g w xhat)), xhat = x rstd
                                 let mut s = 0f32;
                                 for i in 0..d {
-                                    s = (gr[i] * w[i]).mul_add(xr[i], s);
+                                    s += gr[i] * w[i] * xr[i];
                                 }
                                 let m = s * rstd * rstd / d as f32;
                                 let dr = &mut dxb[r * d..(r + 1) * d];
@@ -738,7 +739,7 @@ impl CustomOp1 for SoftmaxOp {
     }
 }
 
-/// `y = x Wᵀ (+ b)` for `x [m, k]`, `W [n, k]` (float32, or a frozen bf16 weight widened tile by
+/// `y = x Wᵀ (+ b)` for `x [.., k]` (as `m` rows; no reshape nodes in the graph), `W [n, k]` (float32, or a frozen bf16 weight widened tile by
 /// tile) and `b [n]`, on the packed sgemm of `openvla-kernels`: `apply_op2(x, w)` without a
 /// bias, `apply_op3(x, w, b)` with one.
 ///
@@ -783,7 +784,7 @@ pub(crate) fn linear_fwd(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     const NAME: &str = "fused-linear";
     let xs = f32_contiguous(x.0, x.1, NAME)?;
-    let (m, k) = x.1.shape().dims2()?;
+    let (m, k) = rows_of(x.1.shape(), NAME)?;
     let (n, kw) = w.1.shape().dims2()?;
     if kw != k {
         bail!("linear: x [{m}, {k}] against weight [{n}, {kw}]")
@@ -817,7 +818,11 @@ pub(crate) fn linear_fwd(
             }
         });
     }
-    Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    let mut dims = x.1.shape().dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
 }
 
 /// `a [r, c]` transposed to `[c, r]` (in 32×32 blocks, parallel over blocks of columns).
@@ -853,7 +858,7 @@ pub(crate) fn linear_bwd(
     want_b: bool,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     const NAME: &str = "fused-linear";
-    let (m, k) = x.dims2()?;
+    let (m, k) = rows_of(x.shape(), NAME)?;
     let (n, _) = w.dims2()?;
     let dx = if x.track_op() {
         let wt = weight_t(w)?;
