@@ -108,6 +108,53 @@ fn sum_partials(parts: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
     out
 }
 
+/// A float32 matrix operand: pointer, row stride, column stride (elements).
+type Operand = (*const f32, isize, isize);
+
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands) on the `gemm` crate, parallel on
+/// the rayon pool: candle's own CPU matmul path, without its graph node.
+fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the callers pass operands whose strides stay inside their slices for m×k and
+    // k×n elements; dst holds m×n contiguous elements written by this call alone.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.0,
+            lhs.2,
+            lhs.1,
+            rhs.0,
+            rhs.2,
+            rhs.1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// LayerNorm over the last dimension (biased variance, as torch) with weight and bias:
 /// `apply_op3(x, w, b)`. Backward gives `dx`, and `dw`/`db` where those track gradients.
 #[derive(Debug, Clone, Copy)]
@@ -739,8 +786,9 @@ impl CustomOp1 for SoftmaxOp {
     }
 }
 
-/// `y = x Wᵀ (+ b)` for `x [.., k]` (as `m` rows; no reshape nodes in the graph), `W [n, k]` (float32, or a frozen bf16 weight widened tile by
-/// tile) and `b [n]`, on the packed sgemm of `openvla-kernels`: `apply_op2(x, w)` without a
+/// `y = x Wᵀ (+ b)` for `x [.., k]` (as `m` rows; no reshape nodes in the graph), `W [n, k]`
+/// (float32 through the `gemm` crate as candle's matmul; a frozen bf16/f16 weight widened tile
+/// by tile on the packed sgemm of `openvla-kernels`) and `b [n]`: `apply_op2(x, w)` without a
 /// bias, `apply_op3(x, w, b)` with one.
 ///
 /// Backward gives `dx = g W`, `dW = gᵀ x` and `db = Σ_rows g`, each only where that operand
@@ -800,7 +848,17 @@ pub(crate) fn linear_fwd(
     };
     let mut y = vec![0f32; m * n];
     match ws {
-        WeightSlice::F32(v) => openvla::kernels::tiled_gemm_f32(xs, v, &mut y, m, n, k),
+        // y = x · Wᵀ: Wᵀ [k, n] read in place (row stride 1, column stride k).
+        WeightSlice::F32(v) => gemm_f32(
+            m,
+            n,
+            k,
+            &mut y,
+            (xs.as_ptr(), k as isize, 1),
+            (v.as_ptr(), 1, k as isize),
+        ),
+        // Frozen half-precision weights: widened one tile at a time, never whole.
+
         _ => openvla::kernels::tiled_gemm(xs, &mut y, m, n, k, |j0, nb, buf| {
             ws.widen_rows(k, j0, nb, buf)
         }),
@@ -825,31 +883,6 @@ pub(crate) fn linear_fwd(
     Ok((CpuStorage::F32(y), Shape::from(dims)))
 }
 
-/// `a [r, c]` transposed to `[c, r]` (in 32×32 blocks, parallel over blocks of columns).
-fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
-    const B: usize = 32;
-    let mut t = vec![0f32; r * c];
-    t.par_chunks_mut(r * B).enumerate().for_each(|(cb, tb)| {
-        let c0 = cb * B;
-        let cn = B.min(c - c0);
-        for r0 in (0..r).step_by(B) {
-            for i in r0..(r0 + B).min(r) {
-                let row = &a[i * c + c0..i * c + c0 + cn];
-                for (j, &v) in row.iter().enumerate() {
-                    tb[j * r + i] = v;
-                }
-            }
-        }
-    });
-    t
-}
-
-/// `W [n, k]` (float32, bf16 or f16) widened and transposed to `[k, n]`.
-fn weight_t(w: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let (n, k) = w.dims2()?;
-    with_f32(w, "fused-linear", |v| Ok(transpose(v, n, k)))
-}
-
 /// The backward of [`LinearOp`]: `(dx, dW, db)` where wanted.
 pub(crate) fn linear_bwd(
     x: &Tensor,
@@ -861,23 +894,38 @@ pub(crate) fn linear_bwd(
     let (m, k) = rows_of(x.shape(), NAME)?;
     let (n, _) = w.dims2()?;
     let dx = if x.track_op() {
-        let wt = weight_t(w)?;
+        // dx [m, k] = g [m, n] · W [n, k]
         let dx = with_f32(grad, NAME, |g| {
-            let mut dx = vec![0f32; m * k];
-            openvla::kernels::tiled_gemm_f32(g, &wt, &mut dx, m, k, n);
-            Ok(dx)
+            with_f32(w, NAME, |wv| {
+                let mut dx = vec![0f32; m * k];
+                gemm_f32(
+                    m,
+                    k,
+                    n,
+                    &mut dx,
+                    (g.as_ptr(), n as isize, 1),
+                    (wv.as_ptr(), k as isize, 1),
+                );
+                Ok(dx)
+            })
         })?;
         Some(tensor(dx, x.shape())?)
     } else {
         None
     };
     let dw = if w.track_op() {
+        // dW [n, k] = gᵀ [n, m] · x [m, k], gᵀ read in place.
         let dw = with_f32(grad, NAME, |g| {
             with_f32(x, NAME, |xs| {
-                let gt = transpose(g, m, n);
-                let xt = transpose(xs, m, k);
                 let mut dw = vec![0f32; n * k];
-                openvla::kernels::tiled_gemm_f32(&gt, &xt, &mut dw, n, k, m);
+                gemm_f32(
+                    n,
+                    k,
+                    m,
+                    &mut dw,
+                    (g.as_ptr(), 1, n as isize),
+                    (xs.as_ptr(), k as isize, 1),
+                );
                 Ok(dw)
             })
         })?;
