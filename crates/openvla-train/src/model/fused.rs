@@ -787,8 +787,9 @@ impl CustomOp1 for SoftmaxOp {
 }
 
 /// `y = x Wᵀ (+ b)` for `x [.., k]` (as `m` rows; no reshape nodes in the graph), `W [n, k]`
-/// (float32 through the `gemm` crate as candle's matmul; a frozen bf16/f16 weight widened tile
-/// by tile on the packed sgemm of `openvla-kernels`) and `b [n]`: `apply_op2(x, w)` without a
+/// (float32, or a frozen bf16/f16 weight widened for the call) and `b [n]`, through the `gemm`
+/// crate as candle's matmul (the packed sgemm of `openvla-kernels` with the transposes the
+/// backward needs measured 0.8-0.87x of it on the small-policy shapes): `apply_op2(x, w)` without a
 /// bias, `apply_op3(x, w, b)` with one.
 ///
 /// Backward gives `dx = g W`, `dW = gᵀ x` and `db = Σ_rows g`, each only where that operand
@@ -796,33 +797,6 @@ impl CustomOp1 for SoftmaxOp {
 /// [`super::ops::FrozenMatmul`]), and the input of the first layer none either.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearOp;
-
-/// A contiguous weight's elements, by dtype.
-enum WeightSlice<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [half::bf16]),
-    F16(&'a [half::f16]),
-}
-
-impl WeightSlice<'_> {
-    /// Rows `j0 .. j0 + nb` (of length `k`) as float32 into `buf` (`[nb, k]`).
-    fn widen_rows(&self, k: usize, j0: usize, nb: usize, buf: &mut [f32]) {
-        let r = j0 * k..(j0 + nb) * k;
-        match self {
-            WeightSlice::F32(v) => buf.copy_from_slice(&v[r]),
-            WeightSlice::Bf16(v) => {
-                for (o, s) in buf.iter_mut().zip(&v[r]) {
-                    *o = s.to_f32();
-                }
-            }
-            WeightSlice::F16(v) => {
-                for (o, s) in buf.iter_mut().zip(&v[r]) {
-                    *o = s.to_f32();
-                }
-            }
-        }
-    }
-}
 
 /// The forward of [`LinearOp`].
 pub(crate) fn linear_fwd(
@@ -840,29 +814,31 @@ pub(crate) fn linear_fwd(
     let Some((a, e)) = w.1.contiguous_offsets() else {
         bail!("linear: the weight must be contiguous")
     };
-    let ws = match w.0 {
-        CpuStorage::F32(v) => WeightSlice::F32(&v[a..e]),
-        CpuStorage::BF16(v) => WeightSlice::Bf16(&v[a..e]),
-        CpuStorage::F16(v) => WeightSlice::F16(&v[a..e]),
+    // Half-precision (frozen) weights are widened for this call only, so that every dtype
+    // takes the same product (bf16 storage of a bf16 checkpoint gives float32's logits).
+    let widened: Vec<f32>;
+    let wv: &[f32] = match w.0 {
+        CpuStorage::F32(v) => &v[a..e],
+        CpuStorage::BF16(v) => {
+            widened = v[a..e].iter().map(|x| x.to_f32()).collect();
+            &widened
+        }
+        CpuStorage::F16(v) => {
+            widened = v[a..e].iter().map(|x| x.to_f32()).collect();
+            &widened
+        }
         _ => bail!("linear: the weight must be float32, bf16 or f16"),
     };
     let mut y = vec![0f32; m * n];
-    match ws {
-        // y = x · Wᵀ: Wᵀ [k, n] read in place (row stride 1, column stride k).
-        WeightSlice::F32(v) => gemm_f32(
-            m,
-            n,
-            k,
-            &mut y,
-            (xs.as_ptr(), k as isize, 1),
-            (v.as_ptr(), 1, k as isize),
-        ),
-        // Frozen half-precision weights: widened one tile at a time, never whole.
-
-        _ => openvla::kernels::tiled_gemm(xs, &mut y, m, n, k, |j0, nb, buf| {
-            ws.widen_rows(k, j0, nb, buf)
-        }),
-    }
+    // y = x · Wᵀ: Wᵀ [k, n] read in place (row stride 1, column stride k).
+    gemm_f32(
+        m,
+        n,
+        k,
+        &mut y,
+        (xs.as_ptr(), k as isize, 1),
+        (wv.as_ptr(), 1, k as isize),
+    );
     if let Some((bs, bl)) = b {
         let bias = f32_contiguous(bs, bl, NAME)?;
         if bias.len() != n {
