@@ -90,7 +90,7 @@ fn main() {
     let xh = data(&[b, n, h], 4);
     report(
         "gelu_erf [32, 64, 768]",
-        &[xh.clone()],
+        std::slice::from_ref(&xh),
         iters,
         &|t| t[0].gelu_erf().expect("gelu"),
         &|t| ops::gelu_erf(&t[0]).expect("gelu"),

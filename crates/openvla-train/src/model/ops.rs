@@ -53,10 +53,10 @@ impl Linear {
     }
 }
 
-/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one product over the rows of `x` on the
-/// packed sgemm ([`LinearOp`], one graph node: no reshapes). Its backward computes the input's, the weight's and the bias's gradients
-/// only where they are wanted: a frozen weight (float32 or bf16, widened tile by tile, one that
-/// records no op) gets none, as [`FrozenMatmul`].
+/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one product over the rows of `x`
+/// ([`LinearOp`], one graph node: no reshapes). Its backward computes the input's, the weight's
+/// and the bias's gradients only where they are wanted: a frozen weight (float32 or bf16,
+/// widened per call, one that records no op) gets none, as [`FrozenMatmul`].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = if w.dtype() == DType::F32 || w.dtype() == DType::BF16 || w.dtype() == DType::F16 {
@@ -70,7 +70,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// `x W^T` with a frozen `W` (`[out, in]`, float32 or bf16, widened per tile) as a custom op.
+/// `x W^T` with a frozen `W` (`[out, in]`, float32 or bf16, widened per call) as a custom op.
 ///
 /// candle's `matmul` backward computes the gradient of both operands, so a frozen weight would
 /// cost one extra weight-sized product per layer and a weight-sized gradient that stays in the
@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn fused_linear_equals_matmul_for_every_operand_and_finite_differences() {
-        // Ragged sizes (not multiples of the sgemm's 6x32 tiles).
+        // Ragged sizes (not multiples of the gemm's register tiles).
         let inputs = [data(&[3, 13, 37], 51), data(&[45, 37], 52), data(&[45], 53)];
         let f = |t: &[Tensor]| {
             linear(&t[0], &t[1], Some(&t[2]))
