@@ -8,8 +8,9 @@ config has them), the gelu-mlp / fused-gelu-mlp projector, and the Llama decoder
 SwiGLU, causal mask) on [BOS, patches, rest of the prompt]. Logits are computed for the text
 positions only (as the Rust trainer does), and the loss is the next-token cross-entropy on the
 action tokens and EOS (the last 8 labels), as finetune.py's. Full fine-tuning (every parameter
-trained, AdamW) or LoRA on every Linear but lm_head (PEFT all-linear; the patch-embed convs
-count as Linears over flattened patches).
+trained, AdamW) or LoRA on every Linear that is run (all-linear, lm_head included; the
+patch-embed convs count as Linears over flattened patches; the modules of the blocks past
+len-2, which the Rust trainer adapts but never runs, are left out).
 
 The batch is synthetic with the shapes of the real one (pixel values [B, 3*towers, H, W], token
 ids [B, T]); the compute does not depend on the values. Step times exclude the first
@@ -229,7 +230,7 @@ class Vla(nn.Module):
         self.embed_tokens = nn.Parameter(torch.zeros(self.c["vocab"], d))
         self.layers = nn.ModuleList([Layer(self.c) for _ in range(self.c["layers"])])
         self.norm = RMSNorm(d, self.c["eps"])
-        self.lm_head = nn.Linear(d, self.c["vocab"], bias=False)
+        self.lm_head = LoraLinear(d, self.c["vocab"], False)
 
     def named_tensors(self):
         """(checkpoint name, parameter) for every parameter, in the HF layout."""
@@ -272,7 +273,8 @@ class Vla(nn.Module):
         return out
 
     def linears(self):
-        """Every Linear PEFT all-linear would adapt (all but lm_head)."""
+        """Every Linear that openvla finetune's all-linear adapts (lm_head included, as PEFT 0.11.1
+        does on OpenVLA: 169,112 LoRA parameters at r=4 on the tiny fixture)."""
         return [m for m in self.modules() if isinstance(m, LoraLinear)]
 
     def forward(self, pixels, ids, labels):

@@ -73,6 +73,10 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     println!("threads: {}", rayon::current_num_threads());
+    if std::env::args().any(|a| a == "--gemm-only") {
+        gemm_paths(iters);
+        return;
+    }
     let (b, n, d, h) = (32, 64, 192, 768);
     let x = data(&[b, n, d], 1);
     let (w, bias) = (data(&[d], 2), data(&[d], 3));
@@ -86,7 +90,7 @@ fn main() {
     let xh = data(&[b, n, h], 4);
     report(
         "gelu_erf [32, 64, 768]",
-        &[xh.clone()],
+        std::slice::from_ref(&xh),
         iters,
         &|t| t[0].gelu_erf().expect("gelu"),
         &|t| ops::gelu_erf(&t[0]).expect("gelu"),
@@ -148,6 +152,40 @@ fn main() {
             iters.div_ceil(2),
             &|t| reference::linear(&t[0], &t[1], t.get(2)).expect("linear"),
             &|t| ops::linear(&t[0], &t[1], t.get(2)).expect("linear"),
+        );
+    }
+}
+
+/// Forward products `x [m, k] · W [n, k]ᵀ` alone: the `gemm` crate (candle's matmul path, which
+/// [`ops::linear`] takes) against the packed AVX-512/AVX2 sgemm of `openvla-kernels`.
+fn gemm_paths(iters: usize) {
+    for (name, m, k, n) in [
+        ("fc1 [2048, 192] x [768, 192]^T", 2048, 192, 768),
+        ("down [2976, 688] x [256, 688]^T", 2976, 688, 256),
+        ("lm_head [928, 256] x [32064, 256]^T", 928, 256, 32064),
+        ("dW lm_head [32064, 928] x [256, 928]^T", 32064, 928, 256),
+    ] {
+        let x = data(&[m, k], 21);
+        let w = data(&[n, k], 22);
+        let xs = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("x");
+        let ws = w.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("w");
+        let mut y = vec![0f32; m * n];
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(ops::linear(&x, &w, None).expect("linear"));
+        }
+        let a = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            openvla::kernels::tiled_gemm_f32(&xs, &ws, &mut y, m, n, k);
+            std::hint::black_box(&y);
+        }
+        let b = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        let gf = 2.0 * (m * n * k) as f64 / 1e6;
+        println!(
+            "{name:<44} gemm crate {a:8.2} ms ({:5.1} GF/s)  kernels sgemm {b:8.2} ms ({:5.1} GF/s)",
+            gf / a,
+            gf / b
         );
     }
 }

@@ -10,7 +10,8 @@
 //! All ops read contiguous float32 CPU tensors (the wrappers in [`super::ops`] make them so);
 //! the training model runs on the CPU only. Row loops are split over rayon in fixed blocks of
 //! rows, and the reductions over rows (weight and bias gradients) sum fixed blocks in order, so
-//! results do not depend on the number of threads.
+//! results do not depend on the number of threads. No `mul_add`: the crate is built without a
+//! target CPU, where it is a call to the software `fmaf`.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage,
@@ -69,12 +70,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (bc, br) = b.split_at(ac.len());
     for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ar.iter().zip(br) {
-        s = x.mul_add(*y, s);
+        s += x * y;
     }
     s
 }
@@ -107,6 +108,53 @@ fn sum_partials(parts: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
     out
 }
 
+/// A float32 matrix operand: pointer, row stride, column stride (elements).
+type Operand = (*const f32, isize, isize);
+
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands) on the `gemm` crate, parallel on
+/// the rayon pool: candle's own CPU matmul path, without its graph node.
+fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the callers pass operands whose strides stay inside their slices for m×k and
+    // k×n elements; dst holds m×n contiguous elements written by this call alone.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.0,
+            lhs.2,
+            lhs.1,
+            rhs.0,
+            rhs.2,
+            rhs.1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// LayerNorm over the last dimension (biased variance, as torch) with weight and bias:
 /// `apply_op3(x, w, b)`. Backward gives `dx`, and `dw`/`db` where those track gradients.
 #[derive(Debug, Clone, Copy)]
@@ -125,13 +173,13 @@ fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
     for c in xc.chunks_exact(8) {
         for i in 0..8 {
             let d = c[i] - mean;
-            acc[i] = d.mul_add(d, acc[i]);
+            acc[i] += d * d;
         }
     }
     let mut ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for v in xr {
         let d = v - mean;
-        ss = d.mul_add(d, ss);
+        ss += d * d;
     }
     (mean, 1.0 / (ss / n + eps).sqrt())
 }
@@ -168,7 +216,7 @@ impl CustomOp3 for LayerNormOp {
                 for (yr, xr) in yb.chunks_exact_mut(d).zip(xb.chunks_exact(d)) {
                     let (mean, rstd) = ln_stats(xr, self.eps);
                     for i in 0..d {
-                        yr[i] = ((xr[i] - mean) * rstd).mul_add(w[i], b[i]);
+                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
                     }
                 }
             });
@@ -203,7 +251,7 @@ impl CustomOp3 for LayerNormOp {
                             if want_wb {
                                 let (pw, pb) = part.split_at_mut(d);
                                 for i in 0..d {
-                                    pw[i] = ((xr[i] - mean) * rstd).mul_add(gr[i], pw[i]);
+                                    pw[i] += (xr[i] - mean) * rstd * gr[i];
                                     pb[i] += gr[i];
                                 }
                             }
@@ -214,7 +262,7 @@ impl CustomOp3 for LayerNormOp {
                                 for i in 0..d {
                                     let gw = gr[i] * w[i];
                                     s1 += gw;
-                                    s2 = gw.mul_add((xr[i] - mean) * rstd, s2);
+                                    s2 += gw * ((xr[i] - mean) * rstd);
                                 }
                                 let (m1, m2) = (s1 / d as f32, s2 / d as f32);
                                 let dr = &mut dxb[r * d..(r + 1) * d];
@@ -343,14 +391,14 @@ impl CustomOp2 for RmsNormOp {
                             let rstd = rms_rstd(xr, eps);
                             if want_w {
                                 for i in 0..d {
-                                    pw[i] = (xr[i] * rstd).mul_add(gr[i], pw[i]);
+                                    pw[i] += xr[i] * rstd * gr[i];
                                 }
                             }
                             if let Some(dxb) = dxb.as_deref_mut() {
                                 // dx = rstd (g w - xhat mean(g w xhat)), xhat = x rstd
                                 let mut s = 0f32;
                                 for i in 0..d {
-                                    s = (gr[i] * w[i]).mul_add(xr[i], s);
+                                    s += gr[i] * w[i] * xr[i];
                                 }
                                 let m = s * rstd * rstd / d as f32;
                                 let dr = &mut dxb[r * d..(r + 1) * d];
@@ -738,8 +786,10 @@ impl CustomOp1 for SoftmaxOp {
     }
 }
 
-/// `y = x Wᵀ (+ b)` for `x [m, k]`, `W [n, k]` (float32, or a frozen bf16 weight widened tile by
-/// tile) and `b [n]`, on the packed sgemm of `openvla-kernels`: `apply_op2(x, w)` without a
+/// `y = x Wᵀ (+ b)` for `x [.., k]` (as `m` rows; no reshape nodes in the graph), `W [n, k]`
+/// (float32, or a frozen bf16/f16 weight widened for the call) and `b [n]`, through the `gemm`
+/// crate as candle's matmul (the packed sgemm of `openvla-kernels` with the transposes the
+/// backward needs measured 0.8-0.87x of it on the small-policy shapes): `apply_op2(x, w)` without a
 /// bias, `apply_op3(x, w, b)` with one.
 ///
 /// Backward gives `dx = g W`, `dW = gᵀ x` and `db = Σ_rows g`, each only where that operand
@@ -747,33 +797,6 @@ impl CustomOp1 for SoftmaxOp {
 /// [`super::ops::FrozenMatmul`]), and the input of the first layer none either.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearOp;
-
-/// A contiguous weight's elements, by dtype.
-enum WeightSlice<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [half::bf16]),
-    F16(&'a [half::f16]),
-}
-
-impl WeightSlice<'_> {
-    /// Rows `j0 .. j0 + nb` (of length `k`) as float32 into `buf` (`[nb, k]`).
-    fn widen_rows(&self, k: usize, j0: usize, nb: usize, buf: &mut [f32]) {
-        let r = j0 * k..(j0 + nb) * k;
-        match self {
-            WeightSlice::F32(v) => buf.copy_from_slice(&v[r]),
-            WeightSlice::Bf16(v) => {
-                for (o, s) in buf.iter_mut().zip(&v[r]) {
-                    *o = s.to_f32();
-                }
-            }
-            WeightSlice::F16(v) => {
-                for (o, s) in buf.iter_mut().zip(&v[r]) {
-                    *o = s.to_f32();
-                }
-            }
-        }
-    }
-}
 
 /// The forward of [`LinearOp`].
 pub(crate) fn linear_fwd(
@@ -783,7 +806,7 @@ pub(crate) fn linear_fwd(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     const NAME: &str = "fused-linear";
     let xs = f32_contiguous(x.0, x.1, NAME)?;
-    let (m, k) = x.1.shape().dims2()?;
+    let (m, k) = rows_of(x.1.shape(), NAME)?;
     let (n, kw) = w.1.shape().dims2()?;
     if kw != k {
         bail!("linear: x [{m}, {k}] against weight [{n}, {kw}]")
@@ -791,19 +814,31 @@ pub(crate) fn linear_fwd(
     let Some((a, e)) = w.1.contiguous_offsets() else {
         bail!("linear: the weight must be contiguous")
     };
-    let ws = match w.0 {
-        CpuStorage::F32(v) => WeightSlice::F32(&v[a..e]),
-        CpuStorage::BF16(v) => WeightSlice::Bf16(&v[a..e]),
-        CpuStorage::F16(v) => WeightSlice::F16(&v[a..e]),
+    // Half-precision (frozen) weights are widened for this call only, so that every dtype
+    // takes the same product (bf16 storage of a bf16 checkpoint gives float32's logits).
+    let widened: Vec<f32>;
+    let wv: &[f32] = match w.0 {
+        CpuStorage::F32(v) => &v[a..e],
+        CpuStorage::BF16(v) => {
+            widened = v[a..e].iter().map(|x| x.to_f32()).collect();
+            &widened
+        }
+        CpuStorage::F16(v) => {
+            widened = v[a..e].iter().map(|x| x.to_f32()).collect();
+            &widened
+        }
         _ => bail!("linear: the weight must be float32, bf16 or f16"),
     };
     let mut y = vec![0f32; m * n];
-    match ws {
-        WeightSlice::F32(v) => openvla::kernels::tiled_gemm_f32(xs, v, &mut y, m, n, k),
-        _ => openvla::kernels::tiled_gemm(xs, &mut y, m, n, k, |j0, nb, buf| {
-            ws.widen_rows(k, j0, nb, buf)
-        }),
-    }
+    // y = x · Wᵀ: Wᵀ [k, n] read in place (row stride 1, column stride k).
+    gemm_f32(
+        m,
+        n,
+        k,
+        &mut y,
+        (xs.as_ptr(), k as isize, 1),
+        (wv.as_ptr(), 1, k as isize),
+    );
     if let Some((bs, bl)) = b {
         let bias = f32_contiguous(bs, bl, NAME)?;
         if bias.len() != n {
@@ -817,32 +852,11 @@ pub(crate) fn linear_fwd(
             }
         });
     }
-    Ok((CpuStorage::F32(y), Shape::from((m, n))))
-}
-
-/// `a [r, c]` transposed to `[c, r]` (in 32×32 blocks, parallel over blocks of columns).
-fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
-    const B: usize = 32;
-    let mut t = vec![0f32; r * c];
-    t.par_chunks_mut(r * B).enumerate().for_each(|(cb, tb)| {
-        let c0 = cb * B;
-        let cn = B.min(c - c0);
-        for r0 in (0..r).step_by(B) {
-            for i in r0..(r0 + B).min(r) {
-                let row = &a[i * c + c0..i * c + c0 + cn];
-                for (j, &v) in row.iter().enumerate() {
-                    tb[j * r + i] = v;
-                }
-            }
-        }
-    });
-    t
-}
-
-/// `W [n, k]` (float32, bf16 or f16) widened and transposed to `[k, n]`.
-fn weight_t(w: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let (n, k) = w.dims2()?;
-    with_f32(w, "fused-linear", |v| Ok(transpose(v, n, k)))
+    let mut dims = x.1.shape().dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
 }
 
 /// The backward of [`LinearOp`]: `(dx, dW, db)` where wanted.
@@ -853,26 +867,41 @@ pub(crate) fn linear_bwd(
     want_b: bool,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     const NAME: &str = "fused-linear";
-    let (m, k) = x.dims2()?;
+    let (m, k) = rows_of(x.shape(), NAME)?;
     let (n, _) = w.dims2()?;
     let dx = if x.track_op() {
-        let wt = weight_t(w)?;
+        // dx [m, k] = g [m, n] · W [n, k]
         let dx = with_f32(grad, NAME, |g| {
-            let mut dx = vec![0f32; m * k];
-            openvla::kernels::tiled_gemm_f32(g, &wt, &mut dx, m, k, n);
-            Ok(dx)
+            with_f32(w, NAME, |wv| {
+                let mut dx = vec![0f32; m * k];
+                gemm_f32(
+                    m,
+                    k,
+                    n,
+                    &mut dx,
+                    (g.as_ptr(), n as isize, 1),
+                    (wv.as_ptr(), k as isize, 1),
+                );
+                Ok(dx)
+            })
         })?;
         Some(tensor(dx, x.shape())?)
     } else {
         None
     };
     let dw = if w.track_op() {
+        // dW [n, k] = gᵀ [n, m] · x [m, k], gᵀ read in place.
         let dw = with_f32(grad, NAME, |g| {
             with_f32(x, NAME, |xs| {
-                let gt = transpose(g, m, n);
-                let xt = transpose(xs, m, k);
                 let mut dw = vec![0f32; n * k];
-                openvla::kernels::tiled_gemm_f32(&gt, &xt, &mut dw, n, k, m);
+                gemm_f32(
+                    n,
+                    k,
+                    m,
+                    &mut dw,
+                    (g.as_ptr(), 1, n as isize),
+                    (xs.as_ptr(), k as isize, 1),
+                );
                 Ok(dw)
             })
         })?;

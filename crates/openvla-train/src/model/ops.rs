@@ -53,32 +53,24 @@ impl Linear {
     }
 }
 
-/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one 2-D product on the packed sgemm
-/// ([`LinearOp`]). Its backward computes the input's, the weight's and the bias's gradients
-/// only where they are wanted: a frozen weight (float32 or bf16, widened tile by tile, one that
-/// records no op) gets none, as [`FrozenMatmul`].
+/// `x W^T + b` for `x [..., in]`, `w [out, in]`, as one product over the rows of `x`
+/// ([`LinearOp`], one graph node: no reshapes). Its backward computes the input's, the weight's
+/// and the bias's gradients only where they are wanted: a frozen weight (float32 or bf16,
+/// widened per call, one that records no op) gets none, as [`FrozenMatmul`].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let fin = *dims.last().unwrap_or(&1);
-    let rows = x.elem_count() / fin.max(1);
-    let x2 = x.reshape((rows, fin))?.contiguous()?;
+    let x = x.contiguous()?;
     let w = if w.dtype() == DType::F32 || w.dtype() == DType::BF16 || w.dtype() == DType::F16 {
         w.contiguous()?
     } else {
         as_f32(w)?.contiguous()?
     };
-    let y = match b {
-        Some(b) => x2.apply_op3(&w, &as_f32(b)?.contiguous()?, LinearOp)?,
-        None => x2.apply_op2(&w, LinearOp)?,
-    };
-    let mut out = dims;
-    if let Some(last) = out.last_mut() {
-        *last = w.dim(0)?;
-    }
-    Ok(y.reshape(out)?)
+    Ok(match b {
+        Some(b) => x.apply_op3(&w, &as_f32(b)?.contiguous()?, LinearOp)?,
+        None => x.apply_op2(&w, LinearOp)?,
+    })
 }
 
-/// `x W^T` with a frozen `W` (`[out, in]`, float32 or bf16, widened per tile) as a custom op.
+/// `x W^T` with a frozen `W` (`[out, in]`, float32 or bf16, widened per call) as a custom op.
 ///
 /// candle's `matmul` backward computes the gradient of both operands, so a frozen weight would
 /// cost one extra weight-sized product per layer and a weight-sized gradient that stays in the
@@ -501,7 +493,7 @@ mod tests {
 
     #[test]
     fn fused_linear_equals_matmul_for_every_operand_and_finite_differences() {
-        // Ragged sizes (not multiples of the sgemm's 6x32 tiles).
+        // Ragged sizes (not multiples of the gemm's register tiles).
         let inputs = [data(&[3, 13, 37], 51), data(&[45, 37], 52), data(&[45], 53)];
         let f = |t: &[Tensor]| {
             linear(&t[0], &t[1], Some(&t[2]))
