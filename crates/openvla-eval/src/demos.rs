@@ -92,7 +92,11 @@ fn run_flags(a: &DemosArgs) -> Value {
 
 /// Finished attempts of an interrupted run, per task: (successful attempts with their answers,
 /// attempt numbers finished, dropped count).
-type Restored = (Vec<Vec<(u64, Value)>>, Vec<std::collections::BTreeSet<u64>>, Vec<u64>);
+type Restored = (
+    Vec<Vec<(u64, Value)>>,
+    Vec<std::collections::BTreeSet<u64>>,
+    Vec<u64>,
+);
 
 /// Reads the journal of `staging` for `task_list`. A torn last line (the run was killed while
 /// writing it) is ignored; any other unreadable line is an error.
@@ -218,7 +222,11 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
     };
     // Per task: successful episodes (attempt, answer), attempts finished, and dropped ones.
     let (mut good, mut finished, mut dropped) = read_journal(&staging, &task_list)?;
-    bar.inc(good.iter().map(|g| g.len().min(a.per_task as usize) as u64).sum());
+    bar.inc(
+        good.iter()
+            .map(|g| g.len().min(a.per_task as usize) as u64)
+            .sum(),
+    );
     let journal_path = staging.join(JOURNAL);
     let mut journal = std::fs::OpenOptions::new()
         .create(true)

@@ -173,7 +173,10 @@ fn resume_keeps_finished_attempts_and_records_only_the_missing_ones() {
     .to_string();
     assert!(e.contains("used"), "{e}");
     // Without --resume the directory is not overwritten.
-    assert!(run(&args(&[])).unwrap_err().to_string().contains("--resume"));
+    assert!(run(&args(&[]))
+        .unwrap_err()
+        .to_string()
+        .contains("--resume"));
     require_venv();
     let o = run(&args(&["--resume"])).unwrap();
     assert_eq!(o.episodes, 1);
