@@ -15,7 +15,10 @@
 //!
 //! and the causal control: the fixture's causal (stock transformers) answer is far from ours.
 
-use candle_core::{DType, Tensor};
+mod common;
+
+use candle_core::Tensor;
+use common::{assert_abs, assert_rel, f64s, max_abs_diff};
 use openvla::policy::ParallelPolicyTrace;
 use openvla::processor::RgbImage;
 use openvla::{LoadOptions, Observation, Policy, Precision};
@@ -28,43 +31,6 @@ fn dir() -> PathBuf {
 
 fn npy(file: &str) -> Tensor {
     Tensor::read_npy(dir().join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"))
-}
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &[f64], b: &[f64], what: &str) -> f64 {
-    assert_eq!(a.len(), b.len(), "stage {what}: element counts differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
-
-fn assert_rel(got: &Tensor, golden: &Tensor, rel: f64, what: &str) {
-    let (a, b) = (f64s(got), f64s(golden));
-    let d = max_abs_diff(&a, &b, what);
-    let scale = b.iter().map(|v| v.abs()).fold(1e-12, f64::max);
-    eprintln!("{what}: max abs diff {d:.3e} (max abs {scale:.3e})");
-    assert!(
-        d <= rel * scale,
-        "stage {what}: max abs diff {d:.3e} exceeds {rel:e} x max abs {scale:.3e}"
-    );
-}
-
-fn assert_abs(got: &[f64], golden: &[f64], tol: f64, what: &str) {
-    let d = max_abs_diff(got, golden, what);
-    eprintln!("{what}: max abs diff {d:.3e}");
-    assert!(
-        d <= tol,
-        "stage {what}: max abs diff {d:.3e} exceeds {tol:e}"
-    );
 }
 
 fn u8_image(t: &Tensor) -> RgbImage {
