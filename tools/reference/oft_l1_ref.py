@@ -48,9 +48,9 @@ Sanity checks, all asserted: bidirectional attention is in effect (SDPA with the
 does not leak); every trainable tensor that is used gets a non-zero gradient; a second run is bit-identical.
 
 Usage (venv: tools/reference/README.md):
-    git -C /path/to/openvla-oft.git archive 213c5ff | tar -x -C /tmp/openvla-oft
-    git -C /path/to/transformers-openvla-oft.git archive bc339d9 src/transformers/models/llama | tar -x -C /tmp/tf-fork
-    python tools/reference/oft_l1_ref.py --oft-src /tmp/openvla-oft --fork-src /tmp/tf-fork [--out DIR]
+    git -C /path/to/openvla-oft.git archive 213c5ff | tar -x -C target/reference/openvla-oft
+    git -C /path/to/transformers-openvla-oft.git archive bc339d9 src/transformers/models/llama | tar -x -C target/reference/tf-fork
+    python tools/reference/oft_l1_ref.py --oft-src target/reference/openvla-oft --fork-src target/reference/tf-fork [--out DIR]
 """
 
 from __future__ import annotations

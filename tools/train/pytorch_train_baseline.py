@@ -17,13 +17,13 @@ ids [B, T]); the compute does not depend on the values. Step times exclude the f
 --warmup steps.
 
     # write a random model directory of the from-scratch small-policy shape (issue 15)
-    python tools/train/pytorch_train_baseline.py write-small --out /tmp/small-vla \\
+    python tools/train/pytorch_train_baseline.py write-small --out bench-models/small-vla \\
         --tokenizer-dir testdata/openvla-tiny/model
     # time training steps
-    python tools/train/pytorch_train_baseline.py train --model /tmp/small-vla --batch 32 \\
+    python tools/train/pytorch_train_baseline.py train --model bench-models/small-vla --batch 32 \\
         --seq-len 29 --steps 12 --threads 2
 
-Run it with the tools venv that has torch 2.2.0 (/work/venvs/torch); never in CI.
+Run it with the tools venv that has torch 2.2.0 (.venv-torch); never in CI.
 """
 import argparse
 import json
