@@ -15,12 +15,12 @@
 mod common;
 
 use candle_core::{DType, Tensor};
-use common::{assert_abs, assert_rel, f64s, max_abs_diff};
+use common::{assert_abs, assert_rel, f64s, max_abs_diff, npy, oft_observation};
 use openvla::oft::constants::OftOptions;
 use openvla::policy::ParallelPolicyTrace;
 use openvla::quant::io::quantize_model_dir;
 use openvla::quant::Quantization;
-use openvla::{LoadOptions, Observation, Policy, Precision};
+use openvla::{LoadOptions, Policy, Precision};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -83,42 +83,15 @@ fn try_load(
     )
 }
 
-fn npy(dir: &Path, file: &str) -> Tensor {
-    Tensor::read_npy(dir.join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"))
-}
-
 fn samples() -> Vec<Value> {
     let text = std::fs::read_to_string(film().join("samples.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     v["samples"].as_array().unwrap().clone()
 }
 
-/// The sample's observation, from the base fixture's inputs (the FiLM goldens reuse them).
-fn observation(s: &Value) -> Observation {
-    let p = s["prefix"].as_str().unwrap();
-    let images = s["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, img)| {
-            let file = base().join(format!("{p}img{i}_input.png"));
-            (
-                img["obs_key"].as_str().unwrap().to_string(),
-                openvla_image::open(&file).unwrap(),
-            )
-        })
-        .collect();
-    Observation {
-        images,
-        instruction: s["instruction"].as_str().unwrap().to_string(),
-        proprio: Some(f64s(&npy(&base(), &format!("{p}proprio_raw.npy")))),
-    }
-}
-
 fn run(policy: &Policy, s: &Value) -> ParallelPolicyTrace {
     policy
-        .trace_parallel(&observation(s), s["unnorm_key"].as_str())
+        .trace_parallel(&oft_observation(&base(), s), s["unnorm_key"].as_str())
         .unwrap()
 }
 
@@ -201,9 +174,9 @@ fn film_batched_equals_single_and_instructions_condition_the_towers() {
     let single = run(&policy, s0);
     // Same images and proprio, another instruction: the towers' output changes (FiLM), which
     // a model without FiLM could not do.
-    let mut other = observation(s0);
+    let mut other = oft_observation(&base(), s0);
     other.instruction = "put the bowl on the stove".into();
-    let requests: Vec<openvla::Request> = [observation(s0), other]
+    let requests: Vec<openvla::Request> = [oft_observation(&base(), s0), other]
         .into_iter()
         .map(|observation| openvla::Request {
             observation,

@@ -18,10 +18,10 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{assert_abs, assert_rel, f64s, max_abs_diff};
+use common::{assert_abs, assert_rel, f64s, max_abs_diff, oft_observation};
 use openvla::policy::ParallelPolicyTrace;
 use openvla::processor::RgbImage;
-use openvla::{LoadOptions, Observation, Policy, Precision};
+use openvla::{LoadOptions, Policy, Precision};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +30,7 @@ fn dir() -> PathBuf {
 }
 
 fn npy(file: &str) -> Tensor {
-    Tensor::read_npy(dir().join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"))
+    common::npy(&dir(), file)
 }
 
 fn u8_image(t: &Tensor) -> RgbImage {
@@ -56,35 +56,9 @@ fn load(model: &str) -> Policy {
     .unwrap()
 }
 
-fn observation(s: &Value) -> Observation {
-    let p = s["prefix"].as_str().unwrap();
-    let images = s["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, img)| {
-            let file = dir().join(format!("{p}img{i}_input.png"));
-            (
-                img["obs_key"].as_str().unwrap().to_string(),
-                openvla_image::open(&file).unwrap(),
-            )
-        })
-        .collect();
-    let proprio_file = dir().join(format!("{p}proprio_raw.npy"));
-    let proprio = proprio_file
-        .exists()
-        .then(|| f64s(&npy(&format!("{p}proprio_raw.npy"))));
-    Observation {
-        images,
-        instruction: s["instruction"].as_str().unwrap().to_string(),
-        proprio,
-    }
-}
-
 fn run(policy: &Policy, s: &Value) -> ParallelPolicyTrace {
     policy
-        .trace_parallel(&observation(s), s["unnorm_key"].as_str())
+        .trace_parallel(&oft_observation(&dir(), s), s["unnorm_key"].as_str())
         .unwrap()
 }
 
@@ -100,7 +74,7 @@ fn every_sample_matches_the_reference_stage_by_stage() {
             &noproprio
         };
         let tag = |stage: &str| format!("{p}{stage}");
-        let obs = observation(&s);
+        let obs = oft_observation(&dir(), &s);
         // Image stages: the resize (non-224 inputs) and the crop, on the reference's own inputs.
         for (i, (_, img)) in obs.images.iter().enumerate() {
             let resized_file = format!("{p}img{i}_resized.npy");
@@ -273,7 +247,7 @@ fn a_batch_equals_single_requests() {
         .iter()
         .filter(|s| s["model"] == "model")
         .map(|s| openvla::Request {
-            observation: observation(s),
+            observation: oft_observation(&dir(), s),
             unnorm_key: s["unnorm_key"].as_str().map(str::to_string),
         })
         .collect();
@@ -307,7 +281,7 @@ fn precision_and_quantization_apply_to_oft() {
             },
         )
         .unwrap();
-        let t = p.trace_parallel(&observation(&s), key).unwrap();
+        let t = p.trace_parallel(&oft_observation(&dir(), &s), key).unwrap();
         (t.prediction.normalized_actions.concat(), p)
     };
     let mean_abs = |a: &[f64]| {

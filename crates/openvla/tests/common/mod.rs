@@ -44,3 +44,38 @@ pub fn assert_abs(got: &[f64], golden: &[f64], tol: f64, what: &str) {
         "stage {what}: max abs diff {d:.3e} exceeds {tol:e}"
     );
 }
+
+/// Reads `dir/file` as a tensor.
+pub fn npy(dir: &std::path::Path, file: &str) -> Tensor {
+    Tensor::read_npy(dir.join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"))
+}
+
+/// The observation of an OFT fixture sample (`samples.json` entry) from the inputs in `dir`:
+/// `<prefix>img<i>_input.png` under each image's `obs_key`, the instruction, and
+/// `<prefix>proprio_raw.npy` when the sample has one.
+pub fn oft_observation(dir: &std::path::Path, s: &serde_json::Value) -> openvla::Observation {
+    let p = s["prefix"].as_str().unwrap();
+    let images = s["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            let file = dir.join(format!("{p}img{i}_input.png"));
+            (
+                img["obs_key"].as_str().unwrap().to_string(),
+                openvla_image::open(&file).unwrap(),
+            )
+        })
+        .collect();
+    let proprio_file = format!("{p}proprio_raw.npy");
+    let proprio = dir
+        .join(&proprio_file)
+        .exists()
+        .then(|| f64s(&npy(dir, &proprio_file)));
+    openvla::Observation {
+        images,
+        instruction: s["instruction"].as_str().unwrap().to_string(),
+        proprio,
+    }
+}
