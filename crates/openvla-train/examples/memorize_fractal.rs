@@ -124,7 +124,11 @@ fn main() -> Result<()> {
     let Some(at) = memorized_at else {
         bail!("no 100% action accuracy after 300 steps");
     };
-    let adapter = objective.adapter.as_ref().context("LoRA adapter missing")?;
+    let adapter = objective
+        .backbone
+        .adapter
+        .as_ref()
+        .context("LoRA adapter missing")?;
     adapter.save(&out.join("adapter"))?;
     std::fs::write(
         out.join("adapter/dataset_statistics.json"),

@@ -1063,13 +1063,13 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         objective.checkpointing = args.checkpointing;
         objective.components = Some(crate::export::write_oft_components);
         let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
-        if let Some(ad) = &objective.adapter {
+        if let Some(ad) = &objective.backbone.adapter {
             save_adapter(ad, &plan.run_dir)?;
         }
         export_oft_dir(
             &export_options(args, &plan.run_dir)?,
-            &objective.base_params,
-            objective.adapter.as_ref(),
+            &objective.backbone.base_params,
+            objective.backbone.adapter.as_ref(),
             &OftExport {
                 chunk: o.chunk,
                 num_images: o.num_images(),
@@ -1096,12 +1096,12 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     )?;
     objective.checkpointing = args.checkpointing;
     let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
-    if let Some(ad) = &objective.adapter {
+    if let Some(ad) = &objective.backbone.adapter {
         save_adapter(ad, &plan.run_dir)?;
-    } else if !objective.base_params.is_empty() {
+    } else if !objective.backbone.base_params.is_empty() {
         export_model_dir(
             &export_options(args, &plan.run_dir)?,
-            &objective.base_params,
+            &objective.backbone.base_params,
         )?;
     }
     Ok(outcome)

@@ -221,33 +221,76 @@ pub fn attach_adapter<M: TrainModel>(
     Ok(lora_layers)
 }
 
-/// Parameters by name.
-type NamedVars = Vec<(String, Var)>;
-
-/// The backbone side of an objective: the base parameters `trainable` accepts (as float32
-/// `Var`s) and the LoRA branches of `adapter`, attached to `model`.
-fn prepare_backbone<M: TrainModel>(
-    model: &mut M,
-    trainable: impl Fn(&str) -> bool,
-    adapter: &Option<LoraAdapter>,
-    seed: u64,
-) -> Result<(NamedVars, Vec<Arc<LoraLayer>>)> {
-    let base_params: Vec<(String, Var)> = model
-        .named_parameters()
-        .into_iter()
-        .filter(|(n, _)| trainable(n))
-        .collect();
-    let lora_layers = attach_adapter(model, adapter.as_ref(), seed)?;
-    Ok((base_params, lora_layers))
+/// The backbone side of an objective: the model, the base parameters being trained (as
+/// float32 `Var`s) and the LoRA adapter with its branches attached to the model. Both
+/// objectives ([`VlaObjective`], [`L1Objective`]) train it the same way.
+pub struct Backbone<M: TrainModel> {
+    /// The model.
+    pub model: M,
+    /// Base parameters being trained (empty for LoRA).
+    pub base_params: Vec<(String, Var)>,
+    /// The LoRA adapter, when training LoRA.
+    pub adapter: Option<LoraAdapter>,
+    /// The LoRA branches (reseeded from the run RNG every step for dropout).
+    pub lora_layers: Vec<Arc<LoraLayer>>,
 }
 
-/// The trained backbone parameters: the base ones, then the adapter's.
-fn backbone_params(base: &[(String, Var)], adapter: &Option<LoraAdapter>) -> Vec<(String, Var)> {
-    let mut p = base.to_vec();
-    if let Some(ad) = adapter {
-        p.extend(ad.named_vars());
+impl<M: TrainModel> std::fmt::Debug for Backbone<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backbone")
+            .field("base_params", &self.base_params.len())
+            .field("lora_layers", &self.lora_layers.len())
+            .finish_non_exhaustive()
     }
-    p
+}
+
+impl<M: TrainModel> Backbone<M> {
+    /// Trains the base parameters of `model` whose names `trainable` accepts and, if given,
+    /// attaches `adapter`'s LoRA branches (LoRA mode; dropout streams seeded from `seed`).
+    pub fn new(
+        mut model: M,
+        trainable: impl Fn(&str) -> bool,
+        adapter: Option<LoraAdapter>,
+        seed: u64,
+    ) -> Result<Self> {
+        let base_params = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(n, _)| trainable(n))
+            .collect();
+        let lora_layers = attach_adapter(&mut model, adapter.as_ref(), seed)?;
+        Ok(Self {
+            model,
+            base_params,
+            adapter,
+            lora_layers,
+        })
+    }
+
+    /// The trained backbone parameters: the base ones, then the adapter's.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        let mut p = self.base_params.clone();
+        if let Some(ad) = &self.adapter {
+            p.extend(ad.named_vars());
+        }
+        p
+    }
+
+    /// Draws this step's LoRA dropout streams from the run RNG.
+    fn reseed(&self, rng: &mut TrainRng) -> Result<()> {
+        for l in &self.lora_layers {
+            l.reseed(rng.next_u64())?;
+        }
+        Ok(())
+    }
+
+    /// Saves the adapter (if any) into a checkpoint directory.
+    fn export(&self, dir: &Path) -> Result<()> {
+        if let Some(ad) = &self.adapter {
+            ad.save(&dir.join("adapter"))?;
+        }
+        Ok(())
+    }
 }
 
 /// A training batch for the VLA: images and collated text.
@@ -306,14 +349,8 @@ pub fn make_batch(
 /// The VLA objective: forward, loss, metrics; trains the model's selected base parameters and
 /// any LoRA adapter attached through it.
 pub struct VlaObjective<M: TrainModel> {
-    /// The model.
-    pub model: M,
-    /// Base parameters being trained (empty for LoRA).
-    pub base_params: Vec<(String, Var)>,
-    /// The LoRA adapter, when training LoRA.
-    pub adapter: Option<LoraAdapter>,
-    /// The LoRA branches (reseeded from the run RNG every step for dropout).
-    pub lora_layers: Vec<Arc<LoraLayer>>,
+    /// The model and what of it trains.
+    pub backbone: Backbone<M>,
     /// Decodes action ids for the L1 metric.
     pub action_tokenizer: ActionTokenizer,
     /// Per-block gradient checkpointing (`--checkpointing`): less memory, one more forward.
@@ -323,8 +360,7 @@ pub struct VlaObjective<M: TrainModel> {
 impl<M: TrainModel> std::fmt::Debug for VlaObjective<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VlaObjective")
-            .field("base_params", &self.base_params.len())
-            .field("lora_layers", &self.lora_layers.len())
+            .field("backbone", &self.backbone)
             .finish_non_exhaustive()
     }
 }
@@ -333,18 +369,14 @@ impl<M: TrainModel> VlaObjective<M> {
     /// Wraps `model`, training the base parameters whose names `trainable` accepts, and, if
     /// given, attaching `adapter` (LoRA mode). `strides` gives a Conv2d module's stride.
     pub fn new(
-        mut model: M,
+        model: M,
         trainable: impl Fn(&str) -> bool,
         adapter: Option<LoraAdapter>,
         action_tokenizer: ActionTokenizer,
         seed: u64,
     ) -> Result<Self> {
-        let (base_params, lora_layers) = prepare_backbone(&mut model, trainable, &adapter, seed)?;
         Ok(Self {
-            model,
-            base_params,
-            adapter,
-            lora_layers,
+            backbone: Backbone::new(model, trainable, adapter, seed)?,
             action_tokenizer,
             checkpointing: false,
         })
@@ -355,20 +387,18 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
     type Batch = VlaBatch;
 
     fn params(&self) -> Vec<(String, Var)> {
-        backbone_params(&self.base_params, &self.adapter)
+        self.backbone.params()
     }
 
     fn forward(&mut self, batch: &VlaBatch, rng: &mut TrainRng) -> Result<StepOutput> {
-        for l in &self.lora_layers {
-            l.reseed(rng.next_u64())?;
-        }
+        self.backbone.reseed(rng)?;
         let dev = batch.pixel_values.device();
-        let out = self.model.forward_train(
+        let out = self.backbone.model.forward_train(
             &batch.pixel_values,
             &batch.text.input_ids_tensor(dev)?,
             &batch.text.attention_mask_tensor(dev)?,
         )?;
-        let np = self.model.num_patches();
+        let np = self.backbone.model.num_patches();
         let labels = batch.text.multimodal_labels(np);
         let loss = causal_lm_loss(&out.logits, &labels, out.offset)?;
         let m = action_metrics(
@@ -395,11 +425,9 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
         if !self.checkpointing {
             return plain_forward_backward(self, batch, rng, accumulation);
         }
-        for l in &self.lora_layers {
-            l.reseed(rng.next_u64())?;
-        }
+        self.backbone.reseed(rng)?;
         let dev = batch.pixel_values.device().clone();
-        let np = self.model.num_patches();
+        let np = self.backbone.model.num_patches();
         let labels = batch.text.multimodal_labels(np);
         let mut metrics = None;
         let mut unscaled = None;
@@ -422,12 +450,12 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
             })
         };
         let params = self.params();
-        let (_, grads) = self.model.forward_backward_checkpointed(
+        let (_, grads) = self.backbone.model.forward_backward_checkpointed(
             &batch.pixel_values,
             &batch.text.input_ids_tensor(&dev)?,
             &batch.text.attention_mask_tensor(&dev)?,
             &params,
-            &self.lora_layers,
+            &self.backbone.lora_layers,
             &mut loss_of,
         )?;
         let (Some(m), Some(loss)) = (metrics, unscaled) else {
@@ -445,10 +473,7 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
     }
 
     fn export(&self, dir: &Path, _step: u64) -> Result<()> {
-        if let Some(ad) = &self.adapter {
-            ad.save(&dir.join("adapter"))?;
-        }
-        Ok(())
+        self.backbone.export(dir)
     }
 }
 
@@ -460,14 +485,8 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
 /// Trains the backbone as [`VlaObjective`] does (LoRA or the mode's base parameters) plus the
 /// action head and the proprio projector in full.
 pub struct L1Objective<M: TrainModel> {
-    /// The model.
-    pub model: M,
-    /// Base parameters being trained (empty for LoRA).
-    pub base_params: Vec<(String, Var)>,
-    /// The LoRA adapter, when training LoRA.
-    pub adapter: Option<LoraAdapter>,
-    /// The LoRA branches (reseeded from the run RNG every step for dropout).
-    pub lora_layers: Vec<Arc<LoraLayer>>,
+    /// The model and what of it trains.
+    pub backbone: Backbone<M>,
     /// The L1 action head.
     pub head: L1HeadTrain,
     /// The proprio projector, when the model takes proprio.
@@ -504,8 +523,7 @@ pub struct L1Output {
 impl<M: TrainModel> std::fmt::Debug for L1Objective<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("L1Objective")
-            .field("base_params", &self.base_params.len())
-            .field("lora_layers", &self.lora_layers.len())
+            .field("backbone", &self.backbone)
             .field("proprio", &self.proprio.is_some())
             .finish_non_exhaustive()
     }
@@ -515,19 +533,15 @@ impl<M: TrainModel> L1Objective<M> {
     /// Wraps `model` with `head` (and `proprio`), training the base parameters `trainable`
     /// accepts and, if given, the LoRA `adapter`.
     pub fn new(
-        mut model: M,
+        model: M,
         trainable: impl Fn(&str) -> bool,
         adapter: Option<LoraAdapter>,
         head: L1HeadTrain,
         proprio: Option<ProprioProjectorTrain>,
         seed: u64,
     ) -> Result<Self> {
-        let (base_params, lora_layers) = prepare_backbone(&mut model, trainable, &adapter, seed)?;
         Ok(Self {
-            model,
-            base_params,
-            adapter,
-            lora_layers,
+            backbone: Backbone::new(model, trainable, adapter, seed)?,
             head,
             proprio,
             checkpointing: false,
@@ -600,9 +614,10 @@ impl<M: TrainModel> L1Objective<M> {
         let ids = batch.text.input_ids_tensor(dev)?;
         let mask = batch.text.attention_mask_tensor(dev)?;
         let token = self.proprio_token(batch)?;
-        let out = self
-            .model
-            .trunk_forward(&Self::inputs(batch, &ids, &mask, token.as_ref()))?;
+        let out =
+            self.backbone
+                .model
+                .trunk_forward(&Self::inputs(batch, &ids, &mask, token.as_ref()))?;
         Ok(self.head_loss(&out, batch)?.predicted)
     }
 
@@ -620,7 +635,7 @@ impl<M: TrainModel> Objective for L1Objective<M> {
     type Batch = OftBatch;
 
     fn params(&self) -> Vec<(String, Var)> {
-        let mut p = backbone_params(&self.base_params, &self.adapter);
+        let mut p = self.backbone.params();
         p.extend(
             self.head
                 .named_parameters()
@@ -638,16 +653,15 @@ impl<M: TrainModel> Objective for L1Objective<M> {
     }
 
     fn forward(&mut self, batch: &OftBatch, rng: &mut TrainRng) -> Result<StepOutput> {
-        for l in &self.lora_layers {
-            l.reseed(rng.next_u64())?;
-        }
+        self.backbone.reseed(rng)?;
         let dev = batch.pixel_values.device();
         let ids = batch.text.input_ids_tensor(dev)?;
         let mask = batch.text.attention_mask_tensor(dev)?;
         let token = self.proprio_token(batch)?;
-        let out = self
-            .model
-            .trunk_forward(&Self::inputs(batch, &ids, &mask, token.as_ref()))?;
+        let out =
+            self.backbone
+                .model
+                .trunk_forward(&Self::inputs(batch, &ids, &mask, token.as_ref()))?;
         Ok(Self::step_output(&self.head_loss(&out, batch)?))
     }
 
@@ -660,9 +674,7 @@ impl<M: TrainModel> Objective for L1Objective<M> {
         if !self.checkpointing {
             return plain_forward_backward(self, batch, rng, accumulation);
         }
-        for l in &self.lora_layers {
-            l.reseed(rng.next_u64())?;
-        }
+        self.backbone.reseed(rng)?;
         let dev = batch.pixel_values.device().clone();
         let ids = batch.text.input_ids_tensor(&dev)?;
         let mask = batch.text.attention_mask_tensor(&dev)?;
@@ -680,10 +692,10 @@ impl<M: TrainModel> Objective for L1Objective<M> {
             result = Some(o);
             Ok(loss)
         };
-        let (_, grads) = self.model.trunk_backward_checkpointed(
+        let (_, grads) = self.backbone.model.trunk_backward_checkpointed(
             &Self::inputs(batch, &ids, &mask, token.as_ref()),
             &params,
-            &self.lora_layers,
+            &self.backbone.lora_layers,
             &mut top,
         )?;
         let o = result.ok_or_else(|| TrainError::Invalid("the loss was never computed".into()))?;
@@ -693,9 +705,7 @@ impl<M: TrainModel> Objective for L1Objective<M> {
     }
 
     fn export(&self, dir: &Path, step: u64) -> Result<()> {
-        if let Some(ad) = &self.adapter {
-            ad.save(&dir.join("adapter"))?;
-        }
+        self.backbone.export(dir)?;
         if let Some(write) = self.components {
             write(dir, step, &self.head, self.proprio.as_ref())?;
         }

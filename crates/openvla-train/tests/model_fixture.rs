@@ -124,6 +124,7 @@ fn base_forward_and_loss_match_the_reference() {
     let mut obj = objective(TrainMode::Lora, None);
     let dev = Device::Cpu;
     let out = obj
+        .backbone
         .model
         .forward_train(
             &batch.pixel_values,
@@ -173,7 +174,10 @@ fn lora_forward_gradients_and_adamw_step_match_the_reference() {
     let batch = fixture_batch();
     let adapter = LoraAdapter::load(&td().join("lora_init"), &Device::Cpu).unwrap();
     let mut obj = objective(TrainMode::Lora, Some(adapter));
-    assert!(obj.base_params.is_empty(), "LoRA trains no base weight");
+    assert!(
+        obj.backbone.base_params.is_empty(),
+        "LoRA trains no base weight"
+    );
     let params = obj.params();
     assert_eq!(params.len(), 2 * 57);
     let mut rng = TrainRng::new(0);
@@ -192,6 +196,7 @@ fn lora_forward_gradients_and_adamw_step_match_the_reference() {
     // Forward: action-row logits and logsumexp at the supervised positions.
     let dev = Device::Cpu;
     let lo = obj
+        .backbone
         .model
         .forward_train(
             &batch.pixel_values,

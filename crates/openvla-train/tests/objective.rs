@@ -161,7 +161,7 @@ fn overfit(mut obj: VlaObjective<ToyVla>, lr: f64, steps: u64) -> f64 {
         "step {} loss {:.4} acc {:?}",
         last.step, last.loss, last.action_accuracy
     );
-    if obj.adapter.is_some() {
+    if obj.backbone.adapter.is_some() {
         // The checkpoint carries a PEFT adapter that loads back.
         let ck = openvla_train::checkpoint::latest_checkpoint(dir.path())
             .unwrap()
@@ -171,6 +171,7 @@ fn overfit(mut obj: VlaObjective<ToyVla>, lr: f64, steps: u64) -> f64 {
     }
     let b = batch();
     let out = obj
+        .backbone
         .model
         .forward_train(
             &b.pixel_values,

@@ -543,8 +543,8 @@ fn the_exported_directory_predicts_the_in_training_chunk() {
             max_shard_bytes: 1 << 30,
             dataset_statistics: Some(serde_json::to_value(&file).unwrap()),
         },
-        &obj.base_params,
-        obj.adapter.as_ref(),
+        &obj.backbone.base_params,
+        obj.backbone.adapter.as_ref(),
         &OftExport {
             chunk: 8,
             num_images: 2,

@@ -276,7 +276,7 @@ fn default_images() -> usize {
     1
 }
 fn default_head_blocks() -> usize {
-    2
+    OFT_HEAD_BLOCKS
 }
 fn default_normalization() -> String {
     "bounds_q99".into()
@@ -755,12 +755,7 @@ pub fn write_initialized(
         weight_bytes += n * head_dtype.size_in_bytes() as u64;
         files.push(name);
         if let Some(p) = proprio_dim {
-            let proj = vec![
-                ("fc1.weight".to_string(), vec![llm, *p]),
-                ("fc1.bias".to_string(), vec![llm]),
-                ("fc2.weight".to_string(), vec![llm, llm]),
-                ("fc2.bias".to_string(), vec![llm]),
-            ];
+            let proj = proprio_projector_tensors(*p, llm);
             let name = format!("{}--0_checkpoint.pt", crate::oft::PROPRIO_PROJECTOR);
             let n = write_component(&out.join(&name), &proj, seed, DType::F32)?;
             head_params += n;
@@ -780,6 +775,19 @@ pub fn write_initialized(
         weight_bytes,
         files,
     })
+}
+
+/// Residual blocks of the reference's L1 head (`L1RegressionActionHead`: `num_blocks=2`).
+pub const OFT_HEAD_BLOCKS: usize = 2;
+
+/// The tensors of OFT's `ProprioProjector` (`fc1`, GELU, `fc2`) from `proprio` to `llm`.
+pub fn proprio_projector_tensors(proprio: usize, llm: usize) -> Vec<(String, Vec<usize>)> {
+    vec![
+        ("fc1.weight".to_string(), vec![llm, proprio]),
+        ("fc1.bias".to_string(), vec![llm]),
+        ("fc2.weight".to_string(), vec![llm, llm]),
+        ("fc2.bias".to_string(), vec![llm]),
+    ]
 }
 
 /// The tensors of OFT's `L1RegressionActionHead` (`model.` = its `MLPResNet`) for an LLM of

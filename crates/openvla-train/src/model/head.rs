@@ -17,27 +17,28 @@ use crate::error::{Result, TrainError};
 use crate::rng::TrainRng;
 use candle_core::{DType, Device, Tensor, Var};
 use openvla::head::LAYER_NORM_EPS;
+use openvla::init::{oft_head_tensors, proprio_projector_tensors};
 use openvla::oft::pt::StateDict;
 
 /// Residual blocks of the reference's L1 head (`L1RegressionActionHead`: `num_blocks=2`).
-pub const L1_HEAD_BLOCKS: usize = 2;
+pub use openvla::init::OFT_HEAD_BLOCKS as L1_HEAD_BLOCKS;
+
+/// Number of elements of a tensor list.
+fn count(tensors: &[(String, Vec<usize>)]) -> usize {
+    tensors
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
 
 /// Parameters of an L1 head for LLM width `llm_dim` and action dimension `action_dim`.
 pub fn l1_head_param_count(llm_dim: usize, action_dim: usize) -> usize {
-    let input = llm_dim * action_dim;
-    let block = 2 * llm_dim + llm_dim * llm_dim + llm_dim;
-    2 * input
-        + input * llm_dim
-        + llm_dim
-        + L1_HEAD_BLOCKS * block
-        + 2 * llm_dim
-        + llm_dim * action_dim
-        + action_dim
+    count(&oft_head_tensors(llm_dim, action_dim, L1_HEAD_BLOCKS))
 }
 
 /// Parameters of a proprio projector from `proprio_dim` to `llm_dim`.
 pub fn proprio_projector_param_count(proprio_dim: usize, llm_dim: usize) -> usize {
-    proprio_dim * llm_dim + llm_dim + llm_dim * llm_dim + llm_dim
+    count(&proprio_projector_tensors(proprio_dim, llm_dim))
 }
 
 /// Named float32 parameters of a module, in `state_dict` order.
@@ -70,45 +71,38 @@ impl Named {
         )
     }
 
-    /// `nn.Linear(fin, fout)`'s default initialization (kaiming-uniform with `a = sqrt(5)`,
-    /// i.e. weight and bias uniform in `±1/sqrt(fin)`).
-    fn push_linear(
-        &mut self,
-        prefix: &str,
-        fin: usize,
-        fout: usize,
-        rng: &mut TrainRng,
-    ) -> Result<()> {
-        let bound = 1.0 / (fin as f64).sqrt();
-        let mut uniform = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
-                .collect()
+    /// Fresh parameters for `tensors` (names and shapes, in `state_dict` order) as PyTorch
+    /// initializes them: a module with a 2-D weight is an `nn.Linear` (weight, then bias,
+    /// uniform in `±1/sqrt(fan_in)`), any other is an `nn.LayerNorm` (weight 1, bias 0).
+    fn fresh(tensors: &[(String, Vec<usize>)], rng: &mut TrainRng) -> Result<Named> {
+        let fan_in = |module: &str| {
+            tensors
+                .iter()
+                .find(|(n, s)| s.len() == 2 && n.strip_suffix(".weight") == Some(module))
+                .map(|(_, s)| s[1])
         };
-        let w = uniform(fout * fin);
-        let b = uniform(fout);
-        self.0.push((
-            format!("{prefix}.weight"),
-            Var::from_vec(w, (fout, fin), &Device::Cpu)?,
-        ));
-        self.0.push((
-            format!("{prefix}.bias"),
-            Var::from_vec(b, fout, &Device::Cpu)?,
-        ));
-        Ok(())
-    }
-
-    /// `nn.LayerNorm(dim)`'s initialization: weight 1, bias 0.
-    fn push_layer_norm(&mut self, prefix: &str, dim: usize) -> Result<()> {
-        self.0.push((
-            format!("{prefix}.weight"),
-            Var::ones(dim, DType::F32, &Device::Cpu)?,
-        ));
-        self.0.push((
-            format!("{prefix}.bias"),
-            Var::zeros(dim, DType::F32, &Device::Cpu)?,
-        ));
-        Ok(())
+        let mut out = Vec::with_capacity(tensors.len());
+        for (name, shape) in tensors {
+            let (module, is_weight) = match name.strip_suffix(".weight") {
+                Some(m) => (m, true),
+                None => (name.strip_suffix(".bias").unwrap_or(name), false),
+            };
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = match fan_in(module) {
+                Some(fin) => {
+                    let bound = 1.0 / (fin as f64).sqrt();
+                    (0..n)
+                        .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
+                        .collect()
+                }
+                None => vec![if is_weight { 1.0 } else { 0.0 }; n],
+            };
+            out.push((
+                name.clone(),
+                Var::from_vec(values, shape.as_slice(), &Device::Cpu)?,
+            ));
+        }
+        Ok(Named(out))
     }
 
     /// Float32 `Var`s of every tensor of `sd`, whose names must be exactly `expected`
@@ -158,19 +152,9 @@ impl L1HeadTrain {
                  {action_dim}"
             )));
         }
-        let input = llm_dim * action_dim;
-        let mut p = Named(Vec::new());
-        p.push_layer_norm("model.layer_norm1", input)?;
-        p.push_linear("model.fc1", input, llm_dim, rng)?;
-        for i in 0..L1_HEAD_BLOCKS {
-            let pre = format!("model.mlp_resnet_blocks.{i}.ffn");
-            p.push_layer_norm(&format!("{pre}.0"), llm_dim)?;
-            p.push_linear(&format!("{pre}.1"), llm_dim, llm_dim, rng)?;
-        }
-        p.push_layer_norm("model.layer_norm2", llm_dim)?;
-        p.push_linear("model.fc2", llm_dim, action_dim, rng)?;
+        let tensors = oft_head_tensors(llm_dim, action_dim, L1_HEAD_BLOCKS);
         Ok(Self {
-            params: p,
+            params: Named::fresh(&tensors, rng)?,
             llm_dim,
             action_dim,
         })
@@ -236,11 +220,9 @@ impl ProprioProjectorTrain {
                 "the proprio state has no dimensions".into(),
             ));
         }
-        let mut p = Named(Vec::new());
-        p.push_linear("fc1", proprio_dim, llm_dim, rng)?;
-        p.push_linear("fc2", llm_dim, llm_dim, rng)?;
+        let tensors = proprio_projector_tensors(proprio_dim, llm_dim);
         Ok(Self {
-            params: p,
+            params: Named::fresh(&tensors, rng)?,
             proprio_dim,
         })
     }
@@ -317,12 +299,13 @@ mod tests {
             .to_string();
         assert!(err.contains("[B, K, 24]"), "{err}");
         let count = |p: Vec<(String, Var)>| p.iter().map(|(_, v)| v.elem_count()).sum::<usize>();
-        assert_eq!(count(head.named_parameters()), l1_head_param_count(8, 3));
+        // layer_norm1 2·24, fc1 24·8+8, 2 blocks of (2·8 + 8·8+8), layer_norm2 2·8, fc2 8·3+3.
+        assert_eq!(count(head.named_parameters()), 467);
+        assert_eq!(l1_head_param_count(8, 3), 467);
         let proj = ProprioProjectorTrain::init(4, 8, &mut rng).unwrap();
-        assert_eq!(
-            count(proj.named_parameters()),
-            proprio_projector_param_count(4, 8)
-        );
+        // fc1 4·8+8, fc2 8·8+8.
+        assert_eq!(count(proj.named_parameters()), 112);
+        assert_eq!(proprio_projector_param_count(4, 8), 112);
         let t = proj
             .forward(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap())
             .unwrap();
