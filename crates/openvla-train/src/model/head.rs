@@ -107,9 +107,9 @@ impl Named {
 
     /// Float32 `Var`s of every tensor of `sd`, whose names must be exactly `expected`
     /// (in that order) with the shapes that `fresh` has.
-    fn from_state_dict(sd: &StateDict, fresh: &Named) -> Result<Named> {
+    fn from_state_dict(sd: &StateDict, tensors: &[(String, Vec<usize>)]) -> Result<Named> {
         let have: Vec<&str> = sd.names().collect();
-        let want: Vec<&str> = fresh.0.iter().map(|(n, _)| n.as_str()).collect();
+        let want: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         let mut sorted_want = want.clone();
         sorted_want.sort_unstable();
         if have != sorted_want {
@@ -122,9 +122,9 @@ impl Named {
                 ),
             ));
         }
-        let mut out = Vec::with_capacity(fresh.0.len());
-        for (name, v) in &fresh.0 {
-            let t = sd.get_shaped(name, v.dims()).map_err(|e| {
+        let mut out = Vec::with_capacity(tensors.len());
+        for (name, shape) in tensors {
+            let t = sd.get_shaped(name, shape).map_err(|e| {
                 TrainError::checkpoint(sd.path(), format!("{e} (for this model and data)"))
             })?;
             out.push((name.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?)?));
@@ -144,14 +144,19 @@ pub struct L1HeadTrain {
 }
 
 impl L1HeadTrain {
-    /// The names and shapes of a head for `llm_dim` and `action_dim`, freshly initialized.
-    pub fn init(llm_dim: usize, action_dim: usize, rng: &mut TrainRng) -> Result<Self> {
+    fn check_dims(llm_dim: usize, action_dim: usize) -> Result<()> {
         if llm_dim == 0 || action_dim == 0 {
             return Err(TrainError::Invalid(format!(
                 "an L1 head needs a positive LLM width and action dimension, got {llm_dim} and \
                  {action_dim}"
             )));
         }
+        Ok(())
+    }
+
+    /// The names and shapes of a head for `llm_dim` and `action_dim`, freshly initialized.
+    pub fn init(llm_dim: usize, action_dim: usize, rng: &mut TrainRng) -> Result<Self> {
+        Self::check_dims(llm_dim, action_dim)?;
         let tensors = oft_head_tensors(llm_dim, action_dim, L1_HEAD_BLOCKS);
         Ok(Self {
             params: Named::fresh(&tensors, rng)?,
@@ -163,9 +168,10 @@ impl L1HeadTrain {
     /// The head of a checkpoint's `action_head--*.pt` (keys without `module.`), checked to
     /// have exactly the tensors and shapes of a head for `llm_dim` and `action_dim`.
     pub fn from_state_dict(sd: &StateDict, llm_dim: usize, action_dim: usize) -> Result<Self> {
-        let fresh = Self::init(llm_dim, action_dim, &mut TrainRng::new(0))?;
+        Self::check_dims(llm_dim, action_dim)?;
+        let tensors = oft_head_tensors(llm_dim, action_dim, L1_HEAD_BLOCKS);
         Ok(Self {
-            params: Named::from_state_dict(sd, &fresh.params)?,
+            params: Named::from_state_dict(sd, &tensors)?,
             llm_dim,
             action_dim,
         })
@@ -213,13 +219,18 @@ pub struct ProprioProjectorTrain {
 }
 
 impl ProprioProjectorTrain {
-    /// A fresh projector from `proprio_dim` to `llm_dim`.
-    pub fn init(proprio_dim: usize, llm_dim: usize, rng: &mut TrainRng) -> Result<Self> {
+    fn check_dims(proprio_dim: usize) -> Result<()> {
         if proprio_dim == 0 {
             return Err(TrainError::Invalid(
                 "the proprio state has no dimensions".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// A fresh projector from `proprio_dim` to `llm_dim`.
+    pub fn init(proprio_dim: usize, llm_dim: usize, rng: &mut TrainRng) -> Result<Self> {
+        Self::check_dims(proprio_dim)?;
         let tensors = proprio_projector_tensors(proprio_dim, llm_dim);
         Ok(Self {
             params: Named::fresh(&tensors, rng)?,
@@ -229,9 +240,10 @@ impl ProprioProjectorTrain {
 
     /// The projector of a checkpoint's `proprio_projector--*.pt`, checked against the shapes.
     pub fn from_state_dict(sd: &StateDict, proprio_dim: usize, llm_dim: usize) -> Result<Self> {
-        let fresh = Self::init(proprio_dim, llm_dim, &mut TrainRng::new(0))?;
+        Self::check_dims(proprio_dim)?;
+        let tensors = proprio_projector_tensors(proprio_dim, llm_dim);
         Ok(Self {
-            params: Named::from_state_dict(sd, &fresh.params)?,
+            params: Named::from_state_dict(sd, &tensors)?,
             proprio_dim,
         })
     }
