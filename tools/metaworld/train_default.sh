@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The recipe of the shipped Meta-World policy (models/metaworld-mt10, issue 15): scripted-expert
+# The recipe for a Meta-World policy trained from scratch (issue 15; nothing shipped yet): scripted-expert
 # demos -> statistics -> a freshly initialized OpenVLA-family OFT model -> full training with the
 # L1 chunk head and proprio -> closed-loop evaluation through the server. Every step is resumable:
 # run the script again after a kill (or with a larger STEPS) and it continues where it stopped.
 #
-#   bash tools/metaworld/train_default.sh            # MT10, the shipped configuration
+#   bash tools/metaworld/train_default.sh            # MT10 (no policy is shipped yet: docs/evaluation.md)
 #   TASKS=mt50 RUN=runs/metaworld/mt50 bash tools/metaworld/train_default.sh
 #
 # Settings (environment variables, defaults in brackets):
