@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The recipe for a Meta-World policy trained from scratch (issue 15; nothing shipped yet): scripted-expert
-# demos -> statistics -> a freshly initialized OpenVLA-family OFT model -> full training with the
-# L1 chunk head and proprio -> closed-loop evaluation through the server. Every step is resumable:
-# run the script again after a kill (or with a larger STEPS) and it continues where it stopped.
+# The recipe for a Meta-World policy trained from scratch (issue 15): scripted-expert demos ->
+# statistics -> a freshly initialized OpenVLA-family OFT model -> full training with the L1 chunk
+# head and proprio -> closed-loop evaluation through the server -> success against training time
+# (every saved checkpoint evaluated on fewer episodes). Every step is resumable: run the script
+# again after a kill and it continues where it stopped. Results: docs/evaluation.md.
 #
-#   bash tools/metaworld/train_default.sh            # MT10 (no policy is shipped yet: docs/evaluation.md)
+#   bash tools/metaworld/train_default.sh            # MT10
 #   TASKS=mt50 RUN=runs/metaworld/mt50 bash tools/metaworld/train_default.sh
 #
 # Settings (environment variables, defaults in brackets):
@@ -12,14 +13,19 @@
 #   TASKS [mt10]                  Meta-World task set of demos and evaluation
 #   PER_TASK [50]                 expert demos per task (the published protocol's 50)
 #   PRESET [metaworld-small]      `openvla init --preset` (docs/init.md)
-#   STEPS [6000]                  optimizer steps; BATCH [32]; LR [5e-4]
+#   STEPS [2000]                  optimizer steps; BATCH [32]; LR [5e-4] (peak)
+#   SCHEDULE [cosine]             learning-rate schedule (constant|cosine); WARMUP [100] steps
+#   SAVE [250]                    checkpoint interval; every checkpoint keeps its model for step 6
+#   CURVE_EPISODES [3]            episodes per task for each checkpoint of step 6 (0 skips it)
 #   CHUNK [8]                     actions per chunk; EXECUTE [8] actions of a chunk run per call
 #   EPISODES [10]                 evaluation episodes per task (seeds 1000..)
 #   OPENVLA [target/release/openvla]  the binary (built by `cargo build --release -p openvla-cli`)
 #
 # Splitting a long run: stop it any time (Ctrl-C or kill); `openvla finetune --resume` restarts
 # from the newest checkpoint (saved every SAVE steps) and gives the same result as an
-# uninterrupted run. To train longer, run again with a larger STEPS.
+# uninterrupted run. The cosine schedule spans STEPS: to train longer, start a new RUN with a
+# larger STEPS (running again with a larger STEPS continues on the longer cosine from where the
+# run is, which is not the same as training that long from the start).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -27,12 +33,15 @@ RUN=${RUN:-runs/metaworld/default}
 TASKS=${TASKS:-mt10}
 PER_TASK=${PER_TASK:-50}
 PRESET=${PRESET:-metaworld-small}
-STEPS=${STEPS:-6000}
+STEPS=${STEPS:-2000}
 BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
 CHUNK=${CHUNK:-8}
 EXECUTE=${EXECUTE:-8}
-SAVE=${SAVE:-500}
+SCHEDULE=${SCHEDULE:-cosine}
+WARMUP=${WARMUP:-100}
+SAVE=${SAVE:-250}
+CURVE_EPISODES=${CURVE_EPISODES:-3}
 EPISODES=${EPISODES:-10}
 OPENVLA=${OPENVLA:-$root/target/release/openvla}
 if [ ! -x "$OPENVLA" ]; then
@@ -42,32 +51,46 @@ fi
 mkdir -p "$RUN"
 step() { echo; echo "== $(date -u +%H:%M:%S) $*"; }
 
-step "1/5 demos: $PER_TASK scripted-expert episodes per task of $TASKS"
+step "1/6 demos: $PER_TASK scripted-expert episodes per task of $TASKS"
 if [ ! -f "$RUN/demos/meta/info.json" ]; then
   resume=()
   [ -d "$RUN/demos/.staging" ] && resume=(--resume)
   "$OPENVLA" sim demos metaworld --tasks "$TASKS" --per-task "$PER_TASK" --out "$RUN/demos" "${resume[@]}"
 fi
 
-step "2/5 statistics (actions and proprio)"
+step "2/6 statistics (actions and proprio)"
 [ -f "$RUN/dataset_statistics.json" ] ||
   "$OPENVLA" stats --data "$RUN/demos" --proprio --out "$RUN/dataset_statistics.json"
 
-step "3/5 init: $PRESET"
+step "3/6 init: $PRESET"
 [ -f "$RUN/init/config.json" ] ||
   "$OPENVLA" init --preset "$PRESET" --seed 0 --dtype f32 --stats "$RUN/dataset_statistics.json" --out "$RUN/init"
 
-step "4/5 train: full, L1 head, chunk $CHUNK, proprio, $STEPS steps of $BATCH"
+step "4/6 train: full, L1 head, chunk $CHUNK, proprio, $STEPS steps of $BATCH"
 resume=()
 [ -d "$RUN/train/checkpoints" ] && resume=(--resume)
 "$OPENVLA" finetune --model "$RUN/init" --data "$RUN/demos" --out "$RUN/train" \
   --mode full --head l1 --chunk "$CHUNK" --proprio \
-  --batch-size "$BATCH" --lr "$LR" --max-steps "$STEPS" --save-interval "$SAVE" \
-  --keep-last 2 "${resume[@]}"
+  --batch-size "$BATCH" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
+  --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints "${resume[@]}"
 
-step "5/5 closed-loop evaluation: $TASKS, $EPISODES episodes per task"
+step "5/6 closed-loop evaluation: $TASKS, $EPISODES episodes per task"
 eval_resume=()
 [ -f "$RUN/eval/episodes.jsonl" ] && eval_resume=(--resume)
 "$OPENVLA" eval metaworld --model "$RUN/train/model" --tasks "$TASKS" --episodes "$EPISODES" \
   --execute "$EXECUTE" --out "$RUN/eval" "${eval_resume[@]}"
 echo "results: $RUN/eval/results.md"
+
+step "6/6 success against training time: every checkpoint, $CURVE_EPISODES episodes per task"
+if [ "$CURVE_EPISODES" -gt 0 ]; then
+  for ck in "$RUN"/train/checkpoints/step-*/; do
+    name=$(basename "$ck")
+    [ -f "$ck/model/config.json" ] || continue
+    [ -f "$RUN/curve/$name/results.json" ] && grep -q '"complete": true' "$RUN/curve/$name/results.json" && continue
+    curve_resume=()
+    [ -f "$RUN/curve/$name/episodes.jsonl" ] && curve_resume=(--resume)
+    "$OPENVLA" eval metaworld --model "$ck/model" --tasks "$TASKS" --episodes "$CURVE_EPISODES" \
+      --execute "$EXECUTE" --videos 0 --out "$RUN/curve/$name" "${curve_resume[@]}"
+  done
+  python3 tools/metaworld/curve.py "$RUN" --batch "$BATCH"
+fi

@@ -1,5 +1,6 @@
 //! `openvla`: run, inspect and benchmark OpenVLA policies from one binary.
 
+mod alloc;
 mod bench;
 mod progress;
 mod quantize;
@@ -179,6 +180,7 @@ struct InitArgs {
 }
 
 fn main() {
+    alloc::tune();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -13,6 +13,7 @@ use crate::memory::{available_memory, check_fits, estimate, MemoryEstimate, Memo
 use crate::merge::{merge_model_dir, MergeOptions, MergeRecipe};
 use crate::mode::TrainMode;
 use crate::optim::AdamWConfig;
+use crate::schedule::{LrSchedule, LrScheduleKind};
 use clap::{Args, ValueEnum};
 use openvla::oft::constants::NormalizationType;
 use openvla::ModelConfig;
@@ -68,9 +69,16 @@ pub struct FinetuneArgs {
     /// LoRA target modules: `all-linear` or a comma-separated list of module names/suffixes.
     #[arg(long, default_value = ALL_LINEAR)]
     pub target_modules: String,
-    /// AdamW learning rate (constant).
+    /// AdamW learning rate (the peak of --lr-schedule).
     #[arg(long, default_value_t = 5e-4)]
     pub lr: f64,
+    /// Learning-rate schedule: `constant` (finetune.py's) or `cosine` (half a cosine from --lr
+    /// down to 0 at --max-steps, after the warmup).
+    #[arg(long, value_enum, default_value_t = LrScheduleKind::Constant)]
+    pub lr_schedule: LrScheduleKind,
+    /// Optimizer steps of linear learning-rate warmup from 0.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
@@ -116,6 +124,11 @@ pub struct FinetuneArgs {
     /// Skip the up-front memory check.
     #[arg(long)]
     pub no_memory_check: bool,
+    /// With --head l1: every checkpoint also holds the complete exported model directory
+    /// (`checkpoints/step-N/model/`, as `<out>/model/` at the end), so intermediate checkpoints
+    /// can be evaluated (success against training time). Costs one model's size per checkpoint.
+    #[arg(long)]
+    pub export_checkpoints: bool,
     /// Dtype of the model exported to `<out>/model/` by non-LoRA modes: `base` keeps each
     /// tensor's checkpoint dtype (bf16 for the released checkpoints), `float32` writes every
     /// floating-point tensor in float32 (the trained weights exactly).
@@ -342,6 +355,15 @@ impl FinetuneArgs {
             proprio: self.proprio,
             normalization: self.normalization,
         }))
+    }
+
+    /// The learning-rate schedule over the run's --max-steps.
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            kind: self.lr_schedule,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.max_steps,
+        }
     }
 
     /// The AdamW settings.
@@ -583,6 +605,13 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         fingerprint["proprio"] = o.proprio.into();
         fingerprint["normalization"] = serde_json::json!(o.normalization);
     }
+    // Runs at a constant learning rate keep the fingerprint of earlier versions.
+    let schedule = args.schedule();
+    schedule.validate()?;
+    if !schedule.is_constant() {
+        fingerprint["lr_schedule"] = serde_json::json!(schedule.kind);
+        fingerprint["warmup_steps"] = schedule.warmup_steps.into();
+    }
     let run_dir = args.out.clone();
     let has_ckpt = crate::checkpoint::latest_checkpoint(&run_dir)?.is_some();
     if has_ckpt && !args.resume {
@@ -614,6 +643,7 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         "save_interval": args.save_interval,
         "keep_last": args.keep_last,
         "adamw": args.adamw(),
+        "lr_schedule": schedule,
         "shuffle_buffer": args.shuffle_buffer,
         "action_dim": action_dim,
         "lora_modules": lora_modules,
@@ -936,6 +966,34 @@ fn save_adapter(adapter: &crate::lora::LoraAdapter, run_dir: &Path) -> Result<()
 
 /// Where and how the run's model directory `<run>/model/` is exported, with the run's
 /// statistics.
+/// The run-wide part of an OFT export's settings.
+#[derive(Debug, Clone, Copy)]
+struct OftExportSettings {
+    run: OftRun,
+    center_crop: bool,
+    lora_rank: Option<usize>,
+}
+
+impl OftExportSettings {
+    fn at<'a>(
+        &self,
+        step: u64,
+        head: &'a crate::model::head::L1HeadTrain,
+        proprio: Option<&'a crate::model::head::ProprioProjectorTrain>,
+    ) -> crate::export::OftExport<'a> {
+        crate::export::OftExport {
+            chunk: self.run.chunk,
+            num_images: self.run.num_images(),
+            normalization: self.run.normalization.oft(),
+            center_crop: self.center_crop,
+            lora_rank: self.lora_rank,
+            step,
+            head,
+            proprio,
+        }
+    }
+}
+
 fn export_options(args: &FinetuneArgs, run_dir: &Path) -> Result<ExportOptions> {
     let stats: serde_json::Value =
         crate::error::read_json(&run_dir.join("dataset_statistics.json"))?;
@@ -960,7 +1018,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     device: &candle_core::Device,
 ) -> Result<crate::trainer::RunOutcome> {
     use crate::data::{BatchFormat, OftStreamBatches, StreamBatches};
-    use crate::export::{export_oft_dir, OftExport};
+    use crate::export::export_oft_dir;
     use crate::lora::LoraAdapter;
     use crate::rng::TrainRng;
     use crate::seam::{L1Objective, VlaObjective};
@@ -1037,6 +1095,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         save_interval: args.save_interval,
         keep_last: args.keep_last,
         adamw: args.adamw(),
+        schedule: args.schedule(),
         seed,
         progress: std::io::stderr().is_terminal(),
         fingerprint: plan.fingerprint.clone(),
@@ -1061,25 +1120,38 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
             seed,
         )?;
         objective.checkpointing = args.checkpointing;
-        objective.components = Some(crate::export::write_oft_components);
+        let settings = OftExportSettings {
+            run: o,
+            center_crop: args.image_aug,
+            lora_rank: plan.lora.as_ref().map(|l| l.r),
+        };
+        let options = export_options(args, &plan.run_dir)?;
+        if args.export_checkpoints && objective.backbone.adapter.is_none() {
+            // The Vars share their storage with the trained ones: each checkpoint exports the
+            // weights as they are at its step.
+            let base_params = objective.backbone.base_params.clone();
+            let options = options.clone();
+            objective.components = Some(Box::new(move |dir, step, head, proprio| {
+                crate::export::write_oft_components(dir, step, head, proprio)?;
+                let opts = ExportOptions {
+                    out: dir.join("model"),
+                    ..options.clone()
+                };
+                export_oft_dir(&opts, &base_params, None, &settings.at(step, head, proprio))
+                    .map(|_| ())
+            }));
+        } else {
+            objective.components = Some(Box::new(crate::export::write_oft_components));
+        }
         let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
         if let Some(ad) = &objective.backbone.adapter {
             save_adapter(ad, &plan.run_dir)?;
         }
         export_oft_dir(
-            &export_options(args, &plan.run_dir)?,
+            &options,
             &objective.backbone.base_params,
             objective.backbone.adapter.as_ref(),
-            &OftExport {
-                chunk: o.chunk,
-                num_images: o.num_images(),
-                normalization: o.normalization.oft(),
-                center_crop: args.image_aug,
-                lora_rank: plan.lora.as_ref().map(|l| l.r),
-                step: outcome.step,
-                head: &objective.head,
-                proprio: objective.proprio.as_ref(),
-            },
+            &settings.at(outcome.step, &objective.head, objective.proprio.as_ref()),
         )?;
         return Ok(outcome);
     }

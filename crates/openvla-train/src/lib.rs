@@ -40,6 +40,7 @@ pub mod plot;
 pub mod progress;
 pub mod recompute;
 pub mod rng;
+pub mod schedule;
 pub mod seam;
 pub mod trainer;
 

@@ -497,10 +497,11 @@ pub struct L1Objective<M: TrainModel> {
     pub components: Option<ComponentWriter>,
 }
 
-/// Writes an objective's OFT component files into a directory at a step
-/// ([`crate::export::write_oft_components`]).
+/// Writes what a checkpoint directory holds besides the trained tensors, at a step: the OFT
+/// component files ([`crate::export::write_oft_components`]) and, when asked, the complete
+/// model directory.
 pub type ComponentWriter =
-    fn(&Path, u64, &L1HeadTrain, Option<&ProprioProjectorTrain>) -> Result<()>;
+    Box<dyn Fn(&Path, u64, &L1HeadTrain, Option<&ProprioProjectorTrain>) -> Result<()>>;
 
 /// Name prefix of the action head's parameters among the objective's.
 pub const HEAD_PREFIX: &str = "action_head.";
@@ -706,7 +707,7 @@ impl<M: TrainModel> Objective for L1Objective<M> {
 
     fn export(&self, dir: &Path, step: u64) -> Result<()> {
         self.backbone.export(dir)?;
-        if let Some(write) = self.components {
+        if let Some(write) = &self.components {
             write(dir, step, &self.head, self.proprio.as_ref())?;
         }
         Ok(())

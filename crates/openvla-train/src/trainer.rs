@@ -13,6 +13,7 @@ use crate::checkpoint::{
 use crate::error::{Result, TrainError};
 use crate::log::{read_metrics, MetricsLog, MetricsRecord};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::LrSchedule;
 use crate::plot::write_svg;
 use crate::progress::TrainProgress;
 use crate::recompute::Grads;
@@ -97,8 +98,10 @@ pub struct TrainerConfig {
     pub save_interval: u64,
     /// Keep only the newest N checkpoints (0 keeps all).
     pub keep_last: usize,
-    /// Optimizer settings.
+    /// Optimizer settings (`adamw.lr` is the base learning rate of `schedule`).
     pub adamw: AdamWConfig,
+    /// How the learning rate changes over the run.
+    pub schedule: LrSchedule,
     /// Seed of the run's RNG.
     pub seed: u64,
     /// Show a progress bar.
@@ -230,6 +233,7 @@ where
             "grad_accumulation and save_interval must be at least 1".into(),
         ));
     }
+    cfg.schedule.validate()?;
     std::fs::create_dir_all(&cfg.run_dir).map_err(|e| TrainError::io(&cfg.run_dir, e))?;
     clean_partial(&cfg.run_dir)?;
     let params = obj.params();
@@ -307,6 +311,8 @@ where
                 }
             }
         }
+        let lr = cfg.schedule.lr(cfg.adamw.lr, step);
+        opt.config.lr = lr;
         opt.step(&params, &acc)?;
         step += 1;
         steps_here += 1;
@@ -319,7 +325,7 @@ where
             action_accuracy: accuracy.get(),
             action_l1_loss: l1.get(),
             next_actions_l1_loss: next_l1.get(),
-            lr: cfg.adamw.lr,
+            lr,
             steps_per_s: sps,
             elapsed_s: elapsed,
         };

@@ -144,6 +144,7 @@ fn overfit(mut obj: VlaObjective<ToyVla>, lr: f64, steps: u64) -> f64 {
             lr,
             ..AdamWConfig::default()
         },
+        schedule: openvla_train::schedule::LrSchedule::constant(),
         seed: 1,
         progress: false,
         fingerprint: serde_json::json!({}),

@@ -8,6 +8,7 @@ use openvla_train::checkpoint::list_checkpoints;
 use openvla_train::log::read_metrics;
 use openvla_train::loss::causal_lm_loss;
 use openvla_train::rng::TrainRng;
+use openvla_train::schedule::{LrSchedule, LrScheduleKind};
 use openvla_train::trainer::{
     metrics_path, plot_path, train, DataSource, Objective, StepOutput, TrainerConfig,
 };
@@ -140,6 +141,12 @@ fn config(dir: &Path, max_steps: u64) -> TrainerConfig {
             lr: 0.05,
             ..AdamWConfig::default()
         },
+        // Warmup and cosine, so that resuming is checked to continue the schedule.
+        schedule: LrSchedule {
+            kind: LrScheduleKind::Cosine,
+            warmup_steps: 2,
+            total_steps: max_steps,
+        },
         seed: 5,
         progress: false,
         fingerprint: serde_json::json!({"objective": "softmax", "dim": DIM}),
@@ -172,6 +179,16 @@ fn interrupted_and_resumed_run_reproduces_the_loss_curve() {
     let first = f64::from_bits(full[0].1);
     let last = f64::from_bits(full[19].1);
     assert!(last < first, "loss should fall: {first} -> {last}");
+    // The logged learning rate follows warmup (0, half, full) and then the cosine to ~0.
+    let lrs: Vec<f64> = read_metrics(&metrics_path(a.path()))
+        .unwrap()
+        .iter()
+        .map(|r| r.lr)
+        .collect();
+    assert_eq!(&lrs[..3], &[0.0, 0.025, 0.05]);
+    let mid = 0.05 * 0.5 * (1.0 + (std::f64::consts::PI * 9.0 / 18.0).cos());
+    assert!((lrs[11] - mid).abs() < 1e-12, "{}", lrs[11]);
+    assert!(lrs[19] < 0.001 && lrs.windows(2).skip(2).all(|w| w[1] <= w[0]));
 
     // Stop after 7 steps (the last checkpoint is step 6), resume to the end.
     let b = tempfile::tempdir().unwrap();
