@@ -17,6 +17,7 @@
 #   SCHEDULE [cosine]             learning-rate schedule (constant|cosine); WARMUP [100] steps
 #   SAVE [250]                    checkpoint interval; every checkpoint keeps its model for step 6
 #   CURVE_EPISODES [3]            episodes per task for each checkpoint of step 6 (0 skips it)
+#   EXPORT_DTYPE [bf16]           dtype of train/model (the evaluated and shipped model)
 #   CHUNK [8]                     actions per chunk; EXECUTE [8] actions of a chunk run per call
 #   EPISODES [10]                 evaluation episodes per task (seeds 1000..)
 #   OPENVLA [target/release/openvla]  the binary (built by `cargo build --release -p openvla-cli`)
@@ -42,6 +43,7 @@ SCHEDULE=${SCHEDULE:-cosine}
 WARMUP=${WARMUP:-100}
 SAVE=${SAVE:-250}
 CURVE_EPISODES=${CURVE_EPISODES:-3}
+EXPORT_DTYPE=${EXPORT_DTYPE:-bf16}
 EPISODES=${EPISODES:-10}
 OPENVLA=${OPENVLA:-$root/target/release/openvla}
 if [ ! -x "$OPENVLA" ]; then
@@ -72,7 +74,8 @@ resume=()
 "$OPENVLA" finetune --model "$RUN/init" --data "$RUN/demos" --out "$RUN/train" \
   --mode full --head l1 --chunk "$CHUNK" --proprio \
   --batch-size "$BATCH" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
-  --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints "${resume[@]}"
+  --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints \
+  --export-dtype "$EXPORT_DTYPE" "${resume[@]}"
 
 step "5/6 closed-loop evaluation: $TASKS, $EPISODES episodes per task"
 eval_resume=()

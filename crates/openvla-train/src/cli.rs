@@ -131,7 +131,8 @@ pub struct FinetuneArgs {
     pub export_checkpoints: bool,
     /// Dtype of the model exported to `<out>/model/` by non-LoRA modes: `base` keeps each
     /// tensor's checkpoint dtype (bf16 for the released checkpoints), `float32` writes every
-    /// floating-point tensor in float32 (the trained weights exactly).
+    /// floating-point tensor in float32 (the trained weights exactly), `bf16` every one in bf16
+    /// (rounded once). A finished run re-exports with `--resume` and another `--export-dtype`.
     #[arg(long, value_enum, default_value_t = ExportDtype::Base)]
     pub export_dtype: ExportDtype,
     /// Largest shard of the exported model in GB.

@@ -34,6 +34,10 @@ pub enum ExportDtype {
     /// Every floating-point tensor in float32: trained weights exactly as trained, untouched
     /// ones widened (exactly) from the base's bf16/f16.
     Float32,
+    /// Every floating-point tensor in bf16, rounded once to nearest even (as torch's
+    /// `.to(torch.bfloat16)`): half of float32's size, for shipping a model trained from a
+    /// float32 `openvla init`.
+    Bf16,
 }
 
 /// What [`export_model_dir`] writes.
@@ -241,17 +245,23 @@ fn export_dir(
                     _ => t,
                 })
             };
+            let narrow = |t: Tensor| -> Result<Tensor> {
+                Ok(match (dtype, t.dtype()) {
+                    (ExportDtype::Bf16, DType::F32 | DType::F16) => t.to_dtype(DType::BF16)?,
+                    _ => t,
+                })
+            };
             if let Some(w) = lora.get(n) {
-                return merge_weight(
+                return narrow(merge_weight(
                     &widen(stored)?,
                     w.a.as_tensor(),
                     w.b.as_tensor(),
                     scaling,
                     MergeRecipe::Float32,
-                );
+                )?);
             }
             let Some(v) = vars.get(n) else {
-                return widen(stored);
+                return narrow(widen(stored)?);
             };
             if v.dims() != stored.dims() {
                 return Err(TrainError::Invalid(format!(
@@ -263,6 +273,7 @@ fn export_dir(
             let target = match dtype {
                 ExportDtype::Base => stored.dtype(),
                 ExportDtype::Float32 => widen(stored)?.dtype(),
+                ExportDtype::Bf16 => narrow(stored)?.dtype(),
             };
             Ok(v.as_tensor().to_dtype(target)?)
         },

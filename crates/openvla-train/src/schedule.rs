@@ -18,8 +18,7 @@ use crate::error::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 /// The shape of the learning rate over a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[derive(clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 pub enum LrScheduleKind {
     /// The base learning rate at every step (`finetune.py`).
     #[default]

@@ -13,11 +13,11 @@ use crate::checkpoint::{
 use crate::error::{Result, TrainError};
 use crate::log::{read_metrics, MetricsLog, MetricsRecord};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::LrSchedule;
 use crate::plot::write_svg;
 use crate::progress::TrainProgress;
 use crate::recompute::Grads;
 use crate::rng::TrainRng;
+use crate::schedule::LrSchedule;
 use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,7 +260,11 @@ where
                 ),
             ));
         }
-        data.seek(&st.data_position)?;
+        // A finished run (resumed only to export again) reads no more data: skip the seek,
+        // which replays the stream up to the checkpoint's position.
+        if st.step < cfg.max_steps {
+            data.seek(&st.data_position)?;
+        }
         rng = st.rng;
         step = st.step;
         last_checkpoint = Some(dir.clone());

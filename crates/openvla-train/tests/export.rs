@@ -44,6 +44,9 @@ fn args(out: &Path, mode: TrainMode) -> FinetuneArgs {
         no_memory_check: false,
         export_dtype: ExportDtype::Base,
         export_max_shard_gb: 5.0,
+        export_checkpoints: false,
+        lr_schedule: openvla_train::schedule::LrScheduleKind::Constant,
+        warmup_steps: 0,
         head: openvla_train::cli::HeadArg::Bins256,
         chunk: None,
         images: "primary".into(),
@@ -206,6 +209,37 @@ fn export_full_finetuning_as_a_loadable_model_and_replace_it_on_resume() {
         .filter(|n| n.starts_with(".model"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_finished_run_re_exports_in_bf16_with_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut a = args(&run, TrainMode::LastLayer);
+    a.export_dtype = ExportDtype::Float32;
+    run_finetune(&a).unwrap();
+    assert!(raw_model(&run.join("model"))
+        .values()
+        .all(|(dtype, _, _)| dtype == "F32"));
+    // Same run, same --max-steps: no step is taken, only the export is written again.
+    a.resume = true;
+    a.export_dtype = ExportDtype::Bf16;
+    let rep = run_finetune(&a).unwrap();
+    assert_eq!((rep.outcome.resumed_from, rep.outcome.step), (2, 2));
+    let exported = raw_model(&rep.model_dir.unwrap());
+    let base = raw_model(&tiny_model());
+    let trained = trained_params(&run, 2);
+    assert_eq!(exported.len(), base.len());
+    for (k, (dtype, _, bytes)) in &exported {
+        assert_eq!(dtype, "BF16", "{k}");
+        match trained.get(k) {
+            // The float32 weights of the last step, rounded once.
+            Some(t) => assert_eq!(bytes, &bf16_bytes(t), "{k}"),
+            // Untouched: the base's bf16 bits.
+            None => assert_eq!(bytes, &base[k].2, "{k}"),
+        }
+    }
+    check_loads_and_moved(&run.join("model"));
 }
 
 #[test]

@@ -73,6 +73,25 @@ impl DataSource for Synthetic {
     }
 }
 
+/// A source that cannot seek: a finished run resumed only to export must not read data.
+struct NoSeek(Synthetic);
+
+impl DataSource for NoSeek {
+    type Batch = Batch;
+
+    fn next_batch(&mut self) -> Result<Batch> {
+        self.0.next_batch()
+    }
+
+    fn position(&self) -> serde_json::Value {
+        self.0.position()
+    }
+
+    fn seek(&mut self, _: &serde_json::Value) -> Result<()> {
+        Err(TrainError::Invalid("seek called".into()))
+    }
+}
+
 /// Logits = x W + b, with a dropout-like random scale drawn from the run RNG (to prove the RNG
 /// state is restored), and an optional NaN at a given step.
 struct Softmax {
@@ -242,6 +261,23 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     // The run resumes from the good checkpoint.
     run(d.path(), 20, None, true).unwrap();
     assert_eq!(losses(d.path()).len(), 20);
+}
+
+#[test]
+fn a_finished_run_resumes_without_reading_data() {
+    let d = tempfile::tempdir().unwrap();
+    run(d.path(), 4, None, false).unwrap();
+    let before = losses(d.path());
+    let mut obj = Softmax::new();
+    let mut data = NoSeek(Synthetic { seed: 1, pos: 0 });
+    let out = train(&mut obj, &mut data, &config(d.path(), 4), true).unwrap();
+    assert_eq!((out.resumed_from, out.step), (4, 4));
+    assert_eq!(losses(d.path()), before);
+    // A run that still has steps to take does seek.
+    let e = train(&mut obj, &mut data, &config(d.path(), 6), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("seek called"), "{e}");
 }
 
 #[test]
