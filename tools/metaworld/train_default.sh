@@ -5,7 +5,7 @@
 # (every saved checkpoint evaluated on fewer episodes). Every step is resumable: run the script
 # again after a kill and it continues where it stopped. Results: docs/evaluation.md.
 #
-#   bash tools/metaworld/train_default.sh            # MT10
+#   bash tools/metaworld/train_default.sh            # MT10: models/metaworld-mt10 (about 1 h 50 min)
 #   TASKS=mt50 RUN=runs/metaworld/mt50 bash tools/metaworld/train_default.sh
 #
 # Settings (environment variables, defaults in brackets):
@@ -13,10 +13,10 @@
 #   TASKS [mt10]                  Meta-World task set of demos and evaluation
 #   PER_TASK [50]                 expert demos per task (the published protocol's 50)
 #   PRESET [metaworld-small]      `openvla init --preset` (docs/init.md)
-#   STEPS [2000]                  optimizer steps; BATCH [32]; LR [5e-4] (peak)
+#   STEPS [3500]                  optimizer steps; BATCH [32]; LR [5e-4] (peak)
 #   SCHEDULE [cosine]             learning-rate schedule (constant|cosine); WARMUP [100] steps
-#   SAVE [250]                    checkpoint interval; every checkpoint keeps its model for step 6
-#   CURVE_EPISODES [3]            episodes per task for each checkpoint of step 6 (0 skips it)
+#   SAVE [700]                    checkpoint interval; every checkpoint keeps its model for step 6
+#   CURVE_EPISODES [2]            episodes per task for each checkpoint of step 6 (0 skips it)
 #   EXPORT_DTYPE [bf16]           dtype of train/model (the evaluated and shipped model)
 #   CHUNK [8]                     actions per chunk; EXECUTE [8] actions of a chunk run per call
 #   EPISODES [10]                 evaluation episodes per task (seeds 1000..)
@@ -34,15 +34,15 @@ RUN=${RUN:-runs/metaworld/default}
 TASKS=${TASKS:-mt10}
 PER_TASK=${PER_TASK:-50}
 PRESET=${PRESET:-metaworld-small}
-STEPS=${STEPS:-2000}
+STEPS=${STEPS:-3500}
 BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
 CHUNK=${CHUNK:-8}
 EXECUTE=${EXECUTE:-8}
 SCHEDULE=${SCHEDULE:-cosine}
 WARMUP=${WARMUP:-100}
-SAVE=${SAVE:-250}
-CURVE_EPISODES=${CURVE_EPISODES:-3}
+SAVE=${SAVE:-700}
+CURVE_EPISODES=${CURVE_EPISODES:-2}
 EXPORT_DTYPE=${EXPORT_DTYPE:-bf16}
 EPISODES=${EPISODES:-10}
 OPENVLA=${OPENVLA:-$root/target/release/openvla}
