@@ -606,6 +606,15 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         fingerprint["proprio"] = o.proprio.into();
         fingerprint["normalization"] = serde_json::json!(o.normalization);
     }
+    if args.export_checkpoints && (oft.is_none() || args.mode == TrainMode::Lora) {
+        return Err(TrainError::Invalid(format!(
+            "--export-checkpoints exports the full model at every checkpoint of an OFT run: it \
+             needs --head l1 and a mode that trains base weights (this run has --head {} \
+             --mode {}); LoRA checkpoints already hold their adapter",
+            serde_json::json!(args.head).as_str().unwrap_or("?"),
+            args.mode
+        )));
+    }
     // Runs at a constant learning rate keep the fingerprint of earlier versions.
     let schedule = args.schedule();
     schedule.validate()?;
@@ -965,8 +974,6 @@ fn save_adapter(adapter: &crate::lora::LoraAdapter, run_dir: &Path) -> Result<()
     write_atomic(&dir.join("dataset_statistics.json"), &bytes)
 }
 
-/// Where and how the run's model directory `<run>/model/` is exported, with the run's
-/// statistics.
 /// The run-wide part of an OFT export's settings.
 #[derive(Debug, Clone, Copy)]
 struct OftExportSettings {
@@ -995,6 +1002,8 @@ impl OftExportSettings {
     }
 }
 
+/// Where and how the run's model directory `<run>/model/` is exported, with the run's
+/// statistics.
 fn export_options(args: &FinetuneArgs, run_dir: &Path) -> Result<ExportOptions> {
     let stats: serde_json::Value =
         crate::error::read_json(&run_dir.join("dataset_statistics.json"))?;
@@ -1127,7 +1136,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
             lora_rank: plan.lora.as_ref().map(|l| l.r),
         };
         let options = export_options(args, &plan.run_dir)?;
-        if args.export_checkpoints && objective.backbone.adapter.is_none() {
+        if args.export_checkpoints {
             // The Vars share their storage with the trained ones: each checkpoint exports the
             // weights as they are at its step.
             let base_params = objective.backbone.base_params.clone();

@@ -239,29 +239,29 @@ fn export_dir(
         &expected,
         &|n| format!("trained tensor {n} is not in the base checkpoint"),
         &mut |n, stored: Tensor| {
-            let widen = |t: Tensor| -> Result<Tensor> {
-                Ok(match (dtype, t.dtype()) {
-                    (ExportDtype::Float32, DType::BF16 | DType::F16) => t.to_dtype(DType::F32)?,
-                    _ => t,
-                })
+            // The dtype each tensor is written in: floating-point tensors follow `dtype`.
+            let target = |stored: DType| match (dtype, stored) {
+                (ExportDtype::Float32, DType::BF16 | DType::F16) => DType::F32,
+                (ExportDtype::Bf16, DType::F32 | DType::F16) => DType::BF16,
+                _ => stored,
             };
-            let narrow = |t: Tensor| -> Result<Tensor> {
-                Ok(match (dtype, t.dtype()) {
-                    (ExportDtype::Bf16, DType::F32 | DType::F16) => t.to_dtype(DType::BF16)?,
-                    _ => t,
-                })
-            };
+            let stored_dtype = stored.dtype();
             if let Some(w) = lora.get(n) {
-                return narrow(merge_weight(
-                    &widen(stored)?,
+                let widened = match dtype {
+                    ExportDtype::Float32 => stored.to_dtype(target(stored_dtype))?,
+                    _ => stored,
+                };
+                let merged = merge_weight(
+                    &widened,
                     w.a.as_tensor(),
                     w.b.as_tensor(),
                     scaling,
                     MergeRecipe::Float32,
-                )?);
+                )?;
+                return Ok(merged.to_dtype(target(merged.dtype()))?);
             }
             let Some(v) = vars.get(n) else {
-                return narrow(widen(stored)?);
+                return Ok(stored.to_dtype(target(stored_dtype))?);
             };
             if v.dims() != stored.dims() {
                 return Err(TrainError::Invalid(format!(
@@ -270,11 +270,7 @@ fn export_dir(
                     stored.dims()
                 )));
             }
-            let target = match dtype {
-                ExportDtype::Base => stored.dtype(),
-                ExportDtype::Float32 => widen(stored)?.dtype(),
-                ExportDtype::Bf16 => narrow(stored)?.dtype(),
-            };
+            let target = target(stored_dtype);
             Ok(v.as_tensor().to_dtype(target)?)
         },
     );

@@ -282,6 +282,17 @@ fn finetune_rejects_bad_flags() {
             Box::new(|a| a.model = PathBuf::from("/nonexistent")),
             "config.json",
         ),
+        (
+            Box::new(|a| a.export_checkpoints = true),
+            "--export-checkpoints exports the full model",
+        ),
+        (
+            Box::new(|a| {
+                a.lr_schedule = openvla_train::schedule::LrScheduleKind::Cosine;
+                a.warmup_steps = a.max_steps;
+            }),
+            "must be smaller than --max-steps",
+        ),
     ];
     for (f, want) in cases {
         let mut a = base.clone();
