@@ -10,6 +10,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use openvla::config::{ModelConfig, Variant};
+use openvla::head::ActionHead;
 use openvla::kernels::{probe, ComputePrecision};
 use openvla::quant::Quantization;
 use openvla::synth::SynthShape;
@@ -38,6 +39,11 @@ pub struct BenchArgs {
     /// Instruction.
     #[arg(long, default_value = "put the carrot in the bowl")]
     instruction: String,
+    /// Robot state for OpenVLA-OFT models with a proprio projector: comma-separated raw values
+    /// (default: zeros of the model's proprio dimension). OFT models that take several images
+    /// get `--image` (or the test pattern) for each of them.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    proprio: Option<Vec<f64>>,
     /// Dataset statistics to use (defaults to the only one, if there is one).
     #[arg(long)]
     unnorm_key: Option<String>,
@@ -203,6 +209,41 @@ fn test_pattern() -> Result<openvla_image::RgbImage> {
     Ok(openvla_image::RgbImage::from_raw(w, h, data)?)
 }
 
+/// The model family and head, as reports name it.
+fn family(policy: &Policy) -> &'static str {
+    match policy.head() {
+        ActionHead::Autoregressive256(_) => "openvla-256-bin",
+        ActionHead::ParallelL1(_) => "oft-l1",
+        ActionHead::ParallelDiscrete(_) => "oft-discrete",
+    }
+}
+
+/// `obs` completed for what `policy` takes: an OpenVLA-OFT model that reads several images
+/// gets the primary image again for each wrist view, and a model with a proprio projector gets
+/// `proprio` (zeros of its dimension when none is given). Other models take `obs` as it is.
+fn observation_for(
+    policy: &Policy,
+    mut obs: Observation,
+    proprio: Option<&[f64]>,
+) -> Result<Observation> {
+    if policy.oft().is_none() {
+        return Ok(obs);
+    }
+    let primary = obs
+        .primary()
+        .cloned()
+        .ok_or_else(|| anyhow!("the observation has no image"))?;
+    for i in obs.images.len()..policy.num_images() {
+        obs.images.push((format!("wrist_{i}"), primary.clone()));
+    }
+    obs.proprio = match (policy.proprio_dim(), proprio) {
+        (Some(_), Some(p)) => Some(p.to_vec()),
+        (Some(d), None) => Some(vec![0.0; d]),
+        (None, _) => None,
+    };
+    Ok(obs)
+}
+
 /// Floating-point operations of each compute stage, from the configuration.
 #[derive(Debug, Clone, Copy)]
 struct StageFlops {
@@ -211,7 +252,10 @@ struct StageFlops {
     prefill: f64,
 }
 
-fn stage_flops(cfg: &ModelConfig, prefill_tokens: usize) -> StageFlops {
+/// `logit_rows`: rows that go through the LM head in the timed pass (1 for the 256-bin
+/// prefill's last position, 0 for the OFT L1 head, the window's K·D rows for OFT's discrete
+/// head).
+fn stage_flops(cfg: &ModelConfig, prefill_tokens: usize, logit_rows: usize) -> StageFlops {
     let mut vision = 0.0;
     for t in &cfg.towers {
         let n = (t.num_patches() + t.num_prefix_tokens()) as f64;
@@ -237,7 +281,8 @@ fn stage_flops(cfg: &ModelConfig, prefill_tokens: usize) -> StageFlops {
     let kv = (c.num_key_value_heads * c.head_dim()) as f64;
     let t = prefill_tokens as f64;
     let per_layer = 2.0 * t * (d * (q + 2.0 * kv) + q * d + 3.0 * d * i) + 4.0 * t * t * q;
-    let prefill = c.num_hidden_layers as f64 * per_layer + 2.0 * d * c.vocab_size as f64;
+    let prefill =
+        c.num_hidden_layers as f64 * per_layer + 2.0 * logit_rows as f64 * d * c.vocab_size as f64;
     StageFlops {
         vision,
         projector,
@@ -317,32 +362,63 @@ fn time_one(
     )
     .with_context(|| format!("loading model from {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
-    let obs = Observation::new(image, a.instruction.clone());
+    if a.proprio.is_some() && policy.proprio_dim().is_none() {
+        eprintln!("openvla bench: this model takes no proprio; --proprio is ignored");
+    }
+    let obs = observation_for(
+        &policy,
+        Observation::new(image, a.instruction.clone()),
+        a.proprio.as_deref(),
+    )?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let mut rows: Vec<[f64; 6]> = Vec::new();
+    let family = family(&policy);
+    // preprocess, vision, projector, prefill (OFT: the one LLM pass), decode/token, total, head
+    let mut rows: Vec<[f64; 7]> = Vec::new();
     let mut tokens = Vec::new();
+    let mut normalized = Vec::new();
     let mut prefill_len = 0;
     for i in 0..=a.runs {
         let t = Instant::now();
-        let trace = policy.trace(&obs, a.unnorm_key.as_deref())?;
-        let total = ms(t.elapsed());
-        let g = &trace.generation;
-        prefill_len = g.inputs_embeds.dim(1)?;
-        let per_token = if g.decode_times.is_empty() {
-            f64::NAN
+        let row = if policy.oft().is_some() {
+            let trace = policy.trace_parallel(&obs, a.unnorm_key.as_deref())?;
+            let total = ms(t.elapsed());
+            let f = &trace.forward;
+            prefill_len = f.inputs_embeds.dim(1)?;
+            tokens = trace.prediction.token_ids.clone();
+            normalized = trace.prediction.normalized_actions.clone();
+            let (pre, vis, proj, llm) = (
+                ms(trace.preprocess_time),
+                ms(f.vision_time),
+                ms(f.projector_time),
+                ms(f.llm_time),
+            );
+            // What is left: the head (MLPResNet or the window's logits) and un-normalization.
+            let head = (total - pre - vis - proj - llm).max(0.0);
+            [pre, vis, proj, llm, f64::NAN, total, head]
         } else {
-            g.decode_times.iter().map(|d| ms(*d)).sum::<f64>() / g.decode_times.len() as f64
-        };
-        tokens = trace.prediction.token_ids.clone();
-        if i > 0 || a.runs == 0 {
-            rows.push([
+            let trace = policy.trace(&obs, a.unnorm_key.as_deref())?;
+            let total = ms(t.elapsed());
+            let g = &trace.generation;
+            prefill_len = g.inputs_embeds.dim(1)?;
+            let per_token = if g.decode_times.is_empty() {
+                f64::NAN
+            } else {
+                g.decode_times.iter().map(|d| ms(*d)).sum::<f64>() / g.decode_times.len() as f64
+            };
+            tokens = trace.prediction.token_ids.clone();
+            normalized = trace.prediction.normalized_actions.clone();
+            [
                 ms(trace.preprocess_time),
                 ms(g.vision_time),
                 ms(g.projector_time),
                 ms(g.prefill_time),
                 per_token,
                 total,
-            ]);
+                f64::NAN,
+            ]
+        };
+        if i > 0 || a.runs == 0 {
+            rows.push(row);
         }
     }
     let col = |j: usize| median(rows.iter().map(|r| r[j]).collect());
@@ -359,7 +435,15 @@ fn time_one(
         quantize: policy.weight_policy().quantization,
         compute,
     };
-    let f = stage_flops(policy.config(), prefill_len);
+    let logit_rows = match policy.head() {
+        ActionHead::Autoregressive256(_) => 1,
+        ActionHead::ParallelL1(_) => 0,
+        ActionHead::ParallelDiscrete(_) => {
+            policy.chunk_size() * policy.action_dim(a.unnorm_key.as_deref())?
+        }
+    };
+    let f = stage_flops(policy.config(), prefill_len, logit_rows);
+    let chunk = policy.chunk_size();
     let flops = json!({"vision": f.vision, "projector": f.projector, "prefill": f.prefill});
     Ok(json!({
         "engine": "openvla-rs",
@@ -370,12 +454,16 @@ fn time_one(
         "runs": a.runs,
         "load_s": load_s,
         "prefill_tokens": prefill_len,
+        "family": family,
+        "chunk_size": chunk,
+        "actions_per_s": chunk as f64 * 1e3 / col(5),
         "median_ms": {
             "preprocess": col(0), "vision": col(1), "projector": col(2),
-            "prefill": col(3), "decode_per_token": col(4), "total": col(5)
+            "prefill": col(3), "decode_per_token": col(4), "total": col(5), "head": col(6)
         },
         "peak_rss_bytes": peak_rss().unwrap_or(0),
         "token_ids": tokens,
+        "normalized_actions": normalized,
         "flops": flops,
         "weight_bytes": bytes,
         "decode_bytes_per_token": m.llm.layer_weight_bytes() + m.llm.lm_head_bytes(),
@@ -398,16 +486,36 @@ fn print_single(a: &BenchArgs, r: &Value) -> Result<()> {
         r["runs"],
         r["load_s"].as_f64().unwrap_or(0.0)
     );
-    println!(
-        "median ms: preprocess {:.1} | vision {:.1} | projector {:.1} | prefill ({} tokens) {:.1} | decode/token {:.1} | total {:.1}",
-        f("preprocess"),
-        f("vision"),
-        f("projector"),
-        r["prefill_tokens"],
-        f("prefill"),
-        f("decode_per_token"),
-        f("total")
-    );
+    if r["family"].as_str().is_some_and(|f| f.starts_with("oft")) {
+        println!(
+            "median ms: preprocess {:.1} | vision {:.1} | projector {:.1} | LLM pass ({} tokens, bidirectional) {:.1} | head {:.1} | total {:.1}",
+            f("preprocess"),
+            f("vision"),
+            f("projector"),
+            r["prefill_tokens"],
+            f("prefill"),
+            f("head"),
+            f("total")
+        );
+        println!(
+            "{}: a chunk of {} actions per call, {:.1} actions/s",
+            r["family"].as_str().unwrap_or(""),
+            r["chunk_size"],
+            r["actions_per_s"].as_f64().unwrap_or(f64::NAN)
+        );
+    } else {
+        println!(
+            "median ms: preprocess {:.1} | vision {:.1} | projector {:.1} | prefill ({} tokens) {:.1} | decode/token {:.1} | total {:.1} ({:.2} actions/s)",
+            f("preprocess"),
+            f("vision"),
+            f("projector"),
+            r["prefill_tokens"],
+            f("prefill"),
+            f("decode_per_token"),
+            f("total"),
+            r["actions_per_s"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     println!(
         "peak RSS: {}",
         crate::human_bytes(r["peak_rss_bytes"].as_u64().unwrap_or(0))
@@ -489,6 +597,10 @@ fn suite(a: &BenchArgs, model: &Path) -> Result<()> {
         }
         if let Some(i) = &a.image {
             cmd.arg("--image").arg(i);
+        }
+        if let Some(p) = &a.proprio {
+            let list: Vec<String> = p.iter().map(f64::to_string).collect();
+            cmd.arg(format!("--proprio={}", list.join(",")));
         }
         ours.push(run_child(&mut cmd, &format!("openvla-rs {c}"))?);
     }
@@ -598,22 +710,37 @@ fn print_report(r: &Value) {
         );
     }
     println!(
-        "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}",
-        "median ms", "vision", "projector", "prefill", "decode/tok", "total", "peak RSS", "load"
+        "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}",
+        "median ms",
+        "vision",
+        "projector",
+        "prefill",
+        "decode/tok",
+        "total",
+        "actions/s",
+        "peak RSS",
+        "load"
     );
     let row = |name: String, v: &Value| {
         println!(
-            "{:<22} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>5.2} GiB {:>6.1}s",
+            "{:<22} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>5.2} GiB {:>6.1}s",
             name,
             ms(v, "vision"),
             ms(v, "projector"),
             ms(v, "prefill"),
             ms(v, "decode_per_token"),
             ms(v, "total"),
+            v["actions_per_s"].as_f64().unwrap_or(f64::NAN),
             gib(v),
             v["load_s"].as_f64().unwrap_or(f64::NAN)
         )
     };
+    if ours
+        .iter()
+        .any(|v| v["family"].as_str().is_some_and(|f| f.starts_with("oft")))
+    {
+        println!("(OpenVLA-OFT: `prefill` is the one bidirectional LLM pass; there is no decode)");
+    }
     for v in ours {
         row(
             format!("openvla-rs {}", v["config"].as_str().unwrap_or("")),
@@ -673,6 +800,18 @@ fn print_report(r: &Value) {
             let dec = ms(v, "decode_per_token");
             let rate =
                 |s: &str| v["flops"][s].as_f64().unwrap_or(f64::NAN) / (ms(v, s) / 1e3) / 1e9;
+            if dec.is_nan() {
+                // OpenVLA-OFT: one LLM pass, no decode.
+                println!(
+                    "  {:<6} LLM pass {:.0} GFLOP/s, {:.0}% of peak | vision {:.0} GFLOP/s, {:.0}% of peak",
+                    v["config"].as_str().unwrap_or(""),
+                    rate("prefill"),
+                    100.0 * rate("prefill") / peak,
+                    rate("vision"),
+                    100.0 * rate("vision") / peak,
+                );
+                continue;
+            }
             println!(
                 "  {:<6} decode {:.0} MB/token, bound {:.1} ms, {:.0}% of bandwidth | prefill {:.0} GFLOP/s, {:.0}% of peak | vision {:.0} GFLOP/s, {:.0}% of peak",
                 v["config"].as_str().unwrap_or(""),
@@ -686,7 +825,28 @@ fn print_report(r: &Value) {
             );
         }
     }
-    if let Some(acc) = r["accuracy"].as_object() {
+    if let Some(acc) = r["accuracy"]
+        .as_object()
+        .filter(|a| a["family"] == "oft-l1")
+    {
+        println!(
+            "accuracy vs f32 on {} observations (OpenVLA-OFT L1 head: the whole normalized chunk compared):",
+            acc.get("pairs").cloned().unwrap_or(Value::Null),
+        );
+        for c in acc
+            .get("configs")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "  {:<6} chunk L1 error: mean |Δ normalized action| {:.5}, max {:.5}",
+                c["config"].as_str().unwrap_or(""),
+                c["mean_abs_delta"].as_f64().unwrap_or(f64::NAN),
+                c["max_abs_delta"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    } else if let Some(acc) = r["accuracy"].as_object() {
         let m = |k: &str| {
             acc.get("f32_margin_quantiles")
                 .and_then(|q| q[k].as_f64())
@@ -1007,11 +1167,27 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
             );
             let requests: Vec<openvla::Request> = chunk
                 .iter()
-                .map(|o| openvla::Request {
-                    observation: o.clone(),
-                    unnorm_key: a.unnorm_key.clone(),
+                .map(|o| -> Result<openvla::Request> {
+                    Ok(openvla::Request {
+                        observation: observation_for(&policy, o.clone(), a.proprio.as_deref())?,
+                        unnorm_key: a.unnorm_key.clone(),
+                    })
                 })
-                .collect();
+                .collect::<Result<_>>()?;
+            if policy.oft().is_some() {
+                // One parallel pass per request: the whole normalized chunk is compared.
+                for t in policy.trace_parallel_batch(&requests)? {
+                    let p = t?.prediction;
+                    out.push(PairResult {
+                        normalized_action: p.normalized_actions.concat(),
+                        tokens: p.token_ids,
+                        margins: Vec::new(),
+                        generated: Vec::new(),
+                        teacher_forced: Vec::new(),
+                    });
+                }
+                continue;
+            }
             for (j, t) in policy.trace_batch(&requests)?.into_iter().enumerate() {
                 let t = t?;
                 let teacher = match forced.and_then(|f| f.get(ci * bs + j)) {
@@ -1040,6 +1216,10 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
             }
         }
         Ok(out)
+    };
+    let family = {
+        let policy = Policy::load(model, &LoadOptions::default())?;
+        family(&policy)
     };
     let reference = run(
         BenchConfig {
@@ -1070,6 +1250,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
         }
         let got = run(c, Some(&reference))?;
         let (mut same, mut all_same, mut delta, mut count) = (0usize, 0usize, 0f64, 0usize);
+        let mut max_delta = 0f64;
         let (mut first_same, mut forced_same, mut forced_total) = (0usize, 0usize, 0usize);
         for (r, g) in reference.iter().zip(&got) {
             forced_same += r
@@ -1090,6 +1271,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
             all_same += usize::from(s == r.tokens.len() && r.tokens.len() == g.tokens.len());
             for (x, y) in r.normalized_action.iter().zip(&g.normalized_action) {
                 delta += (x - y).abs();
+                max_delta = max_delta.max((x - y).abs());
                 count += 1;
             }
         }
@@ -1100,9 +1282,11 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
             "first_token_agreement": first_same as f64 / pairs.len().max(1) as f64,
             "teacher_forced_agreement": forced_same as f64 / forced_total.max(1) as f64,
             "mean_abs_delta": delta / count.max(1) as f64,
+            "max_abs_delta": max_delta,
         }));
     }
     Ok(json!({
+        "family": family,
         "pairs": n,
         "tokens": tokens,
         "f32_margin_quantiles": {"p10": q(0.1), "p50": q(0.5), "p90": q(0.9)},

@@ -315,18 +315,28 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
     }
     bar.finish_and_clear();
 
-    // The manifest, in task order then attempt order.
-    let mut episodes = Vec::new();
+    // The manifest interleaves the tasks (the first demo of every task, then the second, ...),
+    // so any contiguous run of episodes covers every task: a training stream whose shuffle
+    // buffer is smaller than the dataset still mixes all tasks in each batch.
+    let mut per_task: Vec<Vec<Value>> = Vec::new();
     for (t, task) in task_list.iter().enumerate() {
         good[t].sort_by_key(|g| g.0);
-        for (attempt, v) in good[t].iter().take(a.per_task as usize) {
-            episodes.push(json!({
-                "key": format!("{task}-{attempt}"), "task": task, "length": v["length"],
-                "image_stats": v["image_stats"], "seed": DEMO_SEED_BASE + 1_000_000 * mt50_position(task) + attempt,
-                "success_step": v["success_step"],
-            }));
-        }
+        per_task.push(
+            good[t]
+                .iter()
+                .take(a.per_task as usize)
+                .map(|(attempt, v)| {
+                    json!({
+                        "key": format!("{task}-{attempt}"), "task": task, "length": v["length"],
+                        "image_stats": v["image_stats"],
+                        "seed": DEMO_SEED_BASE + 1_000_000 * mt50_position(task) + attempt,
+                        "success_step": v["success_step"],
+                    })
+                })
+                .collect(),
+        );
     }
+    let episodes = interleave(per_task);
     let frames: u64 = episodes.iter().filter_map(|e| e["length"].as_u64()).sum();
     let manifest = json!({
         "episodes": episodes,
@@ -382,6 +392,20 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
     })
 }
 
+/// Round-robin over the lists: element 0 of each list in list order, then element 1, ...
+/// (shorter lists simply run out).
+fn interleave<T>(lists: Vec<Vec<T>>) -> Vec<T> {
+    let mut iters: Vec<_> = lists.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        out.extend(iters.iter_mut().filter_map(Iterator::next));
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
 fn mt50_position(task: &str) -> u64 {
     tasks::table()
         .mt50
@@ -406,4 +430,21 @@ fn keep_raw(staging: &Path, raw: &Path, manifest: &Value) -> Result<()> {
         .with_context(|| format!("copying the states and actions of {key}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::interleave;
+
+    #[test]
+    fn interleave_is_round_robin_and_keeps_every_item() {
+        let out = interleave(vec![
+            vec!["a0", "a1", "a2"],
+            vec!["b0"],
+            vec![],
+            vec!["c0", "c1"],
+        ]);
+        assert_eq!(out, ["a0", "b0", "c0", "a1", "c1", "a2"]);
+        assert!(interleave::<u8>(vec![]).is_empty());
+    }
 }

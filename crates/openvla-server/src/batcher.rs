@@ -3,7 +3,11 @@
 //! Handlers [`Batcher::submit`] a request and await its reply. The model thread takes the
 //! first waiting request, then gathers more until it has `max_batch` of them or
 //! `batch_wait` has passed since it took the first, and runs them as one
-//! [`Engine::run_batch`] call. Requests whose client has gone away or whose deadline has
+//! [`Engine::run_batch`] call. The wait adapts to the traffic: after
+//! [`FUTILE_WAITS_BEFORE_SKIPPING`] waits in a row that gathered nothing (a lone client, who
+//! only sends its next request after the answer), the model thread stops waiting and runs each
+//! request as soon as it arrives; it waits again as soon as requests queue up behind a running
+//! batch (several clients). Requests whose client has gone away or whose deadline has
 //! passed are dropped before the model runs. If a batch fails as a whole (an error or a
 //! panic in the engine), its requests are run again one at a time, so that a request that
 //! breaks a batch fails alone and the others still get their answer.
@@ -151,11 +155,18 @@ fn worker_loop(
         metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
         batch.push(job);
     };
+    let mut policy = WaitPolicy::default();
     // `recv` fails only when every sender is gone and the queue is empty.
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(config.max_batch);
         take(first, &mut batch);
-        let until = Instant::now() + config.batch_wait;
+        let wait = config.max_batch > 1 && !config.batch_wait.is_zero() && policy.should_wait();
+        let until = Instant::now()
+            + if wait {
+                config.batch_wait
+            } else {
+                Duration::ZERO
+            };
         while batch.len() < config.max_batch {
             match rx.try_recv() {
                 Ok(job) => {
@@ -174,6 +185,7 @@ fn worker_loop(
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
+        policy.gathered(batch.len(), wait);
         let now = Instant::now();
         let mut live = Vec::with_capacity(batch.len());
         for job in batch {
@@ -199,6 +211,9 @@ fn worker_loop(
         let outcomes = run_isolated(engine, &requests, metrics);
         metrics.batch_size.observe(n as f64);
         metrics.batch_duration.observe(t0.elapsed().as_secs_f64());
+        if metrics.queue_depth.load(Ordering::SeqCst) > 0 {
+            policy.queued_behind();
+        }
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             // The client may have gone away meanwhile; nothing to do then.
             let _ = reply.send(JobReply {
@@ -206,6 +221,39 @@ fn worker_loop(
                 batch_size: n,
             });
         }
+    }
+}
+
+/// Consecutive batch waits that gathered no second request after which the model thread
+/// stops waiting (until requests queue up again): a single client then pays no batching delay.
+pub const FUTILE_WAITS_BEFORE_SKIPPING: usize = 8;
+
+/// Whether the model thread waits for more requests before running a batch: it waits until
+/// [`FUTILE_WAITS_BEFORE_SKIPPING`] waits in a row found nobody to batch with, and starts
+/// waiting again when requests pile up behind a running batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WaitPolicy {
+    futile: usize,
+}
+
+impl WaitPolicy {
+    /// Whether to wait for more requests now.
+    pub fn should_wait(&self) -> bool {
+        self.futile < FUTILE_WAITS_BEFORE_SKIPPING
+    }
+
+    /// Records a gathered batch of `size` requests (`waited`: whether the thread waited).
+    pub fn gathered(&mut self, size: usize, waited: bool) {
+        if size > 1 {
+            self.futile = 0;
+        } else if waited {
+            self.futile += 1;
+        }
+    }
+
+    /// Records that requests were queued when a batch finished (clients are overlapping).
+    pub fn queued_behind(&mut self) {
+        self.futile = 0;
     }
 }
 
@@ -268,5 +316,35 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "panic".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{WaitPolicy, FUTILE_WAITS_BEFORE_SKIPPING};
+
+    #[test]
+    fn waits_until_waiting_stops_paying_then_resumes_when_requests_queue() {
+        let mut p = WaitPolicy::default();
+        for _ in 0..FUTILE_WAITS_BEFORE_SKIPPING {
+            assert!(p.should_wait());
+            p.gathered(1, true);
+        }
+        // A lone client: no more waiting.
+        assert!(!p.should_wait());
+        p.gathered(1, false);
+        assert!(!p.should_wait());
+        // Requests piled up behind a batch: several clients, wait again.
+        p.queued_behind();
+        assert!(p.should_wait());
+        // A batch of several also resets the count.
+        for _ in 0..FUTILE_WAITS_BEFORE_SKIPPING - 1 {
+            p.gathered(1, true);
+        }
+        p.gathered(3, true);
+        for _ in 0..FUTILE_WAITS_BEFORE_SKIPPING - 1 {
+            p.gathered(1, true);
+        }
+        assert!(p.should_wait());
     }
 }

@@ -106,6 +106,42 @@ async fn act_equals_predict_in_every_request_form() {
     server.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_client_stops_paying_the_batch_window() {
+    // A client that sends its next request only after the answer never has company: after
+    // FUTILE_WAITS_BEFORE_SKIPPING batch windows that gathered nothing, the server stops
+    // waiting. A request that waited takes at least the whole window (600 ms), so the later
+    // ones must come back sooner than that.
+    let window = Duration::from_millis(600);
+    let engine: Arc<dyn Engine> = tiny();
+    let server = TestServer::start(engine, config(8, window.as_millis() as u64)).await;
+    let (path, instruction, key) = samples().remove(0);
+    let image = openvla_image::open(&root().join(&path)).unwrap();
+    let want = expected(&image, &instruction, &key);
+    let waits = openvla_server::batcher::FUTILE_WAITS_BEFORE_SKIPPING;
+    for i in 0..waits + 3 {
+        let t = std::time::Instant::now();
+        let r = server
+            .post(act_body(&image, &instruction, Some(&key)))
+            .await;
+        let took = t.elapsed();
+        assert_eq!(action_of(&r), want);
+        assert_eq!(batch_size_of(&r), 1);
+        if i < waits {
+            assert!(
+                took >= window,
+                "request {i} did not wait for company: {took:?}"
+            );
+        } else {
+            assert!(
+                took < window,
+                "request {i} still waited the window: {took:?}"
+            );
+        }
+    }
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mixed_batch_equals_single_requests() {
     let images: Vec<_> = samples()
