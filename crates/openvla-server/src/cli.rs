@@ -375,6 +375,10 @@ pub struct LoadtestArgs {
     /// unnorm_key to send; give it several times to cycle through datasets.
     #[arg(long)]
     pub unnorm_key: Vec<String>,
+    /// Robot state to send as `state` (a json-numpy float64 array, as OpenVLA-OFT's deploy.py
+    /// clients send it), comma-separated; needed by OFT models with a proprio projector.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub state: Option<Vec<f64>>,
     /// How the image travels: numpy (json-numpy, as deploy.py clients send it), png
     /// (base64 PNG string), or encoded (deploy.py's double-encoded form).
     #[arg(long, default_value = "numpy")]
@@ -489,6 +493,9 @@ fn request_bodies(args: &LoadtestArgs) -> Result<Vec<Bytes>> {
         });
         if let Some(k) = keys[i % keys.len()] {
             obj["unnorm_key"] = serde_json::Value::String(k.clone());
+        }
+        if let Some(state) = &args.state {
+            obj["state"] = json_numpy::encode_f64(state);
         }
         let body = if args.format == "encoded" {
             serde_json::json!({ "encoded": obj.to_string() }).to_string()

@@ -37,7 +37,8 @@ pub struct LoadReport {
     pub clients: usize,
     /// Requests sent.
     pub requests: usize,
-    /// Replies with status 200 and a json-numpy float64 action.
+    /// Replies with status 200 and a json-numpy float64 action (or, from an OpenVLA-OFT
+    /// model, a list of them: the chunk).
     pub ok: usize,
     /// Failures by kind: the HTTP status (`"503"`), `"connection"` or `"bad_reply"`.
     pub errors: BTreeMap<String, usize>,
@@ -135,13 +136,7 @@ pub async fn run(plan: LoadPlan) -> LoadReport {
                     Ok(r) if r.status.as_u16() != 200 => {
                         Some((r.status.as_u16().to_string(), r.text()))
                     }
-                    Ok(r) => match r
-                        .json()
-                        .ok()
-                        .map(unwrap_encoded)
-                        .as_ref()
-                        .map(json_numpy::decode_f64)
-                    {
+                    Ok(r) => match r.json().ok().map(unwrap_encoded).as_ref().map(decode_reply) {
                         Some(Ok(_)) => {
                             t.latencies.push(dt);
                             t.batch_sizes.push(
@@ -193,6 +188,17 @@ pub async fn run(plan: LoadPlan) -> LoadReport {
         } else {
             0.0
         },
+    }
+}
+
+/// A reply's actions: one json-numpy float64 array (the 256-bin family's single action) or a
+/// list of them (an OpenVLA-OFT chunk, as OFT's deploy.py returns it).
+fn decode_reply(v: &serde_json::Value) -> Result<Vec<Vec<f64>>, json_numpy::CodecError> {
+    match v {
+        serde_json::Value::Array(rows) if !rows.is_empty() => {
+            rows.iter().map(json_numpy::decode_f64).collect()
+        }
+        v => Ok(vec![json_numpy::decode_f64(v)?]),
     }
 }
 
