@@ -14,6 +14,9 @@
 #   PER_TASK [50]                 expert demos per task (the published protocol's 50)
 #   PRESET [metaworld-small]      `openvla init --preset` (docs/init.md)
 #   STEPS [3500]                  optimizer steps; BATCH [32]; LR [5e-4] (peak)
+#   SHUFFLE [50000]               shuffle buffer in frames (decoded 224 px frames: about 150 KB each,
+#                                 so 50,000 hold 7.5 GB; the demos interleave the tasks, so a
+#                                 buffer smaller than the dataset still mixes every task)
 #   SCHEDULE [cosine]             learning-rate schedule (constant|cosine); WARMUP [100] steps
 #   SAVE [700]                    checkpoint interval; every checkpoint keeps its model for step 6
 #   CURVE_EPISODES [2]            episodes per task for each checkpoint of step 6 (0 skips it)
@@ -40,6 +43,7 @@ LR=${LR:-5e-4}
 CHUNK=${CHUNK:-8}
 EXECUTE=${EXECUTE:-8}
 SCHEDULE=${SCHEDULE:-cosine}
+SHUFFLE=${SHUFFLE:-50000}
 WARMUP=${WARMUP:-100}
 SAVE=${SAVE:-700}
 CURVE_EPISODES=${CURVE_EPISODES:-2}
@@ -73,7 +77,7 @@ resume=()
 [ -d "$RUN/train/checkpoints" ] && resume=(--resume)
 "$OPENVLA" finetune --model "$RUN/init" --data "$RUN/demos" --out "$RUN/train" \
   --mode full --head l1 --chunk "$CHUNK" --proprio \
-  --batch-size "$BATCH" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
+  --batch-size "$BATCH" --shuffle-buffer "$SHUFFLE" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
   --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints \
   --export-dtype "$EXPORT_DTYPE" "${resume[@]}"
 

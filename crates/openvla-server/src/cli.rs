@@ -42,7 +42,8 @@ pub struct ServeArgs {
     /// Most requests run together in one forward pass.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
-    /// Longest wait, after the first request of a batch arrives, for more to join it.
+    /// Longest wait, after the first request of a batch arrives, for more to join it (skipped
+    /// after 8 waits in a row that gathered nobody, until requests queue up again).
     #[arg(long, default_value_t = 5)]
     pub batch_wait_ms: u64,
     /// Most requests waiting for the model; past it, requests get 503 with Retry-After.
