@@ -24,6 +24,22 @@ fn openvla(args: &[&str]) -> Output {
         .expect("running openvla")
 }
 
+/// `openvla <command...>` on the model's example frame, state and instruction, with `--json`.
+fn on_example(command: &[&str]) -> Output {
+    let mut args = command.to_vec();
+    args.extend([
+        "--model",
+        MODEL,
+        "--image",
+        IMAGE,
+        "--instruction",
+        INSTRUCTION,
+        PROPRIO,
+        "--json",
+    ]);
+    openvla(&args)
+}
+
 fn last_json(o: &Output) -> Value {
     let text = String::from_utf8_lossy(&o.stdout);
     let line = text
@@ -36,19 +52,7 @@ fn last_json(o: &Output) -> Value {
 
 #[test]
 fn bench_times_the_parallel_pass_and_predicts_what_predict_predicts() {
-    let b = openvla(&[
-        "bench",
-        "--model",
-        MODEL,
-        "--image",
-        IMAGE,
-        "--instruction",
-        INSTRUCTION,
-        PROPRIO,
-        "--runs",
-        "2",
-        "--json",
-    ]);
+    let b = on_example(&["bench", "--runs", "2"]);
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
     let r = last_json(&b);
     assert_eq!(r["family"], "oft-l1");
@@ -73,17 +77,7 @@ fn bench_times_the_parallel_pass_and_predicts_what_predict_predicts() {
         "{aps} vs {total} ms"
     );
 
-    let p = openvla(&[
-        "predict",
-        "--model",
-        MODEL,
-        "--image",
-        IMAGE,
-        "--instruction",
-        INSTRUCTION,
-        PROPRIO,
-        "--json",
-    ]);
+    let p = on_example(&["predict"]);
     assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
     let want = last_json(&p)["normalized_actions"].clone();
     assert_eq!(r["normalized_actions"], want);
