@@ -11,6 +11,8 @@
 //!   "wrist">: <uint8 array> (in the order of the body), "state": <float array>, "instruction":
 //!   str, "unnorm_key": str}`; the images are taken primary first, then the wrist keys in key
 //!   order, as the reference's `get_vla_action` does;
+//! - any of these with an image as a plain JSON nested list `[H][W][3]` of integers 0-255 (what
+//!   `numpy.ndarray.tolist()` gives), for clients that send JSON without json-numpy;
 //! - `{"encoded": "<one of the above as a JSON string>"}`, deploy.py's double-encoded mode,
 //!   whose reply is a JSON string too.
 //!
@@ -236,17 +238,91 @@ fn parse_state(v: &Value) -> Result<Vec<f64>, ApiError> {
     }
 }
 
-/// Decodes the `"image"` field: a json-numpy array or a base64 PNG/JPEG string.
+/// Decodes the `"image"` field: a json-numpy array, a base64 PNG/JPEG string, or a plain
+/// nested list of uint8 values.
 pub fn parse_image(v: &Value, limits: &ParseLimits) -> Result<RgbImage, ApiError> {
     match v {
         Value::Object(_) if json_numpy::is_numpy(v) => image_from_numpy(v, limits),
         Value::String(s) => image_from_file_b64(s, limits),
+        Value::Array(rows) => image_from_nested_list(rows, limits),
         other => Err(ApiError::invalid_field(format!(
-            "\"image\" must be a json-numpy uint8 array of shape [H, W, 3] or a base64 PNG/JPEG \
-             string, got {}",
+            "\"image\" must be a json-numpy uint8 array of shape [H, W, 3], a base64 PNG/JPEG \
+             string or a nested list [H][W][3] of integers 0-255, got {}",
             type_name(other)
         ))),
     }
+}
+
+/// A plain nested list `[H][W][3]` (also `[H][W]` and `[H][W][4]`) of integers 0-255, as
+/// `numpy.ndarray.tolist()` gives it. The size is checked before any pixel is read.
+fn image_from_nested_list(rows: &[Value], limits: &ParseLimits) -> Result<RgbImage, ApiError> {
+    let bad = |detail: String| ApiError::bad_request("invalid_array", detail);
+    let w = match rows.first() {
+        Some(Value::Array(row)) => row.len(),
+        Some(other) => {
+            return Err(bad(format!(
+                "\"image\" as a list must be [H][W][3] of integers 0-255; its first row is {}",
+                type_name(other)
+            )))
+        }
+        None => return Err(bad("\"image\" is an empty list".into())),
+    };
+    let h = rows.len();
+    if (h as u64).saturating_mul(w as u64) > limits.max_image_pixels {
+        return Err(too_large(w as u64, h as u64, limits.max_image_pixels));
+    }
+    let channels = match rows[0].get(0) {
+        Some(Value::Array(p)) => p.len(),
+        Some(Value::Number(_)) => 1,
+        _ => {
+            return Err(bad(
+                "\"image\" as a list: pixel [0][0] is not a number or a list".into(),
+            ))
+        }
+    };
+    let byte = |v: &Value, y: usize, x: usize| -> Result<u8, ApiError> {
+        v.as_u64()
+            .and_then(|n| u8::try_from(n).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "\"image\" pixel [{y}][{x}] holds {v}, expected integers 0-255 (uint8)"
+                ))
+            })
+    };
+    let mut data = Vec::with_capacity(h * w * channels);
+    for (y, row) in rows.iter().enumerate() {
+        let row = match row {
+            Value::Array(r) if r.len() == w => r,
+            Value::Array(r) => {
+                return Err(bad(format!(
+                    "\"image\" row {y} has {} pixels, row 0 has {w}",
+                    r.len()
+                )))
+            }
+            other => return Err(bad(format!("\"image\" row {y} is {}", type_name(other)))),
+        };
+        for (x, px) in row.iter().enumerate() {
+            match px {
+                Value::Array(p) if channels > 1 && p.len() == channels => {
+                    for v in p {
+                        data.push(byte(v, y, x)?);
+                    }
+                }
+                v @ Value::Number(_) if channels == 1 => data.push(byte(v, y, x)?),
+                _ => {
+                    return Err(bad(format!(
+                        "\"image\" pixel [{y}][{x}] must hold {channels} value(s) like pixel [0][0]"
+                    )))
+                }
+            }
+        }
+    }
+    let shape = if channels == 1 {
+        vec![h, w]
+    } else {
+        vec![h, w, channels]
+    };
+    image_from_hwc(&shape, data)
 }
 
 fn too_large(w: u64, h: u64, limit: u64) -> ApiError {
@@ -286,17 +362,22 @@ fn image_from_numpy(v: &Value, limits: &ParseLimits) -> Result<RgbImage, ApiErro
                 _ => ApiError::bad_request("invalid_array", e.to_string()),
             },
         )?;
+    image_from_hwc(&arr.shape, arr.data)
+}
+
+/// An image from `data` laid out as `shape` ([H, W, 3], or [H, W] grey, or [H, W, 4] with the
+/// alpha dropped, as Pillow's `convert("RGB")`).
+fn image_from_hwc(shape: &[usize], data: Vec<u8>) -> Result<RgbImage, ApiError> {
     let shape_err = || {
         ApiError::bad_request(
             "invalid_array",
             format!(
                 "the image must have shape [H, W, 3] (or [H, W] or [H, W, 4]) with H, W >= 1, \
-                 got {:?}",
-                arr.shape
+                 got {shape:?}"
             ),
         )
     };
-    let (h, w, c) = match *arr.shape.as_slice() {
+    let (h, w, c) = match *shape {
         [h, w] => (h, w, 1),
         [h, w, c] if c == 3 || c == 4 => (h, w, c),
         _ => return Err(shape_err()),
@@ -308,10 +389,9 @@ fn image_from_numpy(v: &Value, limits: &ParseLimits) -> Result<RgbImage, ApiErro
         return Err(shape_err());
     }
     let data = match c {
-        3 => arr.data,
-        1 => arr.data.iter().flat_map(|&g| [g, g, g]).collect(),
-        _ => arr
-            .data
+        3 => data,
+        1 => data.iter().flat_map(|&g| [g, g, g]).collect(),
+        _ => data
             .chunks_exact(4)
             .flat_map(|p| [p[0], p[1], p[2]])
             .collect(),
@@ -434,6 +514,65 @@ mod tests {
     }
 
     #[test]
+    fn a_nested_list_image_equals_the_json_numpy_one() {
+        let b64 = png_b64();
+        let img = parse(json!({"image": b64, "instruction": "go"}))
+            .unwrap()
+            .images[0]
+            .1
+            .clone();
+        let (w, h) = img.size();
+        let rows: Vec<Vec<Vec<u8>>> = img
+            .data()
+            .chunks_exact(3 * w as usize)
+            .map(|r| r.chunks_exact(3).map(<[u8]>::to_vec).collect())
+            .collect();
+        assert_eq!(rows.len(), h as usize);
+        let r = parse(json!({"image": rows, "instruction": "go"})).unwrap();
+        assert_eq!(r.images[0].1, img);
+        // Grey and RGBA lists convert as arrays do.
+        let grey = parse(json!({"image": [[10, 20]], "instruction": "x"})).unwrap();
+        assert_eq!(grey.images[0].1.data(), &[10, 10, 10, 20, 20, 20]);
+        let rgba = parse(json!({"image": [[[1, 2, 3, 4]]], "instruction": "x"})).unwrap();
+        assert_eq!(rgba.images[0].1.data(), &[1, 2, 3]);
+    }
+
+    #[test]
+    fn bad_nested_list_images_are_clear_errors() {
+        let cases = [
+            (json!([]), "empty list"),
+            (
+                json!([[[1, 2, 3]], [[1, 2, 3], [4, 5, 6]]]),
+                "row 1 has 2 pixels, row 0 has 1",
+            ),
+            (
+                json!([[[1, 2, 3], [4, 5]]]),
+                "pixel [0][1] must hold 3 value(s)",
+            ),
+            (
+                json!([[[1, 2, 300]]]),
+                "pixel [0][0] holds 300, expected integers 0-255",
+            ),
+            (json!([[[0.5, 2, 3]]]), "pixel [0][0] holds 0.5"),
+            (json!([[[1, 2]]]), "must have shape [H, W, 3]"),
+            (json!(["abc"]), "first row is a string"),
+        ];
+        for (image, want) in cases {
+            let e = parse(json!({"image": image, "instruction": "x"})).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{image}");
+            assert!(e.detail.contains(want), "{image}: {}", e.detail);
+        }
+        // The size is checked before the pixels are read.
+        let limits = ParseLimits {
+            max_image_pixels: 3,
+            ..ParseLimits::default()
+        };
+        let big = json!({"image": [[0, 0], [0, 0]], "instruction": "x"});
+        let e = parse_act(big.to_string().as_bytes(), &limits).unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
     fn grey_and_rgba_arrays_convert_like_pillow() {
         let grey = json_numpy::encode_u8(&[1, 2], &[10, 20]);
         let r = parse(json!({"image": grey, "instruction": "x"})).unwrap();
@@ -454,7 +593,9 @@ mod tests {
             (json!({"image": ok_img}).to_string().into_bytes(), 422, "missing_field"),
             (json!({"image": ok_img, "instruction": 3}).to_string().into_bytes(), 422, "invalid_field"),
             (json!({"image": ok_img, "instruction": "x", "unnorm_key": 1}).to_string().into_bytes(), 422, "invalid_field"),
-            (json!({"image": [1, 2], "instruction": "x"}).to_string().into_bytes(), 422, "invalid_field"),
+            // A list is an image form now ([H][W][3]); a flat one is a malformed array.
+            (json!({"image": [1, 2], "instruction": "x"}).to_string().into_bytes(), 400, "invalid_array"),
+            (json!({"image": true, "instruction": "x"}).to_string().into_bytes(), 422, "invalid_field"),
             (json!({"image": {"a": 1}, "instruction": "x"}).to_string().into_bytes(), 422, "invalid_field"),
             (json!({"image": "@@@", "instruction": "x"}).to_string().into_bytes(), 400, "invalid_base64"),
             (json!({"image": "AAAA", "instruction": "x"}).to_string().into_bytes(), 400, "invalid_image"),
