@@ -1146,7 +1146,8 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
     // configuration picks at each step when fed the f32 prefix (teacher forcing): agreement
     // without the cascade a first differing token causes in free-running generation.
     type Run = Vec<PairResult>;
-    let run = |c: BenchConfig, forced: Option<&Run>| -> Result<Run> {
+    // Also returns the model's family (the accuracy measure depends on it).
+    let run = |c: BenchConfig, forced: Option<&Run>| -> Result<(Run, &'static str)> {
         let (precision, quantize) = (c.precision, c.quantize);
         let policy = Policy::load(
             model,
@@ -1215,13 +1216,9 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
                 });
             }
         }
-        Ok(out)
+        Ok((out, family(&policy)))
     };
-    let family = {
-        let policy = Policy::load(model, &LoadOptions::default())?;
-        family(&policy)
-    };
-    let reference = run(
+    let (reference, family) = run(
         BenchConfig {
             precision: Precision::F32,
             quantize: None,
@@ -1248,7 +1245,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
         {
             continue;
         }
-        let got = run(c, Some(&reference))?;
+        let (got, _) = run(c, Some(&reference))?;
         let (mut same, mut all_same, mut delta, mut count) = (0usize, 0usize, 0f64, 0usize);
         let mut max_delta = 0f64;
         let (mut first_same, mut forced_same, mut forced_total) = (0usize, 0usize, 0usize);
