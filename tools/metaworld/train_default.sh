@@ -13,6 +13,8 @@
 #   TASKS [mt10]                  Meta-World task set of demos and evaluation
 #   PER_TASK [50]                 expert demos per task (the published protocol's 50)
 #   PRESET [metaworld-small]      `openvla init --preset` (docs/init.md)
+#   CONFIG []                     `openvla init --config FILE` instead of the preset (e.g.
+#                                 tools/metaworld/metaworld-224.toml, the finer-vision shape)
 #   STEPS [3500]                  optimizer steps; BATCH [32]; LR [5e-4] (peak)
 #   SHUFFLE [50000]               shuffle buffer in frames (decoded 224 px frames: about 150 KB each,
 #                                 so 50,000 hold 7.5 GB; the demos interleave the tasks, so a
@@ -37,6 +39,7 @@ RUN=${RUN:-runs/metaworld/default}
 TASKS=${TASKS:-mt10}
 PER_TASK=${PER_TASK:-50}
 PRESET=${PRESET:-metaworld-small}
+CONFIG=${CONFIG:-}
 STEPS=${STEPS:-3500}
 BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
@@ -68,9 +71,11 @@ step "2/6 statistics (actions and proprio)"
 [ -f "$RUN/dataset_statistics.json" ] ||
   "$OPENVLA" stats --data "$RUN/demos" --proprio --out "$RUN/dataset_statistics.json"
 
-step "3/6 init: $PRESET"
+shape=(--preset "$PRESET")
+[ -n "$CONFIG" ] && shape=(--config "$CONFIG")
+step "3/6 init: ${shape[*]}"
 [ -f "$RUN/init/config.json" ] ||
-  "$OPENVLA" init --preset "$PRESET" --seed 0 --dtype f32 --stats "$RUN/dataset_statistics.json" --out "$RUN/init"
+  "$OPENVLA" init "${shape[@]}" --seed 0 --dtype f32 --stats "$RUN/dataset_statistics.json" --out "$RUN/init"
 
 step "4/6 train: full, L1 head, chunk $CHUNK, proprio, $STEPS steps of $BATCH"
 resume=()
