@@ -139,3 +139,129 @@ fn a_bad_request_does_not_disturb_the_batch() {
     let good: Vec<_> = good.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(rest, good);
 }
+
+fn tiny(precision: Precision) -> Policy {
+    Policy::load(
+        &root().join("models/openvla-tiny"),
+        &LoadOptions {
+            precision,
+            progress: None,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// The packed prefill of several sequences gives each one exactly the hidden states of its own
+/// plain `forward` on an empty cache, and a cache from which the next step decodes the same.
+#[test]
+fn packed_prefill_equals_each_sequence_alone() {
+    use candle_core::{Device, Tensor};
+    use openvla::model::llama::KvCache;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let policy = tiny(precision);
+        let llm = &policy.model().llm;
+        let d = llm.config().hidden_size;
+        let lens = [5usize, 83, 17, 2];
+        let seqs: Vec<Tensor> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let v: Vec<f32> = (0..t * d)
+                    .map(|j| ((j * 7 + i * 13) % 29) as f32 / 29.0 - 0.5)
+                    .collect();
+                Tensor::from_vec(v, (1, t, d), &Device::Cpu).unwrap()
+            })
+            .collect();
+        let parts: Vec<&Tensor> = seqs.iter().collect();
+        // The short sequences (5 and 2 positions) run alone; 83 and 17 share a pack.
+        let groups = openvla::model::llama::packs(&lens, 4096);
+        assert_eq!(groups, vec![0..1, 1..3, 3..4]);
+        for pack in groups {
+            let group_lens = &lens[pack.clone()];
+            let (packed, mut cache) = llm
+                .prefill_packed(&Tensor::cat(&parts[pack.clone()], 1).unwrap(), group_lens)
+                .unwrap();
+            assert_eq!(cache.rows(), group_lens.len());
+            let step: Vec<Tensor> = pack
+                .clone()
+                .map(|i| llm.embed(&[100 + i as u32]).unwrap())
+                .collect();
+            let batched_next = llm
+                .forward(&Tensor::cat(&step, 0).unwrap(), &mut cache)
+                .unwrap();
+            let mut start = 0;
+            for (j, i) in pack.enumerate() {
+                let (x, len) = (&seqs[i], lens[i]);
+                let mut alone = KvCache::new(1);
+                let want = llm.forward(x, &mut alone).unwrap();
+                let got = packed.narrow(1, start, len).unwrap();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{precision:?}: sequence {i} ({len} positions): prefill hidden states differ when packed"
+                );
+                assert_eq!(cache.len(j), len + 1);
+                let next = llm.forward(&step[j], &mut alone).unwrap();
+                assert_eq!(
+                    bits(&batched_next.narrow(0, j, 1).unwrap()),
+                    bits(&next),
+                    "{precision:?}: sequence {i}: the decode step after a packed prefill differs"
+                );
+                start += len;
+            }
+        }
+        // A length that does not fill the packed positions is refused, not misread.
+        let e = llm
+            .prefill_packed(&Tensor::cat(&parts, 1).unwrap(), &[5, 83, 17])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("do not fill"), "{e}");
+    }
+}
+
+/// The towers of several images stacked into one pass give each image the features it gets
+/// alone, bit for bit.
+#[test]
+fn stacked_vision_equals_each_image_alone() {
+    for precision in [Precision::F32, Precision::Bf16] {
+        let policy = tiny(precision);
+        let requests = mixed_requests();
+        let pixels: Vec<candle_core::Tensor> = requests
+            .iter()
+            .map(|r| policy.preprocess_image(&r.observation.images[0].1).unwrap())
+            .collect();
+        let refs: Vec<&candle_core::Tensor> = pixels.iter().collect();
+        let vision = &policy.model().vision;
+        let stacked = vision.forward_stacked(&refs, None).unwrap();
+        assert_eq!(stacked.len(), pixels.len());
+        for (i, (p, s)) in pixels.iter().zip(&stacked).enumerate() {
+            let alone = vision.forward(p).unwrap();
+            assert_eq!(s.per_tower.len(), alone.per_tower.len());
+            for (t, (a, b)) in alone.per_tower.iter().zip(&s.per_tower).enumerate() {
+                assert_eq!(
+                    bits(a),
+                    bits(b),
+                    "{precision:?}: image {i}, tower {t}: features differ when stacked"
+                );
+            }
+            assert_eq!(
+                bits(&alone.fused),
+                bits(&s.fused),
+                "{precision:?}: image {i}"
+            );
+        }
+    }
+}

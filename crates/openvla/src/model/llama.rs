@@ -179,13 +179,16 @@ impl DecoderLayer {
 
 impl DecoderLayer {
     /// The layer over several sequences packed along the positions of `x [1, T, D]`
-    /// (`lens` sum to `T`): the projections run on all positions at once, attention is
-    /// bidirectional within each sequence only. `rope` holds each position's own angles.
+    /// (`lens` sum to `T`): the projections run on all positions at once, attention stays
+    /// within each sequence. `rope` holds each position's own angles. With `caches` (one per
+    /// sequence) attention is causal and each sequence's keys and values are appended to its
+    /// cache (a batched prefill); without, it is bidirectional and nothing is kept (OFT).
     fn forward_packed(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         lens: &[usize],
+        mut caches: Option<&mut [Option<LayerKv>]>,
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -200,10 +203,14 @@ impl DecoderLayer {
         let v = heads(v, self.num_kv_heads)?;
         let mut outs = Vec::with_capacity(lens.len());
         let mut start = 0;
-        for &len in lens {
+        for (i, &len) in lens.iter().enumerate() {
             let seg = |y: &Tensor| -> Result<Tensor> { Ok(y.narrow(2, start, len)?.contiguous()?) };
             let mut none = None;
-            outs.push(self.attend_row(&seg(&q)?, seg(&k)?, seg(&v)?, &mut none, false)?);
+            let (cache, causal) = match caches.as_deref_mut() {
+                Some(c) => (&mut c[i], true),
+                None => (&mut none, false),
+            };
+            outs.push(self.attend_row(&seg(&q)?, seg(&k)?, seg(&v)?, cache, causal)?);
             start += len;
         }
         let out = Tensor::cat(&outs, 2)?
@@ -307,6 +314,35 @@ impl KvCache {
         let mut rows = std::mem::take(&mut self.rows);
         self.rows = keep.iter().map(|&i| std::mem::take(&mut rows[i])).collect();
     }
+}
+
+/// Positions a packed LLM pass takes at most: a batch whose sequences need more runs as several
+/// packs (bounds the activations: 4,096 positions of the 7B's MLP are 360 MB in f32). A longer
+/// single sequence runs alone.
+pub const MAX_PACKED_POSITIONS: usize = 4096;
+
+/// Splits sequences of lengths `lens` into consecutive packs for
+/// [`Llama::prefill_packed`] and [`Llama::forward_packed_bidirectional`], each of at most
+/// `max` positions (a longer sequence is a pack of its own). A sequence shorter than
+/// [`crate::kernels::GEMM_MIN_ROWS`] is always a pack of its own: alone, its projections take
+/// the dot-product kernels, and packed with others they would take the tiled ones, whose
+/// bits differ.
+pub fn packs(lens: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
+    let short = |len: usize| len < crate::kernels::GEMM_MIN_ROWS;
+    let mut out = Vec::new();
+    let (mut start, mut total) = (0, 0);
+    for (i, &len) in lens.iter().enumerate() {
+        if i > start && (total + len > max || short(len) || short(lens[start])) {
+            out.push(start..i);
+            start = i;
+            total = 0;
+        }
+        total += len;
+    }
+    if start < lens.len() {
+        out.push(start..lens.len());
+    }
+    out
 }
 
 /// The language model.
@@ -445,6 +481,29 @@ impl Llama {
     /// `0 .. len`; the projections run on all positions at once. No cache is kept. Returns the
     /// hidden states after the final RMSNorm, packed the same way.
     pub fn forward_packed_bidirectional(&self, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        self.forward_packed(x, lens, None)
+    }
+
+    /// The prefill of several sequences packed one after the other along the positions of
+    /// `x [1, T, D]` (`lens` give their lengths): causal attention within each sequence, each
+    /// at positions `0 .. len`, the projections on all positions at once. Returns the hidden
+    /// states after the final RMSNorm, packed the same way, and a cache with one row per
+    /// sequence, ready for [`Llama::forward`]. Within a pack made by [`packs`], a sequence gets
+    /// exactly the hidden states and cache of its own `forward` on an empty cache: every kernel
+    /// computes a row on its own.
+    pub fn prefill_packed(&self, x: &Tensor, lens: &[usize]) -> Result<(Tensor, KvCache)> {
+        let mut cache = KvCache::new(lens.len());
+        let hidden = self.forward_packed(x, lens, Some(&mut cache))?;
+        Ok((hidden, cache))
+    }
+
+    /// [`Llama::forward_packed_bidirectional`] (no cache) or [`Llama::prefill_packed`].
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        lens: &[usize],
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let t = x.dim(1)?;
         if x.dim(0)? != 1 || lens.iter().sum::<usize>() != t || lens.contains(&0) {
             return Err(Error::InvalidInput(format!(
@@ -465,9 +524,24 @@ impl Llama {
             sin.push(s);
         }
         let rope = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
+        if let Some(c) = cache.as_deref_mut() {
+            for r in c.rows.iter_mut() {
+                *r = (0..self.layers.len()).map(|_| None).collect();
+            }
+        }
         let mut h = x.clone();
-        for layer in &self.layers {
-            h = layer.forward_packed(&h, &rope, lens)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            match cache.as_deref_mut() {
+                Some(c) => {
+                    let mut caches: Vec<Option<LayerKv>> =
+                        c.rows.iter_mut().map(|r| r[li].take()).collect();
+                    h = layer.forward_packed(&h, &rope, lens, Some(&mut caches))?;
+                    for (r, kv) in c.rows.iter_mut().zip(caches) {
+                        r[li] = kv;
+                    }
+                }
+                None => h = layer.forward_packed(&h, &rope, lens, None)?,
+            }
         }
         self.norm.forward(&h)
     }
@@ -540,6 +614,23 @@ pub fn argmax(values: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packs_bound_positions_and_keep_short_sequences_alone() {
+        assert_eq!(packs(&[], 10), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(packs(&[300, 280, 310], 4096), vec![0..3]);
+        // 300 + 280 fit in 600; 310 starts a new pack; 700 exceeds the bound alone.
+        assert_eq!(
+            packs(&[300, 280, 310, 700, 20], 600),
+            vec![0..2, 2..3, 3..4, 4..5]
+        );
+        // Fewer than GEMM_MIN_ROWS positions: a pack of its own, wherever it is.
+        let s = crate::kernels::GEMM_MIN_ROWS - 1;
+        assert_eq!(
+            packs(&[s, 20, 30, s, s, 40], 4096),
+            vec![0..1, 1..3, 3..4, 4..5, 5..6]
+        );
+    }
 
     /// Appends in chunks that cross the first buffer (64 positions) and a doubling: the views
     /// always equal the concatenation of everything appended, in f32 (attention's dtype) and

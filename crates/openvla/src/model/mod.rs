@@ -11,7 +11,7 @@ use crate::config::{ModelConfig, Variant};
 use crate::error::{Error, Result};
 use candle_core::Tensor;
 use linear::WeightPolicy;
-use llama::{argmax, KvCache, Llama};
+use llama::{argmax, packs, KvCache, Llama, MAX_PACKED_POSITIONS};
 use projector::Projector;
 use std::time::{Duration, Instant};
 use vision::{VisionBackbone, VisionFeatures};
@@ -81,18 +81,6 @@ pub struct GenerationRequest<'a> {
     pub input_ids: &'a [u32],
     /// Action dimension of the request's dataset.
     pub max_new_tokens: usize,
-}
-
-/// State after the prefill of one sample.
-struct Prefilled {
-    vision: VisionFeatures,
-    projected: Tensor,
-    inputs_embeds: Tensor,
-    logits: Vec<f32>,
-    cache: KvCache,
-    vision_time: Duration,
-    projector_time: Duration,
-    prefill_time: Duration,
 }
 
 /// Result of [`OpenVla::decode_greedy`].
@@ -236,39 +224,11 @@ impl OpenVla {
         Ok(outs)
     }
 
-    /// Vision, projector and prefill of one sample: the prefill logits and the sample's cache.
-    fn prefill(&self, pixel_values: &Tensor, input_ids: &[u32]) -> Result<Prefilled> {
-        let t0 = Instant::now();
-        let vision = self.vision.forward(pixel_values)?;
-        let vision_time = t0.elapsed();
-        let t0 = Instant::now();
-        let projected = self.projector.forward(&vision.fused)?;
-        let projector_time = t0.elapsed();
-        let t0 = Instant::now();
-        let inputs_embeds = self.splice(&projected, input_ids)?;
-        let mut cache = KvCache::new(1);
-        let hidden = self.llm.forward(&inputs_embeds, &mut cache)?;
-        let logits = self
-            .llm
-            .last_logits(&hidden)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        let prefill_time = t0.elapsed();
-        Ok(Prefilled {
-            vision,
-            projected,
-            inputs_embeds,
-            logits,
-            cache,
-            vision_time,
-            projector_time,
-            prefill_time,
-        })
-    }
-
-    /// Greedy generation for several samples: each is prefilled on its own (prompts differ in
-    /// length; prefill is compute-bound), then all decode together, one batched forward per
-    /// step. Every sample gets exactly the tokens it gets alone.
+    /// Greedy generation for several samples: the towers and the projector run on the stacked
+    /// images, the prefills run packed into one LLM pass (each sequence causal on its own, no
+    /// padding), then all decode together, one batched forward per step. Every kernel computes
+    /// a row on its own, so every sample gets exactly the tokens and logits it gets alone. The
+    /// stage times of a batched sample are those of the whole batch's pass.
     pub fn generate_batch(&self, requests: &[GenerationRequest]) -> Result<Vec<GenerationTrace>> {
         // On a pool thread, the many small parallel kernels of the decode steps hand work to
         // the other threads without waking the caller each time (15-20 % of a MiniVLA int8
@@ -277,33 +237,93 @@ impl OpenVla {
     }
 
     fn generate_batch_here(&self, requests: &[GenerationRequest]) -> Result<Vec<GenerationTrace>> {
-        let mut pre = Vec::with_capacity(requests.len());
-        for r in requests {
-            pre.push(self.prefill(r.pixel_values, r.input_ids)?);
+        // The towers of every request as stacked batches.
+        let t0 = Instant::now();
+        let pixels: Vec<&Tensor> = requests.iter().map(|r| r.pixel_values).collect();
+        let vision = self.vision.forward_stacked(&pixels, None)?;
+        let vision_time = t0.elapsed();
+        let t0 = Instant::now();
+        let projected = self.project_stacked(vision.iter().map(|v| v.fused.clone()).collect())?;
+        let projector_time = t0.elapsed();
+        // The prefills packed into one LLM pass (causal within each request).
+        let t0 = Instant::now();
+        let embeds = requests
+            .iter()
+            .zip(&projected)
+            .map(|(r, p)| self.splice(p, r.input_ids))
+            .collect::<Result<Vec<_>>>()?;
+        let lens = embeds
+            .iter()
+            .map(|e| e.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut logits = Vec::with_capacity(requests.len());
+        let mut caches = Vec::new();
+        for pack in packs(&lens, MAX_PACKED_POSITIONS) {
+            let parts: Vec<&Tensor> = embeds[pack.clone()].iter().collect();
+            let (hidden, cache) = self
+                .llm
+                .prefill_packed(&Tensor::cat(&parts, 1)?, &lens[pack.clone()])?;
+            let mut end = 0;
+            let mut last = Vec::with_capacity(pack.len());
+            for &len in &lens[pack] {
+                end += len;
+                last.push(hidden.narrow(1, end - 1, 1)?);
+            }
+            let l = self.llm.last_logits(&Tensor::cat(&last, 0)?)?;
+            for i in 0..last.len() {
+                logits.push(l.get(i)?.to_vec1::<f32>()?);
+            }
+            caches.push(cache);
         }
-        let mut logits = Vec::with_capacity(pre.len());
-        let mut caches = Vec::with_capacity(pre.len());
-        for p in pre.iter_mut() {
-            logits.push(std::mem::take(&mut p.logits));
-            caches.push(std::mem::take(&mut p.cache));
-        }
+        let prefill_time = t0.elapsed();
         let limits: Vec<usize> = requests.iter().map(|r| r.max_new_tokens).collect();
         let outs = self.decode_batch(logits, KvCache::concat(caches), &limits)?;
-        Ok(pre
+        Ok(vision
             .into_iter()
+            .zip(projected)
+            .zip(embeds)
             .zip(outs)
-            .map(|(p, o)| GenerationTrace {
-                vision: p.vision,
-                projected: p.projected,
-                inputs_embeds: p.inputs_embeds,
-                step_logits: o.step_logits,
-                generated: o.generated,
-                vision_time: p.vision_time,
-                projector_time: p.projector_time,
-                prefill_time: p.prefill_time,
-                decode_times: o.times,
-            })
+            .map(
+                |(((vision, projected), inputs_embeds), o)| GenerationTrace {
+                    vision,
+                    projected,
+                    inputs_embeds,
+                    step_logits: o.step_logits,
+                    generated: o.generated,
+                    vision_time,
+                    projector_time,
+                    prefill_time,
+                    decode_times: o.times,
+                },
+            )
             .collect())
+    }
+
+    /// The projector over several samples' features `[1, P, D_v]`, stacked into one pass
+    /// (row-independent kernels: each sample gets the bits it gets alone).
+    fn project_stacked(&self, features: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let rows = match features.first() {
+            Some(f) => f.dim(1)?,
+            None => return Ok(Vec::new()),
+        };
+        // Fewer rows than the tiled kernels' minimum: each sample alone (see `packs`).
+        let stack = if rows >= crate::kernels::GEMM_MIN_ROWS {
+            vision::MAX_STACKED_IMAGES
+        } else {
+            1
+        };
+        let mut out = Vec::with_capacity(features.len());
+        for group in features.chunks(stack) {
+            if group.len() == 1 {
+                out.push(self.projector.forward(&group[0])?);
+                continue;
+            }
+            let all = self.projector.forward(&Tensor::cat(group, 0)?)?;
+            for i in 0..group.len() {
+                out.push(all.narrow(0, i, 1)?);
+            }
+        }
+        Ok(out)
     }
 
     /// OpenVLA-OFT's parallel decoding pass (oft-spec §2.2-2.5): the patches of every image
@@ -325,16 +345,10 @@ impl OpenVla {
     }
 
     fn parallel_forward_here(&self, inputs: &[ParallelInput]) -> Result<Vec<ParallelTrace>> {
-        struct Embedded {
-            vision: Vec<VisionFeatures>,
-            language_mean: Option<Tensor>,
-            projected: Tensor,
-            inputs_embeds: Tensor,
-            window_start: usize,
-            vision_time: Duration,
-            projector_time: Duration,
-        }
-        let mut embedded = Vec::with_capacity(inputs.len());
+        // Text embeddings and, for FiLM, the language each sample's towers are conditioned on.
+        let mut texts = Vec::with_capacity(inputs.len());
+        let mut language = Vec::with_capacity(inputs.len());
+        let stop = self.llm.embed(&[STOP_TOKEN])?;
         for input in inputs {
             let ids = input.input_ids;
             if ids.len() < 2 {
@@ -346,29 +360,51 @@ impl OpenVla {
                 return Err(Error::InvalidInput("no images".into()));
             }
             let text = self.llm.embed(ids)?;
-            let stop = self.llm.embed(&[STOP_TOKEN])?;
             // FiLM is conditioned on the mean raw embedding of every non-placeholder token:
             // BOS, the prompt, 29871 and `</s>` (modeling_prismatic.py:994-1003,
             // film_vit_wrapper.py:241-242).
-            let language_mean = if self.vision.is_film() {
+            language.push(if self.vision.is_film() {
                 Some(crate::oft::film::language_mean(&Tensor::cat(
                     &[&text, &stop],
                     1,
                 )?)?)
             } else {
                 None
-            };
-            let t0 = Instant::now();
-            let vision = input
-                .pixel_values
-                .iter()
-                .map(|p| self.vision.forward_film(p, language_mean.as_ref()))
-                .collect::<Result<Vec<_>>>()?;
-            let vision_time = t0.elapsed();
-            let t0 = Instant::now();
-            let fused: Vec<&Tensor> = vision.iter().map(|v| &v.fused).collect();
-            let projected = self.projector.forward(&Tensor::cat(&fused, 1)?)?;
-            let projector_time = t0.elapsed();
+            });
+            texts.push(text);
+        }
+        // The towers: every image of every sample stacked (a FiLM backbone: each sample's
+        // images together, as they share their language).
+        let t0 = Instant::now();
+        let mut vision: Vec<Vec<VisionFeatures>> = Vec::with_capacity(inputs.len());
+        if self.vision.is_film() {
+            for (input, lang) in inputs.iter().zip(&language) {
+                let images: Vec<&Tensor> = input.pixel_values.iter().collect();
+                vision.push(self.vision.forward_stacked(&images, lang.as_ref())?);
+            }
+        } else {
+            let images: Vec<&Tensor> = inputs.iter().flat_map(|i| i.pixel_values).collect();
+            let mut all = self.vision.forward_stacked(&images, None)?.into_iter();
+            for input in inputs {
+                vision.push(all.by_ref().take(input.pixel_values.len()).collect());
+            }
+        }
+        let vision_time = t0.elapsed();
+        // The projector over every sample's patches (all its images, in order).
+        let t0 = Instant::now();
+        let fused = vision
+            .iter()
+            .map(|v| {
+                let parts: Vec<&Tensor> = v.iter().map(|f| &f.fused).collect();
+                Ok(Tensor::cat(&parts, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let projected = self.project_stacked(fused)?;
+        let projector_time = t0.elapsed();
+        let mut embeds = Vec::with_capacity(inputs.len());
+        let mut window_starts = Vec::with_capacity(inputs.len());
+        for ((input, text), projected) in inputs.iter().zip(&texts).zip(&projected) {
+            let ids = input.input_ids;
             let hidden_size = text.dim(2)?;
             let bos = text.narrow(1, 0, 1)?;
             let rest = text.narrow(1, 1, ids.len() - 1)?;
@@ -377,52 +413,61 @@ impl OpenVla {
                 candle_core::DType::F32,
                 text.device(),
             )?;
-            let mut parts: Vec<&Tensor> = vec![&bos, &projected];
+            let mut parts: Vec<&Tensor> = vec![&bos, projected];
             if let Some(p) = input.proprio_token {
                 parts.push(p);
             }
             parts.extend([&rest, &zeros, &stop]);
-            let inputs_embeds = Tensor::cat(&parts, 1)?;
+            embeds.push(Tensor::cat(&parts, 1)?);
             let num_patches = projected.dim(1)? + usize::from(input.proprio_token.is_some());
             // The head reads the window shifted by one: the hidden state at 29871 (the last
             // prompt token) and the first placeholders (oft-spec §2.5).
-            let window_start = num_patches + ids.len() - 1;
-            embedded.push(Embedded {
+            window_starts.push(num_patches + ids.len() - 1);
+        }
+        // One bidirectional LLM pass over the packed sequences.
+        let t0 = Instant::now();
+        let lens = embeds
+            .iter()
+            .map(|e| e.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut hidden = Vec::with_capacity(inputs.len());
+        for pack in packs(&lens, MAX_PACKED_POSITIONS) {
+            let parts: Vec<&Tensor> = embeds[pack.clone()].iter().collect();
+            let h = self
+                .llm
+                .forward_packed_bidirectional(&Tensor::cat(&parts, 1)?, &lens[pack.clone()])?;
+            let mut start = 0;
+            for &len in &lens[pack] {
+                hidden.push(h.narrow(1, start, len)?);
+                start += len;
+            }
+        }
+        let llm_time = t0.elapsed();
+        let mut out = Vec::with_capacity(inputs.len());
+        let rows = vision
+            .into_iter()
+            .zip(language)
+            .zip(projected)
+            .zip(embeds)
+            .zip(hidden)
+            .zip(window_starts)
+            .zip(inputs);
+        for (
+            (((((vision, language_mean), projected), inputs_embeds), hidden), window_start),
+            input,
+        ) in rows
+        {
+            let window = hidden.narrow(1, window_start, input.placeholders)?;
+            out.push(ParallelTrace {
                 vision,
                 language_mean,
                 projected,
                 inputs_embeds,
+                hidden,
+                window,
                 window_start,
                 vision_time,
                 projector_time,
-            });
-        }
-        let t0 = Instant::now();
-        let lens = embedded
-            .iter()
-            .map(|e| e.inputs_embeds.dim(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let packed: Vec<&Tensor> = embedded.iter().map(|e| &e.inputs_embeds).collect();
-        let hidden = self
-            .llm
-            .forward_packed_bidirectional(&Tensor::cat(&packed, 1)?, &lens)?;
-        let llm_time = t0.elapsed();
-        let mut out = Vec::with_capacity(inputs.len());
-        let mut start = 0;
-        for ((e, input), len) in embedded.into_iter().zip(inputs).zip(lens) {
-            let hidden = hidden.narrow(1, start, len)?;
-            start += len;
-            let window = hidden.narrow(1, e.window_start, input.placeholders)?;
-            out.push(ParallelTrace {
-                vision: e.vision,
-                language_mean: e.language_mean,
-                projected: e.projected,
-                inputs_embeds: e.inputs_embeds,
-                hidden,
-                window,
-                window_start: e.window_start,
-                vision_time: e.vision_time,
-                projector_time: e.projector_time,
                 llm_time,
             });
         }

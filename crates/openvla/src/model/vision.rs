@@ -30,7 +30,61 @@ pub struct VisionFeatures {
     pub fused: Tensor,
 }
 
+impl VisionFeatures {
+    /// The features of batch row `i`, `[1, P, ·]` (views of this batch's tensors).
+    pub fn row(&self, i: usize) -> Result<VisionFeatures> {
+        Ok(VisionFeatures {
+            per_tower: self
+                .per_tower
+                .iter()
+                .map(|t| t.narrow(0, i, 1))
+                .collect::<candle_core::Result<_>>()?,
+            fused: self.fused.narrow(0, i, 1)?,
+        })
+    }
+}
+
+/// Images a stacked tower pass takes at most: bounds the activations of a large batch (16
+/// MiniVLA images: about 270 MB of MLP activations in f32).
+pub const MAX_STACKED_IMAGES: usize = 16;
+
 impl VisionBackbone {
+    /// The towers over several images `[1, C, H, W]` stacked into batches of up to
+    /// [`MAX_STACKED_IMAGES`], one result `[1, P, ·]` per image. Every kernel of the towers
+    /// computes each patch row on its own, so an image's features are the bits it gets alone.
+    /// `language [1, llm_dim]` conditions every image of a FiLM backbone (the images of one
+    /// sample share their prompt).
+    pub fn forward_stacked(
+        &self,
+        images: &[&Tensor],
+        language: Option<&Tensor>,
+    ) -> Result<Vec<VisionFeatures>> {
+        // With fewer patches than the tiled kernels' minimum, an image alone takes the
+        // dot-product kernels; stacked it would take the tiled ones, whose bits differ.
+        let stack = if self
+            .towers
+            .iter()
+            .all(|t| t.config().num_patches() >= crate::kernels::GEMM_MIN_ROWS)
+        {
+            MAX_STACKED_IMAGES
+        } else {
+            1
+        };
+        let mut out = Vec::with_capacity(images.len());
+        for group in images.chunks(stack) {
+            let stacked = if group.len() == 1 {
+                group[0].clone()
+            } else {
+                Tensor::cat(group, 0)?
+            };
+            let features = self.forward_film(&stacked, language)?;
+            for i in 0..group.len() {
+                out.push(features.row(i)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Loads the towers named by `config.json` from the model's shards.
     pub fn load(w: &WeightLoader, cfg: &ModelConfig, wp: &WeightPolicy) -> Result<Self> {
         Self::load_from(w, cfg, wp)
