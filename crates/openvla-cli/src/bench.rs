@@ -700,10 +700,11 @@ fn print_report(r: &Value) {
         let p = &limits["peaks"];
         let g = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
         println!(
-            "peaks (GFLOP/s, GOP/s): AVX2 FMA {}, AVX-512 FMA {}, vdpbf16ps {}, vpdpbusd zmm {}, vpdpbusd ymm {}; 279x4096x4096 bf16-compute matmul {:.0} GFLOP/s",
+            "peaks (GFLOP/s, GOP/s): AVX2 FMA {}, AVX-512 FMA {}, vdpbf16ps {}, AMX tdpbf16ps {}, vpdpbusd zmm {}, vpdpbusd ymm {}; 279x4096x4096 bf16-compute matmul {:.0} GFLOP/s",
             g(&p["avx2_fma"]),
             g(&p["avx512_fma"]),
             g(&p["avx512_bf16_dot"]),
+            g(&p["amx_bf16"]),
             g(&p["avx512_vnni_dot"]),
             g(&p["avx_vnni_dot"]),
             limits["gemm_gflops"]["bf16_compute"].as_f64().unwrap_or(f64::NAN),

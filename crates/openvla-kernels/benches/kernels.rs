@@ -118,16 +118,22 @@ fn main() {
                     ));
                 }
             }
+            use openvla_kernels::dispatch::Bf16Path;
             let has_dot = openvla_kernels::dispatch::Features::detect().avx512_bf16;
-            for (name, dot) in [("bf16c", false), ("bf16dot", true)] {
-                if run(name) && m >= 8 && (has_dot || !dot) {
+            let has_amx = openvla_kernels::amx::available();
+            for (name, path, ok) in [
+                ("bf16c", Bf16Path::F32Gemm, true),
+                ("bf16dot", Bf16Path::Dot, has_dot),
+                ("bf16amx", Bf16Path::Amx, has_amx),
+            ] {
+                if run(name) && m >= 8 && ok {
                     kernels.push((
                         name,
                         n * k * 2,
                         Box::new(move || {
                             let w = &bfs[next()];
                             openvla_kernels::bf16_gemm::tiled_gemm_bf16_with(
-                                dot,
+                                path,
                                 x,
                                 &mut y.borrow_mut(),
                                 m,

@@ -17,6 +17,7 @@
 //! f32 exactly) go through the f32 GEMM ([`crate::tiled_gemm`]): the same products, summed in
 //! another order, so the mode means the same arithmetic on every CPU.
 
+use crate::dispatch::Bf16Path;
 use crate::half_matmul::{widen, Half};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -123,14 +124,14 @@ pub fn tiled_gemm_bf16(
     k: usize,
     to_bf16: impl Fn(usize, usize, &mut [u16]) + Sync,
 ) {
-    tiled_gemm_bf16_with(crate::dispatch::bf16_dot(), x, y, m, n, k, to_bf16)
+    tiled_gemm_bf16_with(crate::dispatch::bf16_path(), x, y, m, n, k, to_bf16)
 }
 
-/// [`tiled_gemm_bf16`] with the path chosen by the caller: `vdpbf16ps` (panics where the CPU
-/// lacks AVX512-BF16) or the rounded operands through the f32 GEMM (the kernel bench and tests
-/// compare both).
+/// [`tiled_gemm_bf16`] with the path chosen by the caller: AMX `tdpbf16ps` (panics where the
+/// process cannot use AMX), `vdpbf16ps` (panics where the CPU lacks AVX512-BF16) or the rounded
+/// operands through the f32 GEMM (the kernel bench and tests compare them).
 pub fn tiled_gemm_bf16_with(
-    use_dot: bool,
+    path: Bf16Path,
     x: &[f32],
     y: &mut [f32],
     m: usize,
@@ -140,8 +141,12 @@ pub fn tiled_gemm_bf16_with(
 ) {
     assert!(x.len() >= m * k);
     assert!(
-        !use_dot || crate::dispatch::Features::detect().avx512_bf16,
+        path != Bf16Path::Dot || crate::dispatch::Features::detect().avx512_bf16,
         "vdpbf16ps asked for on a CPU without AVX512-BF16"
+    );
+    assert!(
+        path != Bf16Path::Amx || crate::amx::available(),
+        "AMX asked for where this process cannot use it"
     );
     let with_tile = |j0: usize, nb: usize, f: &mut dyn FnMut(&[u16])| {
         TILE.with(|buf| {
@@ -154,7 +159,19 @@ pub fn tiled_gemm_bf16_with(
         })
     };
     #[cfg(target_arch = "x86_64")]
-    if use_dot {
+    if path == Bf16Path::Amx {
+        let packed = crate::amx::PackedRowsAmx::pack(x, m, k);
+        crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+            with_tile(j0, nb, &mut |tile| {
+                // SAFETY: AMX checked; columns j0 .. j0 + nb of the m rows of y (row stride n)
+                // belong to this tile alone.
+                unsafe { crate::amx::gemm(&packed, tile, dst, n, nb) }
+            })
+        });
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if path == Bf16Path::Dot {
         let packed = PackedRowsBf16::pack(x, m, k);
         crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
             with_tile(j0, nb, &mut |tile| {
@@ -241,7 +258,14 @@ pub unsafe fn gemm_packed(a: &PackedRowsBf16, w: &[u16], dst: *mut f32, rs: usiz
 /// Packs pairs `q0 .. q0 + kcp` of the first `cols` (≤ [`NR`]) rows of `w` (bf16 bits, row
 /// length `k`) into one panel `[kcp][NR]` of words `w[j][2q] | w[j][2q+1] << 16`, the partner of
 /// an odd `k`'s last element and the columns past `cols` zero.
-fn pack_pairs(w: &[u16], k: usize, cols: usize, q0: usize, kcp: usize, panel: &mut [u32]) {
+pub(crate) fn pack_pairs(
+    w: &[u16],
+    k: usize,
+    cols: usize,
+    q0: usize,
+    kcp: usize,
+    panel: &mut [u32],
+) {
     assert!(panel.len() >= kcp * NR && cols <= NR);
     assert!(cols == 0 || w.len() >= (cols - 1) * k + (2 * (q0 + kcp)).min(k));
     for g in 0..NR / 16 {
@@ -411,14 +435,21 @@ mod tests {
         if !native {
             eprintln!("skipped: the AVX512-BF16 vdpbf16ps kernel (no avx512_bf16 on this CPU); testing the f32 fallback only");
         }
+        let amx = crate::amx::available();
+        if !amx {
+            eprintln!("skipped: the AMX tdpbf16ps kernel (no AMX-BF16 usable by this process)");
+        }
         for (m, n, k) in shapes {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
             let want = reference(&x, &w, m, n, k);
             let tol = 3e-5 * (k as f64).sqrt().max(1.0) * 3.0;
-            let mut paths = vec![("dispatched", None), ("f32 GEMM", Some(false))];
+            let mut paths = vec![("dispatched", None), ("f32 GEMM", Some(Bf16Path::F32Gemm))];
             if native {
-                paths.push(("vdpbf16ps", Some(true)));
+                paths.push(("vdpbf16ps", Some(Bf16Path::Dot)));
+            }
+            if amx {
+                paths.push(("AMX", Some(Bf16Path::Amx)));
             }
             for (name, path) in paths {
                 let mut y = vec![f32::NAN; m * n];
@@ -426,7 +457,7 @@ mod tests {
                     |j0: usize, nb: usize, t: &mut [u16]| round_slice(&w[j0 * k..(j0 + nb) * k], t);
                 match path {
                     None => tiled_gemm_bf16(&x, &mut y, m, n, k, tile),
-                    Some(dot) => tiled_gemm_bf16_with(dot, &x, &mut y, m, n, k, tile),
+                    Some(path) => tiled_gemm_bf16_with(path, &x, &mut y, m, n, k, tile),
                 }
                 for (idx, (got, want)) in y.iter().zip(&want).enumerate() {
                     assert!(
@@ -457,6 +488,41 @@ mod tests {
                     for j in n..rs {
                         assert!(y[i * rs + j].is_nan(), "gap ({i},{j}) written");
                     }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if amx {
+                // The AMX kernel directly, into a strided destination whose gaps must survive;
+                // each row alone gives the same bits as in the whole block.
+                let rs = n + 3;
+                let mut y = vec![f32::NAN; m * rs];
+                let a = crate::amx::PackedRowsAmx::pack(&x, m, k);
+                let mut wb = vec![0u16; n * k];
+                round_slice(&w, &mut wb);
+                // SAFETY: AMX available; y holds m rows of stride rs ≥ n.
+                unsafe { crate::amx::gemm(&a, &wb, y.as_mut_ptr(), rs, n) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let got = y[i * rs + j] as f64;
+                        assert!(
+                            (got - want[i * n + j]).abs() <= tol,
+                            "AMX m={m} n={n} k={k} ({i},{j}): {got} vs {}",
+                            want[i * n + j]
+                        );
+                    }
+                    for j in n..rs {
+                        assert!(y[i * rs + j].is_nan(), "gap ({i},{j}) written");
+                    }
+                }
+                for i in [0, m / 2, m - 1] {
+                    let one = crate::amx::PackedRowsAmx::pack(&x[i * k..(i + 1) * k], 1, k);
+                    let mut row = vec![0f32; n];
+                    // SAFETY: as above, one row.
+                    unsafe { crate::amx::gemm(&one, &wb, row.as_mut_ptr(), n, n) };
+                    let block: Vec<u32> =
+                        y[i * rs..i * rs + n].iter().map(|v| v.to_bits()).collect();
+                    let alone: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(block, alone, "AMX m={m} n={n} k={k}: row {i} differs alone");
                 }
             }
         }

@@ -4,8 +4,8 @@
 //! ([`Features::get`]), each kernel asks this module for its path, and [`table`] prints the
 //! choice per operation (`openvla bench` and `openvla inspect` show it).
 //!
-//! `OPENVLA_ISA` caps the detected features (`portable`, `avx2`, `avx512`; unset or `native`:
-//! everything the CPU has), so that one machine can measure the older paths against the new ones
+//! `OPENVLA_ISA` caps the detected features (`portable`, `avx2`, `avx512` (AVX-512 without
+//! AMX); unset or `native`: everything the CPU has), so that one machine can measure the older paths against the new ones
 //! in the same run, and a test can exercise a path the CPU would not pick.
 
 use std::fmt::Write as _;
@@ -20,7 +20,7 @@ pub enum ComputePrecision {
     F32,
     /// bf16 arithmetic, as PyTorch bf16 and the GPU reference compute: activations and dense
     /// weights rounded to bf16 (round to nearest even), products accumulated in f32
-    /// (`vdpbf16ps` where the CPU has AVX512-BF16). Decode steps (fewer than
+    /// (AMX `tdpbf16ps` or `vdpbf16ps` where the CPU has them, [`bf16_path`]). Decode steps (fewer than
     /// [`crate::GEMM_MIN_ROWS`] rows) and quantized weights keep their exact f32 kernels.
     Bf16,
 }
@@ -63,6 +63,9 @@ pub struct Features {
     pub avx512_vnni: bool,
     /// AVX-VNNI (`vpdpbusd` on ymm, VEX-encoded; with `avx2`).
     pub avx_vnni: bool,
+    /// AMX-TILE and AMX-BF16 (`tdpbf16ps`), usable by this process ([`crate::amx::available`];
+    /// with `avx512`).
+    pub amx_bf16: bool,
 }
 
 /// How far `OPENVLA_ISA` lets the dispatcher go.
@@ -110,6 +113,7 @@ impl Features {
                 avx512_bf16: avx512 && has!("avx512bf16"),
                 avx512_vnni: avx512 && has!("avx512vnni"),
                 avx_vnni: avx2 && has!("avxvnni"),
+                amx_bf16: avx512 && crate::amx::available(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -120,6 +124,9 @@ impl Features {
 
     fn capped(self, cap: Cap) -> Features {
         let mut f = self;
+        if cap < Cap::Native {
+            f.amx_bf16 = false;
+        }
         if cap < Cap::Avx512 {
             f.avx512 = false;
             f.avx512_bf16 = false;
@@ -139,6 +146,7 @@ impl Features {
             (self.avx512_bf16, "avx512_bf16"),
             (self.avx512_vnni, "avx512_vnni"),
             (self.avx_vnni, "avx_vnni"),
+            (self.amx_bf16, "amx_bf16 amx_tile"),
         ];
         let on: Vec<&str> = names.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
         if on.is_empty() {
@@ -172,17 +180,42 @@ pub fn f32_gemm() -> GemmPath {
     }
 }
 
-/// Whether the bf16-arithmetic GEMM runs on `vdpbf16ps` here (else: operands rounded to
-/// bf16, then the f32 GEMM, which computes the same products and sums in another order).
+/// The kernel of the bf16-arithmetic GEMM ([`ComputePrecision::Bf16`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Path {
+    /// AMX `tdpbf16ps` on 16×32 tiles ([`crate::amx`]).
+    Amx,
+    /// AVX512-BF16 `vdpbf16ps`, 6×32 packed micro-kernel ([`crate::bf16_gemm`]).
+    Dot,
+    /// The bf16-rounded operands widened back to f32 exactly, through the f32 GEMM: the same
+    /// products, summed in another order.
+    F32Gemm,
+}
+
+/// Which kernel the bf16-arithmetic GEMM runs here: AMX where the process can use it (about
+/// 8× the AVX-512 FMA's rate on Sapphire Rapids), else `vdpbf16ps` on AMD CPUs (see below),
+/// else the rounded operands through the f32 GEMM.
 ///
-/// Only on AMD CPUs: Zen 4 and Zen 5 execute `vdpbf16ps` at the full vector rate (32 bf16
+/// `vdpbf16ps` only on AMD CPUs: Zen 4 and Zen 5 execute it at the full vector rate (32 bf16
 /// products per instruction, twice the f32 FMA's multiplies), but Intel's Sapphire Rapids runs
 /// it at a quarter of its AVX-512 FMA instruction rate, i.e. half the products per second
 /// (`openvla bench --limits` on 2026-12-06: vdpbf16ps 45 GFLOP/s against 93 for the AVX-512
-/// FMA; `docs/kernels.md`), so there the rounded operands take the AVX-512 sgemm. The choice
-/// depends on the CPU only, so a machine always computes the same bits.
+/// FMA; `docs/kernels.md`). The choice depends on the CPU only, so a machine always computes the
+/// same bits.
+pub fn bf16_path() -> Bf16Path {
+    let f = Features::get();
+    if f.amx_bf16 {
+        Bf16Path::Amx
+    } else if f.avx512_bf16 && bf16_dot_is_fast() {
+        Bf16Path::Dot
+    } else {
+        Bf16Path::F32Gemm
+    }
+}
+
+/// Whether the bf16-arithmetic GEMM runs on `vdpbf16ps` here ([`bf16_path`]).
 pub fn bf16_dot() -> bool {
-    Features::get().avx512_bf16 && bf16_dot_is_fast()
+    bf16_path() == Bf16Path::Dot
 }
 
 /// Whether this CPU's `vdpbf16ps` is worth using (see [`bf16_dot`]): an AMD CPU.
@@ -216,7 +249,9 @@ pub fn table() -> String {
     let f = Features::get();
     let native = Features::detect();
     let gemm = f32_gemm_name(f32_gemm());
-    let bf16 = if bf16_dot() {
+    let bf16 = if bf16_path() == Bf16Path::Amx {
+        "AMX tdpbf16ps, 32x32 blocks of 16x32 tiles (bf16 operands, f32 sums)".to_string()
+    } else if bf16_dot() {
         "AVX512-BF16 vdpbf16ps, 6x32 packed (bf16 operands, f32 sums)".to_string()
     } else if f.avx512_bf16 {
         format!("bf16-rounded operands, f32 GEMM ({gemm}; this CPU's vdpbf16ps is slower)")
@@ -280,9 +315,11 @@ mod tests {
             avx512_bf16: true,
             avx512_vnni: true,
             avx_vnni: true,
+            amx_bf16: true,
         };
         assert_eq!(all.capped(Cap::Native), all);
-        assert_eq!(all.capped(Cap::Avx512), all);
+        let avx512 = all.capped(Cap::Avx512);
+        assert!(avx512.avx512_bf16 && avx512.avx512_vnni && !avx512.amx_bf16);
         let avx2 = all.capped(Cap::Avx2);
         assert!(avx2.avx2 && avx2.avx_vnni && !avx2.avx512 && !avx2.avx512_bf16);
         assert_eq!(all.capped(Cap::Portable), Features::default());

@@ -20,6 +20,7 @@
 //! AVX-512F where a kernel has it) with a portable fallback that computes the same function.
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod dispatch;

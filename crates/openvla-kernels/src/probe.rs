@@ -93,6 +93,8 @@ pub struct Peaks {
     pub avx512_fma: Option<f64>,
     /// `vdpbf16ps` on zmm (AVX512-BF16): bf16 pairs into f32.
     pub avx512_bf16_dot: Option<f64>,
+    /// AMX `tdpbf16ps` (16×32 by 32×16 bf16 tiles into f32), the bf16 GEMM's own step.
+    pub amx_bf16: Option<f64>,
     /// `vpdpbusd` on zmm (AVX512-VNNI): u8 × s8 quadruples into int32.
     pub avx512_vnni_dot: Option<f64>,
     /// `vpdpbusd` on ymm (AVX-VNNI).
@@ -126,6 +128,7 @@ impl Peaks {
                 avx2_fma: run(f.avx2, 12 * 16, |n| unsafe { fma_loop_avx2(n) }),
                 avx512_fma: run(f.avx512, 12 * 32, |n| unsafe { fma_loop_avx512(n) }),
                 avx512_bf16_dot: run(f.avx512_bf16, 12 * 64, |n| unsafe { bf16_dot_loop(n) }),
+                amx_bf16: amx_peak(f.amx_bf16, iters),
                 avx512_vnni_dot: run(f.avx512_vnni, 12 * 128, |n| unsafe { vnni512_loop(n) }),
                 avx_vnni_dot: run(f.avx_vnni, 12 * 64, |n| unsafe { avx_vnni_loop(n) }),
                 avx2_int8_dot: run(f.avx2, 8 * 64, |n| unsafe { maddubs_loop_avx2(n) as f32 }),
@@ -138,6 +141,7 @@ impl Peaks {
                 avx2_fma: None,
                 avx512_fma: None,
                 avx512_bf16_dot: None,
+                amx_bf16: None,
                 avx512_vnni_dot: None,
                 avx_vnni_dot: None,
                 avx2_int8_dot: None,
@@ -149,18 +153,41 @@ impl Peaks {
     /// ([`crate::dispatch`]): the ceiling their efficiency is reported against (NaN where the
     /// portable path runs).
     pub fn path_peak(&self, compute: crate::ComputePrecision) -> f64 {
-        use crate::dispatch::{bf16_dot, f32_gemm, GemmPath};
+        use crate::dispatch::{bf16_path, f32_gemm, Bf16Path, GemmPath};
         let f32_path = match f32_gemm() {
             GemmPath::Avx512 => self.avx512_fma,
             GemmPath::Avx2 => self.avx2_fma,
             GemmPath::Portable => None,
         };
         let peak = match compute {
-            crate::ComputePrecision::Bf16 if bf16_dot() => self.avx512_bf16_dot,
+            crate::ComputePrecision::Bf16 => match bf16_path() {
+                Bf16Path::Amx => self.amx_bf16,
+                Bf16Path::Dot => self.avx512_bf16_dot,
+                Bf16Path::F32Gemm => f32_path,
+            },
             _ => f32_path,
         };
         peak.unwrap_or(f64::NAN)
     }
+}
+
+/// The AMX peak over all rayon threads (each thread runs its own tile loop): `iters / 16`
+/// steps of 65,536 flops per thread, the best of two.
+fn amx_peak(on: bool, iters: usize) -> Option<f64> {
+    if !on {
+        return None;
+    }
+    let threads = rayon::current_num_threads();
+    let steps = (iters / 16).clamp(1, 500_000);
+    let mut best_rate = 0f64;
+    for _ in 0..2 {
+        let rates: Vec<f64> = (0..threads)
+            .into_par_iter()
+            .filter_map(|_| crate::amx::peak_gflops(steps))
+            .collect();
+        best_rate = best_rate.max(rates.iter().sum());
+    }
+    Some(best_rate)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -387,6 +414,7 @@ mod tests {
             ("AVX2 FMA", f.avx2, p.avx2_fma),
             ("AVX-512 FMA", f.avx512, p.avx512_fma),
             ("vdpbf16ps", f.avx512_bf16, p.avx512_bf16_dot),
+            ("AMX tdpbf16ps", f.amx_bf16, p.amx_bf16),
             ("vpdpbusd zmm", f.avx512_vnni, p.avx512_vnni_dot),
             ("vpdpbusd ymm", f.avx_vnni, p.avx_vnni_dot),
         ] {

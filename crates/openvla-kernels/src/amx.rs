@@ -1,0 +1,328 @@
+//! Intel AMX (Advanced Matrix Extensions) for the bf16-arithmetic GEMM
+//! ([`crate::ComputePrecision::Bf16`]): `tdpbf16ps` multiplies a 16×32 bf16 tile by a 32×16 one
+//! and adds the 16×16 f32 result into an accumulator tile, 16,384 multiply-adds per
+//! instruction. Sapphire Rapids and later Xeons have it; this machine measured about 8× its
+//! AVX-512 f32 FMA rate (`openvla bench --limits`, docs/kernels.md).
+//!
+//! The arithmetic is the mode's: activations and weights rounded to bf16, every product exact in
+//! f32, sums in f32 (the tile unit flushes f32 subnormal results and bf16 subnormal inputs to
+//! zero, like PyTorch's oneDNN AMX path). Each output element is accumulated over the depth in a
+//! fixed order whatever the number of rows, so a row's result does not depend on the rest of
+//! the batch.
+//!
+//! The layout:
+//! - activations `x [m, k]` are rounded to bf16 once per call into a row-major `[m↑32][k↑32]`
+//!   array ([`PackedRowsAmx`]): an A tile is 16 rows of 32 bf16, one row stride apart;
+//! - each thread packs 32 of its weight rows at a time into the pair panel of
+//!   [`crate::bf16_gemm`] (`[k/2][32]` words `w[j][2q] | w[j][2q+1] << 16`): a B tile is 16 of its
+//!   pair rows and 16 columns, 128 bytes apart;
+//! - a 32×32 block of `y` lives in four accumulator tiles (`tmm0`-`tmm3`) for the whole depth;
+//!   each step loads two A tiles (`tmm4`, `tmm5`) and two B tiles (`tmm6`, `tmm7`).
+//!
+//! The tile registers are written with inline assembly (the `std::arch` AMX intrinsics are not
+//! stable). Linux hands the 8 KB tile state to a process only on request
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+); [`available`] asks once
+//! and reports AMX missing when the request fails.
+
+use crate::bf16_gemm::{pack_pairs, round_bf16, NR};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Rows (and columns) of `y` per register block: two 16-row tiles by two 16-column tiles.
+const BLOCK: usize = 32;
+/// bf16 elements along the depth per tile step (16 pairs, 64 bytes per tile row).
+const DEPTH: usize = 32;
+
+/// Whether this process can run the AMX bf16 kernels: the CPU has AMX-TILE and AMX-BF16, the
+/// OS saves the tile state (XCR0 bits 17 and 18), and Linux granted the tile data to this
+/// process. Decided once.
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // CPUID leaves 0 and 1 exist on every x86-64 CPU; leaf 7 is checked against the maximum.
+    let (max_leaf, osxsave) = (__cpuid(0).eax, __cpuid(1).ecx >> 27 & 1 == 1);
+    if max_leaf < 7 || !osxsave {
+        return false;
+    }
+    let l7 = __cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (l7.edx >> 22 & 1 == 1, l7.edx >> 24 & 1 == 1);
+    if !(amx_bf16 && amx_tile) {
+        return false;
+    }
+    // SAFETY: XGETBV exists where CPUID reports OSXSAVE (checked above).
+    let xcr0 = unsafe { xgetbv0() };
+    if xcr0 >> 17 & 3 != 3 {
+        return false;
+    }
+    request_tile_permission()
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// XCR0, read with `xgetbv` (in assembly: the intrinsic needs the `xsave` target feature).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+unsafe fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+        options(nomem, nostack, preserves_flags));
+    (hi as u64) << 32 | lo as u64
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: whether Linux lets this process (all
+/// its threads) use the tile data registers.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_permission() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain Linux x86-64 system call; it reads no memory of ours and clobbers only
+    // rcx and r11 (declared).
+    unsafe {
+        std::arch::asm!("syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack));
+    }
+    ret == 0
+}
+
+/// Activations `x [m, k]` rounded to bf16 (to nearest even) into a row-major
+/// `[m↑32][k↑32]` array, the padding zero.
+pub struct PackedRowsAmx {
+    data: Vec<u16>,
+    m: usize,
+    k: usize,
+    /// Row length: `k` rounded up to [`DEPTH`].
+    stride: usize,
+}
+
+impl PackedRowsAmx {
+    /// Rounds and packs `x [m, k]` (row-major).
+    pub fn pack(x: &[f32], m: usize, k: usize) -> PackedRowsAmx {
+        assert!(x.len() >= m * k, "amx rows: x holds {} < {m}×{k}", x.len());
+        let stride = k.next_multiple_of(DEPTH).max(DEPTH);
+        let rows = m.next_multiple_of(BLOCK);
+        let mut data = vec![0u16; rows * stride];
+        data.par_chunks_mut(stride)
+            .zip(x[..m * k].par_chunks(k.max(1)))
+            .for_each(|(dst, src)| {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = round_bf16(v);
+                }
+            });
+        PackedRowsAmx { data, m, k, stride }
+    }
+
+    /// Number of rows `m`.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+}
+
+/// The 64-byte tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // colsb, little-endian u16
+        c[48 + t] = 16; // rows
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+thread_local! {
+    /// The packed weight panel of the calling thread, reused across calls.
+    static PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `dst [m, nb] (row stride rs) = a · wᵀ` for bf16 weights `w [nb, k]` (raw bits, row-major),
+/// single-threaded, on the AMX tile unit.
+///
+/// # Safety
+/// [`available`] must be true, and `dst` be valid for writes of `a.rows()` rows of `nb`
+/// elements, `rs` apart, not written by anyone else meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: usize) {
+    let (m, k) = (a.m, a.k);
+    assert!(
+        w.len() >= nb * k,
+        "amx gemm: w holds {} < {nb}×{k}",
+        w.len()
+    );
+    if m == 0 || nb == 0 {
+        return;
+    }
+    if k == 0 {
+        for r in 0..m {
+            std::ptr::write_bytes(dst.add(r * rs), 0, nb);
+        }
+        return;
+    }
+    let pairs = k.div_ceil(2);
+    let panel_pairs = a.stride / 2;
+    let a_stride = a.stride * 2; // bytes
+    PANEL.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < panel_pairs * NR {
+            buf.resize(panel_pairs * NR, 0);
+        }
+        let panel = &mut buf[..panel_pairs * NR];
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        let mut out = [0f32; BLOCK * BLOCK];
+        for jp in 0..nb.div_ceil(NR) {
+            let cols = NR.min(nb - jp * NR);
+            pack_pairs(&w[jp * NR * k..], k, cols, 0, pairs, panel);
+            panel[pairs * NR..].fill(0);
+            for ib in 0..m.div_ceil(BLOCK) {
+                block_32x32(
+                    a.data.as_ptr().add(ib * BLOCK * a.stride),
+                    a_stride,
+                    panel.as_ptr(),
+                    a.stride / DEPTH,
+                    out.as_mut_ptr(),
+                );
+                let rows = BLOCK.min(m - ib * BLOCK);
+                for r in 0..rows {
+                    std::ptr::copy_nonoverlapping(
+                        out.as_ptr().add(r * BLOCK),
+                        dst.add((ib * BLOCK + r) * rs + jp * NR),
+                        cols,
+                    );
+                }
+            }
+        }
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    });
+}
+
+/// One 32×32 block: `out [32][32] = Σ_s A_s · B_s` over `steps` depth steps of 32 bf16, where
+/// `a` is the block's first activation row (`a_stride` bytes between rows) and `b` the pair panel
+/// (`[pairs][32]` words).
+///
+/// # Safety
+/// The tile configuration [`CONFIG`] is loaded on this thread; `a` holds 32 rows of
+/// `steps · 32` bf16, `b` `steps · 16` pair rows of 32 words, `out` 1024 floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u32, steps: usize, out: *mut f32) {
+    use std::arch::asm;
+    const B_STRIDE: usize = NR * 4; // bytes between pair rows of the panel
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+    let a1 = a.add(16 * a_stride / 2);
+    for s in 0..steps {
+        let (a0s, a1s) = (a.add(s * DEPTH), a1.add(s * DEPTH));
+        let b0 = b.add(s * 16 * NR);
+        let b1 = b0.add(16);
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0s,
+            a1 = in(reg) a1s,
+            b0 = in(reg) b0,
+            b1 = in(reg) b1,
+            sa = in(reg) a_stride,
+            sb = in(reg) B_STRIDE,
+            options(nostack, readonly),
+        );
+    }
+    let row = BLOCK * 4; // bytes between rows of out
+    asm!(
+        "tilestored [{o0} + {s}*1], tmm0",
+        "tilestored [{o1} + {s}*1], tmm1",
+        "tilestored [{o2} + {s}*1], tmm2",
+        "tilestored [{o3} + {s}*1], tmm3",
+        o0 = in(reg) out,
+        o1 = in(reg) out.add(16),
+        o2 = in(reg) out.add(16 * BLOCK),
+        o3 = in(reg) out.add(16 * BLOCK + 16),
+        s = in(reg) row,
+        options(nostack),
+    );
+}
+
+/// The peak of `tdpbf16ps` on one core in GFLOP/s (2 flops per multiply-add): the kernel's
+/// step (two A and two B tile loads, four `tdpbf16ps`) repeated on L1-resident tiles; `None`
+/// without AMX.
+pub fn peak_gflops(iterations: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        use std::arch::asm;
+        let a = vec![0x3f80u16; 2 * 16 * DEPTH]; // 1.0
+        let b = vec![0x3f80_3f80u32; 16 * NR];
+        let mut out = vec![0f32; BLOCK * BLOCK];
+        let t0 = std::time::Instant::now();
+        // SAFETY: AMX available; a holds 32 rows of 32 bf16 (64 bytes apart), b 16 pair rows of
+        // 32 words (128 bytes apart), out 1024 floats.
+        unsafe {
+            asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for _ in 0..iterations {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a.as_ptr(),
+                    a1 = in(reg) a.as_ptr().add(16 * DEPTH),
+                    b0 = in(reg) b.as_ptr(),
+                    b1 = in(reg) b.as_ptr().add(16),
+                    sa = in(reg) DEPTH * 2,
+                    sb = in(reg) NR * 4,
+                    options(nostack, readonly),
+                );
+            }
+            asm!("tilestored [{0} + {1}*1], tmm0", in(reg) out.as_mut_ptr(), in(reg) BLOCK * 4,
+                options(nostack));
+            asm!("tilerelease", options(nostack, nomem));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let want = (iterations * DEPTH) as f32;
+        assert!(
+            (out[0] - want).abs() <= want * 1e-3,
+            "the AMX probe computed {} instead of {want}",
+            out[0]
+        );
+        return Some(iterations as f64 * (4 * 16 * 16 * DEPTH * 2) as f64 / secs / 1e9);
+    }
+    let _ = iterations;
+    None
+}
