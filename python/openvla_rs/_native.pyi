@@ -22,6 +22,7 @@ class Policy:
         model_dir: Union[str, "os.PathLike[str]"],
         precision: str = "auto",
         quantize: Optional[str] = None,
+        compute: str = "f32",
     ) -> "Policy": ...
     def predict_action(
         self,

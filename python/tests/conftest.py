@@ -20,8 +20,8 @@ def openvla_bin() -> Path:
     return path
 
 
-def cli_predict(image: Path, instruction: str, unnorm_key: str) -> dict:
-    """What `openvla predict --json` prints for one observation."""
+def cli_predict(image: Path, instruction: str, unnorm_key: str, extra: tuple = ()) -> dict:
+    """What `openvla predict --json` prints for one observation (`extra`: more flags)."""
     out = subprocess.run(
         [
             str(openvla_bin()),
@@ -35,6 +35,7 @@ def cli_predict(image: Path, instruction: str, unnorm_key: str) -> dict:
             "--unnorm-key",
             unnorm_key,
             "--json",
+            *extra,
         ],
         check=True,
         capture_output=True,

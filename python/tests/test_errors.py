@@ -97,6 +97,9 @@ def test_bad_precision_and_quantization():
     with pytest.raises(ValueError) as e:
         openvla_rs.Policy.from_pretrained(MODEL, quantize="int3")
     assert "int3" in str(e.value) and "int4" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        openvla_rs.Policy.from_pretrained(MODEL, compute="fp8")
+    assert "fp8" in str(e.value) and "bf16" in str(e.value)
 
 
 def test_invalid_model_file_raises_openvla_error(tmp_path):

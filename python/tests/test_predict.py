@@ -172,3 +172,15 @@ def test_from_pretrained_accepts_pathlike_and_precision(samples, cli_answers):
     out = p.predict(Image.open(s["image"]), s["instruction"], s["unnorm_key"])
     # bf16 holds the stored bf16 weights: the same function as f32 (docs/precision).
     assert out["token_ids"] == cli_answers[0]["token_ids"]
+
+
+def test_bf16_compute_equals_the_cli_with_the_same_flag(samples):
+    import openvla_rs
+
+    p = openvla_rs.Policy.from_pretrained(MODEL, compute="bf16")
+    for s in samples[:2]:
+        out = p.predict(Image.open(s["image"]), s["instruction"], s["unnorm_key"])
+        cli = cli_predict(s["image"], s["instruction"], s["unnorm_key"], ("--compute", "bf16"))
+        # The same engine and arithmetic give the same bits through both front ends.
+        assert out["token_ids"] == cli["token_ids"]
+        assert_same_action(out["action"], cli["action"])

@@ -6,13 +6,17 @@
 #
 # One server per --max-batch value on a loopback port; every client count is measured against
 # it; prints one Markdown row per run (errors by status). TIMEOUT_MS sets --request-timeout-ms
-# (default one hour). Needs a release build (cargo build --release -p openvla-cli).
+# (default one hour). BIN picks the binary (default target/release/openvla, so two builds can be
+# compared in one session), IMAGE the image sent, STATE the robot state (OFT models with a proprio
+# projector, e.g. STATE=0,0.6,0.2,0.5). Needs a release build (cargo build --release -p openvla-cli).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=$1 key=$2 clients=$3 batches=$4 per_client=$5 wait_ms=${6:-5} precision=${7:-auto}
-bin=./target/release/openvla
-port=18600
-image=testdata/openvla-tiny/s0_image.png
+bin=${BIN:-./target/release/openvla}
+port=${PORT:-18600}
+image=${IMAGE:-testdata/openvla-tiny/s0_image.png}
+state=()
+[ -n "${STATE:-}" ] && state=(--state "$STATE")
 echo "| max-batch | clients | requests | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | mean batch | errors |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for mb in $batches; do
@@ -25,7 +29,7 @@ for mb in $batches; do
   for c in $clients; do
     n=$((c * per_client))
     out=$("$bin" loadtest --url "http://127.0.0.1:$port" --clients "$c" --requests "$n" \
-      --image "$image" --unnorm-key "$key" --warmup 1 --max-seconds 7200 --json)
+      --image "$image" --unnorm-key "$key" "${state[@]}" --warmup 1 --max-seconds 7200 --json)
     python3 - "$mb" "$c" "$out" <<'PY'
 import json, sys
 mb, c, r = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -106,6 +106,11 @@ struct PredictArgs {
     /// q8_0 elsewhere). See docs/quantization.md.
     #[arg(long)]
     quantize: Option<Quantization>,
+    /// Arithmetic of the many-row products (vision towers, projector, prefill): f32 (exact, the
+    /// default) or bf16 (bf16 operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where
+    /// the CPU has them, docs/kernels.md).
+    #[arg(long, default_value = "f32")]
+    compute: openvla::kernels::ComputePrecision,
     /// OpenVLA-OFT constants.
     #[command(flatten)]
     oft: OftArgs,
@@ -272,6 +277,7 @@ pub(crate) fn load_policy_with(
     model: &std::path::Path,
     precision: Precision,
     quantize: Option<Quantization>,
+    compute: openvla::kernels::ComputePrecision,
     oft: &OftArgs,
 ) -> Result<Policy> {
     let bar = progress::Progress::new("loading weights");
@@ -281,9 +287,9 @@ pub(crate) fn load_policy_with(
         &LoadOptions {
             precision,
             quantize,
+            compute,
             progress: Some(&cb),
             oft: oft.options(),
-            ..Default::default()
         },
     )
     .with_context(|| format!("loading model from {}", model.display()))?;
@@ -305,7 +311,7 @@ fn predict(a: PredictArgs) -> Result<()> {
     for (i, path) in a.image.iter().enumerate() {
         images.push((image_name(i), openvla_image::open(path)?));
     }
-    let policy = load_policy_with(&a.model, a.precision, a.quantize, &a.oft)?;
+    let policy = load_policy_with(&a.model, a.precision, a.quantize, a.compute, &a.oft)?;
     if a.proprio.is_some() && policy.proprio_dim().is_none() {
         eprintln!("openvla predict: this model takes no proprio; --proprio is ignored");
     }

@@ -45,6 +45,10 @@ pub struct EvalArgs {
     /// OpenVLA model directory to serve (in this process, over loopback HTTP).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Arithmetic of the served model's many-row products: f32 (exact, the default) or bf16
+    /// (bf16 operands, f32 sums; AMX or AVX512-BF16 where the CPU has them). With --model only.
+    #[arg(long, default_value = "f32")]
+    pub compute: openvla::kernels::ComputePrecision,
     /// Tasks: mt10, mt50, easy, medium, hard, very_hard, or names (reach-v3,push-v3), comma-separated.
     #[arg(long, default_value = "mt10")]
     pub tasks: String,
@@ -196,6 +200,7 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
         "horizon": a.horizon,
         "unnorm_key": a.unnorm_key,
         "model": a.model.as_deref().map(model_path),
+        "compute": a.model.as_ref().map(|_| a.compute.name()),
         "url": a.url,
         "policy_timeout_s": a.policy_timeout_s,
         "render_every_step": !a.no_render,
@@ -297,7 +302,7 @@ pub fn run_with_stop(a: &EvalArgs, stop: Arc<AtomicBool>) -> Result<EvalOutcome>
     let mut endpoint = match (a.policy, &a.model, &a.url) {
         (PolicyKind::Model, Some(m), _) => {
             eprintln!("openvla eval: loading {}", m.display());
-            Endpoint::serve_model(m, plan.envs)?
+            Endpoint::serve_model(m, plan.envs, a.compute)?
         }
         (PolicyKind::Model, None, Some(u)) => Endpoint::remote(u)?,
         (PolicyKind::LocalExpert, _, _) => Endpoint::local_expert(),

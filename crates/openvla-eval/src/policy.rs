@@ -184,9 +184,18 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Serves an OpenVLA model directory on 127.0.0.1 (ephemeral port) with `openvla serve`'s
-    /// code; `max_batch` concurrent requests may share a forward pass.
-    pub fn serve_model(dir: &Path, max_batch: usize) -> Result<Endpoint> {
-        let policy = openvla::Policy::load(dir, &openvla::LoadOptions::default())
+    /// code; `max_batch` concurrent requests may share a forward pass; `compute` is the
+    /// arithmetic of its many-row products.
+    pub fn serve_model(
+        dir: &Path,
+        max_batch: usize,
+        compute: openvla::kernels::ComputePrecision,
+    ) -> Result<Endpoint> {
+        let options = openvla::LoadOptions {
+            compute,
+            ..Default::default()
+        };
+        let policy = openvla::Policy::load(dir, &options)
             .with_context(|| format!("loading model from {}", dir.display()))?;
         let engine: Arc<dyn Engine> = Arc::new(policy);
         let mut config = ServerConfig::default();

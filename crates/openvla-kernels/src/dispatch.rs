@@ -44,6 +44,16 @@ impl ComputePrecision {
     }
 }
 
+impl std::str::FromStr for ComputePrecision {
+    type Err = String;
+
+    /// [`ComputePrecision::from_name`], with an error naming the choices.
+    fn from_str(s: &str) -> Result<Self, String> {
+        ComputePrecision::from_name(s)
+            .ok_or_else(|| format!("unknown compute precision {s:?}; expected f32 or bf16"))
+    }
+}
+
 impl std::fmt::Display for ComputePrecision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

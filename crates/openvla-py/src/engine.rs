@@ -37,12 +37,14 @@ pub fn load(
     dir: &Path,
     precision: Precision,
     quantize: Option<Quantization>,
+    compute: openvla::kernels::ComputePrecision,
 ) -> openvla::Result<Policy> {
     Policy::load(
         dir,
         &LoadOptions {
             precision,
             quantize,
+            compute,
             progress: None,
             ..Default::default()
         },

@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// docs/quantization.md).
     #[arg(long)]
     pub quantize: Option<Quantization>,
+    /// Arithmetic of the many-row products (vision towers, projector, prefill): f32 (exact, the
+    /// default) or bf16 (bf16 operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where
+    /// the CPU has them, docs/kernels.md).
+    #[arg(long, default_value = "f32")]
+    pub compute: openvla::kernels::ComputePrecision,
     /// Most requests run together in one forward pass.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
@@ -237,6 +242,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         &LoadOptions {
             precision: args.precision,
             quantize: args.quantize,
+            compute: args.compute,
             oft: args.oft.options(),
             ..Default::default()
         },
