@@ -166,13 +166,7 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
         "amx gemm: w holds {} < {nb}×{k}",
         w.len()
     );
-    if m == 0 || nb == 0 {
-        return;
-    }
-    if k == 0 {
-        for r in 0..m {
-            std::ptr::write_bytes(dst.add(r * rs), 0, nb);
-        }
+    if crate::trivial_product(m, k, nb, dst, rs) {
         return;
     }
     let pairs = k.div_ceil(2);
@@ -223,7 +217,6 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
 #[inline(always)]
 unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u32, steps: usize, out: *mut f32) {
     use std::arch::asm;
-    const B_STRIDE: usize = NR * 4; // bytes between pair rows of the panel
     asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -233,25 +226,11 @@ unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u32, steps: usiz
     );
     let a1 = a.add(16 * a_stride / 2);
     for s in 0..steps {
-        let (a0s, a1s) = (a.add(s * DEPTH), a1.add(s * DEPTH));
-        let b0 = b.add(s * 16 * NR);
-        let b1 = b0.add(16);
-        asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a0s,
-            a1 = in(reg) a1s,
-            b0 = in(reg) b0,
-            b1 = in(reg) b1,
-            sa = in(reg) a_stride,
-            sb = in(reg) B_STRIDE,
-            options(nostack, readonly),
+        step(
+            a.add(s * DEPTH),
+            a1.add(s * DEPTH),
+            b.add(s * 16 * NR),
+            a_stride,
         );
     }
     let row = BLOCK * 4; // bytes between rows of out
@@ -266,6 +245,34 @@ unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u32, steps: usiz
         o3 = in(reg) out.add(16 * BLOCK + 16),
         s = in(reg) row,
         options(nostack),
+    );
+}
+
+/// One depth step of a 32×32 block: A tiles of 16 rows at `a0` and `a1` (`a_stride` bytes
+/// between rows), B tiles at `b0` and `b0 + 16` words (pair rows 128 bytes apart), four
+/// `tdpbf16ps` into `tmm0`-`tmm3`.
+///
+/// # Safety
+/// The tile configuration [`CONFIG`] is loaded on this thread and the tiles lie in memory.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn step(a0: *const u16, a1: *const u16, b0: *const u32, a_stride: usize) {
+    std::arch::asm!(
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tileloadd tmm6, [{b0} + {sb}*1]",
+        "tileloadd tmm7, [{b1} + {sb}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        a0 = in(reg) a0,
+        a1 = in(reg) a1,
+        b0 = in(reg) b0,
+        b1 = in(reg) b0.add(16),
+        sa = in(reg) a_stride,
+        sb = in(reg) NR * 4,
+        options(nostack, readonly),
     );
 }
 
@@ -292,22 +299,11 @@ pub fn peak_gflops(iterations: usize) -> Option<f64> {
                 options(nostack, nomem)
             );
             for _ in 0..iterations {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a.as_ptr(),
-                    a1 = in(reg) a.as_ptr().add(16 * DEPTH),
-                    b0 = in(reg) b.as_ptr(),
-                    b1 = in(reg) b.as_ptr().add(16),
-                    sa = in(reg) DEPTH * 2,
-                    sb = in(reg) NR * 4,
-                    options(nostack, readonly),
+                step(
+                    a.as_ptr(),
+                    a.as_ptr().add(16 * DEPTH),
+                    b.as_ptr(),
+                    DEPTH * 2,
                 );
             }
             asm!("tilestored [{0} + {1}*1], tmm0", in(reg) out.as_mut_ptr(), in(reg) BLOCK * 4,

@@ -206,13 +206,7 @@ pub unsafe fn gemm_packed(a: &PackedRowsBf16, w: &[u16], dst: *mut f32, rs: usiz
         "bf16 gemm: w holds {} < {nb}×{k}",
         w.len()
     );
-    if m == 0 || nb == 0 {
-        return;
-    }
-    if k == 0 {
-        for r in 0..m {
-            std::ptr::write_bytes(dst.add(r * rs), 0, nb);
-        }
+    if crate::trivial_product(m, k, nb, dst, rs) {
         return;
     }
     let kp = k.div_ceil(2);
@@ -466,54 +460,41 @@ mod tests {
                     );
                 }
             }
-            #[cfg(target_arch = "x86_64")]
-            if native {
-                // The kernel directly, into a strided destination whose gaps must survive.
-                let rs = n + 3;
-                let mut y = vec![f32::NAN; m * rs];
-                let a = PackedRowsBf16::pack(&x, m, k);
-                let mut wb = vec![0u16; n * k];
-                round_slice(&w, &mut wb);
-                // SAFETY: AVX512-BF16 checked; y holds m rows of stride rs ≥ n.
-                unsafe { gemm_packed(&a, &wb, y.as_mut_ptr(), rs, n) };
+            let mut wb = vec![0u16; n * k];
+            round_slice(&w, &mut wb);
+            // A kernel called directly, into a strided destination whose gaps must survive.
+            let rs = n + 3;
+            let check_strided = |name: &str, y: &[f32]| {
                 for i in 0..m {
                     for j in 0..n {
                         let got = y[i * rs + j] as f64;
                         assert!(
                             (got - want[i * n + j]).abs() <= tol,
-                            "vdpbf16ps m={m} n={n} k={k} ({i},{j}): {got} vs {}",
+                            "{name} m={m} n={n} k={k} ({i},{j}): {got} vs {}",
                             want[i * n + j]
                         );
                     }
                     for j in n..rs {
-                        assert!(y[i * rs + j].is_nan(), "gap ({i},{j}) written");
+                        assert!(y[i * rs + j].is_nan(), "{name}: gap ({i},{j}) written");
                     }
                 }
+            };
+            #[cfg(target_arch = "x86_64")]
+            if native {
+                let mut y = vec![f32::NAN; m * rs];
+                let a = PackedRowsBf16::pack(&x, m, k);
+                // SAFETY: AVX512-BF16 checked; y holds m rows of stride rs ≥ n.
+                unsafe { gemm_packed(&a, &wb, y.as_mut_ptr(), rs, n) };
+                check_strided("vdpbf16ps", &y);
             }
             #[cfg(target_arch = "x86_64")]
             if amx {
-                // The AMX kernel directly, into a strided destination whose gaps must survive;
-                // each row alone gives the same bits as in the whole block.
-                let rs = n + 3;
                 let mut y = vec![f32::NAN; m * rs];
                 let a = crate::amx::PackedRowsAmx::pack(&x, m, k);
-                let mut wb = vec![0u16; n * k];
-                round_slice(&w, &mut wb);
                 // SAFETY: AMX available; y holds m rows of stride rs ≥ n.
                 unsafe { crate::amx::gemm(&a, &wb, y.as_mut_ptr(), rs, n) };
-                for i in 0..m {
-                    for j in 0..n {
-                        let got = y[i * rs + j] as f64;
-                        assert!(
-                            (got - want[i * n + j]).abs() <= tol,
-                            "AMX m={m} n={n} k={k} ({i},{j}): {got} vs {}",
-                            want[i * n + j]
-                        );
-                    }
-                    for j in n..rs {
-                        assert!(y[i * rs + j].is_nan(), "gap ({i},{j}) written");
-                    }
-                }
+                check_strided("AMX", &y);
+                // Each row alone gives the bits it gets in the whole block.
                 for i in [0, m / 2, m - 1] {
                     let one = crate::amx::PackedRowsAmx::pack(&x[i * k..(i + 1) * k], 1, k);
                     let mut row = vec![0f32; n];

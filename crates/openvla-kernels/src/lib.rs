@@ -36,6 +36,31 @@ pub use dispatch::ComputePrecision;
 pub use format::{FormatError, QuantFormat, QuantMatrix, BLOCK};
 use rayon::prelude::*;
 
+/// Settles the shapes of a single-threaded product `dst [m, nb] (row stride rs) = a · wᵀ` that
+/// need no arithmetic: nothing to write (`m` or `nb` zero) or zeros (`k` zero). Returns whether
+/// it did.
+///
+/// # Safety
+/// `dst` must be valid for writes of `m` rows of `nb` elements, `rs` apart.
+pub(crate) unsafe fn trivial_product(
+    m: usize,
+    k: usize,
+    nb: usize,
+    dst: *mut f32,
+    rs: usize,
+) -> bool {
+    if m == 0 || nb == 0 {
+        return true;
+    }
+    if k == 0 {
+        for r in 0..m {
+            std::ptr::write_bytes(dst.add(r * rs), 0, nb);
+        }
+        return true;
+    }
+    false
+}
+
 /// Rows of `x` at or above which the tiled-gemm path is used (unless row-wise is forced).
 pub const GEMM_MIN_ROWS: usize = 8;
 /// Weight rows per task on the dot-product path.

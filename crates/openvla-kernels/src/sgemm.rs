@@ -140,13 +140,7 @@ pub unsafe fn gemm_packed_with(
 ) {
     let (m, k) = (a.m, a.k);
     assert!(w.len() >= nb * k, "sgemm: w holds {} < {nb}×{k}", w.len());
-    if m == 0 || nb == 0 {
-        return;
-    }
-    if k == 0 {
-        for r in 0..m {
-            std::ptr::write_bytes(dst.add(r * rs), 0, nb);
-        }
+    if crate::trivial_product(m, k, nb, dst, rs) {
         return;
     }
     let nr = kernel.nr();
