@@ -174,10 +174,13 @@ def test_from_pretrained_accepts_pathlike_and_precision(samples, cli_answers):
     assert out["token_ids"] == cli_answers[0]["token_ids"]
 
 
-def test_bf16_compute_equals_the_cli_with_the_same_flag(samples):
+def test_compute_reaches_the_policy_and_matches_the_cli(samples):
     import openvla_rs
 
+    exact = openvla_rs.Policy.from_pretrained(MODEL)
+    assert exact.compute == "f32"
     p = openvla_rs.Policy.from_pretrained(MODEL, compute="bf16")
+    assert p.compute == "bf16"
     for s in samples[:2]:
         out = p.predict(Image.open(s["image"]), s["instruction"], s["unnorm_key"])
         cli = cli_predict(s["image"], s["instruction"], s["unnorm_key"], ("--compute", "bf16"))

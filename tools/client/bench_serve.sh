@@ -6,9 +6,10 @@
 #
 # One server per --max-batch value on a loopback port; every client count is measured against
 # it; prints one Markdown row per run (errors by status). TIMEOUT_MS sets --request-timeout-ms
-# (default one hour). BIN picks the binary (default target/release/openvla, so two builds can be
-# compared in one session), IMAGE the image sent, STATE the robot state (OFT models with a proprio
-# projector, e.g. STATE=0,0.6,0.2,0.5). Needs a release build (cargo build --release -p openvla-cli).
+# (default one hour). PORT sets the first port (default 18600); BIN the binary (default
+# target/release/openvla, so two builds can be compared in one session); IMAGE the image sent;
+# STATE the robot state (OFT models with a proprio projector, e.g. STATE=0,0.6,0.2,0.5). Needs a
+# release build (cargo build --release -p openvla-cli).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=$1 key=$2 clients=$3 batches=$4 per_client=$5 wait_ms=${6:-5} precision=${7:-auto}

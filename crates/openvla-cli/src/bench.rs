@@ -59,7 +59,7 @@ pub struct BenchArgs {
     quantize: Option<Quantization>,
     /// Arithmetic of the many-row products (f32: exact, the default; bf16: bf16 operands,
     /// f32 sums), single configuration.
-    #[arg(long, default_value = "f32", value_parser = parse_compute)]
+    #[arg(long, default_value = "f32")]
     compute: ComputePrecision,
     /// Configurations to time, each in its own process: comma-separated among f32, bf16, f16,
     /// int8, int4, and bf16-compute (bf16 weights and bf16 arithmetic).
@@ -111,11 +111,6 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_compute(s: &str) -> std::result::Result<ComputePrecision, String> {
-    ComputePrecision::from_name(s)
-        .ok_or_else(|| format!("unknown compute precision {s:?}; expected f32 or bf16"))
 }
 
 /// A timed configuration: precision of dense weights, quantization and arithmetic.

@@ -14,6 +14,7 @@ use crate::tasks;
 use crate::worker::PythonEnv;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use openvla::kernels::ComputePrecision;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
@@ -46,7 +47,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Arithmetic of the served model's many-row products: f32 (exact, the default) or bf16
-    /// (bf16 operands, f32 sums; AMX or AVX512-BF16 where the CPU has them). With --model only.
+    /// (bf16 operands, f32 sums; AMX or AVX512-BF16 where the CPU has them). With --model only;
+    /// part of the run's config (checked by --resume) when bf16.
     #[arg(long, default_value = "f32")]
     pub compute: openvla::kernels::ComputePrecision,
     /// Tasks: mt10, mt50, easy, medium, hard, very_hard, or names (reach-v3,push-v3), comma-separated.
@@ -181,6 +183,13 @@ fn check_flags(a: &EvalArgs) -> Result<Plan> {
         }
         _ => {}
     }
+    if a.compute != ComputePrecision::F32 && a.model.is_none() {
+        bail!(
+            "--compute {} sets the arithmetic of a model served here: it needs --model DIR (a \
+             server at --url chooses its own, `openvla serve --compute`)",
+            a.compute
+        )
+    }
     Ok(Plan { tasks, envs })
 }
 
@@ -200,7 +209,8 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
         "horizon": a.horizon,
         "unnorm_key": a.unnorm_key,
         "model": a.model.as_deref().map(model_path),
-        "compute": a.model.as_ref().map(|_| a.compute.name()),
+        // Recorded only when not the exact default, so that runs from before the flag resume.
+        "compute": (a.compute != ComputePrecision::F32).then(|| a.compute.name()),
         "url": a.url,
         "policy_timeout_s": a.policy_timeout_s,
         "render_every_step": !a.no_render,
@@ -209,7 +219,7 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
 }
 
 /// Keys of the config that must match for --resume.
-const RESUME_KEYS: [&str; 9] = [
+const RESUME_KEYS: [&str; 10] = [
     "tasks",
     "episodes_per_task",
     "seed",
@@ -219,6 +229,7 @@ const RESUME_KEYS: [&str; 9] = [
     "execute",
     "horizon",
     "model",
+    "compute",
 ];
 
 fn read_records(path: &Path) -> Result<Vec<EpisodeRecord>> {
@@ -620,10 +631,27 @@ mod tests {
         assert!(e(&["--model", "/nonexistent-model"]).contains("no such directory"));
         assert!(e(&["--policy", "random", "--url", "http://x:1"]).contains("--policy model"));
         assert!(e(&["--policy", "expert", "--execute", "0"]).contains("--execute"));
+        assert!(e(&["--url", "http://127.0.0.1:1", "--compute", "bf16"]).contains("--model DIR"));
+        assert!(e(&["--policy", "expert", "--compute", "bf16"]).contains("--model DIR"));
         let p = check_flags(&args(&[
             "--policy", "expert", "--tasks", "hard", "--envs", "3",
         ]))
         .unwrap();
         assert_eq!((p.tasks.len(), p.envs), (6, 3));
+    }
+
+    /// bf16 arithmetic is part of the config --resume checks; the exact default is recorded as
+    /// absent, as in runs from before the flag, so those still resume.
+    #[test]
+    fn compute_enters_the_config_only_when_not_the_default() {
+        let plan = Plan {
+            tasks: vec!["reach-v3".into()],
+            envs: 1,
+        };
+        let exact = config_json(&args(&["--model", "m"]), &plan);
+        assert!(exact["compute"].is_null(), "{exact}");
+        let bf16 = config_json(&args(&["--model", "m", "--compute", "bf16"]), &plan);
+        assert_eq!(bf16["compute"], "bf16");
+        assert!(RESUME_KEYS.contains(&"compute"));
     }
 }

@@ -152,6 +152,19 @@ thread_local! {
     static PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` with the tile configuration [`CONFIG`] loaded on this thread, and releases the
+/// tiles after (so that the kernel does not keep the 8 KB tile state on context switches).
+///
+/// # Safety
+/// [`available`] must be true.
+#[cfg(target_arch = "x86_64")]
+unsafe fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
+    std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+    let r = f();
+    std::arch::asm!("tilerelease", options(nostack, nomem));
+    r
+}
+
 /// `dst [m, nb] (row stride rs) = a · wᵀ` for bf16 weights `w [nb, k]` (raw bits, row-major),
 /// single-threaded, on the AMX tile unit.
 ///
@@ -171,51 +184,60 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
     }
     let pairs = k.div_ceil(2);
     let panel_pairs = a.stride / 2;
-    let a_stride = a.stride * 2; // bytes
     PANEL.with(|buf| {
         let mut buf = buf.borrow_mut();
         if buf.len() < panel_pairs * NR {
             buf.resize(panel_pairs * NR, 0);
         }
         let panel = &mut buf[..panel_pairs * NR];
-        std::arch::asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
         let mut out = [0f32; BLOCK * BLOCK];
-        for jp in 0..nb.div_ceil(NR) {
-            let cols = NR.min(nb - jp * NR);
-            pack_pairs(&w[jp * NR * k..], k, cols, 0, pairs, panel);
-            panel[pairs * NR..].fill(0);
-            for ib in 0..m.div_ceil(BLOCK) {
-                block_32x32(
-                    a.data.as_ptr().add(ib * BLOCK * a.stride),
-                    a_stride,
-                    panel.as_ptr(),
-                    a.stride / DEPTH,
-                    out.as_mut_ptr(),
-                );
-                let rows = BLOCK.min(m - ib * BLOCK);
-                for r in 0..rows {
-                    std::ptr::copy_nonoverlapping(
-                        out.as_ptr().add(r * BLOCK),
-                        dst.add((ib * BLOCK + r) * rs + jp * NR),
-                        cols,
+        with_tiles(|| {
+            for jp in 0..nb.div_ceil(NR) {
+                let cols = NR.min(nb - jp * NR);
+                pack_pairs(&w[jp * NR * k..], k, cols, 0, pairs, panel);
+                panel[pairs * NR..].fill(0);
+                for ib in 0..m.div_ceil(BLOCK) {
+                    block_32x32(
+                        a.data.as_ptr().add(ib * BLOCK * a.stride),
+                        a.stride * 2,
+                        panel.as_ptr(),
+                        a.stride / DEPTH,
+                        true,
+                        out.as_mut_ptr(),
                     );
+                    for r in 0..BLOCK.min(m - ib * BLOCK) {
+                        std::ptr::copy_nonoverlapping(
+                            out.as_ptr().add(r * BLOCK),
+                            dst.add((ib * BLOCK + r) * rs + jp * NR),
+                            cols,
+                        );
+                    }
                 }
             }
-        }
-        std::arch::asm!("tilerelease", options(nostack, nomem));
+        })
     });
 }
 
 /// One 32×32 block: `out [32][32] = Σ_s A_s · B_s` over `steps` depth steps of 32 bf16, where
 /// `a` is the block's first activation row (`a_stride` bytes between rows) and `b` the pair panel
-/// (`[pairs][32]` words).
+/// (`[pairs][32]` words, 128 bytes between pair rows). Each step loads two A tiles (`tmm4`,
+/// `tmm5`) and two B tiles (`tmm6`, `tmm7`) and issues four `tdpbf16ps` into `tmm0`-`tmm3`;
+/// with `advance` false every step reads the same tiles (the peak probe).
 ///
 /// # Safety
-/// The tile configuration [`CONFIG`] is loaded on this thread; `a` holds 32 rows of
-/// `steps · 32` bf16, `b` `steps · 16` pair rows of 32 words, `out` 1024 floats.
+/// The tile configuration [`CONFIG`] is loaded on this thread ([`with_tiles`]); `a` holds 32
+/// rows of `steps · 32` bf16 (32 when not advancing), `b` `steps · 16` pair rows of 32 words
+/// (16), `out` 1024 floats.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u32, steps: usize, out: *mut f32) {
+unsafe fn block_32x32(
+    a: *const u16,
+    a_stride: usize,
+    b: *const u32,
+    steps: usize,
+    advance: bool,
+    out: *mut f32,
+) {
     use std::arch::asm;
     asm!(
         "tilezero tmm0",
@@ -224,13 +246,26 @@ unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u32, steps: usiz
         "tilezero tmm3",
         options(nostack, nomem)
     );
+    let (a_step, b_step) = if advance { (DEPTH, 16 * NR) } else { (0, 0) };
     let a1 = a.add(16 * a_stride / 2);
     for s in 0..steps {
-        step(
-            a.add(s * DEPTH),
-            a1.add(s * DEPTH),
-            b.add(s * 16 * NR),
-            a_stride,
+        let b0 = b.add(s * b_step);
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a.add(s * a_step),
+            a1 = in(reg) a1.add(s * a_step),
+            b0 = in(reg) b0,
+            b1 = in(reg) b0.add(16),
+            sa = in(reg) a_stride,
+            sb = in(reg) NR * 4,
+            options(nostack, readonly),
         );
     }
     let row = BLOCK * 4; // bytes between rows of out
@@ -248,77 +283,40 @@ unsafe fn block_32x32(a: *const u16, a_stride: usize, b: *const u32, steps: usiz
     );
 }
 
-/// One depth step of a 32×32 block: A tiles of 16 rows at `a0` and `a1` (`a_stride` bytes
-/// between rows), B tiles at `b0` and `b0 + 16` words (pair rows 128 bytes apart), four
-/// `tdpbf16ps` into `tmm0`-`tmm3`.
-///
-/// # Safety
-/// The tile configuration [`CONFIG`] is loaded on this thread and the tiles lie in memory.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn step(a0: *const u16, a1: *const u16, b0: *const u32, a_stride: usize) {
-    std::arch::asm!(
-        "tileloadd tmm4, [{a0} + {sa}*1]",
-        "tileloadd tmm5, [{a1} + {sa}*1]",
-        "tileloadd tmm6, [{b0} + {sb}*1]",
-        "tileloadd tmm7, [{b1} + {sb}*1]",
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
-        a0 = in(reg) a0,
-        a1 = in(reg) a1,
-        b0 = in(reg) b0,
-        b1 = in(reg) b0.add(16),
-        sa = in(reg) a_stride,
-        sb = in(reg) NR * 4,
-        options(nostack, readonly),
-    );
-}
+/// Multiply-adds per step of [`block_32x32`] times 2: the flops of one [`probe_loop`] step.
+pub const FLOPS_PER_STEP: usize = 4 * 16 * 16 * DEPTH * 2;
 
-/// The peak of `tdpbf16ps` on one core in GFLOP/s (2 flops per multiply-add): the kernel's
-/// step (two A and two B tile loads, four `tdpbf16ps`) repeated on L1-resident tiles; `None`
-/// without AMX.
-pub fn peak_gflops(iterations: usize) -> Option<f64> {
+/// The peak probe's loop: `steps` steps of the kernel's own [`block_32x32`] on L1-resident
+/// tiles of ones; returns the first output element, checked against its exact value (32 per
+/// step). 0 without AMX. `openvla_kernels::probe` times it.
+pub fn probe_loop(steps: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        use std::arch::asm;
         let a = vec![0x3f80u16; 2 * 16 * DEPTH]; // 1.0
         let b = vec![0x3f80_3f80u32; 16 * NR];
         let mut out = vec![0f32; BLOCK * BLOCK];
-        let t0 = std::time::Instant::now();
         // SAFETY: AMX available; a holds 32 rows of 32 bf16 (64 bytes apart), b 16 pair rows of
-        // 32 words (128 bytes apart), out 1024 floats.
+        // 32 words, out 1024 floats; the tiles are not advanced.
         unsafe {
-            asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-            for _ in 0..iterations {
-                step(
+            with_tiles(|| {
+                block_32x32(
                     a.as_ptr(),
-                    a.as_ptr().add(16 * DEPTH),
-                    b.as_ptr(),
                     DEPTH * 2,
-                );
-            }
-            asm!("tilestored [{0} + {1}*1], tmm0", in(reg) out.as_mut_ptr(), in(reg) BLOCK * 4,
-                options(nostack));
-            asm!("tilerelease", options(nostack, nomem));
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let want = (iterations * DEPTH) as f32;
+                    b.as_ptr(),
+                    steps,
+                    false,
+                    out.as_mut_ptr(),
+                )
+            })
+        };
+        let want = (steps * DEPTH) as f32;
         assert!(
             (out[0] - want).abs() <= want * 1e-3,
             "the AMX probe computed {} instead of {want}",
             out[0]
         );
-        return Some(iterations as f64 * (4 * 16 * 16 * DEPTH * 2) as f64 / secs / 1e9);
+        return out[0];
     }
-    let _ = iterations;
-    None
+    let _ = steps;
+    0.0
 }

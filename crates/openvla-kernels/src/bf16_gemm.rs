@@ -158,29 +158,34 @@ pub fn tiled_gemm_bf16_with(
             f(&buf[..nb * k]);
         })
     };
+    // The packed kernels: the activations packed once, each thread's weight tile multiplied
+    // into its columns of y.
     #[cfg(target_arch = "x86_64")]
-    if path == Bf16Path::Amx {
-        let packed = crate::amx::PackedRowsAmx::pack(x, m, k);
-        crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
-            with_tile(j0, nb, &mut |tile| {
-                // SAFETY: AMX checked; columns j0 .. j0 + nb of the m rows of y (row stride n)
-                // belong to this tile alone.
-                unsafe { crate::amx::gemm(&packed, tile, dst, n, nb) }
-            })
-        });
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if path == Bf16Path::Dot {
-        let packed = PackedRowsBf16::pack(x, m, k);
-        crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
-            with_tile(j0, nb, &mut |tile| {
-                // SAFETY: AVX512-BF16 checked; columns j0 .. j0 + nb of the m rows of y (row
-                // stride n) belong to this tile alone.
-                unsafe { gemm_packed(&packed, tile, dst, n, nb) }
-            })
-        });
-        return;
+    {
+        type Kernel<'a> = Box<dyn Fn(&[u16], *mut f32, usize) + Sync + 'a>;
+        // SAFETY (both kernels): the path's instructions were checked above, and columns
+        // j0 .. j0 + nb of the m rows of y (row stride n) belong to the tile alone.
+        let kernel: Option<Kernel> = match path {
+            Bf16Path::Amx => {
+                let a = crate::amx::PackedRowsAmx::pack(x, m, k);
+                Some(Box::new(move |t, dst, nb| unsafe {
+                    crate::amx::gemm(&a, t, dst, n, nb)
+                }))
+            }
+            Bf16Path::Dot => {
+                let a = PackedRowsBf16::pack(x, m, k);
+                Some(Box::new(move |t, dst, nb| unsafe {
+                    gemm_packed(&a, t, dst, n, nb)
+                }))
+            }
+            Bf16Path::F32Gemm => None,
+        };
+        if let Some(kernel) = kernel {
+            crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+                with_tile(j0, nb, &mut |tile| kernel(tile, dst, nb))
+            });
+            return;
+        }
     }
     // The same operands through the f32 GEMM.
     let mut xr = vec![0u16; m * k];

@@ -223,12 +223,7 @@ pub fn bf16_path() -> Bf16Path {
     }
 }
 
-/// Whether the bf16-arithmetic GEMM runs on `vdpbf16ps` here ([`bf16_path`]).
-pub fn bf16_dot() -> bool {
-    bf16_path() == Bf16Path::Dot
-}
-
-/// Whether this CPU's `vdpbf16ps` is worth using (see [`bf16_dot`]): an AMD CPU.
+/// Whether this CPU's `vdpbf16ps` is worth using (see [`bf16_path`]): an AMD CPU.
 fn bf16_dot_is_fast() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -259,14 +254,15 @@ pub fn table() -> String {
     let f = Features::get();
     let native = Features::detect();
     let gemm = f32_gemm_name(f32_gemm());
-    let bf16 = if bf16_path() == Bf16Path::Amx {
-        "AMX tdpbf16ps, 32x32 blocks of 16x32 tiles (bf16 operands, f32 sums)".to_string()
-    } else if bf16_dot() {
-        "AVX512-BF16 vdpbf16ps, 6x32 packed (bf16 operands, f32 sums)".to_string()
-    } else if f.avx512_bf16 {
-        format!("bf16-rounded operands, f32 GEMM ({gemm}; this CPU's vdpbf16ps is slower)")
-    } else {
-        format!("bf16-rounded operands, then f32 GEMM: {gemm}")
+    let bf16 = match bf16_path() {
+        Bf16Path::Amx => {
+            "AMX tdpbf16ps, 32x32 blocks of 16x32 tiles (bf16 operands, f32 sums)".to_string()
+        }
+        Bf16Path::Dot => "AVX512-BF16 vdpbf16ps, 6x32 packed (bf16 operands, f32 sums)".to_string(),
+        Bf16Path::F32Gemm if f.avx512_bf16 => {
+            format!("bf16-rounded operands, f32 GEMM ({gemm}; this CPU's vdpbf16ps is slower)")
+        }
+        Bf16Path::F32Gemm => format!("bf16-rounded operands, then f32 GEMM: {gemm}"),
     };
     let int16 = if f.avx512 && f.avx512_vnni {
         "AVX512-VNNI vpdpwssd int16 GEMM 6x32 (int32 block sums)"

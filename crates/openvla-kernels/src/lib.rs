@@ -63,6 +63,13 @@ pub(crate) unsafe fn trivial_product(
 
 /// Rows of `x` at or above which the tiled-gemm path is used (unless row-wise is forced).
 pub const GEMM_MIN_ROWS: usize = 8;
+
+/// Whether a block of `rows` rows keeps its bits when stacked with other rows into one product
+/// (batched vision, packed prefills): it takes the tiled path alone as in any larger product.
+/// Fewer than [`GEMM_MIN_ROWS`] rows take the dot-product kernels alone, whose sums differ.
+pub fn stacks_bit_exactly(rows: usize) -> bool {
+    rows >= GEMM_MIN_ROWS
+}
 /// Weight rows per task on the dot-product path.
 pub const DOT_TILE_ROWS: usize = 64;
 /// Weight rows widened per tile on the gemm path (large enough that re-packing the activations

@@ -128,7 +128,10 @@ impl Peaks {
                 avx2_fma: run(f.avx2, 12 * 16, |n| unsafe { fma_loop_avx2(n) }),
                 avx512_fma: run(f.avx512, 12 * 32, |n| unsafe { fma_loop_avx512(n) }),
                 avx512_bf16_dot: run(f.avx512_bf16, 12 * 64, |n| unsafe { bf16_dot_loop(n) }),
-                amx_bf16: amx_peak(f.amx_bf16, iters),
+                // One AMX step is 65,536 flops: a sixteenth of a step per iteration.
+                amx_bf16: run(f.amx_bf16, crate::amx::FLOPS_PER_STEP / 16, |n| {
+                    crate::amx::probe_loop(n / 16)
+                }),
                 avx512_vnni_dot: run(f.avx512_vnni, 12 * 128, |n| unsafe { vnni512_loop(n) }),
                 avx_vnni_dot: run(f.avx_vnni, 12 * 64, |n| unsafe { avx_vnni_loop(n) }),
                 avx2_int8_dot: run(f.avx2, 8 * 64, |n| unsafe { maddubs_loop_avx2(n) as f32 }),
@@ -169,25 +172,6 @@ impl Peaks {
         };
         peak.unwrap_or(f64::NAN)
     }
-}
-
-/// The AMX peak over all rayon threads (each thread runs its own tile loop): `iters / 16`
-/// steps of 65,536 flops per thread, the best of two.
-fn amx_peak(on: bool, iters: usize) -> Option<f64> {
-    if !on {
-        return None;
-    }
-    let threads = rayon::current_num_threads();
-    let steps = (iters / 16).clamp(1, 500_000);
-    let mut best_rate = 0f64;
-    for _ in 0..2 {
-        let rates: Vec<f64> = (0..threads)
-            .into_par_iter()
-            .filter_map(|_| crate::amx::peak_gflops(steps))
-            .collect();
-        best_rate = best_rate.max(rates.iter().sum());
-    }
-    Some(best_rate)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -432,6 +432,13 @@ impl PyPolicy {
         self.inner.action_dim(unnorm_key).map_err(to_py_err)
     }
 
+    /// The arithmetic of the many-row products: ``"f32"`` (exact) or ``"bf16"``
+    /// (``from_pretrained(compute=...)``).
+    #[getter]
+    fn compute(&self) -> &'static str {
+        self.inner.compute().name()
+    }
+
     /// The model directory.
     #[getter]
     fn model_dir(&self) -> String {

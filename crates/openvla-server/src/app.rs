@@ -301,6 +301,7 @@ async fn metadata(State(state): State<Arc<AppState>>) -> Response {
             "variant": m.variant,
             "model_dir": m.model_dir,
             "weight_dtype": m.weight_dtype,
+            "compute": m.compute,
             "action_dims": m.action_dims,
             "norm_stats_keys": m.action_dims.keys().collect::<Vec<_>>(),
             "norm_stats_source": m.norm_stats_source,

@@ -25,6 +25,8 @@ pub struct ModelMetadata {
     pub model_dir: String,
     /// How weights are held in memory.
     pub weight_dtype: String,
+    /// Arithmetic of the many-row products: `f32` (exact) or `bf16`.
+    pub compute: String,
     /// Action dimension of each dataset (`unnorm_key`) in `norm_stats`.
     pub action_dims: BTreeMap<String, usize>,
     /// The file the statistics were read from.
@@ -73,6 +75,7 @@ impl Engine for Policy {
             },
             model_dir: self.dir().display().to_string(),
             weight_dtype: format!("{:?}", self.weight_dtype()).to_lowercase(),
+            compute: self.compute().name().into(),
             action_dims: self
                 .norm_stats()
                 .iter()

@@ -613,6 +613,7 @@ pub fn metadata_value(model: &ModelMetadata, config: &OpenpiConfig) -> Value {
         (s("variant"), s(&model.variant)),
         (s("model_dir"), s(&model.model_dir)),
         (s("weight_dtype"), s(&model.weight_dtype)),
+        (s("compute"), s(&model.compute)),
         (s("chunk_size"), Value::from(model.chunk_size as u64)),
         (
             s("action_dims"),

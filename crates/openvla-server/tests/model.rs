@@ -286,6 +286,7 @@ async fn unnorm_key_errors_and_operational_endpoints() {
 
     let m = server.get("/metadata").await.json().unwrap();
     assert_eq!(m["variant"], "openvla");
+    assert_eq!(m["compute"], "f32");
     assert_eq!(
         m["action_dims"],
         json!({"fake_bridge_orig": 7, "fake_libero_spatial": 7, "fake_nomask_4d": 4})

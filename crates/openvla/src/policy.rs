@@ -319,6 +319,10 @@ impl Policy {
     pub fn weight_dtype(&self) -> WeightDtype {
         self.weights.dtype
     }
+    /// The arithmetic of the many-row products ([`LoadOptions::compute`]).
+    pub fn compute(&self) -> crate::model::linear::ComputePrecision {
+        self.weights.compute
+    }
     /// How weights are held: dtype and quantization.
     pub fn weight_policy(&self) -> WeightPolicy {
         self.weights

@@ -244,6 +244,10 @@ fn stacked_vision_equals_each_image_alone() {
             .map(|r| policy.preprocess_image(&r.observation.images[0].1).unwrap())
             .collect();
         let refs: Vec<&candle_core::Tensor> = pixels.iter().collect();
+        // 16 x 16 patches per tower: the images really run as one stacked pass.
+        assert!(openvla::kernels::stacks_bit_exactly(
+            policy.config().num_patches()
+        ));
         let vision = &policy.model().vision;
         let stacked = vision.forward_stacked(&refs, None).unwrap();
         assert_eq!(stacked.len(), pixels.len());

@@ -155,6 +155,7 @@ impl Engine for MockEngine {
             variant: "mock".into(),
             model_dir: "mock".into(),
             weight_dtype: "f32".into(),
+            compute: "f32".into(),
             action_dims: BTreeMap::from([("three".into(), 3), ("four".into(), 4)]),
             norm_stats_source: "mock".into(),
             family: "openvla".into(),

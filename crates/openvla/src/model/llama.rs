@@ -309,6 +309,29 @@ impl KvCache {
             rows: caches.into_iter().flat_map(|c| c.rows).collect(),
         }
     }
+    /// Gives every row that has no entries yet an empty one per layer.
+    fn ensure_layers(&mut self, layers: usize) {
+        for r in self.rows.iter_mut() {
+            if r.len() != layers {
+                *r = (0..layers).map(|_| None).collect();
+            }
+        }
+    }
+
+    /// Runs `f` on layer `li`'s entry of every row (moved out for the call, then back).
+    fn with_layer<R>(
+        &mut self,
+        li: usize,
+        f: impl FnOnce(&mut [Option<LayerKv>]) -> Result<R>,
+    ) -> Result<R> {
+        let mut layer: Vec<Option<LayerKv>> = self.rows.iter_mut().map(|r| r[li].take()).collect();
+        let out = f(&mut layer);
+        for (r, kv) in self.rows.iter_mut().zip(layer) {
+            r[li] = kv;
+        }
+        out
+    }
+
     /// Keeps only the given rows, in that order.
     pub fn select(&mut self, keep: &[usize]) {
         let mut rows = std::mem::take(&mut self.rows);
@@ -323,12 +346,10 @@ pub const MAX_PACKED_POSITIONS: usize = 4096;
 
 /// Splits sequences of lengths `lens` into consecutive packs for
 /// [`Llama::prefill_packed`] and [`Llama::forward_packed_bidirectional`], each of at most
-/// `max` positions (a longer sequence is a pack of its own). A sequence shorter than
-/// [`crate::kernels::GEMM_MIN_ROWS`] is always a pack of its own: alone, its projections take
-/// the dot-product kernels, and packed with others they would take the tiled ones, whose
-/// bits differ.
+/// `max` positions (a longer sequence is a pack of its own). A sequence too short to keep its
+/// bits when stacked ([`crate::kernels::stacks_bit_exactly`]) is always a pack of its own.
 pub fn packs(lens: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
-    let short = |len: usize| len < crate::kernels::GEMM_MIN_ROWS;
+    let short = |len: usize| !crate::kernels::stacks_bit_exactly(len);
     let mut out = Vec::new();
     let (mut start, mut total) = (0, 0);
     for (i, &len) in lens.iter().enumerate() {
@@ -525,23 +546,16 @@ impl Llama {
         }
         let rope = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
         if let Some(c) = cache.as_deref_mut() {
-            for r in c.rows.iter_mut() {
-                *r = (0..self.layers.len()).map(|_| None).collect();
-            }
+            c.ensure_layers(self.layers.len());
         }
         let mut h = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
-            match cache.as_deref_mut() {
+            h = match cache.as_deref_mut() {
                 Some(c) => {
-                    let mut caches: Vec<Option<LayerKv>> =
-                        c.rows.iter_mut().map(|r| r[li].take()).collect();
-                    h = layer.forward_packed(&h, &rope, lens, Some(&mut caches))?;
-                    for (r, kv) in c.rows.iter_mut().zip(caches) {
-                        r[li] = kv;
-                    }
+                    c.with_layer(li, |kv| layer.forward_packed(&h, &rope, lens, Some(kv)))?
                 }
-                None => h = layer.forward_packed(&h, &rope, lens, None)?,
-            }
+                None => layer.forward_packed(&h, &rope, lens, None)?,
+            };
         }
         self.norm.forward(&h)
     }
@@ -569,19 +583,10 @@ impl Llama {
             }
             rope.push(self.rope_tables(start, t)?);
         }
-        for r in cache.rows.iter_mut() {
-            if r.len() != self.layers.len() {
-                *r = (0..self.layers.len()).map(|_| None).collect();
-            }
-        }
+        cache.ensure_layers(self.layers.len());
         let mut h = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
-            let mut caches: Vec<Option<LayerKv>> =
-                cache.rows.iter_mut().map(|r| r[li].take()).collect();
-            h = layer.forward(&h, &rope, &mut caches)?;
-            for (r, c) in cache.rows.iter_mut().zip(caches) {
-                r[li] = c;
-            }
+            h = cache.with_layer(li, |kv| layer.forward(&h, &rope, kv))?;
         }
         self.norm.forward(&h)
     }

@@ -83,6 +83,24 @@ pub struct GenerationRequest<'a> {
     pub max_new_tokens: usize,
 }
 
+/// Runs `pass(packed, lens)` on the sequences `embeds` (each `[1, len, D]`) laid end to end
+/// along the positions, one pack of at most [`MAX_PACKED_POSITIONS`] at a time ([`packs`]), in
+/// order.
+fn for_each_pack(
+    embeds: &[Tensor],
+    mut pass: impl FnMut(Tensor, &[usize]) -> Result<()>,
+) -> Result<()> {
+    let lens = embeds
+        .iter()
+        .map(|e| e.dim(1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for pack in packs(&lens, MAX_PACKED_POSITIONS) {
+        let parts: Vec<&Tensor> = embeds[pack.clone()].iter().collect();
+        pass(Tensor::cat(&parts, 1)?, &lens[pack])?;
+    }
+    Ok(())
+}
+
 /// Result of [`OpenVla::decode_greedy`].
 #[derive(Debug, Clone)]
 pub struct GreedyOutput {
@@ -252,20 +270,13 @@ impl OpenVla {
             .zip(&projected)
             .map(|(r, p)| self.splice(p, r.input_ids))
             .collect::<Result<Vec<_>>>()?;
-        let lens = embeds
-            .iter()
-            .map(|e| e.dim(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let mut logits = Vec::with_capacity(requests.len());
         let mut caches = Vec::new();
-        for pack in packs(&lens, MAX_PACKED_POSITIONS) {
-            let parts: Vec<&Tensor> = embeds[pack.clone()].iter().collect();
-            let (hidden, cache) = self
-                .llm
-                .prefill_packed(&Tensor::cat(&parts, 1)?, &lens[pack.clone()])?;
+        for_each_pack(&embeds, |packed, lens| {
+            let (hidden, cache) = self.llm.prefill_packed(&packed, lens)?;
             let mut end = 0;
-            let mut last = Vec::with_capacity(pack.len());
-            for &len in &lens[pack] {
+            let mut last = Vec::with_capacity(lens.len());
+            for &len in lens {
                 end += len;
                 last.push(hidden.narrow(1, end - 1, 1)?);
             }
@@ -274,7 +285,8 @@ impl OpenVla {
                 logits.push(l.get(i)?.to_vec1::<f32>()?);
             }
             caches.push(cache);
-        }
+            Ok(())
+        })?;
         let prefill_time = t0.elapsed();
         let limits: Vec<usize> = requests.iter().map(|r| r.max_new_tokens).collect();
         let outs = self.decode_batch(logits, KvCache::concat(caches), &limits)?;
@@ -306,8 +318,7 @@ impl OpenVla {
             Some(f) => f.dim(1)?,
             None => return Ok(Vec::new()),
         };
-        // Fewer rows than the tiled kernels' minimum: each sample alone (see `packs`).
-        let stack = if rows >= crate::kernels::GEMM_MIN_ROWS {
+        let stack = if crate::kernels::stacks_bit_exactly(rows) {
             vision::MAX_STACKED_IMAGES
         } else {
             1
@@ -426,22 +437,16 @@ impl OpenVla {
         }
         // One bidirectional LLM pass over the packed sequences.
         let t0 = Instant::now();
-        let lens = embeds
-            .iter()
-            .map(|e| e.dim(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let mut hidden = Vec::with_capacity(inputs.len());
-        for pack in packs(&lens, MAX_PACKED_POSITIONS) {
-            let parts: Vec<&Tensor> = embeds[pack.clone()].iter().collect();
-            let h = self
-                .llm
-                .forward_packed_bidirectional(&Tensor::cat(&parts, 1)?, &lens[pack.clone()])?;
+        for_each_pack(&embeds, |packed, lens| {
+            let h = self.llm.forward_packed_bidirectional(&packed, lens)?;
             let mut start = 0;
-            for &len in &lens[pack] {
+            for &len in lens {
                 hidden.push(h.narrow(1, start, len)?);
                 start += len;
             }
-        }
+            Ok(())
+        })?;
         let llm_time = t0.elapsed();
         let mut out = Vec::with_capacity(inputs.len());
         let rows = vision

@@ -59,12 +59,10 @@ impl VisionBackbone {
         images: &[&Tensor],
         language: Option<&Tensor>,
     ) -> Result<Vec<VisionFeatures>> {
-        // With fewer patches than the tiled kernels' minimum, an image alone takes the
-        // dot-product kernels; stacked it would take the tiled ones, whose bits differ.
         let stack = if self
             .towers
             .iter()
-            .all(|t| t.config().num_patches() >= crate::kernels::GEMM_MIN_ROWS)
+            .all(|t| crate::kernels::stacks_bit_exactly(t.config().num_patches()))
         {
             MAX_STACKED_IMAGES
         } else {
