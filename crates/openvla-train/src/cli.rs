@@ -115,6 +115,11 @@ pub struct FinetuneArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// Arithmetic of the linears' products, forward and backward: f32 (exact, the default) or
+    /// bf16 (both operands rounded to bf16, f32 sums, as PyTorch's bf16 autocast; on AMX or
+    /// AVX512-BF16 where the CPU has them). Weights, gradients and the optimizer stay f32.
+    #[arg(long, default_value = "f32")]
+    pub compute: openvla::kernels::ComputePrecision,
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -622,6 +627,10 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         fingerprint["lr_schedule"] = serde_json::json!(schedule.kind);
         fingerprint["warmup_steps"] = schedule.warmup_steps.into();
     }
+    // f32 runs keep the fingerprint of earlier versions.
+    if args.compute != openvla::kernels::ComputePrecision::F32 {
+        fingerprint["compute"] = args.compute.name().into();
+    }
     let run_dir = args.out.clone();
     let has_ckpt = crate::checkpoint::latest_checkpoint(&run_dir)?.is_some();
     if has_ckpt && !args.resume {
@@ -1098,6 +1107,8 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     };
     let layers = plan.config.text.num_hidden_layers;
     let mode = args.mode;
+    // The training steps run on this thread: its linears take the chosen arithmetic.
+    let _compute = crate::model::fused::BF16Matmuls::set(args.compute);
     let cfg = TrainerConfig {
         run_dir: plan.run_dir.clone(),
         max_steps: args.max_steps,

@@ -111,6 +111,81 @@ fn sum_partials(parts: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
 /// A float32 matrix operand: pointer, row stride, column stride (elements).
 type Operand = (*const f32, isize, isize);
 
+thread_local! {
+    /// Whether the linears' products on this thread run in bf16 arithmetic ([`BF16Matmuls`]).
+    static BF16_MATMULS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, the training linears' products on this thread (forward `x·Wᵀ`, backward `g·W`
+/// and `gᵀ·x`) run in bf16 arithmetic: both operands rounded to bf16 (to nearest even),
+/// products summed in f32, as PyTorch's bf16 autocast computes them, on AMX or AVX512-BF16
+/// where the CPU has them (`openvla::kernels::dispatch::bf16_path`). Weights, gradients,
+/// optimizer state and every other op stay float32. Dropping it restores the exact float32
+/// products. Thread-local, so concurrent trainers (tests) do not see each other's setting.
+pub struct BF16Matmuls {
+    previous: bool,
+}
+
+impl BF16Matmuls {
+    /// Sets the arithmetic of this thread's linears until the guard is dropped.
+    pub fn set(compute: openvla::kernels::ComputePrecision) -> BF16Matmuls {
+        let on = compute == openvla::kernels::ComputePrecision::Bf16;
+        BF16Matmuls {
+            previous: BF16_MATMULS.with(|c| c.replace(on)),
+        }
+    }
+}
+
+impl Drop for BF16Matmuls {
+    fn drop(&mut self) {
+        BF16_MATMULS.with(|c| c.set(self.previous));
+    }
+}
+
+/// An operand's element `(r, c)`.
+///
+/// # Safety
+/// `(r, c)` must lie inside the operand.
+#[inline]
+unsafe fn at(o: Operand, r: usize, c: usize) -> f32 {
+    *o.0.offset(r as isize * o.1 + c as isize * o.2)
+}
+
+/// [`gemm_f32`] in bf16 arithmetic ([`BF16Matmuls`]): `lhs` gathered into rows `[m, k]` where it
+/// is strided, `rhs` transposed into weight rows `[n, k]`, then the kernels' bf16 GEMM.
+fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
+    // SAFETY (both gathers): the callers' operands hold m×k and k×n elements at their strides.
+    let gathered: Vec<f32>;
+    let x: &[f32] = if lhs.1 == k as isize && lhs.2 == 1 {
+        unsafe { std::slice::from_raw_parts(lhs.0, m * k) }
+    } else {
+        gathered = (0..m * k)
+            .map(|i| unsafe { at(lhs, i / k, i % k) })
+            .collect();
+        &gathered
+    };
+    let rows: Vec<f32>;
+    let w: &[f32] = if rhs.1 == 1 && rhs.2 == k as isize {
+        // Wᵀ read in place: its columns are W's rows.
+        unsafe { std::slice::from_raw_parts(rhs.0, n * k) }
+    } else {
+        let mut t = vec![0f32; n * k];
+        // The address travels as an integer: raw pointers are not `Send`.
+        let (base, rs, cs) = (rhs.0 as usize, rhs.1, rhs.2);
+        t.par_chunks_mut(k).enumerate().for_each(|(j, row)| {
+            let o: Operand = (base as *const f32, rs, cs);
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = unsafe { at(o, kk, j) };
+            }
+        });
+        rows = t;
+        &rows
+    };
+    openvla::kernels::bf16_gemm::tiled_gemm_bf16(x, &mut dst[..m * n], m, n, k, |j0, nb, t| {
+        openvla::kernels::bf16_gemm::round_slice(&w[j0 * k..(j0 + nb) * k], t)
+    });
+}
+
 /// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands) on the `gemm` crate, parallel on
 /// the rayon pool: candle's own CPU matmul path, without its graph node.
 fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
@@ -120,6 +195,10 @@ fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Op
     }
     if k == 0 {
         dst[..m * n].fill(0.0);
+        return;
+    }
+    if m >= openvla::kernels::GEMM_MIN_ROWS && BF16_MATMULS.with(|c| c.get()) {
+        gemm_bf16(m, n, k, dst, lhs, rhs);
         return;
     }
     let threads = rayon::current_num_threads();
