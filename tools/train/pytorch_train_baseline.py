@@ -22,6 +22,10 @@ ids [B, T]); the compute does not depend on the values. Step times exclude the f
     # time training steps
     python tools/train/pytorch_train_baseline.py train --model bench-models/small-vla --batch 32 \\
         --seq-len 29 --steps 12 --threads 2
+    # the OFT L1 objective of the Meta-World recipe (chunk 8 x 4 actions, 4-D proprio; the MT10
+    # prompts are 18-23 tokens, padded to 23 in a batch: 23 + 1 + 32 + 1 = 57 text tokens)
+    python tools/train/pytorch_train_baseline.py train --model runs/metaworld/default/init \\
+        --batch 32 --seq-len 57 --head l1 --chunk 8 --action-dim 4 --proprio-dim 4
 
 Run it with the tools venv that has torch 2.2.0 (.venv-torch); never in CI.
 """
@@ -304,6 +308,70 @@ class Vla(nn.Module):
             ignore_index=-100)
 
 
+class MLPResNet(nn.Module):
+    """OFT's L1 regression head (prismatic/models/action_heads.py): LayerNorm, fc1, ReLU, two
+    residual blocks of (LayerNorm, Linear, ReLU), LayerNorm, fc2."""
+
+    def __init__(self, fin, hidden, fout, blocks=2):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(fin)
+        self.fc1 = nn.Linear(fin, hidden)
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
+            for _ in range(blocks)])
+        self.layer_norm2 = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, fout)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(self.layer_norm1(x)))
+        for b in self.blocks:
+            x = x + b(x)
+        return self.fc2(self.layer_norm2(x))
+
+
+class OftL1(nn.Module):
+    """The OFT objective of `openvla finetune --head l1 --chunk K --proprio` on a Vla trunk:
+    [BOS, patches, proprio token, rest of the prompt, K·D zeroed placeholders, </s>] with
+    bidirectional attention, the head on the placeholders' hidden states (shifted by one), the
+    L1 loss on the normalized chunk."""
+
+    def __init__(self, vla, chunk, action_dim, proprio_dim):
+        super().__init__()
+        self.vla, self.k, self.d = vla, chunk, action_dim
+        dim = vla.c["dim"]
+        self.head = MLPResNet(dim * action_dim, dim, action_dim)
+        self.proprio = nn.Sequential(nn.Linear(proprio_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, pixels, ids, proprio, target):
+        v = self.vla
+        feats = [tw(pixels[:, 3 * i:3 * i + 3]) for i, tw in enumerate(v.towers)]
+        x = torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
+        for i, m in enumerate(v.projector):
+            x = m(x)
+            if i + 1 < len(v.projector):
+                x = F.gelu(x)
+        kd = self.k * self.d
+        text = F.embedding(ids, v.embed_tokens)
+        keep = torch.ones(ids.shape[1], 1)
+        keep[-kd - 1:-1] = 0.0  # the placeholders' embeddings are zeroed
+        text = text * keep
+        p = self.proprio(proprio)[:, None]
+        seq = torch.cat([text[:, :1], x, p, text[:, 1:]], dim=1)
+        b, s, _ = seq.shape
+        hd = v.c["dim"] // v.c["heads"]
+        inv = 1.0 / (v.c["theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
+        ang = torch.cat([ang, ang], dim=-1)
+        cos, sin = ang.cos(), ang.sin()
+        mask = torch.zeros(1, 1, s, s)  # bidirectional
+        h = seq
+        for layer in v.layers:
+            h = layer(h, mask, cos, sin)
+        h = v.norm(h)[:, -kd - 2:-2]  # the window from 29871, shifted by one
+        pred = self.head(h.reshape(b, self.k, self.d * v.c["dim"]))
+        return F.l1_loss(pred, target)
+
+
 def read_safetensors(path):
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
@@ -330,6 +398,9 @@ def load_model(model_dir):
             tensors.update(read_safetensors(os.path.join(model_dir, f)))
     with torch.no_grad():
         for name, p, shape in model.named_tensors():
+            if name not in tensors and name.endswith("lm_head.weight") and cfg.get(
+                    "text_config", {}).get("tie_word_embeddings"):
+                name = "language_model.model.embed_tokens.weight"
             t = tensors[name]
             p.copy_(t.reshape(p.shape))
     return model, cfg
@@ -425,21 +496,35 @@ def train(args):
             p.requires_grad_(False)
         for m in model.linears():
             m.add_lora(args.lora_rank, args.lora_alpha or min(args.lora_rank, 16))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     towers = model.towers_cfg
     b, t = args.batch, args.seq_len
     img = towers[0]["image"]
     pixels = torch.randn(b, 3 * len(towers), img, img)
     ids = torch.randint(3, 32000, (b, t))
     ids[:, 0] = 1
-    labels = torch.full((b, t), -100, dtype=torch.long)
-    labels[:, -8:] = ids[:, -8:]
+    if args.head == "l1":
+        if args.chunk * args.action_dim + 2 > t:
+            raise SystemExit(f"--seq-len {t} cannot hold {args.chunk}x{args.action_dim} "
+                             "placeholders, 29871 and </s>")
+        model = OftL1(model, args.chunk, args.action_dim, args.proprio_dim)
+        proprio = torch.randn(b, args.proprio_dim)
+        target = torch.rand(b, args.chunk, args.action_dim) * 2 - 1
+        # the trunk's lm_head is not run by the L1 objective: it takes no optimizer step
+        model.vla.lm_head.weight.requires_grad_(False)
+        step_fn = lambda: model(pixels, ids, proprio, target)  # noqa: E731
+    else:
+        labels = torch.full((b, t), -100, dtype=torch.long)
+        labels[:, -8:] = ids[:, -8:]
+        step_fn = lambda: model(pixels, ids, labels)  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     times = []
     model.train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16)
     for step in range(args.steps):
         t0 = time.perf_counter()
-        loss = model(pixels, ids, labels)
+        with autocast:
+            loss = step_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -449,7 +534,8 @@ def train(args):
     mean = sum(steady) / len(steady)
     result = {
         "framework": f"pytorch {torch.__version__}", "threads": torch.get_num_threads(),
-        "mode": args.mode, "batch": b, "seq_len": t,
+        "mode": args.mode, "head": args.head, "autocast_bf16": args.autocast_bf16,
+        "batch": b, "seq_len": t,
         "trainable_params": sum(p.numel() for p in params),
         "step_s_mean": mean, "step_s_min": min(steady), "samples_per_s": b / mean,
         "steps_timed": len(steady),
@@ -478,7 +564,16 @@ def main():
     t = sub.add_parser("train", help="time training steps")
     t.add_argument("--model", required=True)
     t.add_argument("--batch", type=int, default=32)
-    t.add_argument("--seq-len", type=int, required=True, help="prompt + action tokens + EOS")
+    t.add_argument("--seq-len", type=int, required=True,
+                   help="text tokens: prompt + action tokens + EOS (256-bin), or prompt + 29871 + "
+                   "chunk x action-dim placeholders + </s> (l1)")
+    t.add_argument("--head", choices=["bins", "l1"], default="bins",
+                   help="bins: the 256-bin next-token loss; l1: the OFT L1 head with proprio")
+    t.add_argument("--chunk", type=int, default=8, help="l1: actions per chunk")
+    t.add_argument("--action-dim", type=int, default=4, help="l1: action dimension")
+    t.add_argument("--proprio-dim", type=int, default=4, help="l1: proprio dimension")
+    t.add_argument("--autocast-bf16", action="store_true",
+                   help="run forward and backward under torch.autocast(cpu, bfloat16)")
     t.add_argument("--steps", type=int, default=12)
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--threads", type=int, default=2)

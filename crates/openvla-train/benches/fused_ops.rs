@@ -6,7 +6,10 @@
 //!     cargo bench -p openvla-train --bench fused_ops
 //!
 //! Prints one line per op: milliseconds per forward + backward, composed and fused, and the
-//! ratio. `OPENVLA_BENCH_ITERS` sets the repetitions (default 10).
+//! ratio. `OPENVLA_BENCH_ITERS` sets the repetitions (default 10). `-- --gemm-only` compares
+//! the float32 forward products of the `gemm` crate and the kernels' sgemm; `-- --compute`
+//! times linears (forward + the three backward products) in f32 and in bf16 arithmetic
+//! (`finetune --compute bf16`, AMX or AVX512-BF16 where the CPU has them).
 
 use candle_core::{Device, Tensor, Var};
 use openvla_train::model::{fused_reference as reference, ops};
@@ -75,6 +78,10 @@ fn main() {
     println!("threads: {}", rayon::current_num_threads());
     if std::env::args().any(|a| a == "--gemm-only") {
         gemm_paths(iters);
+        return;
+    }
+    if std::env::args().any(|a| a == "--compute") {
+        compute_paths(iters);
         return;
     }
     let (b, n, d, h) = (32, 64, 192, 768);
@@ -186,6 +193,44 @@ fn gemm_paths(iters: usize) {
             "{name:<44} gemm crate {a:8.2} ms ({:5.1} GF/s)  kernels sgemm {b:8.2} ms ({:5.1} GF/s)",
             gf / a,
             gf / b
+        );
+    }
+}
+
+/// Linear forward + backward (`dx`, `dW`, `db`) in float32 and in bf16 arithmetic
+/// ([`openvla_train::model::fused::BF16Matmuls`]) on the small policy's shapes, with the bf16
+/// path the kernels choose on this CPU.
+fn compute_paths(iters: usize) {
+    use openvla::kernels::ComputePrecision;
+    use openvla_train::model::fused::BF16Matmuls;
+    println!(
+        "bf16 path on this CPU: {:?}",
+        openvla::kernels::dispatch::bf16_path()
+    );
+    for (name, m, k, n) in [
+        ("qkv [2048, 192] x [576, 192]^T + b", 2048, 192, 576),
+        ("fc1 [2048, 192] x [768, 192]^T + b", 2048, 192, 768),
+        ("fc2 [2048, 768] x [192, 768]^T + b", 2048, 768, 192),
+        ("gate [2976, 256] x [688, 256]^T", 2976, 256, 688),
+        ("down [2976, 688] x [256, 688]^T", 2976, 688, 256),
+        ("o [2976, 256] x [256, 256]^T", 2976, 256, 256),
+    ] {
+        let inputs = vec![data(&[m, k], 31), data(&[n, k], 32), data(&[n], 33)];
+        let with_bias = name.contains("+ b");
+        let f = |t: &[Tensor]| {
+            ops::linear(&t[0], &t[1], if with_bias { t.get(2) } else { None }).expect("linear")
+        };
+        let a = time(&inputs, iters, &f);
+        let b = {
+            let _bf16 = BF16Matmuls::set(ComputePrecision::Bf16);
+            time(&inputs, iters, &f)
+        };
+        let gf = 3.0 * 2.0 * (m * n * k) as f64 / 1e6;
+        println!(
+            "{name:<44} f32 {a:7.2} ms ({:5.1} GF/s)  bf16 {b:7.2} ms ({:5.1} GF/s)  {:5.2}x",
+            gf / a,
+            gf / b,
+            a / b
         );
     }
 }

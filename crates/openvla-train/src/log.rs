@@ -28,6 +28,16 @@ pub struct MetricsRecord {
     pub steps_per_s: f64,
     /// Seconds since this process started training.
     pub elapsed_s: f64,
+    /// Seconds of this step spent waiting for batches from the data stream (near 0 when the
+    /// loader keeps up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_wait_s: Option<f64>,
+    /// Seconds of this step in the forward and backward passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_backward_s: Option<f64>,
+    /// Seconds of this step in the optimizer update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_s: Option<f64>,
 }
 
 /// Appends records to `metrics.jsonl`, flushing every line.
@@ -112,6 +122,9 @@ mod tests {
             lr: 5e-4,
             steps_per_s: 1.0,
             elapsed_s: step as f64,
+            data_wait_s: None,
+            forward_backward_s: None,
+            optimizer_s: None,
         }
     }
 

@@ -293,9 +293,14 @@ where
         let mut loss_sum = 0f64;
         let (mut accuracy, mut l1, mut next_l1) =
             (Mean::default(), Mean::default(), Mean::default());
+        let (mut data_wait, mut fwd_bwd) = (0f64, 0f64);
         for _ in 0..cfg.grad_accumulation {
+            let t_data = Instant::now();
             let batch = data.next_batch()?;
+            let t_fb = Instant::now();
+            data_wait += (t_fb - t_data).as_secs_f64();
             let (out, grads) = obj.forward_backward(&batch, &mut rng, cfg.grad_accumulation)?;
+            fwd_bwd += t_fb.elapsed().as_secs_f64();
             let l = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             if !l.is_finite() {
                 progress.finish();
@@ -317,7 +322,9 @@ where
         }
         let lr = cfg.schedule.lr(cfg.adamw.lr, step);
         opt.config.lr = lr;
+        let t_opt = Instant::now();
         opt.step(&params, &acc)?;
+        let optimizer_s = t_opt.elapsed().as_secs_f64();
         step += 1;
         steps_here += 1;
         let elapsed = t0.elapsed().as_secs_f64();
@@ -332,6 +339,9 @@ where
             lr,
             steps_per_s: sps,
             elapsed_s: elapsed,
+            data_wait_s: Some(data_wait),
+            forward_backward_s: Some(fwd_bwd),
+            optimizer_s: Some(optimizer_s),
         };
         log.append(&rec)?;
         progress.update(step, rec.loss, rec.action_accuracy, sps);

@@ -182,6 +182,7 @@ fn finetune_args(model: &Path, out: &Path) -> FinetuneArgs {
         checkpointing: false,
         seed: 7,
         precision: openvla_train::cli::Precision::F32,
+        compute: Default::default(),
         resume: false,
         max_memory_gb: None,
         no_memory_check: false,
@@ -242,6 +243,51 @@ fn finetune_prepares_the_run() {
         .unwrap_err()
         .to_string()
         .contains("no complete checkpoint"));
+}
+
+/// `--compute bf16` (the linears' products in bf16 arithmetic) trains the same run within bf16's
+/// precision of float32, and is part of the run's settings: a resume with another arithmetic is
+/// refused.
+#[test]
+fn finetune_in_bf16_arithmetic_tracks_f32_and_is_checked_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = finetune_args(&tiny_model(), &tmp.path().join("f32"));
+    args.lora_rank = 4;
+    args.max_steps = 2;
+    args.save_interval = 1;
+    let losses = |args: &FinetuneArgs| -> Vec<f64> {
+        run_finetune(args).unwrap();
+        openvla_train::log::read_metrics(&args.out.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|r| r.loss)
+            .collect()
+    };
+    let exact = losses(&args);
+    let mut bf16 = args.clone();
+    bf16.out = tmp.path().join("bf16");
+    bf16.compute = openvla::kernels::ComputePrecision::Bf16;
+    let rounded = losses(&bf16);
+    assert_eq!((exact.len(), rounded.len()), (2, 2));
+    for (a, b) in exact.iter().zip(&rounded) {
+        assert!(
+            a != b,
+            "bf16 arithmetic gave float32's loss {a} bit for bit"
+        );
+        assert!(
+            ((a - b) / a).abs() < 0.02,
+            "bf16 arithmetic loss {b} is not within 2 % of float32's {a}"
+        );
+    }
+    let mut resume = bf16.clone();
+    resume.resume = true;
+    resume.max_steps = 3;
+    resume.compute = openvla::kernels::ComputePrecision::F32;
+    let e = run_finetune(&resume).unwrap_err().to_string();
+    assert!(
+        e.contains("different settings") && e.contains("bf16"),
+        "{e}"
+    );
 }
 
 #[test]

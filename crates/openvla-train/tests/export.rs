@@ -39,6 +39,7 @@ fn args(out: &Path, mode: TrainMode) -> FinetuneArgs {
         checkpointing: false,
         seed: 7,
         precision: Precision::F32,
+        compute: Default::default(),
         resume: false,
         max_memory_gb: None,
         no_memory_check: false,

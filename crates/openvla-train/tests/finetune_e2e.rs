@@ -36,6 +36,7 @@ fn args(out: &Path, max_steps: u64) -> FinetuneArgs {
         checkpointing: false,
         seed: 3,
         precision: Precision::F32,
+        compute: Default::default(),
         resume: false,
         max_memory_gb: None,
         no_memory_check: false,

@@ -372,6 +372,7 @@ fn oft_args(out: &std::path::Path) -> openvla_train::cli::FinetuneArgs {
         checkpointing: false,
         seed: 4,
         precision: Precision::F32,
+        compute: Default::default(),
         resume: false,
         max_memory_gb: None,
         no_memory_check: true,

@@ -142,26 +142,45 @@ impl Drop for BF16Matmuls {
     }
 }
 
-/// An operand's element `(r, c)`.
+/// The operand `o` as a row-major `[rows, cols]` matrix, gathered in parallel 32×32 tiles (so
+/// that a transposed operand is read and written within cache-resident tiles).
 ///
 /// # Safety
-/// `(r, c)` must lie inside the operand.
-#[inline]
-unsafe fn at(o: Operand, r: usize, c: usize) -> f32 {
-    *o.0.offset(r as isize * o.1 + c as isize * o.2)
+/// `o` must address `rows × cols` elements at its strides.
+unsafe fn gather(o: Operand, rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    // The address travels as an integer: raw pointers are not `Send`.
+    let (base, rs, cs) = (o.0 as usize, o.1, o.2);
+    out.par_chunks_mut(cols * T)
+        .enumerate()
+        .for_each(|(stripe, dst)| {
+            let r0 = stripe * T;
+            let nr = dst.len() / cols;
+            let src = base as *const f32;
+            for c0 in (0..cols).step_by(T) {
+                for c in c0..(c0 + T).min(cols) {
+                    for r in 0..nr {
+                        // SAFETY: (r0 + r, c) lies inside the operand (the caller's contract).
+                        dst[r * cols + c] =
+                            unsafe { *src.offset((r0 + r) as isize * rs + c as isize * cs) };
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// [`gemm_f32`] in bf16 arithmetic ([`BF16Matmuls`]): `lhs` gathered into rows `[m, k]` where it
-/// is strided, `rhs` transposed into weight rows `[n, k]`, then the kernels' bf16 GEMM.
+/// is strided, `rhs` into weight rows `[n, k]` (its transpose) unless it is one already, then the
+/// kernels' bf16 GEMM.
 fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
-    // SAFETY (both gathers): the callers' operands hold m×k and k×n elements at their strides.
+    // SAFETY (all four): the callers' operands hold m×k and k×n elements at their strides.
     let gathered: Vec<f32>;
     let x: &[f32] = if lhs.1 == k as isize && lhs.2 == 1 {
         unsafe { std::slice::from_raw_parts(lhs.0, m * k) }
     } else {
-        gathered = (0..m * k)
-            .map(|i| unsafe { at(lhs, i / k, i % k) })
-            .collect();
+        gathered = unsafe { gather(lhs, m, k) };
         &gathered
     };
     let rows: Vec<f32>;
@@ -169,16 +188,7 @@ fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: O
         // Wᵀ read in place: its columns are W's rows.
         unsafe { std::slice::from_raw_parts(rhs.0, n * k) }
     } else {
-        let mut t = vec![0f32; n * k];
-        // The address travels as an integer: raw pointers are not `Send`.
-        let (base, rs, cs) = (rhs.0 as usize, rhs.1, rhs.2);
-        t.par_chunks_mut(k).enumerate().for_each(|(j, row)| {
-            let o: Operand = (base as *const f32, rs, cs);
-            for (kk, v) in row.iter_mut().enumerate() {
-                *v = unsafe { at(o, kk, j) };
-            }
-        });
-        rows = t;
+        rows = unsafe { gather((rhs.0, rhs.2, rhs.1), n, k) };
         &rows
     };
     openvla::kernels::bf16_gemm::tiled_gemm_bf16(x, &mut dst[..m * n], m, n, k, |j0, nb, t| {

@@ -510,6 +510,74 @@ mod tests {
         assert!(linear(&inputs[0], &data(&[45, 36], 54), None).is_err());
     }
 
+    /// `t` with every element rounded to bf16 (to nearest even) and widened back: exact.
+    fn bf16_rounded(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    #[test]
+    fn bf16_arithmetic_linear_equals_f32_products_of_rounded_operands() {
+        use super::super::fused::BF16Matmuls;
+        use openvla::kernels::ComputePrecision;
+        // Enough rows for the many-row bf16 GEMM (the kernels' GEMM_MIN_ROWS), ragged sizes.
+        let (x, w, b) = (data(&[3, 13, 37], 71), data(&[45, 37], 72), data(&[45], 73));
+        let r = data(&[3, 13, 45], 74);
+        let run = |x: &Tensor, w: &Tensor| {
+            let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+            let y = linear(xv.as_tensor(), wv.as_tensor(), Some(&b)).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = g.get(&xv).unwrap().clone();
+            let dw = g.get(&wv).unwrap().clone();
+            (y, dx, dw)
+        };
+        let exact = run(&x, &w);
+        let bf16 = {
+            let _bf16 = BF16Matmuls::set(ComputePrecision::Bf16);
+            run(&x, &w)
+        };
+        // The reference: the same three products in f32 on bf16-rounded operands (the upstream
+        // gradient r is rounded too, as the backward's products round both operands).
+        let (xr, wr, rr) = (bf16_rounded(&x), bf16_rounded(&w), bf16_rounded(&r));
+        let y_ref = xr
+            .broadcast_matmul(&wr.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let dx_ref = rr.broadcast_matmul(&wr).unwrap();
+        let dw_ref = rr
+            .reshape((39, 45))
+            .unwrap()
+            .t()
+            .unwrap()
+            .matmul(&xr.reshape((39, 37)).unwrap())
+            .unwrap();
+        close(&bf16.0, &y_ref, 1e-4);
+        close(&bf16.1, &dx_ref, 1e-4);
+        close(&bf16.2, &dw_ref, 1e-4);
+        // ... and not the float32 products (the guard took effect), which are within bf16's
+        // precision of them.
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(d(&bf16.0, &exact.0) > 1e-4, "bf16 forward equals f32's");
+        assert!(d(&bf16.2, &exact.2) > 1e-4, "bf16 dW equals f32's");
+        close(&bf16.0, &exact.0, 0.1);
+        // Dropping the guard restores the exact products.
+        let again = run(&x, &w);
+        close(&again.0, &exact.0, 0.0);
+        close(&again.2, &exact.2, 0.0);
+    }
+
     #[test]
     fn fused_norm_weight_gradients_skip_frozen_operands() {
         let x = Var::from_tensor(&data(&[4, 16], 61)).unwrap();
