@@ -24,7 +24,7 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+); [`available`] asks once
 //! and reports AMX missing when the request fails.
 
-use crate::bf16_gemm::{pack_pairs, round_bf16, NR};
+use crate::bf16_gemm::{pack_pairs, NR};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -117,11 +117,7 @@ impl PackedRowsAmx {
         let mut data = vec![0u16; rows * stride];
         data.par_chunks_mut(stride)
             .zip(x[..m * k].par_chunks(k.max(1)))
-            .for_each(|(dst, src)| {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = round_bf16(v);
-                }
-            });
+            .for_each(|(dst, src)| crate::bf16_gemm::round_slice(src, &mut dst[..src.len()]));
         PackedRowsAmx { data, m, k, stride }
     }
 
