@@ -31,6 +31,7 @@ pub mod i16_gemm;
 pub mod probe;
 pub mod quant_matmul;
 pub mod sgemm;
+pub mod transpose;
 
 pub use dispatch::ComputePrecision;
 pub use format::{FormatError, QuantFormat, QuantMatrix, BLOCK};

@@ -272,7 +272,7 @@ pub(crate) unsafe fn transpose_16xk_avx2(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-pub(super) unsafe fn transpose8x8(
+pub(crate) unsafe fn transpose8x8(
     r: [std::arch::x86_64::__m256; 8],
 ) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;

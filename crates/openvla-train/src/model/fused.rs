@@ -150,6 +150,14 @@ impl Drop for BF16Matmuls {
 unsafe fn gather(o: Operand, rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 32;
     let mut out = vec![0f32; rows * cols];
+    if o.1 == 1 && o.2 >= rows as isize && rows > 0 && cols > 0 {
+        // The transpose of a row-major matrix S [cols, rows] with row stride o.2 (the backward's
+        // gᵀ, xᵀ and Wᵀ): the kernels' transpose.
+        let ld = o.2 as usize;
+        let src = std::slice::from_raw_parts(o.0, (cols - 1) * ld + rows);
+        openvla::kernels::transpose::transpose(src, cols, rows, ld, &mut out);
+        return out;
+    }
     // The address travels as an integer: raw pointers are not `Send`.
     let (base, rs, cs) = (o.0 as usize, o.1, o.2);
     out.par_chunks_mut(cols * T)
