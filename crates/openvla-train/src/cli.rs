@@ -1031,7 +1031,7 @@ fn export_options(args: &FinetuneArgs, run_dir: &Path) -> Result<ExportOptions> 
 /// `openvla merge --adapter <out>/adapter` finds it), or, when base parameters were trained,
 /// the complete HF model directory `<out>/model/` ([`export_model_dir`]: trained tensors from
 /// the `Var`s, the others copied from `--model`, the run's `dataset_statistics.json`).
-pub fn finetune_with_model<M: crate::seam::TrainModel>(
+pub fn finetune_with_model<M: crate::seam::TrainModel + Send>(
     args: &FinetuneArgs,
     model: M,
     device: &candle_core::Device,
@@ -1107,8 +1107,6 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
     };
     let layers = plan.config.text.num_hidden_layers;
     let mode = args.mode;
-    // The training steps run on this thread: its linears take the chosen arithmetic.
-    let _compute = crate::model::fused::BF16Matmuls::set(args.compute);
     let cfg = TrainerConfig {
         run_dir: plan.run_dir.clone(),
         max_steps: args.max_steps,
@@ -1164,7 +1162,9 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         } else {
             objective.components = Some(Box::new(crate::export::write_oft_components));
         }
-        let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
+        let outcome = in_training_pool(args.compute, || {
+            train(&mut objective, &mut data, &cfg, args.resume)
+        })?;
         if let Some(ad) = &objective.backbone.adapter {
             save_adapter(ad, &plan.run_dir)?;
         }
@@ -1188,7 +1188,9 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         seed,
     )?;
     objective.checkpointing = args.checkpointing;
-    let outcome = train(&mut objective, &mut data, &cfg, args.resume)?;
+    let outcome = in_training_pool(args.compute, || {
+        train(&mut objective, &mut data, &cfg, args.resume)
+    })?;
     if let Some(ad) = &objective.backbone.adapter {
         save_adapter(ad, &plan.run_dir)?;
     } else if !objective.backbone.base_params.is_empty() {
@@ -1198,6 +1200,20 @@ pub fn finetune_with_model<M: crate::seam::TrainModel>(
         )?;
     }
     Ok(outcome)
+}
+
+/// Runs `f` (the training loop) on a thread of the rayon pool with the linears' arithmetic
+/// `compute`: the parallel ops of every step then split their work with `join` on the pool
+/// instead of each handing a job to a sleeping worker and putting the caller to sleep until it
+/// is done (thousands of ops per step, two thread wake-ups each).
+fn in_training_pool<R: Send>(
+    compute: openvla::kernels::ComputePrecision,
+    f: impl FnOnce() -> R + Send,
+) -> R {
+    openvla::kernels::in_pool(|| {
+        let _compute = crate::model::fused::BF16Matmuls::set(compute);
+        f()
+    })
 }
 
 #[cfg(test)]

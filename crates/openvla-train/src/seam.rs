@@ -501,7 +501,7 @@ pub struct L1Objective<M: TrainModel> {
 /// component files ([`crate::export::write_oft_components`]) and, when asked, the complete
 /// model directory.
 pub type ComponentWriter =
-    Box<dyn Fn(&Path, u64, &L1HeadTrain, Option<&ProprioProjectorTrain>) -> Result<()>>;
+    Box<dyn Fn(&Path, u64, &L1HeadTrain, Option<&ProprioProjectorTrain>) -> Result<()> + Send>;
 
 /// Name prefix of the action head's parameters among the objective's.
 pub const HEAD_PREFIX: &str = "action_head.";
