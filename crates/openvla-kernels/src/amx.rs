@@ -193,15 +193,18 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
                 pack_pairs(&w[jp * NR * k..], k, cols, 0, pairs, panel);
                 panel[pairs * NR..].fill(0);
                 for ib in 0..m.div_ceil(BLOCK) {
-                    block_32x32(
-                        a.data.as_ptr().add(ib * BLOCK * a.stride),
-                        a.stride * 2,
-                        panel.as_ptr(),
-                        a.stride / DEPTH,
-                        true,
-                        out.as_mut_ptr(),
-                    );
-                    for r in 0..BLOCK.min(m - ib * BLOCK) {
+                    let rows = BLOCK.min(m - ib * BLOCK);
+                    let a_block = a.data.as_ptr().add(ib * BLOCK * a.stride);
+                    let steps = a.stride / DEPTH;
+                    if rows == BLOCK && cols == NR {
+                        // A whole block: the tiles go straight to dst.
+                        let d = dst.add(ib * BLOCK * rs + jp * NR);
+                        block_32x32(a_block, a.stride * 2, panel.as_ptr(), steps, true, d, rs);
+                        continue;
+                    }
+                    let o = out.as_mut_ptr();
+                    block_32x32(a_block, a.stride * 2, panel.as_ptr(), steps, true, o, BLOCK);
+                    for r in 0..rows {
                         std::ptr::copy_nonoverlapping(
                             out.as_ptr().add(r * BLOCK),
                             dst.add((ib * BLOCK + r) * rs + jp * NR),
@@ -220,10 +223,12 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
 /// `tmm5`) and two B tiles (`tmm6`, `tmm7`) and issues four `tdpbf16ps` into `tmm0`-`tmm3`;
 /// with `advance` false every step reads the same tiles (the peak probe).
 ///
+/// The block is stored as 32 rows of 32 floats, `out_stride` floats apart.
+///
 /// # Safety
 /// The tile configuration [`CONFIG`] is loaded on this thread ([`with_tiles`]); `a` holds 32
 /// rows of `steps · 32` bf16 (32 when not advancing), `b` `steps · 16` pair rows of 32 words
-/// (16), `out` 1024 floats.
+/// (16), `out` 32 rows of 32 floats `out_stride` apart.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn block_32x32(
@@ -233,6 +238,7 @@ unsafe fn block_32x32(
     steps: usize,
     advance: bool,
     out: *mut f32,
+    out_stride: usize,
 ) {
     use std::arch::asm;
     asm!(
@@ -264,7 +270,7 @@ unsafe fn block_32x32(
             options(nostack, readonly),
         );
     }
-    let row = BLOCK * 4; // bytes between rows of out
+    let row = out_stride * 4; // bytes between rows of out
     asm!(
         "tilestored [{o0} + {s}*1], tmm0",
         "tilestored [{o1} + {s}*1], tmm1",
@@ -272,8 +278,8 @@ unsafe fn block_32x32(
         "tilestored [{o3} + {s}*1], tmm3",
         o0 = in(reg) out,
         o1 = in(reg) out.add(16),
-        o2 = in(reg) out.add(16 * BLOCK),
-        o3 = in(reg) out.add(16 * BLOCK + 16),
+        o2 = in(reg) out.add(16 * out_stride),
+        o3 = in(reg) out.add(16 * out_stride + 16),
         s = in(reg) row,
         options(nostack),
     );
@@ -302,6 +308,7 @@ pub fn probe_loop(steps: usize) -> f32 {
                     steps,
                     false,
                     out.as_mut_ptr(),
+                    BLOCK,
                 )
             })
         };
