@@ -299,6 +299,26 @@ pub fn table() -> String {
         ),
         ("many-row f32/bf16/f16 weights, --compute bf16", bf16),
         ("many-row q8_0/q4_0 weights", int16.to_string()),
+        (
+            "finetune linears (fwd, dx, dW), --compute f32",
+            "gemm crate on strided operands (candle's matmul path)".to_string(),
+        ),
+        (
+            "finetune linears (fwd, dx, dW), --compute bf16",
+            format!(
+                "{} after transposing g, x, W ({})",
+                match bf16_path() {
+                    Bf16Path::Amx => "AMX tdpbf16ps",
+                    Bf16Path::Dot => "AVX512-BF16 vdpbf16ps",
+                    Bf16Path::F32Gemm => "bf16-rounded operands on the f32 GEMM",
+                },
+                if f.avx2 {
+                    "AVX2 8x8 blocks"
+                } else {
+                    "portable"
+                }
+            ),
+        ),
         ("attention QK^T, PV (prefill, vision)", gemm.to_string()),
         ("decode dot products, dense weights", dot.to_string()),
         ("decode dot products, q8_0/q4_0 weights", qdot.to_string()),
@@ -335,7 +355,13 @@ mod tests {
     fn table_names_every_operation_and_the_features() {
         let t = table();
         assert!(t.starts_with("CPU features: "), "{t}");
-        for op in ["--compute f32", "--compute bf16", "q8_0/q4_0", "attention"] {
+        for op in [
+            "--compute f32",
+            "--compute bf16",
+            "q8_0/q4_0",
+            "attention",
+            "finetune",
+        ] {
             assert!(t.contains(op), "{op} missing from\n{t}");
         }
         println!("{t}");
