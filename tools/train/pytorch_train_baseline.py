@@ -281,22 +281,31 @@ class Vla(nn.Module):
         does on OpenVLA: 169,112 LoRA parameters at r=4 on the tiny fixture)."""
         return [m for m in self.modules() if isinstance(m, LoraLinear)]
 
-    def forward(self, pixels, ids, labels):
+    def patch_features(self, pixels):
+        """The towers' patch features, concatenated and projected: [B, patches, dim]."""
         feats = [tw(pixels[:, 3 * i:3 * i + 3]) for i, tw in enumerate(self.towers)]
         x = torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
         for i, m in enumerate(self.projector):
             x = m(x)
             if i + 1 < len(self.projector):
                 x = F.gelu(x)
-        text = F.embedding(ids, self.embed_tokens)
-        seq = torch.cat([text[:, :1], x, text[:, 1:]], dim=1)
-        b, s, _ = seq.shape
-        np_ = x.shape[1]
+        return x
+
+    def rope(self, s):
+        """The RoPE cos and sin tables of positions 0..s."""
         hd = self.c["dim"] // self.c["heads"]
         inv = 1.0 / (self.c["theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
         ang = torch.cat([ang, ang], dim=-1)
-        cos, sin = ang.cos(), ang.sin()
+        return ang.cos(), ang.sin()
+
+    def forward(self, pixels, ids, labels):
+        x = self.patch_features(pixels)
+        text = F.embedding(ids, self.embed_tokens)
+        seq = torch.cat([text[:, :1], x, text[:, 1:]], dim=1)
+        b, s, _ = seq.shape
+        np_ = x.shape[1]
+        cos, sin = self.rope(s)
         mask = torch.full((s, s), torch.finfo(torch.float32).min / 2).triu(1)[None, None]
         h = seq
         for l in self.layers:
@@ -344,12 +353,7 @@ class OftL1(nn.Module):
 
     def forward(self, pixels, ids, proprio, target):
         v = self.vla
-        feats = [tw(pixels[:, 3 * i:3 * i + 3]) for i, tw in enumerate(v.towers)]
-        x = torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
-        for i, m in enumerate(v.projector):
-            x = m(x)
-            if i + 1 < len(v.projector):
-                x = F.gelu(x)
+        x = v.patch_features(pixels)
         kd = self.k * self.d
         text = F.embedding(ids, v.embed_tokens)
         keep = torch.ones(ids.shape[1], 1)
@@ -358,11 +362,7 @@ class OftL1(nn.Module):
         p = self.proprio(proprio)[:, None]
         seq = torch.cat([text[:, :1], x, p, text[:, 1:]], dim=1)
         b, s, _ = seq.shape
-        hd = v.c["dim"] // v.c["heads"]
-        inv = 1.0 / (v.c["theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        ang = torch.arange(s, dtype=torch.float32)[:, None] * inv[None]
-        ang = torch.cat([ang, ang], dim=-1)
-        cos, sin = ang.cos(), ang.sin()
+        cos, sin = v.rope(s)
         mask = torch.zeros(1, 1, s, s)  # bidirectional
         h = seq
         for layer in v.layers:

@@ -200,15 +200,19 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d = (a - b)
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = max_abs_diff(a, b);
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 
@@ -559,18 +563,14 @@ mod tests {
         close(&bf16.2, &dw_ref, 1e-4);
         // ... and not the float32 products (the guard took effect), which are within bf16's
         // precision of them.
-        let d = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(d(&bf16.0, &exact.0) > 1e-4, "bf16 forward equals f32's");
-        assert!(d(&bf16.2, &exact.2) > 1e-4, "bf16 dW equals f32's");
+        assert!(
+            max_abs_diff(&bf16.0, &exact.0) > 1e-4,
+            "bf16 forward equals f32's"
+        );
+        assert!(
+            max_abs_diff(&bf16.2, &exact.2) > 1e-4,
+            "bf16 dW equals f32's"
+        );
         close(&bf16.0, &exact.0, 0.1);
         // Dropping the guard restores the exact products.
         let again = run(&x, &w);
