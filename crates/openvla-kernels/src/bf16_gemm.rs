@@ -47,22 +47,20 @@ pub fn round_slice(src: &[f32], dst: &mut [u16]) {
     let n = src.len().min(dst.len());
     let (src, dst) = (&src[..n], &mut dst[..n]);
     #[cfg(target_arch = "x86_64")]
-    {
+    let done = {
         let f = crate::dispatch::Features::get();
         // SAFETY: the instructions each path uses were detected on this CPU.
-        let done = if f.avx512 {
+        if f.avx512 {
             unsafe { round_slice_avx512(src, dst) }
         } else if f.avx2 {
             unsafe { round_slice_avx2(src, dst) }
         } else {
             0
-        };
-        for (d, &v) in dst[done..].iter_mut().zip(&src[done..]) {
-            *d = round_bf16(v);
         }
-    }
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    for (d, &v) in dst.iter_mut().zip(src) {
+    let done = 0;
+    for (d, &v) in dst[done..].iter_mut().zip(&src[done..]) {
         *d = round_bf16(v);
     }
 }

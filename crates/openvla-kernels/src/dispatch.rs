@@ -306,12 +306,7 @@ pub fn table() -> String {
         (
             "finetune linears (fwd, dx, dW), --compute bf16",
             format!(
-                "{} after transposing g, x, W ({})",
-                match bf16_path() {
-                    Bf16Path::Amx => "AMX tdpbf16ps",
-                    Bf16Path::Dot => "AVX512-BF16 vdpbf16ps",
-                    Bf16Path::F32Gemm => "bf16-rounded operands on the f32 GEMM",
-                },
+                "the many-row --compute bf16 kernel, after transposing g, x, W ({})",
                 if f.avx2 {
                     "AVX2 8x8 blocks"
                 } else {

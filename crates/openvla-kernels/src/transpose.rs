@@ -35,27 +35,31 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f3
         "transpose: dst holds {} < {rows}×{cols}",
         dst.len()
     );
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = crate::has_avx2();
     dst[..rows * cols]
         .par_chunks_mut(rows * STRIPE)
         .enumerate()
         .for_each(|(s, out)| {
-            let c0 = s * STRIPE;
-            let nc = out.len() / rows;
-            let mut r0 = 0;
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                let full = rows / 8 * 8;
-                // SAFETY: AVX2 detected; the blocks read rows r0..r0+8 at columns c..c+8 < cols
-                // of src and write rows c-c0..c-c0+8 (< nc) at columns r0..r0+8 < rows of out.
-                unsafe { blocks_avx2(src, ld, rows, c0, nc / 8 * 8, full, out) };
-                // The stripe's last columns (fewer than 8) for these rows, element by element.
-                scalar(src, ld, rows, c0, nc / 8 * 8..nc, 0..full, out);
-                r0 = full;
-            }
-            scalar(src, ld, rows, c0, 0..nc, r0..rows, out);
+            let (c0, nc) = (s * STRIPE, out.len() / rows);
+            let done = blocks(src, ld, rows, c0, nc, out);
+            scalar(src, ld, rows, c0, 0..nc, done..rows, out);
         });
+}
+
+/// Transposes the leading rows of a stripe (all its columns) in AVX2 8×8 register blocks and
+/// returns how many rows it did: `rows` rounded down to 8, or 0 without AVX2.
+fn blocks(src: &[f32], ld: usize, rows: usize, c0: usize, nc: usize, out: &mut [f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2() {
+        let (full, nc8) = (rows / 8 * 8, nc / 8 * 8);
+        // SAFETY: AVX2 detected; the blocks read rows < full at columns c0 + c .. c0 + c + 8
+        // <= c0 + nc <= cols of src and write stripe rows < nc8 at columns < full of out.
+        unsafe { blocks_avx2(src, ld, rows, c0, nc8, full, out) };
+        // The stripe's last columns (fewer than 8) for these rows, element by element.
+        scalar(src, ld, rows, c0, nc8..nc, 0..full, out);
+        return full;
+    }
+    let _ = (src, ld, rows, c0, nc, out);
+    0
 }
 
 /// The scalar transpose of source columns `c0 + cs` and rows `rs` into a stripe.

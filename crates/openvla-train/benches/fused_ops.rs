@@ -220,11 +220,14 @@ fn compute_paths(iters: usize) {
         let f = |t: &[Tensor]| {
             ops::linear(&t[0], &t[1], if with_bias { t.get(2) } else { None }).expect("linear")
         };
-        let a = time(&inputs, iters, &f);
-        let b = {
-            let _bf16 = BF16Matmuls::set(ComputePrecision::Bf16);
-            time(&inputs, iters, &f)
+        // On the rayon pool, as `openvla finetune` runs its steps.
+        let timed = |compute| {
+            openvla::kernels::in_pool(|| {
+                let _compute = BF16Matmuls::set(compute);
+                time(&inputs, iters, &f)
+            })
         };
+        let (a, b) = (timed(ComputePrecision::F32), timed(ComputePrecision::Bf16));
         let gf = 3.0 * 2.0 * (m * n * k) as f64 / 1e6;
         println!(
             "{name:<44} f32 {a:7.2} ms ({:5.1} GF/s)  bf16 {b:7.2} ms ({:5.1} GF/s)  {:5.2}x",

@@ -142,64 +142,37 @@ impl Drop for BF16Matmuls {
     }
 }
 
-/// The operand `o` as a row-major `[rows, cols]` matrix, gathered in parallel 32×32 tiles (so
-/// that a transposed operand is read and written within cache-resident tiles).
+/// The operand `o` as a row-major `[rows, cols]` matrix: itself where it is one, the kernels'
+/// transpose where it is the transpose of one (the backward's `gᵀ`, `xᵀ` and `Wᵀ`), else copied
+/// element by element (no [`LinearOp`] product passes such an operand).
 ///
 /// # Safety
-/// `o` must address `rows × cols` elements at its strides.
-unsafe fn gather(o: Operand, rows: usize, cols: usize) -> Vec<f32> {
-    const T: usize = 32;
+/// `o` must address `rows × cols` elements at its strides, alive for the result's lifetime.
+unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> std::borrow::Cow<'a, [f32]> {
+    if o.1 == cols as isize && o.2 == 1 {
+        return std::slice::from_raw_parts(o.0, rows * cols).into();
+    }
     let mut out = vec![0f32; rows * cols];
     if o.1 == 1 && o.2 >= rows as isize && rows > 0 && cols > 0 {
-        // The transpose of a row-major matrix S [cols, rows] with row stride o.2 (the backward's
-        // gᵀ, xᵀ and Wᵀ): the kernels' transpose.
+        // S [cols, rows] with row stride o.2, transposed.
         let ld = o.2 as usize;
         let src = std::slice::from_raw_parts(o.0, (cols - 1) * ld + rows);
         openvla::kernels::transpose::transpose(src, cols, rows, ld, &mut out);
-        return out;
+    } else {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v =
+                *o.0.offset((i / cols) as isize * o.1 + (i % cols) as isize * o.2);
+        }
     }
-    // The address travels as an integer: raw pointers are not `Send`.
-    let (base, rs, cs) = (o.0 as usize, o.1, o.2);
-    out.par_chunks_mut(cols * T)
-        .enumerate()
-        .for_each(|(stripe, dst)| {
-            let r0 = stripe * T;
-            let nr = dst.len() / cols;
-            let src = base as *const f32;
-            for c0 in (0..cols).step_by(T) {
-                for c in c0..(c0 + T).min(cols) {
-                    for r in 0..nr {
-                        // SAFETY: (r0 + r, c) lies inside the operand (the caller's contract).
-                        dst[r * cols + c] =
-                            unsafe { *src.offset((r0 + r) as isize * rs + c as isize * cs) };
-                    }
-                }
-            }
-        });
-    out
+    out.into()
 }
 
-/// [`gemm_f32`] in bf16 arithmetic ([`BF16Matmuls`]): `lhs` gathered into rows `[m, k]` where it
-/// is strided, `rhs` into weight rows `[n, k]` (its transpose) unless it is one already, then the
-/// kernels' bf16 GEMM.
+/// [`gemm_f32`] in bf16 arithmetic ([`BF16Matmuls`]) on the kernels' bf16 GEMM, which reads
+/// `lhs` as rows `[m, k]` and `rhs` as weight rows `[n, k]` (its transpose).
 fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
-    // SAFETY (all four): the callers' operands hold m×k and k×n elements at their strides.
-    let gathered: Vec<f32>;
-    let x: &[f32] = if lhs.1 == k as isize && lhs.2 == 1 {
-        unsafe { std::slice::from_raw_parts(lhs.0, m * k) }
-    } else {
-        gathered = unsafe { gather(lhs, m, k) };
-        &gathered
-    };
-    let rows: Vec<f32>;
-    let w: &[f32] = if rhs.1 == 1 && rhs.2 == k as isize {
-        // Wᵀ read in place: its columns are W's rows.
-        unsafe { std::slice::from_raw_parts(rhs.0, n * k) }
-    } else {
-        rows = unsafe { gather((rhs.0, rhs.2, rhs.1), n, k) };
-        &rows
-    };
-    openvla::kernels::bf16_gemm::tiled_gemm_bf16(x, &mut dst[..m * n], m, n, k, |j0, nb, t| {
+    // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
+    let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
+    openvla::kernels::bf16_gemm::tiled_gemm_bf16(&x, &mut dst[..m * n], m, n, k, |j0, nb, t| {
         openvla::kernels::bf16_gemm::round_slice(&w[j0 * k..(j0 + nb) * k], t)
     });
 }
@@ -1082,5 +1055,39 @@ impl CustomOp3 for LinearOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         linear_bwd(x, w, grad, b.track_op())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three operand layouts `as_rows` reads: row-major (borrowed, not copied), the transpose
+    /// of a row-major matrix with a wider row stride, and any other strides.
+    #[test]
+    fn as_rows_reads_every_layout_row_major() {
+        let (rows, cols) = (5usize, 3usize);
+        let want: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        // SAFETY (all three): the operands address rows × cols elements of their buffers.
+        let same = unsafe { as_rows((want.as_ptr(), cols as isize, 1), rows, cols) };
+        assert!(matches!(same, std::borrow::Cow::Borrowed(_)));
+        assert_eq!(&*same, &want[..]);
+        // S [cols, ld = 7] holding the transpose in its first `rows` columns.
+        let ld = 7usize;
+        let mut s = vec![f32::NAN; cols * ld];
+        for r in 0..rows {
+            for c in 0..cols {
+                s[c * ld + r] = want[r * cols + c];
+            }
+        }
+        let t = unsafe { as_rows((s.as_ptr(), 1, ld as isize), rows, cols) };
+        assert_eq!(&*t, &want[..]);
+        // Every other element of a row-major buffer twice as wide.
+        let mut wide = vec![f32::NAN; rows * cols * 2];
+        for (i, v) in want.iter().enumerate() {
+            wide[2 * i] = *v;
+        }
+        let g = unsafe { as_rows((wide.as_ptr(), 2 * cols as isize, 2), rows, cols) };
+        assert_eq!(&*g, &want[..]);
     }
 }
