@@ -16,6 +16,10 @@
 #   CONFIG []                     `openvla init --config FILE` instead of the preset (e.g.
 #                                 tools/metaworld/metaworld-224.toml, the finer-vision shape)
 #   STEPS [3500]                  optimizer steps; BATCH [32]; LR [5e-4] (peak)
+#   COMPUTE [f32]                 `openvla finetune --compute`: bf16 runs the linears' products in
+#                                 bf16 arithmetic (AMX / vdpbf16ps where the CPU has them), about
+#                                 1.4x faster a step here and learning as f32 does
+#                                 (docs/training-speed.md); the shipped model used f32
 #   SHUFFLE [50000]               shuffle buffer in frames (decoded 224 px frames: about 150 KB each,
 #                                 so 50,000 hold 7.5 GB; the demos interleave the tasks, so a
 #                                 buffer smaller than the dataset still mixes every task)
@@ -43,6 +47,7 @@ CONFIG=${CONFIG:-}
 STEPS=${STEPS:-3500}
 BATCH=${BATCH:-32}
 LR=${LR:-5e-4}
+COMPUTE=${COMPUTE:-f32}
 CHUNK=${CHUNK:-8}
 EXECUTE=${EXECUTE:-8}
 SCHEDULE=${SCHEDULE:-cosine}
@@ -84,7 +89,7 @@ resume=()
   --mode full --head l1 --chunk "$CHUNK" --proprio \
   --batch-size "$BATCH" --shuffle-buffer "$SHUFFLE" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
   --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints \
-  --export-dtype "$EXPORT_DTYPE" "${resume[@]}"
+  --export-dtype "$EXPORT_DTYPE" --compute "$COMPUTE" "${resume[@]}"
 
 step "5/6 closed-loop evaluation: $TASKS, $EPISODES episodes per task"
 eval_resume=()
