@@ -12,11 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// Checkpoint prefixes of the vision towers, in order (DINOv2 first in the fused backbone).
-pub const TOWER_PREFIXES: [&str; 2] = [
-    "vision_backbone.featurizer",
-    "vision_backbone.fused_featurizer",
-];
+pub use openvla::model::vision::TOWER_PREFIXES;
 
 /// The output projection that tied embeddings replace by `embed_tokens`.
 const TIED_LM_HEAD: &str = "language_model.lm_head.weight";

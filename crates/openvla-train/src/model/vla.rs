@@ -1,10 +1,9 @@
 //! [`OpenVlaTrain`]: vision towers -> projector -> Llama on the multimodal sequence
 //! `[BOS, patches, rest of the prompt]`, implementing the training seam.
 
+use super::backend::Train;
 use super::llama::{LlamaTrain, MASKED};
 use super::params::{ParamStore, WeightStorage, TOWER_PREFIXES};
-use super::projector::Projector;
-use super::vit::VisionTower;
 use crate::error::{Result, TrainError};
 use crate::lora::{LoraLayer, ModuleInfo};
 use crate::mode::{is_trainable, TrainMode};
@@ -12,6 +11,8 @@ use crate::recompute::{backward_blocks, backward_through, forward_blocks, Grads}
 use crate::seam::{Attention, TrainLogits, TrainModel, TrunkInputs, TrunkOutput};
 use candle_core::{DType, Device, Tensor, Var};
 use openvla::config::Variant;
+use openvla::model::projector::Projector;
+use openvla::model::vision::{VisionBackbone, VisionFeatures};
 use openvla::ModelConfig;
 use std::path::Path;
 use std::sync::Arc;
@@ -31,8 +32,8 @@ pub struct LoadTrainOptions {
 pub struct OpenVlaTrain {
     config: ModelConfig,
     params: ParamStore,
-    towers: Vec<VisionTower>,
-    projector: Projector,
+    backbone: VisionBackbone<Train>,
+    projector: Projector<Train>,
     llm: LlamaTrain,
 }
 
@@ -60,13 +61,8 @@ impl OpenVlaTrain {
         device: &Device,
     ) -> Result<Self> {
         let params = ParamStore::load(dir, &config, trainable, storage, device)?;
-        let towers = config
-            .towers
-            .iter()
-            .zip(TOWER_PREFIXES)
-            .map(|(t, prefix)| VisionTower::load(&params, prefix, t))
-            .collect::<Result<Vec<_>>>()?;
-        let projector = Projector::load(
+        let backbone = VisionBackbone::load_with(&params, &config)?;
+        let projector = Projector::load_with(
             &params,
             config.variant == Variant::OpenVla,
             config.vision_dim(),
@@ -77,7 +73,7 @@ impl OpenVlaTrain {
         Ok(Self {
             config,
             params,
-            towers,
+            backbone,
             projector,
             llm,
         })
@@ -96,7 +92,7 @@ impl OpenVlaTrain {
     /// Images per sample in `pixel_values [B, images·3·towers, H, W]`, and the pixel values
     /// regrouped as one image per row: `[B·images, 3·towers, H, W]` (sample-major).
     fn per_image(&self, pixel_values: &Tensor) -> Result<(usize, Tensor)> {
-        let per = 3 * self.towers.len();
+        let per = self.backbone.in_channels();
         let (b, c, h, w) = pixel_values.dims4()?;
         if c == 0 || c % per != 0 {
             return Err(TrainError::Invalid(format!(
@@ -113,18 +109,8 @@ impl OpenVlaTrain {
     pub fn vision(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let b = pixel_values.dim(0)?;
         let (n, pixels) = self.per_image(pixel_values)?;
-        let per_tower = self
-            .towers
-            .iter()
-            .enumerate()
-            .map(|(i, t)| t.forward(&self.params, &pixels.narrow(1, 3 * i, 3)?))
-            .collect::<Result<Vec<_>>>()?;
-        let fused = if per_tower.len() == 1 {
-            per_tower[0].clone()
-        } else {
-            Tensor::cat(&per_tower, 2)?
-        };
-        Self::images_to_sequence(&fused, b, n)
+        let features = self.backbone.forward_with(&self.params, &pixels, None)?;
+        Self::images_to_sequence(&features.fused, b, n)
     }
 
     /// `[B·images, P, F]` -> `[B, images·P, F]` (each sample's images in order).
@@ -318,8 +304,8 @@ impl TrainModel for OpenVlaTrain {
     fn trunk_forward(&self, inputs: &TrunkInputs<'_>) -> Result<TrunkOutput> {
         let pixel_values = self.check_inputs(inputs)?;
         let vision = self.vision(&pixel_values)?;
-        let images = pixel_values.dim(1)? / (3 * self.towers.len());
-        let projected = self.projector.forward(&self.params, &vision)?;
+        let images = pixel_values.dim(1)? / self.backbone.in_channels();
+        let projected = self.projector.forward_with(&self.params, &vision)?;
         let (seq, prefix, mask) = self.llm_input(&projected, images, inputs)?;
         Ok(TrunkOutput {
             hidden: self.llm.forward(&self.params, &seq, &mask)?,
@@ -362,10 +348,10 @@ impl TrainModel for OpenVlaTrain {
         let (images, pixels) = self.per_image(&pixel_values)?;
         // Vision (every image of every sample as one batch row): the stems keep their (small)
         // graphs; the blocks are checkpointed.
-        let mut towers = Vec::with_capacity(self.towers.len());
-        for (i, t) in self.towers.iter().enumerate() {
+        let mut towers = Vec::with_capacity(self.backbone.towers().len());
+        for (i, t) in self.backbone.towers().iter().enumerate() {
             let stem = t.stem(p, &pixels.narrow(1, 3 * i, 3)?)?;
-            let block = |j: usize, h: &Tensor| t.block(p, j, h);
+            let block = |j: usize, h: &Tensor| Ok(t.block(p, j, h, None)?);
             let (out, tape) = forward_blocks(&stem, t.num_blocks(), lora, &block)?;
             let leaf = Var::from_tensor(&out)?;
             let trains = params.iter().any(|(n, _)| n.contains(TOWER_PREFIXES[i]));
@@ -373,16 +359,12 @@ impl TrainModel for OpenVlaTrain {
         }
         let feats = towers
             .iter()
-            .zip(&self.towers)
+            .zip(self.backbone.towers())
             .map(|((_, _, leaf, _), t)| t.patch_features(leaf.as_tensor()))
-            .collect::<Result<Vec<_>>>()?;
-        let feats = if feats.len() == 1 {
-            feats[0].clone()
-        } else {
-            Tensor::cat(&feats, 2)?
-        };
+            .collect::<openvla::Result<Vec<_>>>()?;
+        let feats = VisionFeatures::fuse(feats)?.fused;
         let feats = Self::images_to_sequence(&feats, b, images)?;
-        let projected = self.projector.forward(p, &feats)?;
+        let projected = self.projector.forward_with(p, &feats)?;
         let (seq, prefix, mask) = self.llm_input(&projected, images, inputs)?;
         let rope = self.llm.rope(&seq)?;
         let layer = |i: usize, h: &Tensor| self.llm.decoder_layer(p, i, h, &mask, &rope);
@@ -406,14 +388,14 @@ impl TrainModel for OpenVlaTrain {
         let store = backward_through(&seq, &g_seq)?;
         grads.absorb(&store, &vars)?;
         // Each tower whose parameters train, block by block, then its stem.
-        for ((stem, tape, leaf, trains), t) in towers.iter().zip(&self.towers) {
+        for ((stem, tape, leaf, trains), t) in towers.iter().zip(self.backbone.towers()) {
             if !trains {
                 continue;
             }
             let Some(g) = store.get(leaf.as_tensor()) else {
                 continue;
             };
-            let block = |j: usize, h: &Tensor| t.block(p, j, h);
+            let block = |j: usize, h: &Tensor| Ok(t.block(p, j, h, None)?);
             let g_stem = backward_blocks(tape, g, lora, &block, &vars, &mut grads)?;
             grads.absorb(&backward_through(stem, &g_stem)?, &vars)?;
         }

@@ -1,5 +1,6 @@
 //! The OpenVLA network: vision backbone -> projector -> Llama, and greedy action decoding.
 
+pub mod backend;
 pub mod linear;
 pub mod llama;
 pub mod projector;

@@ -18,7 +18,8 @@
 //! `lora_adapter/adapter_config.json` says.
 
 use crate::error::{Error, Result};
-use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
+pub use crate::model::backend::FilmLayer;
+use crate::model::linear::{LayerKind, Weight, WeightPolicy};
 use crate::model::vit::{load_linear, TowerSource};
 use crate::oft::pt::{self, StateDict};
 use crate::quant::QuantMatrix;
@@ -34,36 +35,6 @@ pub const VISION_BACKBONE: &str = "vision_backbone";
 /// `lora_alpha` of the reference's inference LoRA for rank `r` (`openvla_utils.py:327`).
 pub fn reference_lora_alpha(rank: usize) -> usize {
     rank.min(16)
-}
-
-/// The FiLM projections of one ViT block: `γ = scale(avg)`, `β = shift(avg)`, applied as
-/// `x · (1 + γ) + β` to every token between the attention and MLP residuals.
-#[derive(Debug, Clone)]
-pub struct FilmLayer {
-    scale: Linear,
-    shift: Linear,
-}
-
-impl FilmLayer {
-    /// Wraps the two projections (`[vision_dim, llm_dim]` weights with bias).
-    pub fn new(scale: Linear, shift: Linear) -> FilmLayer {
-        FilmLayer { scale, shift }
-    }
-
-    /// `x [B, T, D]` modulated by the average language embedding `language [B, llm_dim]`
-    /// (film_vit_wrapper.py:65-72).
-    pub fn modulate(&self, x: &Tensor, language: &Tensor) -> Result<Tensor> {
-        let gamma = self.scale.forward(language)?;
-        let beta = self.shift.forward(language)?;
-        let one_plus_gamma = (gamma + 1.0)?.unsqueeze(1)?;
-        Ok(x.broadcast_mul(&one_plus_gamma)?
-            .broadcast_add(&beta.unsqueeze(1)?)?)
-    }
-
-    /// Bytes of the two weight matrices.
-    pub fn weight_bytes(&self) -> usize {
-        self.scale.weight().storage_bytes() + self.shift.weight().storage_bytes()
-    }
 }
 
 /// What merging the file's LoRA found.
@@ -630,13 +601,14 @@ mod tests {
         // llm_dim 2 -> vision_dim 3.
         let w = |v: &[f32]| Tensor::from_slice(v, (3, 2), &dev).unwrap();
         let b = |v: &[f32]| Tensor::from_slice(v, 3, &dev).unwrap();
-        let film = FilmLayer::new(
+        use crate::model::linear::Linear;
+        let film = FilmLayer::<crate::model::backend::Infer>::new(
             Linear::from_tensors(w(&[1., 0., 0., 1., 1., 1.]), Some(b(&[0., 0.5, -1.]))),
             Linear::from_tensors(w(&[0., 0., 2., 0., 0., 3.]), Some(b(&[1., 0., 0.]))),
         );
         let lang = Tensor::from_slice(&[0.5f32, 0.25], (1, 2), &dev).unwrap();
         let x = Tensor::from_slice(&[1f32, 2., 3., -1., 0., 4.], (1, 2, 3), &dev).unwrap();
-        let y = film.modulate(&x, &lang).unwrap();
+        let y = film.modulate(&(), &x, &lang).unwrap();
         // gamma = [0.5, 0.75, -0.25], beta = [1, 1, 0.75]
         let want = [1.5f32 + 1., 3.5 + 1., 2.25 + 0.75, -1.5 + 1., 1., 3. + 0.75];
         let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();

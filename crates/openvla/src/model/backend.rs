@@ -1,0 +1,160 @@
+//! The seam between the one model definition and the two ways it runs.
+//!
+//! The network (the timm towers of [`super::vit`], the backbone of [`super::vision`], the
+//! projector of [`super::projector`], FiLM) is written once, generic over a [`Backend`]: the
+//! handful of operations whose implementation differs between inference and training.
+//!
+//! - [`Infer`] (this crate): quantized, bf16 or packed weights, fused kernels that have no
+//!   backward (`fused_qkv_attention`, candle's `layer_norm`), row-independent products. It is
+//!   the exact default every golden test checks.
+//! - `openvla_train::model::Train`: float32 `Var`s and frozen weights, LoRA branches looked up
+//!   in the parameter store, and only ops that record a backward (candle's, or the training
+//!   crate's fused ops with hand-written backwards).
+//!
+//! What is not an operation (shapes, token order, prefix tokens, LayerScale, FiLM's
+//! `x·(1+γ)+β`, which block is read) is in the definition and so the same for both.
+//! Loading is the same seam: a [`ParamSource`] turns checkpoint names into a backend's layers.
+
+use crate::error::Result;
+use crate::kernels::activation::gelu_erf;
+use crate::kernels::attention::fused_qkv_attention;
+use crate::model::linear::{LayerKind, Linear};
+use candle_core::Tensor;
+
+/// The operations a model definition is written with.
+pub trait Backend: Sized + Send + Sync + 'static {
+    /// A linear layer (`[out, in]` weight and optional bias) as this backend holds it.
+    type Linear: std::fmt::Debug + Clone + Send + Sync;
+    /// What a forward pass reads besides the modules' own tensors: nothing for inference, the
+    /// parameter store (LoRA adapters by module name) for training.
+    type Ctx: ?Sized;
+
+    /// `x · Wᵀ + b` over the last dimension of `x`.
+    fn linear(ctx: &Self::Ctx, layer: &Self::Linear, x: &Tensor) -> Result<Tensor>;
+
+    /// A patch-embedding convolution (kernel = stride = patch) applied to `patches
+    /// [B, P, 3·p·p]`, the flattened patches of `pixels [B, 3, H, W]`. The default is the
+    /// linear map of the flattened patches; a backend with adapters on the convolution adds
+    /// their branch, which reads the image.
+    fn patch_embed(
+        ctx: &Self::Ctx,
+        layer: &Self::Linear,
+        pixels: &Tensor,
+        patches: &Tensor,
+    ) -> Result<Tensor> {
+        let _ = pixels;
+        Self::linear(ctx, layer, patches)
+    }
+
+    /// LayerNorm over the last dimension with affine `w`, `b` (biased variance, as torch).
+    fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor>;
+
+    /// Exact (erf) GELU.
+    fn gelu_erf(x: &Tensor) -> Result<Tensor>;
+
+    /// Bidirectional multi-head self-attention of a ViT block: fused `qkv [B, N, 3·D]`
+    /// (q, k, v, each heads-major) -> `[B, N, D]`, scores scaled by `head_dim^-1/2`.
+    fn vit_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor>;
+}
+
+/// Where a backend's modules come from, by checkpoint name.
+pub trait ParamSource<B: Backend> {
+    /// The float32 tensor `name`, which must have exactly `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+
+    /// The linear layer `{prefix}.weight` (`[out, in]` for `dims = (in, out)`) and, with
+    /// `bias`, `{prefix}.bias` (`[out]`); `kind` says which part of the model it belongs to
+    /// (quantization plans choose by it).
+    fn linear(
+        &self,
+        prefix: &str,
+        dims: (usize, usize),
+        bias: bool,
+        kind: LayerKind,
+    ) -> Result<B::Linear>;
+
+    /// The patch-embedding convolution `{prefix}.weight` (`[dim, 3, patch, patch]`) and
+    /// `{prefix}.bias`, as a linear map of flattened `(channel, row, column)` patches.
+    fn patch_embed(&self, prefix: &str, dim: usize, patch: usize) -> Result<B::Linear>;
+
+    /// Marks every tensor under `prefix` as knowingly unused (the reference stores it, its
+    /// output never depends on it).
+    fn skip_prefix(&self, prefix: &str) {
+        let _ = prefix;
+    }
+
+    /// The FiLM projections of the ViT block under `block_prefix`, with `vision_dim` outputs,
+    /// or `None` when this source has no FiLM.
+    fn film(&self, block_prefix: &str, vision_dim: usize) -> Result<Option<FilmLayer<B>>> {
+        let _ = (block_prefix, vision_dim);
+        Ok(None)
+    }
+}
+
+/// Inference: this crate's weights and kernels, no backward.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Infer;
+
+impl Backend for Infer {
+    type Linear = Linear;
+    type Ctx = ();
+
+    fn linear(_: &(), layer: &Linear, x: &Tensor) -> Result<Tensor> {
+        layer.forward(x)
+    }
+
+    fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            w,
+            b,
+            eps as f32,
+        )?)
+    }
+
+    fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+        Ok(gelu_erf(x)?)
+    }
+
+    fn vit_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+        Ok(fused_qkv_attention(qkv, num_heads)?)
+    }
+}
+
+/// The FiLM projections of one ViT block (OFT, oft-spec §3): `γ = scale(avg)`,
+/// `β = shift(avg)`, applied as `x · (1 + γ) + β` to every token between the attention and MLP
+/// residuals.
+#[derive(Debug, Clone)]
+pub struct FilmLayer<B: Backend = Infer> {
+    scale: B::Linear,
+    shift: B::Linear,
+}
+
+impl<B: Backend> FilmLayer<B> {
+    /// Wraps the two projections (`[vision_dim, llm_dim]` weights with bias).
+    pub fn new(scale: B::Linear, shift: B::Linear) -> Self {
+        FilmLayer { scale, shift }
+    }
+
+    /// The two projections, scale first.
+    pub fn layers(&self) -> [&B::Linear; 2] {
+        [&self.scale, &self.shift]
+    }
+
+    /// `x [B, T, D]` modulated by the average language embedding `language [B, llm_dim]`
+    /// (film_vit_wrapper.py:65-72).
+    pub fn modulate(&self, ctx: &B::Ctx, x: &Tensor, language: &Tensor) -> Result<Tensor> {
+        let gamma = B::linear(ctx, &self.scale, language)?;
+        let beta = B::linear(ctx, &self.shift, language)?;
+        let one_plus_gamma = (gamma + 1.0)?.unsqueeze(1)?;
+        Ok(x.broadcast_mul(&one_plus_gamma)?
+            .broadcast_add(&beta.unsqueeze(1)?)?)
+    }
+}
+
+impl FilmLayer<Infer> {
+    /// Bytes of the two weight matrices.
+    pub fn weight_bytes(&self) -> usize {
+        self.scale.weight().storage_bytes() + self.shift.weight().storage_bytes()
+    }
+}
