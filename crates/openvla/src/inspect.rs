@@ -1,10 +1,10 @@
 //! A summary of a model directory read from its headers only (no weights are loaded).
 
 use crate::action::{ActionTokenizer, NormStats};
-use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, Variant};
 use crate::error::Result;
 use crate::head::ActionHead;
+use crate::model::checkpoint::Checkpoint;
 use crate::oft::constants::OftOptions;
 use crate::policy::load_norm_stats;
 use serde::Serialize;

@@ -21,7 +21,6 @@
 //! actions `[K][D]` (a chunk of one for OpenVLA); see docs/oft.md.
 
 pub mod action;
-pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod head;
@@ -34,6 +33,8 @@ pub mod processor;
 pub mod quant;
 pub mod synth;
 
+/// Safetensors checkpoints and weight loading, which sit under the model ([`model::checkpoint`]).
+pub use model::checkpoint;
 /// The CPU kernels, in their own crate (`crates/openvla-kernels`).
 pub use openvla_kernels as kernels;
 

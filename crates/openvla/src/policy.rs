@@ -3,10 +3,10 @@
 use crate::action::{
     resolve_unnorm_key, unnormalize, ActionStatistics, ActionTokenizer, NormStats,
 };
-use crate::checkpoint::{Checkpoint, LoadProgress, WeightLoader};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::head::{ActionHead, MlpResNetTrace};
+use crate::model::checkpoint::{Checkpoint, LoadProgress, WeightLoader};
 use crate::model::linear::{WeightDtype, WeightPolicy};
 use crate::model::{GenerationRequest, GenerationTrace, OpenVla, ParallelInput, ParallelTrace};
 use crate::oft::constants::OftOptions;

@@ -2,11 +2,11 @@
 //! f32 activations and accumulation on CPU (or, with [`ComputePrecision::Bf16`], bf16
 //! arithmetic in the many-row products).
 
-use crate::checkpoint::WeightLoader;
 use crate::error::Result;
 use crate::kernels::f32_matmul::F32Matmul;
 use crate::kernels::half_matmul::HalfMatmul;
 use crate::kernels::quant_matmul::QuantMatmul;
+pub use crate::quant::plan::LayerKind;
 use crate::quant::{QuantFormat, QuantMatrix, QuantPlan, Quantization};
 use candle_core::{DType, Tensor};
 pub use openvla_kernels::ComputePrecision;
@@ -35,23 +35,6 @@ impl WeightDtype {
             WeightDtype::F16 => DType::F16,
         }
     }
-}
-
-/// The role of a weight matrix, which decides its quantization ([`Quantization::format_for`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerKind {
-    /// A vision tower's patch embedding (a convolution applied as a linear map).
-    PatchEmbed,
-    /// A linear layer of a vision tower block (qkv, proj, fc1, fc2).
-    Vision,
-    /// A projector layer.
-    Projector,
-    /// A linear layer of an LLM decoder layer (q/k/v/o, gate/up/down).
-    Llm,
-    /// The LLM's output head.
-    LmHead,
-    /// The LLM's token embeddings (a table, read a few rows at a time).
-    Embedding,
 }
 
 /// How the model's weights are stored: the dtype of unquantized matrices and the quantization.
@@ -163,34 +146,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` (`[out, in]`, stored as `policy` says for `kind`) and, if `bias`,
-    /// `{prefix}.bias` (`[out]`, kept f32).
-    pub fn load(
-        w: &WeightLoader,
-        prefix: &str,
-        (in_dim, out_dim): (usize, usize),
-        bias: bool,
-        policy: &WeightPolicy,
-        kind: LayerKind,
-    ) -> Result<Linear> {
-        let weight = w.get_weight(
-            &format!("{prefix}.weight"),
-            [out_dim, in_dim],
-            policy.dtype.dtype(),
-            policy.format_for(kind),
-        )?;
-        let bias = if bias {
-            Some(w.get(&format!("{prefix}.bias"), &[out_dim], DType::F32)?)
-        } else {
-            None
-        };
-        Ok(Linear {
-            weight,
-            bias,
-            compute: policy.compute,
-        })
-    }
-
     /// Wraps an existing weight and bias (f32 arithmetic).
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Linear {
         Linear {

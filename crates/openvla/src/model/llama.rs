@@ -2,11 +2,11 @@
 //! pre-norm decoder layers with RMSNorm, grouped-query attention with half-rotation RoPE, SwiGLU,
 //! a KV cache, and input embeddings supplied by the caller (so image patches can be spliced in).
 
-use crate::checkpoint::WeightLoader;
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::kernels::activation::silu_mul;
 use crate::kernels::attention::causal_attention;
+use crate::model::checkpoint::WeightLoader;
 use crate::model::linear::{LayerKind, Linear, LinearGroup, Weight, WeightPolicy};
 use candle_core::{DType, Device, Tensor};
 
@@ -60,7 +60,7 @@ impl DecoderLayer {
         let i = c.intermediate_size;
         let b = c.attention_bias;
         let linear = |name: &str, dims: (usize, usize), bias: bool| {
-            Linear::load(w, &format!("{p}.{name}"), dims, bias, wp, LayerKind::Llm)
+            w.linear(&format!("{p}.{name}"), dims, bias, wp, LayerKind::Llm)
         };
         let norm = |name: &str| RmsNorm::load(w, &format!("{p}.{name}.weight"), d, c.rms_norm_eps);
         Ok(DecoderLayer {
@@ -400,8 +400,7 @@ impl Llama {
             }
             Linear::new(embed_tokens.clone(), None)
         } else {
-            Linear::load(
-                w,
+            w.linear(
                 "language_model.lm_head",
                 (d, v),
                 false,

@@ -1,15 +1,16 @@
 //! The OpenVLA network: vision backbone -> projector -> Llama, and greedy action decoding.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod linear;
 pub mod llama;
 pub mod projector;
 pub mod vision;
 pub mod vit;
 
-use crate::checkpoint::WeightLoader;
 use crate::config::{ModelConfig, Variant};
 use crate::error::{Error, Result};
+use crate::model::checkpoint::WeightLoader;
 use candle_core::Tensor;
 use linear::WeightPolicy;
 use llama::{argmax, packs, KvCache, Llama, MAX_PACKED_POSITIONS};

@@ -1,9 +1,9 @@
 //! The projector from vision features into the LLM embedding space (spec §3), written once
 //! for inference and training ([`Backend`]).
 
-use crate::checkpoint::WeightLoader;
 use crate::error::Result;
 use crate::model::backend::{Backend, Infer, ParamSource};
+use crate::model::checkpoint::WeightLoader;
 use crate::model::linear::{LayerKind, WeightPolicy};
 use crate::model::vit::Loading;
 use candle_core::Tensor;

@@ -3,10 +3,10 @@
 //! language (OFT, oft-spec §3: the same average embedding for every tower and image).
 //! Written once for inference and training ([`Backend`]).
 
-use crate::checkpoint::WeightLoader;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::backend::{Backend, Infer, ParamSource};
+use crate::model::checkpoint::WeightLoader;
 use crate::model::linear::WeightPolicy;
 use crate::model::vit::{Loading, TowerSource, VisionTransformer};
 use candle_core::Tensor;

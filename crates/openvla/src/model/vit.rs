@@ -5,10 +5,10 @@
 //! Written once for inference and training ([`Backend`]): `VisionTransformer` (= `<Infer>`)
 //! serves predictions, `VisionTransformer<openvla_train::model::Train>` is fine-tuned.
 
-use crate::checkpoint::WeightLoader;
 use crate::config::TowerConfig;
 use crate::error::{Error, Result};
 use crate::model::backend::{Backend, FilmLayer, Infer, ParamSource};
+use crate::model::checkpoint::WeightLoader;
 use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
 use candle_core::{DType, Tensor, D};
 

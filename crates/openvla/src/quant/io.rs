@@ -66,7 +66,7 @@ pub fn quantize_model_dir(
     mode: super::Quantization,
     progress: Option<Progress>,
 ) -> Result<QuantizeReport> {
-    use crate::checkpoint::{Checkpoint, StoredDtype};
+    use crate::model::checkpoint::{Checkpoint, StoredDtype};
     use serde_json::{json, Value};
     use std::io::{BufWriter, Write};
 

@@ -1,7 +1,23 @@
 //! Which weight matrices a quantization mode quantizes, and to which format.
 
 use super::QuantFormat;
-use crate::model::linear::LayerKind;
+
+/// The role of a weight matrix, which decides its quantization ([`Quantization::format_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// A vision tower's patch embedding (a convolution applied as a linear map).
+    PatchEmbed,
+    /// A linear layer of a vision tower block (qkv, proj, fc1, fc2).
+    Vision,
+    /// A projector layer.
+    Projector,
+    /// A linear layer of an LLM decoder layer (q/k/v/o, gate/up/down).
+    Llm,
+    /// The LLM's output head.
+    LmHead,
+    /// The LLM's token embeddings (a table, read a few rows at a time).
+    Embedding,
+}
 
 /// A weight quantization mode (`--quantize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

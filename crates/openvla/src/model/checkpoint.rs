@@ -7,7 +7,7 @@
 //! weights in their compute dtype and nothing else.
 
 use crate::error::{Error, Result};
-use crate::model::linear::Weight;
+use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
 use crate::quant::{QuantFormat, QuantMatrix};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -554,6 +554,30 @@ impl<'a> WeightLoader<'a> {
         if let Some(info) = self.ckpt.info(name) {
             self.advance(info.len);
         }
+    }
+
+    /// Loads `{prefix}.weight` (`[out, in]`, stored as `policy` says for `kind`) and, if `bias`,
+    /// `{prefix}.bias` (`[out]`, kept f32).
+    pub fn linear(
+        &self,
+        prefix: &str,
+        (in_dim, out_dim): (usize, usize),
+        bias: bool,
+        policy: &WeightPolicy,
+        kind: LayerKind,
+    ) -> Result<Linear> {
+        let weight = self.get_weight(
+            &format!("{prefix}.weight"),
+            [out_dim, in_dim],
+            policy.dtype.dtype(),
+            policy.format_for(kind),
+        )?;
+        let bias = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out_dim], DType::F32)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias).with_compute(policy.compute))
     }
 
     /// Loads the weight matrix `name` of shape `[rows, cols]`.
