@@ -15,7 +15,8 @@
 
 use crate::action::ActionTokenizer;
 use crate::error::{Error, Result};
-use crate::model::linear::Linear;
+use crate::model::backend::{Backend, Infer, ParamSource};
+use crate::model::linear::{LayerKind, Linear};
 use crate::oft::pt::StateDict;
 use candle_core::{DType, Tensor};
 
@@ -73,7 +74,7 @@ impl ActionHead {
     }
 }
 
-/// `nn.LayerNorm` with affine weight and bias.
+/// `nn.LayerNorm` with affine weight and bias (eps [`LAYER_NORM_EPS`]).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -81,31 +82,28 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(sd: &StateDict, prefix: &str, dim: usize) -> Result<Self> {
+    fn load<B: Backend>(w: &dyn ParamSource<B>, prefix: &str, dim: usize) -> Result<Self> {
         Ok(LayerNorm {
-            weight: sd.get_shaped(&format!("{prefix}.weight"), &[dim])?,
-            bias: sd.get_shaped(&format!("{prefix}.bias"), &[dim])?,
+            weight: w.tensor(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.tensor(&format!("{prefix}.bias"), &[dim])?,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            LAYER_NORM_EPS,
-        )?)
+    fn forward<B: Backend>(&self, x: &Tensor) -> Result<Tensor> {
+        B::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS as f64)
     }
 }
 
 /// OFT's `MLPResNet` (action_heads.py): `LayerNorm(D·H) → fc1 → ReLU → blocks of
-/// x + ReLU(Linear(LayerNorm(x))) → LayerNorm → fc2`, no activation at the output.
+/// x + ReLU(Linear(LayerNorm(x))) → LayerNorm → fc2`, no activation at the output. Written once
+/// for inference and training ([`Backend`]); every row is computed on its own
+/// ([`Backend::linear_rowwise`]).
 #[derive(Debug, Clone)]
-pub struct MlpResNet {
+pub struct MlpResNet<B: Backend = Infer> {
     layer_norm1: LayerNorm,
-    fc1: Linear,
-    blocks: Vec<(LayerNorm, Linear)>,
+    fc1: B::Linear,
+    blocks: Vec<(LayerNorm, B::Linear)>,
     layer_norm2: LayerNorm,
-    fc2: Linear,
+    fc2: B::Linear,
     dims: (usize, usize, usize),
 }
 
@@ -124,42 +122,67 @@ pub struct MlpResNetTrace {
     pub output: Tensor,
 }
 
-impl MlpResNet {
-    /// Loads `model.*` of an L1 action head state dict (keys already without `module.`).
-    /// The dimensions are read from the tensors: `fc2` gives the action dimension,
-    /// `fc1` the hidden width and input width; `dtype` is the dtype the matrices are held in.
-    pub fn load(sd: &StateDict, dtype: DType) -> Result<Self> {
-        let fc1_shape = sd.get("model.fc1.weight", 2)?.dims().to_vec();
-        let fc2_shape = sd.get("model.fc2.weight", 2)?.dims().to_vec();
-        let (hidden, input) = (fc1_shape[0], fc1_shape[1]);
-        let action_dim = fc2_shape[0];
-        let linear = |prefix: &str, out: usize, inp: usize| -> Result<Linear> {
-            let w = sd
-                .get_shaped(&format!("{prefix}.weight"), &[out, inp])?
-                .to_dtype(dtype)?;
-            let b = sd.get_shaped(&format!("{prefix}.bias"), &[out])?;
-            Ok(Linear::from_tensors(w, Some(b)))
+/// Tensors of a PyTorch `state_dict` (keys without `module.`) as an inference [`ParamSource`]:
+/// weight matrices held in `dtype` (as stored when `None`), everything else as stored.
+pub struct StateDictSource<'a> {
+    /// The state dict.
+    pub sd: &'a StateDict,
+    /// The dtype weight matrices are converted to.
+    pub dtype: Option<DType>,
+}
+
+impl ParamSource<Infer> for StateDictSource<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.sd.get_shaped(name, shape)
+    }
+
+    fn linear(
+        &self,
+        prefix: &str,
+        (in_dim, out_dim): (usize, usize),
+        bias: bool,
+        _kind: LayerKind,
+    ) -> Result<Linear> {
+        let w = self
+            .sd
+            .get_shaped(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let w = match self.dtype {
+            Some(dtype) => w.to_dtype(dtype)?,
+            None => w,
         };
-        let mut blocks = Vec::new();
-        while sd
-            .shape(&format!(
-                "model.mlp_resnet_blocks.{}.ffn.1.weight",
-                blocks.len()
-            ))
-            .is_some()
-        {
-            let p = format!("model.mlp_resnet_blocks.{}.ffn", blocks.len());
-            blocks.push((
-                LayerNorm::load(sd, &format!("{p}.0"), hidden)?,
-                linear(&format!("{p}.1"), hidden, hidden)?,
-            ));
-        }
+        let b = if bias {
+            Some(self.sd.get_shaped(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear::from_tensors(w, b))
+    }
+}
+
+impl<B: Backend> MlpResNet<B> {
+    /// The head of width `input → hidden → action_dim` with `blocks` residual blocks, from
+    /// `model.*` of `w` (the reference's `state_dict` names without `module.`).
+    pub fn load_with(
+        w: &dyn ParamSource<B>,
+        (input, hidden, action_dim): (usize, usize, usize),
+        blocks: usize,
+    ) -> Result<Self> {
+        let linear = |prefix: &str, dims| w.linear(prefix, dims, true, LayerKind::Projector);
+        let blocks = (0..blocks)
+            .map(|i| {
+                let p = format!("model.mlp_resnet_blocks.{i}.ffn");
+                Ok((
+                    LayerNorm::load(w, &format!("{p}.0"), hidden)?,
+                    linear(&format!("{p}.1"), (hidden, hidden))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(MlpResNet {
-            layer_norm1: LayerNorm::load(sd, "model.layer_norm1", input)?,
-            fc1: linear("model.fc1", hidden, input)?,
+            layer_norm1: LayerNorm::load(w, "model.layer_norm1", input)?,
+            fc1: linear("model.fc1", (input, hidden))?,
             blocks,
-            layer_norm2: LayerNorm::load(sd, "model.layer_norm2", hidden)?,
-            fc2: linear("model.fc2", action_dim, hidden)?,
+            layer_norm2: LayerNorm::load(w, "model.layer_norm2", hidden)?,
+            fc2: linear("model.fc2", (hidden, action_dim))?,
             dims: (input, hidden, action_dim),
         })
     }
@@ -177,9 +200,19 @@ impl MlpResNet {
         self.dims.2
     }
 
-    /// `x [rows, input_dim]` → normalized actions `[rows, action_dim]`, keeping every stage.
+    /// Number of residual blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// `x [..., input_dim]` → normalized actions `[..., action_dim]`.
+    pub fn forward_with(&self, ctx: &B::Ctx, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_traced_with(ctx, x)?.output)
+    }
+
+    /// `x [..., input_dim]` → normalized actions `[..., action_dim]`, keeping every stage.
     /// Every row is computed independently of the others (row-wise kernels).
-    pub fn forward_traced(&self, x: &Tensor) -> Result<MlpResNetTrace> {
+    pub fn forward_traced_with(&self, ctx: &B::Ctx, x: &Tensor) -> Result<MlpResNetTrace> {
         if x.dim(x.rank() - 1)? != self.input_dim() {
             return Err(Error::InvalidInput(format!(
                 "action head input has width {}, the head expects {}",
@@ -187,16 +220,16 @@ impl MlpResNet {
                 self.input_dim()
             )));
         }
-        let layer_norm1 = self.layer_norm1.forward(x)?;
-        let fc1_relu = self.fc1.forward_rowwise(&layer_norm1)?.relu()?;
+        let layer_norm1 = self.layer_norm1.forward::<B>(x)?;
+        let fc1_relu = B::linear_rowwise(ctx, &self.fc1, &layer_norm1)?.relu()?;
         let mut h = fc1_relu.clone();
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (norm, lin) in &self.blocks {
-            h = (&h + lin.forward_rowwise(&norm.forward(&h)?)?.relu()?)?;
+            h = (&h + B::linear_rowwise(ctx, lin, &norm.forward::<B>(&h)?)?.relu()?)?;
             blocks.push(h.clone());
         }
-        let layer_norm2 = self.layer_norm2.forward(&h)?;
-        let output = self.fc2.forward_rowwise(&layer_norm2)?;
+        let layer_norm2 = self.layer_norm2.forward::<B>(&h)?;
+        let output = B::linear_rowwise(ctx, &self.fc2, &layer_norm2)?;
         Ok(MlpResNetTrace {
             layer_norm1,
             fc1_relu,
@@ -204,5 +237,34 @@ impl MlpResNet {
             layer_norm2,
             output,
         })
+    }
+}
+
+impl MlpResNet<Infer> {
+    /// Loads `model.*` of an L1 action head state dict (keys already without `module.`).
+    /// The dimensions are read from the tensors: `fc2` gives the action dimension,
+    /// `fc1` the hidden width and input width; `dtype` is the dtype the matrices are held in.
+    pub fn load(sd: &StateDict, dtype: DType) -> Result<Self> {
+        let fc1_shape = sd.get("model.fc1.weight", 2)?.dims().to_vec();
+        let fc2_shape = sd.get("model.fc2.weight", 2)?.dims().to_vec();
+        let (hidden, input) = (fc1_shape[0], fc1_shape[1]);
+        let action_dim = fc2_shape[0];
+        let mut blocks = 0;
+        while sd
+            .shape(&format!("model.mlp_resnet_blocks.{blocks}.ffn.1.weight"))
+            .is_some()
+        {
+            blocks += 1;
+        }
+        let source = StateDictSource {
+            sd,
+            dtype: Some(dtype),
+        };
+        Self::load_with(&source, (input, hidden, action_dim), blocks)
+    }
+
+    /// `x [rows, input_dim]` → normalized actions `[rows, action_dim]`, keeping every stage.
+    pub fn forward_traced(&self, x: &Tensor) -> Result<MlpResNetTrace> {
+        self.forward_traced_with(&(), x)
     }
 }

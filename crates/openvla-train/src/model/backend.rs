@@ -2,11 +2,12 @@
 //! (`openvla::model::backend`). The towers, backbone and projector are `openvla`'s own
 //! (`VisionBackbone<Train>`, `Projector<Train>`); here are only the operations that differ from
 //! inference: float32 `Var`s and frozen weights with their LoRA branches looked up in the
-//! [`ParamStore`], and ops that record a backward (the fused ops of [`super::fused`]).
+//! [`ParamStore`] ([`Adapters`]), and ops that record a backward (the fused ops of [`super::fused`]).
 
 use super::ops::{self, Linear};
 use super::params::ParamStore;
 use crate::error::TrainError;
+use crate::lora::Adapters;
 use candle_core::{IndexOp, Tensor};
 use openvla::model::backend::{Backend, ParamSource};
 use openvla::model::linear::LayerKind;
@@ -17,7 +18,7 @@ pub struct Train;
 
 /// A training error as the model definition's error (`openvla::Error`); a model error comes
 /// back unchanged.
-fn to_model(e: TrainError) -> openvla::Error {
+pub(crate) fn to_model(e: TrainError) -> openvla::Error {
     match e {
         TrainError::Model(e) => e,
         TrainError::Candle(e) => openvla::Error::Candle(e),
@@ -29,14 +30,14 @@ fn to_model(e: TrainError) -> openvla::Error {
 
 impl Backend for Train {
     type Linear = Linear;
-    type Ctx = ParamStore;
+    type Ctx = dyn Adapters;
 
-    fn linear(p: &ParamStore, layer: &Linear, x: &Tensor) -> openvla::Result<Tensor> {
+    fn linear(p: &dyn Adapters, layer: &Linear, x: &Tensor) -> openvla::Result<Tensor> {
         layer.forward(p, x).map_err(to_model)
     }
 
     fn patch_embed(
-        p: &ParamStore,
+        p: &dyn Adapters,
         layer: &Linear,
         pixels: &Tensor,
         patches: &Tensor,

@@ -1,7 +1,7 @@
 //! The OpenVLA-OFT modules outside the VLA, for training: the MLPResNet L1 action head and the
-//! proprio projector (the same math as `openvla::head::MlpResNet` and
-//! `openvla::oft::proprio::ProprioProjector`, written with differentiable ops and float32
-//! `Var`s).
+//! proprio projector. The modules are the inference crate's own (`openvla::head::MlpResNet`,
+//! `openvla::oft::proprio::ProprioProjector`) on the differentiable backend ([`Train`]); here
+//! are their float32 `Var`s, fresh or read from a checkpoint.
 //!
 //! Tensor names are the reference's `state_dict` keys without DDP's `module.` prefix
 //! (`model.fc1.weight`, `fc1.weight`, ...), so a head read from a published
@@ -12,12 +12,17 @@
 //! weight and bias uniform in `±1/sqrt(fan_in)`; `nn.LayerNorm`: weight 1, bias 0), from the
 //! run's seed.
 
-use super::ops::{layer_norm, linear};
+use super::backend::{to_model, Train};
+use super::ops::Linear;
 use crate::error::{Result, TrainError};
+use crate::lora::NoAdapters;
 use crate::rng::TrainRng;
 use candle_core::{DType, Device, Tensor, Var};
-use openvla::head::LAYER_NORM_EPS;
+use openvla::head::MlpResNet;
 use openvla::init::{oft_head_tensors, proprio_projector_tensors};
+use openvla::model::backend::ParamSource;
+use openvla::model::linear::LayerKind;
+use openvla::oft::proprio::ProprioProjector;
 use openvla::oft::pt::StateDict;
 
 /// Residual blocks of the reference's L1 head (`L1RegressionActionHead`: `num_blocks=2`).
@@ -52,23 +57,6 @@ impl Named {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_tensor())
             .ok_or_else(|| TrainError::Invalid(format!("missing head parameter {name}")))
-    }
-
-    fn linear(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
-        linear(
-            x,
-            self.get(&format!("{prefix}.weight"))?,
-            Some(self.get(&format!("{prefix}.bias"))?),
-        )
-    }
-
-    fn layer_norm(&self, prefix: &str, x: &Tensor) -> Result<Tensor> {
-        layer_norm(
-            x,
-            self.get(&format!("{prefix}.weight"))?,
-            self.get(&format!("{prefix}.bias"))?,
-            LAYER_NORM_EPS as f64,
-        )
     }
 
     /// Fresh parameters for `tensors` (names and shapes, in `state_dict` order) as PyTorch
@@ -133,12 +121,44 @@ impl Named {
     }
 }
 
+impl ParamSource<Train> for Named {
+    fn tensor(&self, name: &str, shape: &[usize]) -> openvla::Result<Tensor> {
+        let t = self.get(name).map_err(to_model)?;
+        if t.dims() != shape {
+            return Err(openvla::Error::InvalidInput(format!(
+                "head parameter {name} is {:?}, expected {shape:?}",
+                t.dims()
+            )));
+        }
+        Ok(t.clone())
+    }
+
+    fn linear(
+        &self,
+        prefix: &str,
+        (fin, fout): (usize, usize),
+        bias: bool,
+        _kind: LayerKind,
+    ) -> openvla::Result<Linear> {
+        Ok(Linear {
+            name: prefix.to_string(),
+            weight: self.tensor(&format!("{prefix}.weight"), &[fout, fin])?,
+            bias: if bias {
+                Some(self.tensor(&format!("{prefix}.bias"), &[fout])?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
 /// OFT's `L1RegressionActionHead`: MLPResNet `LayerNorm(D·H) → fc1 → ReLU → blocks of
 /// x + ReLU(Linear(LayerNorm(x))) → LayerNorm → fc2`, mapping `[B, K, D·H]` to the normalized
 /// chunk `[B, K, D]`.
 #[derive(Debug, Clone)]
 pub struct L1HeadTrain {
     params: Named,
+    head: MlpResNet<Train>,
     llm_dim: usize,
     action_dim: usize,
 }
@@ -154,15 +174,21 @@ impl L1HeadTrain {
         Ok(())
     }
 
+    fn new(params: Named, llm_dim: usize, action_dim: usize) -> Result<Self> {
+        let dims = (llm_dim * action_dim, llm_dim, action_dim);
+        Ok(Self {
+            head: MlpResNet::load_with(&params, dims, L1_HEAD_BLOCKS)?,
+            params,
+            llm_dim,
+            action_dim,
+        })
+    }
+
     /// The names and shapes of a head for `llm_dim` and `action_dim`, freshly initialized.
     pub fn init(llm_dim: usize, action_dim: usize, rng: &mut TrainRng) -> Result<Self> {
         Self::check_dims(llm_dim, action_dim)?;
         let tensors = oft_head_tensors(llm_dim, action_dim, L1_HEAD_BLOCKS);
-        Ok(Self {
-            params: Named::fresh(&tensors, rng)?,
-            llm_dim,
-            action_dim,
-        })
+        Self::new(Named::fresh(&tensors, rng)?, llm_dim, action_dim)
     }
 
     /// The head of a checkpoint's `action_head--*.pt` (keys without `module.`), checked to
@@ -170,11 +196,7 @@ impl L1HeadTrain {
     pub fn from_state_dict(sd: &StateDict, llm_dim: usize, action_dim: usize) -> Result<Self> {
         Self::check_dims(llm_dim, action_dim)?;
         let tensors = oft_head_tensors(llm_dim, action_dim, L1_HEAD_BLOCKS);
-        Ok(Self {
-            params: Named::from_state_dict(sd, &tensors)?,
-            llm_dim,
-            action_dim,
-        })
+        Self::new(Named::from_state_dict(sd, &tensors)?, llm_dim, action_dim)
     }
 
     /// The action dimension D.
@@ -196,18 +218,7 @@ impl L1HeadTrain {
                 x.dims()
             )));
         }
-        let p = &self.params;
-        let mut h = p
-            .linear("model.fc1", &p.layer_norm("model.layer_norm1", x)?)?
-            .relu()?;
-        for i in 0..L1_HEAD_BLOCKS {
-            let pre = format!("model.mlp_resnet_blocks.{i}.ffn");
-            let branch = p
-                .linear(&format!("{pre}.1"), &p.layer_norm(&format!("{pre}.0"), &h)?)?
-                .relu()?;
-            h = (h + branch)?;
-        }
-        p.linear("model.fc2", &p.layer_norm("model.layer_norm2", &h)?)
+        Ok(self.head.forward_with(&NoAdapters, x)?)
     }
 }
 
@@ -215,7 +226,7 @@ impl L1HeadTrain {
 #[derive(Debug, Clone)]
 pub struct ProprioProjectorTrain {
     params: Named,
-    proprio_dim: usize,
+    projector: ProprioProjector<Train>,
 }
 
 impl ProprioProjectorTrain {
@@ -228,29 +239,30 @@ impl ProprioProjectorTrain {
         Ok(())
     }
 
+    fn new(params: Named, proprio_dim: usize, llm_dim: usize) -> Result<Self> {
+        Ok(Self {
+            projector: ProprioProjector::load_with(&params, proprio_dim, llm_dim)?,
+            params,
+        })
+    }
+
     /// A fresh projector from `proprio_dim` to `llm_dim`.
     pub fn init(proprio_dim: usize, llm_dim: usize, rng: &mut TrainRng) -> Result<Self> {
         Self::check_dims(proprio_dim)?;
         let tensors = proprio_projector_tensors(proprio_dim, llm_dim);
-        Ok(Self {
-            params: Named::fresh(&tensors, rng)?,
-            proprio_dim,
-        })
+        Self::new(Named::fresh(&tensors, rng)?, proprio_dim, llm_dim)
     }
 
     /// The projector of a checkpoint's `proprio_projector--*.pt`, checked against the shapes.
     pub fn from_state_dict(sd: &StateDict, proprio_dim: usize, llm_dim: usize) -> Result<Self> {
         Self::check_dims(proprio_dim)?;
         let tensors = proprio_projector_tensors(proprio_dim, llm_dim);
-        Ok(Self {
-            params: Named::from_state_dict(sd, &tensors)?,
-            proprio_dim,
-        })
+        Self::new(Named::from_state_dict(sd, &tensors)?, proprio_dim, llm_dim)
     }
 
     /// The input width.
     pub fn proprio_dim(&self) -> usize {
-        self.proprio_dim
+        self.projector.proprio_dim()
     }
 
     /// The parameters by `state_dict` name.
@@ -260,15 +272,7 @@ impl ProprioProjectorTrain {
 
     /// Normalized proprio `[B, P]` → one token per sample `[B, 1, H]`.
     pub fn forward(&self, proprio: &Tensor) -> Result<Tensor> {
-        if proprio.rank() != 2 || proprio.dim(1)? != self.proprio_dim {
-            return Err(TrainError::Invalid(format!(
-                "proprio is {:?}; the projector expects [B, {}]",
-                proprio.dims(),
-                self.proprio_dim
-            )));
-        }
-        let h = self.params.linear("fc1", proprio)?.gelu_erf()?;
-        Ok(self.params.linear("fc2", &h)?.unsqueeze(1)?)
+        Ok(self.projector.forward_with(&NoAdapters, proprio)?)
     }
 }
 

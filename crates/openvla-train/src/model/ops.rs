@@ -10,10 +10,12 @@ use super::fused::{
 };
 use super::params::ParamStore;
 use crate::error::Result;
+use crate::lora::Adapters;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 /// A Linear (or a Conv2d whose kernel equals its stride, seen as a Linear over flattened
-/// patches) by module name; its LoRA branch, if any, is looked up in the [`ParamStore`].
+/// patches) by module name; its LoRA branch, if any, is looked up by that name
+/// ([`Adapters`]: the [`super::params::ParamStore`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Module name (`language_model.model.layers.0.self_attn.q_proj`).
@@ -44,7 +46,7 @@ impl Linear {
     }
 
     /// `x W^T + b` (+ the LoRA branch) over the last dimension of `x`.
-    pub fn forward(&self, p: &ParamStore, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, p: &dyn Adapters, x: &Tensor) -> Result<Tensor> {
         let y = linear(x, &self.weight, self.bias.as_ref())?;
         match p.lora(&self.name) {
             Some(l) => Ok((y + l.forward_delta(x)?)?),

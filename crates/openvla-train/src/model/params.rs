@@ -259,6 +259,12 @@ impl ParamStore {
     }
 }
 
+impl crate::lora::Adapters for ParamStore {
+    fn lora(&self, name: &str) -> Option<&Arc<LoraLayer>> {
+        ParamStore::lora(self, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

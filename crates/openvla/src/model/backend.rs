@@ -15,7 +15,7 @@
 //! `x·(1+γ)+β`, which block is read) is in the definition and so the same for both.
 //! Loading is the same seam: a [`ParamSource`] turns checkpoint names into a backend's layers.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::activation::gelu_erf;
 use crate::kernels::attention::fused_qkv_attention;
 use crate::model::linear::{LayerKind, Linear};
@@ -44,6 +44,13 @@ pub trait Backend: Sized + Send + Sync + 'static {
     ) -> Result<Tensor> {
         let _ = pixels;
         Self::linear(ctx, layer, patches)
+    }
+
+    /// Like [`Backend::linear`], with every row computed on its own whatever the number of
+    /// rows (inference: the row-independent kernels, so a batched answer equals a single one;
+    /// training has no such constraint and uses [`Backend::linear`]).
+    fn linear_rowwise(ctx: &Self::Ctx, layer: &Self::Linear, x: &Tensor) -> Result<Tensor> {
+        Self::linear(ctx, layer, x)
     }
 
     /// LayerNorm over the last dimension with affine `w`, `b` (biased variance, as torch).
@@ -75,7 +82,13 @@ pub trait ParamSource<B: Backend> {
 
     /// The patch-embedding convolution `{prefix}.weight` (`[dim, 3, patch, patch]`) and
     /// `{prefix}.bias`, as a linear map of flattened `(channel, row, column)` patches.
-    fn patch_embed(&self, prefix: &str, dim: usize, patch: usize) -> Result<B::Linear>;
+    /// The default is an error: only the shards hold towers.
+    fn patch_embed(&self, prefix: &str, dim: usize, patch: usize) -> Result<B::Linear> {
+        let _ = (dim, patch);
+        Err(Error::InvalidInput(format!(
+            "{prefix}: this source holds no vision tower (no patch embedding)"
+        )))
+    }
 
     /// Marks every tensor under `prefix` as knowingly unused (the reference stores it, its
     /// output never depends on it).
@@ -101,6 +114,10 @@ impl Backend for Infer {
 
     fn linear(_: &(), layer: &Linear, x: &Tensor) -> Result<Tensor> {
         layer.forward(x)
+    }
+
+    fn linear_rowwise(_: &(), layer: &Linear, x: &Tensor) -> Result<Tensor> {
+        layer.forward_rowwise(x)
     }
 
     fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {

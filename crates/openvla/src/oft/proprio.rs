@@ -3,7 +3,9 @@
 use super::constants::NormalizationType;
 use crate::action::ActionStatistics;
 use crate::error::{Error, Result};
-use crate::model::linear::Linear;
+use crate::head::StateDictSource;
+use crate::model::backend::{Backend, Infer, ParamSource};
+use crate::model::linear::LayerKind;
 use crate::oft::pt::StateDict;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -137,15 +139,45 @@ pub fn unnormalize_oft(
         .collect())
 }
 
-/// OFT's `ProprioProjector`: `fc1 (P → H) → GELU (exact) → fc2 (H → H)`.
+/// OFT's `ProprioProjector` (action_heads.py): `fc1 (P → H) → GELU (exact) → fc2 (H → H)`,
+/// one token per sample. Written once for inference and training ([`Backend`]).
 #[derive(Debug, Clone)]
-pub struct ProprioProjector {
-    fc1: Linear,
-    fc2: Linear,
+pub struct ProprioProjector<B: Backend = Infer> {
+    fc1: B::Linear,
+    fc2: B::Linear,
     proprio_dim: usize,
 }
 
-impl ProprioProjector {
+impl<B: Backend> ProprioProjector<B> {
+    /// `fc1` (`[llm_dim, proprio_dim]`) and `fc2` (`[llm_dim, llm_dim]`) with biases from `w`.
+    pub fn load_with(w: &dyn ParamSource<B>, proprio_dim: usize, llm_dim: usize) -> Result<Self> {
+        Ok(ProprioProjector {
+            fc1: w.linear("fc1", (proprio_dim, llm_dim), true, LayerKind::Projector)?,
+            fc2: w.linear("fc2", (llm_dim, llm_dim), true, LayerKind::Projector)?,
+            proprio_dim,
+        })
+    }
+
+    /// Input width (`fc1.weight.shape[1]`).
+    pub fn proprio_dim(&self) -> usize {
+        self.proprio_dim
+    }
+
+    /// Normalized proprio `[B, P]` → one token per sample `[B, 1, H]`.
+    pub fn forward_with(&self, ctx: &B::Ctx, proprio: &Tensor) -> Result<Tensor> {
+        if proprio.rank() != 2 || proprio.dim(1)? != self.proprio_dim {
+            return Err(Error::InvalidInput(format!(
+                "proprio is {:?}; the proprio projector expects [B, {}]",
+                proprio.dims(),
+                self.proprio_dim
+            )));
+        }
+        let h = B::gelu_erf(&B::linear_rowwise(ctx, &self.fc1, proprio)?)?;
+        Ok(B::linear_rowwise(ctx, &self.fc2, &h)?.unsqueeze(1)?)
+    }
+}
+
+impl ProprioProjector<Infer> {
     /// Loads `fc1`, `fc2` (keys without `module.`), checking the output width is `llm_dim`.
     pub fn load(sd: &StateDict, llm_dim: usize) -> Result<Self> {
         let fc1 = sd.get("fc1.weight", 2)?;
@@ -156,19 +188,7 @@ impl ProprioProjector {
                 format!("fc1.weight is [{h}, {p}], but the LLM hidden size is {llm_dim}"),
             ));
         }
-        Ok(ProprioProjector {
-            fc1: Linear::from_tensors(fc1, Some(sd.get_shaped("fc1.bias", &[h])?)),
-            fc2: Linear::from_tensors(
-                sd.get_shaped("fc2.weight", &[h, h])?,
-                Some(sd.get_shaped("fc2.bias", &[h])?),
-            ),
-            proprio_dim: p,
-        })
-    }
-
-    /// Input width (`fc1.weight.shape[1]`).
-    pub fn proprio_dim(&self) -> usize {
-        self.proprio_dim
+        Self::load_with(&StateDictSource { sd, dtype: None }, p, h)
     }
 
     /// Normalized proprio (cast to f32 as the reference does) → one token `[1, 1, H]`.
@@ -182,11 +202,6 @@ impl ProprioProjector {
         }
         let x: Vec<f32> = normalized.iter().map(|&v| v as f32).collect();
         let x = Tensor::from_vec(x, (1, self.proprio_dim), device)?;
-        let h = crate::kernels::activation::gelu_erf(&self.fc1.forward_rowwise(&x)?)?;
-        Ok(self
-            .fc2
-            .forward_rowwise(&h)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(0)?)
+        Ok(self.forward_with(&(), &x)?.to_dtype(DType::F32)?)
     }
 }
