@@ -32,12 +32,12 @@ impl Backend for Train {
     type Linear = Linear;
     type Ctx = dyn Adapters;
 
-    fn linear(p: &dyn Adapters, layer: &Linear, x: &Tensor) -> openvla::Result<Tensor> {
+    fn linear(p: &Self::Ctx, layer: &Linear, x: &Tensor) -> openvla::Result<Tensor> {
         layer.forward(p, x).map_err(to_model)
     }
 
     fn patch_embed(
-        p: &dyn Adapters,
+        p: &Self::Ctx,
         layer: &Linear,
         pixels: &Tensor,
         patches: &Tensor,
@@ -57,6 +57,34 @@ impl Backend for Train {
             }
             None => Ok(x),
         }
+    }
+
+    type Group<const N: usize> = [Linear; N];
+
+    fn group<const N: usize>(layers: [Linear; N]) -> openvla::Result<[Linear; N]> {
+        Ok(layers)
+    }
+
+    fn linear_group<const N: usize>(
+        p: &Self::Ctx,
+        group: &[Linear; N],
+        x: &Tensor,
+        _rowwise: bool,
+    ) -> openvla::Result<[Tensor; N]> {
+        let out = group
+            .iter()
+            .map(|l| Self::linear(p, l, x))
+            .collect::<openvla::Result<Vec<_>>>()?;
+        out.try_into()
+            .map_err(|_| openvla::Error::InvalidInput("linear group arity".into()))
+    }
+
+    fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> openvla::Result<Tensor> {
+        ops::rms_norm(x, w, eps).map_err(to_model)
+    }
+
+    fn silu_mul(gate: &Tensor, up: &Tensor) -> openvla::Result<Tensor> {
+        ops::silu_mul(gate, up).map_err(to_model)
     }
 
     fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> openvla::Result<Tensor> {

@@ -1,34 +1,25 @@
-//! The Llama language model for training (transformers 4.40.1 `LlamaForCausalLM`, the same math
-//! as `openvla::model::llama` without the KV cache): RMSNorm, grouped-query attention with
-//! half-rotation RoPE (float32 tables), SwiGLU, an additive attention mask.
+//! The Llama language model for training (transformers 4.40.1 `LlamaForCausalLM`): the decoder
+//! layers are `openvla::model::decoder::DecoderLayer<Train>`, the one definition inference runs
+//! too; here are the parts only training has: one pass over a batch with an additive attention
+//! mask (no KV cache), half-rotation RoPE with full float32 tables, the embeddings and `lm_head`
+//! as `Var`s.
 
+use super::backend::{to_model, Train};
 use super::ops::{as_f32, masked_softmax, rms_norm, rope, Linear};
 use super::params::ParamStore;
 use crate::error::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
 use openvla::config::TextConfig;
+use openvla::model::decoder::{rope_angles, rope_inv_freq, DecoderLayer};
 
 /// Additive mask value for keys a query may not attend to (finite, as the inference model).
 pub const MASKED: f32 = f32::MIN / 2.0;
-
-#[derive(Debug, Clone)]
-struct Layer {
-    input_layernorm: Tensor,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    post_attention_layernorm: Tensor,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
 
 /// The decoder stack, final norm and `lm_head`.
 #[derive(Debug, Clone)]
 pub struct LlamaTrain {
     embed_tokens: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<DecoderLayer<Train>>,
     norm: Tensor,
     lm_head: Linear,
     inv_freq: Vec<f32>,
@@ -39,31 +30,9 @@ impl LlamaTrain {
     /// Reads `language_model.*`.
     pub fn load(p: &ParamStore, c: &TextConfig) -> Result<Self> {
         let (v, d) = (c.vocab_size, c.hidden_size);
-        let hd = c.head_dim();
-        let (q, kv, i) = (
-            c.num_attention_heads * hd,
-            c.num_key_value_heads * hd,
-            c.intermediate_size,
-        );
-        let b = c.attention_bias;
         let layers = (0..c.num_hidden_layers)
-            .map(|l| {
-                let pre = format!("language_model.model.layers.{l}");
-                let lin = |n: &str, dims, bias| Linear::load(p, &format!("{pre}.{n}"), dims, bias);
-                Ok(Layer {
-                    input_layernorm: p.get(&format!("{pre}.input_layernorm.weight"), &[d])?,
-                    q_proj: lin("self_attn.q_proj", (d, q), b)?,
-                    k_proj: lin("self_attn.k_proj", (d, kv), b)?,
-                    v_proj: lin("self_attn.v_proj", (d, kv), b)?,
-                    o_proj: lin("self_attn.o_proj", (q, d), b)?,
-                    post_attention_layernorm: p
-                        .get(&format!("{pre}.post_attention_layernorm.weight"), &[d])?,
-                    gate_proj: lin("mlp.gate_proj", (d, i), false)?,
-                    up_proj: lin("mlp.up_proj", (d, i), false)?,
-                    down_proj: lin("mlp.down_proj", (i, d), false)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|l| DecoderLayer::load_with(p, &format!("language_model.model.layers.{l}"), c))
+            .collect::<openvla::Result<Vec<_>>>()?;
         let embed_tokens = p.get("language_model.model.embed_tokens.weight", &[v, d])?;
         let lm_head = if c.tie_word_embeddings && !p.contains("language_model.lm_head.weight") {
             Linear {
@@ -74,11 +43,7 @@ impl LlamaTrain {
         } else {
             Linear::load(p, "language_model.lm_head", (d, v), false)?
         };
-        let base = c.rope_theta as f32;
-        let inv_freq = (0..hd)
-            .step_by(2)
-            .map(|i| 1.0f32 / base.powf(i as f32 / hd as f32))
-            .collect();
+        let inv_freq = rope_inv_freq(c);
         Ok(Self {
             embed_tokens,
             layers,
@@ -112,65 +77,13 @@ impl LlamaTrain {
     /// cos/sin tables `[S, head_dim]` (each half repeated, as HF's `cat(freqs, freqs)`),
     /// positions `0..s`, computed in float32 as transformers does.
     fn rope_tables(&self, s: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let hd = 2 * self.inv_freq.len();
-        let mut cos = Vec::with_capacity(s * hd);
-        let mut sin = Vec::with_capacity(s * hd);
-        for pos in 0..s {
-            for _ in 0..2 {
-                for &f in &self.inv_freq {
-                    let a = pos as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (s, hd), device)?,
-            Tensor::from_vec(sin, (s, hd), device)?,
-        ))
-    }
-
-    fn layer(
-        &self,
-        p: &ParamStore,
-        l: &Layer,
-        x: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (b, s, _) = x.dims3()?;
-        let hd = c.head_dim();
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let n = rms_norm(x, &l.input_layernorm, c.rms_norm_eps)?;
-        let heads = |y: Tensor, h: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()?)
+        let half = self.inv_freq.len();
+        let (cos, sin) = rope_angles(&self.inv_freq, 0, s);
+        let full = |t: Vec<f32>| -> Result<Tensor> {
+            let t = Tensor::from_vec(t, (s, half), device)?;
+            Ok(Tensor::cat(&[&t, &t], 1)?)
         };
-        let q = rope(&heads(l.q_proj.forward(p, &n)?, nh)?, cos, sin)?;
-        let k = rope(&heads(l.k_proj.forward(p, &n)?, nkv)?, cos, sin)?;
-        let v = heads(l.v_proj.forward(p, &n)?, nkv)?;
-        let rep = nh / nkv.max(1);
-        let (k, v) = if rep > 1 {
-            let expand = |y: &Tensor| -> Result<Tensor> {
-                Ok(y.unsqueeze(2)?
-                    .broadcast_as((b, nkv, rep, s, hd))?
-                    .reshape((b, nh, s, hd))?)
-            };
-            (expand(&k)?, expand(&v)?)
-        } else {
-            (k, v)
-        };
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = masked_softmax(&scores, mask)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
-        let x = (x + l.o_proj.forward(p, &out)?)?;
-        let n = rms_norm(&x, &l.post_attention_layernorm, c.rms_norm_eps)?;
-        let m = (l.gate_proj.forward(p, &n)?.silu()? * l.up_proj.forward(p, &n)?)?;
-        Ok((x + l.down_proj.forward(p, &m)?)?)
+        Ok((full(cos)?, full(sin)?))
     }
 
     /// Runs the decoder over `x [B, S, D]` with the additive mask `[B, 1, S, S]` (positions
@@ -217,7 +130,26 @@ impl LlamaTrain {
                 self.layers.len()
             ))
         })?;
-        self.layer(p, l, x, mask, cos, sin)
+        let (b, s) = (x.dim(0)?, x.dim(1)?);
+        Ok(l.forward_with(p, x, false, &mut |q, k, v| {
+            let (nh, nkv, hd) = l.heads();
+            let q = rope(&q, cos, sin).map_err(to_model)?;
+            let k = rope(&k, cos, sin).map_err(to_model)?;
+            let rep = nh / nkv.max(1);
+            let (k, v) = if rep > 1 {
+                let expand = |y: &Tensor| -> openvla::Result<Tensor> {
+                    Ok(y.unsqueeze(2)?
+                        .broadcast_as((b, nkv, rep, s, hd))?
+                        .reshape((b, nh, s, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let probs = masked_softmax(&scores, mask).map_err(to_model)?;
+            Ok(probs.matmul(&v)?)
+        })?)
     }
 
     /// The final RMSNorm.

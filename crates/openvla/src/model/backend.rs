@@ -1,8 +1,9 @@
 //! The seam between the one model definition and the two ways it runs.
 //!
 //! The network (the timm towers of [`super::vit`], the backbone of [`super::vision`], the
-//! projector of [`super::projector`], FiLM) is written once, generic over a [`Backend`]: the
-//! handful of operations whose implementation differs between inference and training.
+//! projector of [`super::projector`], FiLM, the Llama decoder layer of [`super::decoder`], OFT's
+//! action head and proprio projector) is written once, generic over a [`Backend`]: the handful
+//! of operations whose implementation differs between inference and training.
 //!
 //! - [`Infer`] (this crate): quantized, bf16 or packed weights, fused kernels that have no
 //!   backward (`fused_qkv_attention`, candle's `layer_norm`), row-independent products. It is
@@ -16,9 +17,9 @@
 //! Loading is the same seam: a [`ParamSource`] turns checkpoint names into a backend's layers.
 
 use crate::error::{Error, Result};
-use crate::kernels::activation::gelu_erf;
+use crate::kernels::activation::{gelu_erf, silu_mul};
 use crate::kernels::attention::fused_qkv_attention;
-use crate::model::linear::{LayerKind, Linear};
+use crate::model::linear::{LayerKind, Linear, LinearGroup};
 use candle_core::Tensor;
 
 /// The operations a model definition is written with.
@@ -52,6 +53,26 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn linear_rowwise(ctx: &Self::Ctx, layer: &Self::Linear, x: &Tensor) -> Result<Tensor> {
         Self::linear(ctx, layer, x)
     }
+
+    /// Layers that read the same input (q/k/v, gate/up), as this backend holds them.
+    type Group<const N: usize>: std::fmt::Debug + Clone + Send + Sync;
+
+    /// Groups `layers` (same input width).
+    fn group<const N: usize>(layers: [Self::Linear; N]) -> Result<Self::Group<N>>;
+
+    /// Each layer of `group` applied to `x`; `rowwise` as [`Backend::linear_rowwise`].
+    fn linear_group<const N: usize>(
+        ctx: &Self::Ctx,
+        group: &Self::Group<N>,
+        x: &Tensor,
+        rowwise: bool,
+    ) -> Result<[Tensor; N]>;
+
+    /// Llama's RMSNorm `w · x / sqrt(mean(x²) + eps)` over the last dimension.
+    fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor>;
+
+    /// The SwiGLU product `silu(gate) · up`.
+    fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor>;
 
     /// LayerNorm over the last dimension with affine `w`, `b` (biased variance, as torch).
     fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor>;
@@ -118,6 +139,29 @@ impl Backend for Infer {
 
     fn linear_rowwise(_: &(), layer: &Linear, x: &Tensor) -> Result<Tensor> {
         layer.forward_rowwise(x)
+    }
+
+    type Group<const N: usize> = LinearGroup<N>;
+
+    fn group<const N: usize>(layers: [Linear; N]) -> Result<LinearGroup<N>> {
+        LinearGroup::new(layers)
+    }
+
+    fn linear_group<const N: usize>(
+        _: &(),
+        group: &LinearGroup<N>,
+        x: &Tensor,
+        rowwise: bool,
+    ) -> Result<[Tensor; N]> {
+        group.forward(x, rowwise)
+    }
+
+    fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+    }
+
+    fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok(silu_mul(gate, up)?)
     }
 
     fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {

@@ -1,206 +1,126 @@
 //! The Llama language model (transformers 4.40.1 `LlamaForCausalLM` semantics, spec §4):
 //! pre-norm decoder layers with RMSNorm, grouped-query attention with half-rotation RoPE, SwiGLU,
 //! a KV cache, and input embeddings supplied by the caller (so image patches can be spliced in).
+//! The decoder layer itself is the one definition of [`crate::model::decoder`]; here are the
+//! inference passes around it (caches, packed prefill, OFT's bidirectional pass, decoding).
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
-use crate::kernels::activation::silu_mul;
 use crate::kernels::attention::causal_attention;
+use crate::model::backend::{Backend, Infer};
 use crate::model::checkpoint::WeightLoader;
-use crate::model::linear::{LayerKind, Linear, LinearGroup, Weight, WeightPolicy};
+use crate::model::decoder::{rope_angles, rope_inv_freq, DecoderLayer};
+use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
+use crate::model::vit::Loading;
 use candle_core::{DType, Device, Tensor};
 
 /// Additive mask value for positions a query may not attend to (finite, so fully masked padding
 /// rows stay finite instead of turning into NaN).
 const MASKED: f32 = f32::MIN / 2.0;
 
+/// Llama's final RMSNorm.
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
-    eps: f32,
+    eps: f64,
 }
 
 impl RmsNorm {
-    fn load(w: &WeightLoader, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: w.get(name, &[dim], DType::F32)?,
-            eps: eps as f32,
-        })
-    }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+        Infer::rms_norm(x, &self.weight, self.eps)
     }
 }
 
-#[derive(Debug, Clone)]
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    /// `q_proj`, `k_proj`, `v_proj`.
-    qkv_proj: LinearGroup<3>,
-    o_proj: Linear,
-    post_attention_layernorm: RmsNorm,
-    /// `gate_proj`, `up_proj`.
-    gate_up_proj: LinearGroup<2>,
-    down_proj: Linear,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+/// Attention of one batch row over its own cache (`q`, `k`, `v` are `[1, heads, T, hd]`,
+/// rotated): causal, or bidirectional over every cached and new position (OFT's parallel
+/// decoding).
+fn attend_row(
+    layer: &DecoderLayer,
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: &mut Option<LayerKv>,
+    causal: bool,
+) -> Result<Tensor> {
+    let (num_heads, num_kv_heads, hd) = layer.heads();
+    let t = q.dim(2)?;
+    let (k, v) = LayerKv::append(cache, k, v)?;
+    let s = k.dim(2)?;
+    // On CPU in f32, prefill and decode steps alike: the fused causal kernel (no GQA
+    // expansion, mask tensor or copies). It sees only this row's cache, so a row's result
+    // does not depend on the rest of the batch.
+    if causal {
+        if let Some(out) = causal_attention(q, &k, &v)? {
+            return Ok(out);
+        }
+    }
+    // The generic path (other devices and dtypes) takes packed copies of the cache views.
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let rep = num_heads / num_kv_heads;
+    let (k, v) = if rep > 1 {
+        let expand = |y: &Tensor| -> Result<Tensor> {
+            Ok(y.unsqueeze(2)?
+                .broadcast_as((1, num_kv_heads, rep, s, hd))?
+                .reshape((1, num_heads, s, hd))?)
+        };
+        (expand(&k)?, expand(&v)?)
+    } else {
+        (k, v)
+    };
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if causal && t > 1 {
+        // Causal: the query at new position i sees every cached key and new keys <= i.
+        let past = s - t;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, t, s), q.device())?;
+        scores = scores.broadcast_add(&mask)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&v)?)
 }
 
-impl DecoderLayer {
-    fn load(w: &WeightLoader, p: &str, c: &TextConfig, wp: &WeightPolicy) -> Result<Self> {
-        let d = c.hidden_size;
-        let hd = c.head_dim();
-        let q = c.num_attention_heads * hd;
-        let kv = c.num_key_value_heads * hd;
-        let i = c.intermediate_size;
-        let b = c.attention_bias;
-        let linear = |name: &str, dims: (usize, usize), bias: bool| {
-            w.linear(&format!("{p}.{name}"), dims, bias, wp, LayerKind::Llm)
-        };
-        let norm = |name: &str| RmsNorm::load(w, &format!("{p}.{name}.weight"), d, c.rms_norm_eps);
-        Ok(DecoderLayer {
-            input_layernorm: norm("input_layernorm")?,
-            qkv_proj: LinearGroup::new([
-                linear("self_attn.q_proj", (d, q), b)?,
-                linear("self_attn.k_proj", (d, kv), b)?,
-                linear("self_attn.v_proj", (d, kv), b)?,
-            ])?,
-            o_proj: linear("self_attn.o_proj", (q, d), b)?,
-            post_attention_layernorm: norm("post_attention_layernorm")?,
-            gate_up_proj: LinearGroup::new([
-                linear("mlp.gate_proj", (d, i), false)?,
-                linear("mlp.up_proj", (d, i), false)?,
-            ])?,
-            down_proj: linear("mlp.down_proj", (i, d), false)?,
-            num_heads: c.num_attention_heads,
-            num_kv_heads: c.num_key_value_heads,
-            head_dim: hd,
-        })
-    }
-
-    /// Attention of one batch row over its own cache (`q`, `k`, `v` are `[1, heads, T, hd]`):
-    /// causal, or bidirectional over every cached and new position (OFT's parallel decoding).
-    fn attend_row(
-        &self,
-        q: &Tensor,
-        k: Tensor,
-        v: Tensor,
-        cache: &mut Option<LayerKv>,
-        causal: bool,
-    ) -> Result<Tensor> {
-        let t = q.dim(2)?;
-        let hd = self.head_dim;
-        let (k, v) = LayerKv::append(cache, k, v)?;
-        let s = k.dim(2)?;
-        // On CPU in f32, prefill and decode steps alike: the fused causal kernel (no GQA
-        // expansion, mask tensor or copies). It sees only this row's cache, so a row's result
-        // does not depend on the rest of the batch.
-        if causal {
-            if let Some(out) = causal_attention(q, &k, &v)? {
-                return Ok(out);
-            }
-        }
-        // The generic path (other devices and dtypes) takes packed copies of the cache views.
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
-        let rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = if rep > 1 {
-            let expand = |y: &Tensor| -> Result<Tensor> {
-                Ok(y.unsqueeze(2)?
-                    .broadcast_as((1, self.num_kv_heads, rep, s, hd))?
-                    .reshape((1, self.num_heads, s, hd))?)
-            };
-            (expand(&k)?, expand(&v)?)
-        } else {
-            (k, v)
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if causal && t > 1 {
-            // Causal: the query at new position i sees every cached key and new keys <= i.
-            let past = s - t;
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (1, 1, t, s), q.device())?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        Ok(probs.matmul(&v)?)
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &[(Tensor, Tensor)],
-        caches: &mut [Option<LayerKv>],
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let hd = self.head_dim;
-        // Single-token steps go through the row-independent kernels, so a request decodes the
-        // same whether it is alone or batched.
-        let lin = |l: &Linear, y: &Tensor| {
-            if t == 1 {
-                l.forward_rowwise(y)
-            } else {
-                l.forward(y)
-            }
-        };
-        let n = self.input_layernorm.forward(x)?;
-        let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let [q, k, v] = self.qkv_proj.forward(&n, t == 1)?;
-        let q = heads(q, self.num_heads)?;
-        let k = heads(k, self.num_kv_heads)?;
-        let v = heads(v, self.num_kv_heads)?;
-        let mut outs = Vec::with_capacity(b);
+/// The layer over `x [B, T, D]`, each row attending causally to its own cache, with its own
+/// RoPE angles `rope[row]`. Single-token steps go through the row-independent kernels, so a
+/// request decodes the same whether it is alone or batched.
+fn forward_cached(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    rope: &[(Tensor, Tensor)],
+    caches: &mut [Option<LayerKv>],
+) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    layer.forward_with(&(), x, t == 1, &mut |q, k, v| {
+        let mut outs = Vec::with_capacity(caches.len());
         for (row, cache) in caches.iter_mut().enumerate() {
             let (cos, sin) = &rope[row];
             let qr = candle_nn::rotary_emb::rope(&q.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let kr = candle_nn::rotary_emb::rope(&k.narrow(0, row, 1)?.contiguous()?, cos, sin)?;
             let vr = v.narrow(0, row, 1)?.contiguous()?;
-            outs.push(self.attend_row(&qr, kr, vr, cache, true)?);
+            outs.push(attend_row(layer, &qr, kr, vr, cache, true)?);
         }
-        let out = Tensor::cat(&outs, 0)?
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * hd))?;
-        let x = (x + lin(&self.o_proj, &out)?)?;
-        let n = self.post_attention_layernorm.forward(&x)?;
-        let [gate, up] = self.gate_up_proj.forward(&n, t == 1)?;
-        let m = silu_mul(&gate, &up)?;
-        Ok((x + lin(&self.down_proj, &m)?)?)
-    }
+        Ok(Tensor::cat(&outs, 0)?)
+    })
 }
 
-impl DecoderLayer {
-    /// The layer over several sequences packed along the positions of `x [1, T, D]`
-    /// (`lens` sum to `T`): the projections run on all positions at once, attention stays
-    /// within each sequence. `rope` holds each position's own angles. With `caches` (one per
-    /// sequence) attention is causal and each sequence's keys and values are appended to its
-    /// cache (a batched prefill); without, it is bidirectional and nothing is kept (OFT).
-    fn forward_packed(
-        &self,
-        x: &Tensor,
-        rope: &(Tensor, Tensor),
-        lens: &[usize],
-        mut caches: Option<&mut [Option<LayerKv>]>,
-    ) -> Result<Tensor> {
-        let (_, t, _) = x.dims3()?;
-        let hd = self.head_dim;
-        let n = self.input_layernorm.forward(x)?;
-        let heads = |y: Tensor, nh: usize| -> Result<Tensor> {
-            Ok(y.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let [q, k, v] = self.qkv_proj.forward(&n, false)?;
+/// The layer over several sequences packed along the positions of `x [1, T, D]` (`lens` sum
+/// to `T`): the projections run on all positions at once, attention stays within each
+/// sequence. `rope` holds each position's own angles. With `caches` (one per sequence)
+/// attention is causal and each sequence's keys and values are appended to its cache (a
+/// batched prefill); without, it is bidirectional and nothing is kept (OFT).
+fn forward_packed_layer(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    rope: &(Tensor, Tensor),
+    lens: &[usize],
+    mut caches: Option<&mut [Option<LayerKv>]>,
+) -> Result<Tensor> {
+    layer.forward_with(&(), x, false, &mut |q, k, v| {
         let (cos, sin) = rope;
-        let q = candle_nn::rotary_emb::rope(&heads(q, self.num_heads)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&heads(k, self.num_kv_heads)?, cos, sin)?;
-        let v = heads(v, self.num_kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let mut outs = Vec::with_capacity(lens.len());
         let mut start = 0;
         for (i, &len) in lens.iter().enumerate() {
@@ -210,18 +130,18 @@ impl DecoderLayer {
                 Some(c) => (&mut c[i], true),
                 None => (&mut none, false),
             };
-            outs.push(self.attend_row(&seg(&q)?, seg(&k)?, seg(&v)?, cache, causal)?);
+            outs.push(attend_row(
+                layer,
+                &seg(&q)?,
+                seg(&k)?,
+                seg(&v)?,
+                cache,
+                causal,
+            )?);
             start += len;
         }
-        let out = Tensor::cat(&outs, 2)?
-            .transpose(1, 2)?
-            .reshape((1, t, self.num_heads * hd))?;
-        let x = (x + self.o_proj.forward(&out)?)?;
-        let n = self.post_attention_layernorm.forward(&x)?;
-        let [gate, up] = self.gate_up_proj.forward(&n, false)?;
-        let m = silu_mul(&gate, &up)?;
-        Ok((x + self.down_proj.forward(&m)?)?)
-    }
+        Ok(Tensor::cat(&outs, 2)?)
+    })
 }
 
 /// One layer's keys and values for one sequence: buffers `[1, kv_heads, capacity, head_dim]`
@@ -388,10 +308,19 @@ impl Llama {
             wp.dtype.dtype(),
             wp.format_for(LayerKind::Embedding),
         )?;
+        let source = Loading {
+            source: w,
+            policy: wp,
+        };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(w, &format!("language_model.model.layers.{i}"), cfg, wp))
+            .map(|i| {
+                DecoderLayer::load_with(&source, &format!("language_model.model.layers.{i}"), cfg)
+            })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(w, "language_model.model.norm.weight", d, cfg.rms_norm_eps)?;
+        let norm = RmsNorm {
+            weight: w.get("language_model.model.norm.weight", &[d], DType::F32)?,
+            eps: cfg.rms_norm_eps,
+        };
         // HF `tie_word_embeddings`: lm_head *is* embed_tokens; a stored lm_head is ignored, as
         // transformers' `tie_weights` replaces it after loading.
         let lm_head = if cfg.tie_word_embeddings {
@@ -408,13 +337,7 @@ impl Llama {
                 LayerKind::LmHead,
             )?
         };
-        // inv_freq = 1 / base^(arange(0, dim, 2) / dim), in float32 as transformers computes it.
-        let hd = cfg.head_dim();
-        let base = cfg.rope_theta as f32;
-        let inv_freq = (0..hd)
-            .step_by(2)
-            .map(|i| 1.0f32 / base.powf(i as f32 / hd as f32))
-            .collect();
+        let inv_freq = rope_inv_freq(cfg);
         Ok(Llama {
             embed_tokens,
             layers,
@@ -433,15 +356,7 @@ impl Llama {
 
     /// Bytes of the decoder layers' weight matrices (read in full at every decode step).
     pub fn layer_weight_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| {
-                l.qkv_proj.storage_bytes()
-                    + l.gate_up_proj.storage_bytes()
-                    + l.o_proj.weight().storage_bytes()
-                    + l.down_proj.weight().storage_bytes()
-            })
-            .sum()
+        self.layers.iter().map(DecoderLayer::weight_bytes).sum()
     }
 
     /// Bytes of `lm_head` (read in full at every decode step).
@@ -479,15 +394,7 @@ impl Llama {
     /// transformers computes them (`pos * inv_freq`, then cos and sin).
     fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in start..start + t {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = rope_angles(&self.inv_freq, start, t);
         Ok((
             Tensor::from_vec(cos, (t, half), &self.device)?,
             Tensor::from_vec(sin, (t, half), &self.device)?,
@@ -550,10 +457,10 @@ impl Llama {
         let mut h = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
             h = match cache.as_deref_mut() {
-                Some(c) => {
-                    c.with_layer(li, |kv| layer.forward_packed(&h, &rope, lens, Some(kv)))?
-                }
-                None => layer.forward_packed(&h, &rope, lens, None)?,
+                Some(c) => c.with_layer(li, |kv| {
+                    forward_packed_layer(layer, &h, &rope, lens, Some(kv))
+                })?,
+                None => forward_packed_layer(layer, &h, &rope, lens, None)?,
             };
         }
         self.norm.forward(&h)
@@ -585,7 +492,7 @@ impl Llama {
         cache.ensure_layers(self.layers.len());
         let mut h = x.clone();
         for (li, layer) in self.layers.iter().enumerate() {
-            h = cache.with_layer(li, |kv| layer.forward(&h, &rope, kv))?;
+            h = cache.with_layer(li, |kv| forward_cached(layer, &h, &rope, kv))?;
         }
         self.norm.forward(&h)
     }

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod decoder;
 pub mod linear;
 pub mod llama;
 pub mod projector;
