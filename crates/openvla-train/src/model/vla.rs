@@ -220,19 +220,22 @@ impl OpenVlaTrain {
                 self.num_patches()
             )));
         }
-        let t = inputs.input_ids.dim(1)?;
         let mut text = self.llm.embed(inputs.input_ids)?;
         if let Some(z) = inputs.zeroed {
             let keep = (1.0 - z.to_dtype(DType::F32)?)?.unsqueeze(2)?;
             text = text.broadcast_mul(&keep)?;
         }
-        let mut parts = vec![text.narrow(1, 0, 1)?, projected.clone()];
-        if let Some(e) = inputs.extra_tokens {
-            parts.push(e.to_dtype(DType::F32)?);
-        }
-        let prefix = projected.dim(1)? + inputs.extra_tokens.map_or(Ok(0), |e| e.dim(1))?;
-        parts.push(text.narrow(1, 1, t - 1)?);
-        Ok((Tensor::cat(&parts, 1)?, prefix))
+        let extra = inputs
+            .extra_tokens
+            .map(|e| e.to_dtype(DType::F32))
+            .transpose()?;
+        let mut prefix = vec![projected];
+        prefix.extend(extra.as_ref());
+        let len = prefix
+            .iter()
+            .map(|p| p.dim(1))
+            .sum::<candle_core::Result<usize>>()?;
+        Ok((openvla::model::multimodal_sequence(&text, &prefix)?, len))
     }
 
     /// The LLM's input sequence, its prefix length and its attention mask.

@@ -138,6 +138,26 @@ pub struct GenerationTrace {
     pub decode_times: Vec<Duration>,
 }
 
+/// The multimodal sequence the LLM reads, for inference and training alike (spec §4.2,
+/// oft-spec §2.4): BOS, then the `prefix` positions in order (each image's projected patches,
+/// then OFT's proprio token), then the rest of the text `text [B, T, D]` (the prompt, and for
+/// OFT 29871, the placeholders and `</s>`).
+pub fn multimodal_sequence(text: &Tensor, prefix: &[&Tensor]) -> Result<Tensor> {
+    let t = text.dim(1)?;
+    if t == 0 {
+        return Err(Error::InvalidInput(
+            "the text is empty (BOS is required)".into(),
+        ));
+    }
+    let bos = text.narrow(1, 0, 1)?;
+    let rest = text.narrow(1, 1, t - 1)?;
+    let mut parts = Vec::with_capacity(prefix.len() + 2);
+    parts.push(&bos);
+    parts.extend_from_slice(prefix);
+    parts.push(&rest);
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
 impl OpenVla {
     /// The LLM input sequence `[1, 1 + P + n - 1, D]`: `[BOS, image patches, rest of prompt]`.
     pub fn splice(&self, projected: &Tensor, input_ids: &[u32]) -> Result<Tensor> {
@@ -146,10 +166,7 @@ impl OpenVla {
                 "input_ids are empty (BOS is required)".into(),
             ));
         }
-        let text = self.llm.embed(input_ids)?;
-        let bos = text.narrow(1, 0, 1)?;
-        let rest = text.narrow(1, 1, input_ids.len() - 1)?;
-        Ok(Tensor::cat(&[&bos, projected, &rest], 1)?)
+        multimodal_sequence(&self.llm.embed(input_ids)?, &[projected])
     }
 
     /// Greedy KV-cached decoding from prefill embeddings `[1, T, D]`.
@@ -420,19 +437,16 @@ impl OpenVla {
         for ((input, text), projected) in inputs.iter().zip(&texts).zip(&projected) {
             let ids = input.input_ids;
             let hidden_size = text.dim(2)?;
-            let bos = text.narrow(1, 0, 1)?;
-            let rest = text.narrow(1, 1, ids.len() - 1)?;
+            // The placeholders' embeddings are zeroed (oft-spec §2.4).
             let zeros = Tensor::zeros(
                 (1, input.placeholders, hidden_size),
                 candle_core::DType::F32,
                 text.device(),
             )?;
-            let mut parts: Vec<&Tensor> = vec![&bos, projected];
-            if let Some(p) = input.proprio_token {
-                parts.push(p);
-            }
-            parts.extend([&rest, &zeros, &stop]);
-            embeds.push(Tensor::cat(&parts, 1)?);
+            let text = Tensor::cat(&[text, &zeros, &stop], 1)?;
+            let mut prefix: Vec<&Tensor> = vec![projected];
+            prefix.extend(input.proprio_token);
+            embeds.push(multimodal_sequence(&text, &prefix)?);
             let num_patches = projected.dim(1)? + usize::from(input.proprio_token.is_some());
             // The head reads the window shifted by one: the hidden state at 29871 (the last
             // prompt token) and the first placeholders (oft-spec §2.5).
