@@ -110,6 +110,27 @@ impl Backend for Train {
     }
 }
 
+impl Linear {
+    /// Reads `{name}.weight` (`[out, in]`) and, with `bias`, `{name}.bias` from `src` (the
+    /// model's [`ParamStore`], or a head's named parameters).
+    pub fn load(
+        src: &dyn ParamSource<Train>,
+        name: &str,
+        (fin, fout): (usize, usize),
+        bias: bool,
+    ) -> openvla::Result<Self> {
+        Ok(Self {
+            name: name.to_string(),
+            weight: src.tensor(&format!("{name}.weight"), &[fout, fin])?,
+            bias: if bias {
+                Some(src.tensor(&format!("{name}.bias"), &[fout])?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
 impl ParamSource<Train> for ParamStore {
     fn tensor(&self, name: &str, shape: &[usize]) -> openvla::Result<Tensor> {
         self.get(name, shape).map_err(to_model)
@@ -122,7 +143,7 @@ impl ParamSource<Train> for ParamStore {
         bias: bool,
         _kind: LayerKind,
     ) -> openvla::Result<Linear> {
-        Linear::load(self, prefix, dims, bias).map_err(to_model)
+        Linear::load(self, prefix, dims, bias)
     }
 
     fn patch_embed(&self, prefix: &str, dim: usize, patch: usize) -> openvla::Result<Linear> {

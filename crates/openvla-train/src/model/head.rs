@@ -140,15 +140,7 @@ impl ParamSource<Train> for Named {
         bias: bool,
         _kind: LayerKind,
     ) -> openvla::Result<Linear> {
-        Ok(Linear {
-            name: prefix.to_string(),
-            weight: self.tensor(&format!("{prefix}.weight"), &[fout, fin])?,
-            bias: if bias {
-                Some(self.tensor(&format!("{prefix}.bias"), &[fout])?)
-            } else {
-                None
-            },
-        })
+        Linear::load(self, prefix, (fin, fout), bias)
     }
 }
 

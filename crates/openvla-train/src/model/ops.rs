@@ -8,14 +8,13 @@ use super::fused::{
     linear_bwd, linear_fwd, GeluKind, GeluOp, LayerNormOp, LinearOp, RmsNormOp, RopeOp, SiluMulOp,
     SoftmaxOp,
 };
-use super::params::ParamStore;
 use crate::error::Result;
 use crate::lora::Adapters;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 /// A Linear (or a Conv2d whose kernel equals its stride, seen as a Linear over flattened
 /// patches) by module name; its LoRA branch, if any, is looked up by that name
-/// ([`Adapters`]: the [`super::params::ParamStore`]).
+/// ([`Adapters`]: the [`ParamStore`](super::params::ParamStore)).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Module name (`language_model.model.layers.0.self_attn.q_proj`).
@@ -27,24 +26,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Reads `{name}.weight` (`[out, in]`) and, with `bias`, `{name}.bias`.
-    pub fn load(
-        p: &ParamStore,
-        name: &str,
-        (fin, fout): (usize, usize),
-        bias: bool,
-    ) -> Result<Self> {
-        Ok(Self {
-            name: name.to_string(),
-            weight: p.get(&format!("{name}.weight"), &[fout, fin])?,
-            bias: if bias {
-                Some(p.get(&format!("{name}.bias"), &[fout])?)
-            } else {
-                None
-            },
-        })
-    }
-
     /// `x W^T + b` (+ the LoRA branch) over the last dimension of `x`.
     pub fn forward(&self, p: &dyn Adapters, x: &Tensor) -> Result<Tensor> {
         let y = linear(x, &self.weight, self.bias.as_ref())?;
