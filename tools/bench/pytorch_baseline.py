@@ -12,6 +12,15 @@ model directory (e.g. one written by `openvla synth`), and times the equivalent 
     prefill     LlamaForCausalLM forward over [BOS, 256 patches, prompt] with KV cache
     decode      one KV-cached forward per further action token (greedy)
 
+An OpenVLA-OFT model directory (config.json with `oft_constants`, an `action_head--*.pt`) is timed as OFT's
+`predict_action` runs it: each of the `num_images_in_input` images through the towers (one pass per image, as
+the reference's backbone loops), the projector, the proprio projector (on a zero state), one forward of
+LlamaForCausalLM over [BOS, patches, proprio token, prompt, 29871, K*D zeroed placeholders, </s>] with
+**bidirectional** attention (a 4-D all-ones mask: what the reference gets from its transformers fork) and
+`output_hidden_states=True` (the reference computes the logits too), then the MLPResNet L1 head on the shifted
+window. Stages: `prefill` is that one LLM pass, `head` the head, no decode. The images get the OpenVLA transform
+(resize + normalize); OFT's 90% centre crop is not timed (a few ms).
+
 Only PyPI torch 2.2.0, timm 0.9.10 and transformers 4.40.1 are used (the repo's .venv).
 
 dtypes: `fp32` (the float32 run) and `bf16` (weights and activations in bfloat16, as the HF reference runs with
@@ -56,6 +65,66 @@ from openvla_ref import (  # noqa: E402  (the reference wiring, reused as is)
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STOP_TOKEN_ID = 2
+
+
+def timm_kwargs(overrides: Dict[str, object]) -> Dict[str, object]:
+    """A tower's overrides as timm 0.9.10 keywords: `openvla init` writes `attn_pool` (SigLIP's MAP head), which
+    timm spells `global_pool="map"`; without it the tower has no pooling head (`global_pool=""`)."""
+    out = dict(overrides)
+    if "attn_pool" in out:
+        out["global_pool"] = "map" if out.pop("attn_pool") else ""
+    return out
+
+
+class MLPResNet(nn.Module):
+    """OFT's L1 head (action_heads.py): LayerNorm -> fc1 -> ReLU -> blocks of x + ReLU(fc(LN(x))) -> LN -> fc2."""
+
+    def __init__(self, sd: Dict[str, torch.Tensor]):
+        super().__init__()
+        hidden, inp = sd["model.fc1.weight"].shape
+        blocks = sum(1 for k in sd if k.startswith("model.mlp_resnet_blocks.") and k.endswith(".ffn.1.weight"))
+        self.layer_norm1 = nn.LayerNorm(inp)
+        self.fc1 = nn.Linear(inp, hidden)
+        self.blocks = nn.ModuleList(
+            [nn.ModuleDict({"0": nn.LayerNorm(hidden), "1": nn.Linear(hidden, hidden)}) for _ in range(blocks)]
+        )
+        self.layer_norm2 = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, sd["model.fc2.weight"].shape[0])
+        own = {k.replace("model.mlp_resnet_blocks.", "blocks.").replace(".ffn.", ".").replace("model.", ""): v
+               for k, v in sd.items()}
+        self.load_state_dict(own)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(self.layer_norm1(x)))
+        for b in self.blocks:
+            h = h + torch.relu(b["1"](b["0"](h)))
+        return self.fc2(self.layer_norm2(h))
+
+
+class ProprioProjector(nn.Module):
+    """OFT's proprio projector: fc1 -> GELU -> fc2."""
+
+    def __init__(self, sd: Dict[str, torch.Tensor]):
+        super().__init__()
+        hidden, p = sd["fc1.weight"].shape
+        self.fc1 = nn.Linear(p, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.load_state_dict(sd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def load_component(model_dir: str, name: str) -> Dict[str, torch.Tensor] | None:
+    """`{name}--<step>_checkpoint.pt` of an OFT directory, `module.` stripped (None if absent)."""
+    found = sorted(f for f in os.listdir(model_dir) if f.startswith(name + "--") and f.endswith("_checkpoint.pt"))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"{model_dir}: several {name} files: {found}")
+    sd = torch.load(os.path.join(model_dir, found[0]), map_location="cpu")
+    return {k.removeprefix("module."): v.float() for k, v in sd.items()}
 
 
 def test_pattern() -> Image.Image:
@@ -83,7 +152,7 @@ class Model:
         ids = cfg["timm_model_ids"]
         acts = cfg.get("timm_override_act_layers") or [None] * len(ids)
         sizes = cfg.get("image_sizes") or [224] * len(ids)
-        overrides = cfg.get("tiny_timm_overrides") or {}
+        overrides = {k: timm_kwargs(v) for k, v in (cfg.get("tiny_timm_overrides") or {}).items()}
         n_towers = 2 if fused else 1
         text_cfg = dict(cfg.get("text_config") or {})
         text_cfg.pop("model_type", None)
@@ -156,6 +225,20 @@ class Model:
         self.norm_stats = norm_stats
         self.eos = llm_config.eos_token_id
 
+        head = load_component(model_dir, "action_head")
+        self.oft = None
+        if head is not None:
+            consts = cfg.get("oft_constants") or {}
+            eval_cfg = cfg.get("oft_eval_cfg") or {}
+            proprio = load_component(model_dir, "proprio_projector")
+            self.oft = {
+                "chunk": int(consts["NUM_ACTIONS_CHUNK"]),
+                "action_dim": int(consts["ACTION_DIM"]),
+                "images": int(eval_cfg.get("num_images_in_input", 1)),
+                "head": MLPResNet(head).to(dtype).eval(),
+                "proprio": ProprioProjector(proprio).to(dtype).eval() if proprio is not None else None,
+            }
+
     @torch.no_grad()
     def predict(self, image: Image.Image, instruction: str, unnorm_key: str | None) -> Dict[str, object]:
         t0 = time.perf_counter()
@@ -207,6 +290,59 @@ class Model:
             "prefill_tokens": int(inputs_embeds.shape[1]),
             "token_ids": generated,
         }
+
+
+@torch.no_grad()
+def predict_oft(model: Model, image: Image.Image, instruction: str) -> Dict[str, object]:
+    """One OFT parallel pass, timed by stage (see the module docstring)."""
+    oft = model.oft
+    k, d = oft["chunk"], oft["action_dim"]
+    t0 = time.perf_counter()
+    prompt = build_prompt(instruction, model.prompt_format)
+    ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if int(ids[0, 0]) != 1:
+        ids = torch.cat([torch.tensor([[1]], dtype=ids.dtype), ids], dim=1)
+    if not torch.all(ids[:, -1] == SPACE_TOKEN_ID):
+        ids = torch.cat([ids, torch.tensor([[SPACE_TOKEN_ID]], dtype=ids.dtype)], dim=1)
+    pvs = [model.preprocess(image).to(model.dtype) for _ in range(oft["images"])]
+    t1 = time.perf_counter()
+    per_image = []
+    for pv in pvs:
+        feats = [tower(pv[:, 3 * i : 3 * i + 3]) for i, tower in enumerate(model.towers)]
+        per_image.append(torch.cat(feats, dim=2))
+    vision = torch.cat(per_image, dim=1)
+    t2 = time.perf_counter()
+    prefix = [model.projector(vision)]
+    if oft["proprio"] is not None:
+        p_dim = oft["proprio"].fc1.in_features
+        prefix.append(oft["proprio"](torch.zeros(1, p_dim, dtype=model.dtype)).unsqueeze(1))
+    t3 = time.perf_counter()
+    embed = model.llm.get_input_embeddings()
+    emb = embed(ids)
+    hidden_size = emb.shape[-1]
+    zeros = torch.zeros(1, k * d, hidden_size, dtype=emb.dtype)
+    stop = embed(torch.tensor([[STOP_TOKEN_ID]]))
+    inputs_embeds = torch.cat([emb[:, :1], *prefix, emb[:, 1:], zeros, stop], dim=1)
+    n = inputs_embeds.shape[1]
+    mask = torch.ones(1, 1, n, n, dtype=inputs_embeds.dtype)
+    out = model.llm(inputs_embeds=inputs_embeds, attention_mask=mask, output_hidden_states=True, return_dict=True)
+    hidden = out.hidden_states[-1]
+    t4 = time.perf_counter()
+    start = sum(p.shape[1] for p in prefix) + ids.shape[1] - 1
+    window = hidden[:, start : start + k * d].reshape(1, k, d * hidden_size)
+    chunk = oft["head"](window).float()
+    t5 = time.perf_counter()
+    return {
+        "preprocess": (t1 - t0) * 1e3,
+        "vision": (t2 - t1) * 1e3,
+        "projector": (t3 - t2) * 1e3,
+        "prefill": (t4 - t3) * 1e3,
+        "decode_per_token": float("nan"),
+        "head": (t5 - t4) * 1e3,
+        "total": (t5 - t0) * 1e3,
+        "prefill_tokens": int(n),
+        "chunk": chunk[0].tolist(),
+    }
 
 
 def agreement(args: argparse.Namespace) -> None:
@@ -269,10 +405,15 @@ def main() -> None:
     load_s = time.perf_counter() - t
     runs = []
     for i in range(args.runs + 1):
-        r = model.predict(image, args.instruction, args.unnorm_key)
+        if model.oft is not None:
+            r = predict_oft(model, image, args.instruction)
+        else:
+            r = model.predict(image, args.instruction, args.unnorm_key)
         if i > 0 or args.runs == 0:
             runs.append(r)
     stages = ["preprocess", "vision", "projector", "prefill", "decode_per_token", "total"]
+    if model.oft is not None:
+        stages.insert(-1, "head")
     result = {
         "engine": f"pytorch {torch.__version__}",
         "dtype": args.dtype,
@@ -283,8 +424,15 @@ def main() -> None:
         "prefill_tokens": runs[-1]["prefill_tokens"] if runs else 0,
         "median_ms": {s: float(np.median([r[s] for r in runs])) for s in stages} if runs else {},
         "peak_rss_bytes": peak_rss_bytes(),
-        "token_ids": runs[-1]["token_ids"] if runs else [],
+        "token_ids": runs[-1].get("token_ids", []) if runs else [],
     }
+    if model.oft is not None:
+        result["family"] = "oft-l1"
+        result["chunk_size"] = model.oft["chunk"]
+        total = result["median_ms"].get("total", float("nan"))
+        result["actions_per_s"] = model.oft["chunk"] * 1e3 / total
+    elif runs:
+        result["actions_per_s"] = 1e3 / result["median_ms"]["total"]
     if args.json:
         print(json.dumps(result))
     else:
