@@ -10,7 +10,7 @@ use super::params::ParamStore;
 use crate::error::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
 use openvla::config::TextConfig;
-use openvla::model::decoder::{rope_angles, rope_inv_freq, DecoderLayer};
+use openvla::model::decoder::{repeat_kv, rope_angles, rope_inv_freq, DecoderLayer};
 
 /// Additive mask value for keys a query may not attend to (finite, as the inference model).
 pub const MASKED: f32 = f32::MIN / 2.0;
@@ -130,22 +130,12 @@ impl LlamaTrain {
                 self.layers.len()
             ))
         })?;
-        let (b, s) = (x.dim(0)?, x.dim(1)?);
         Ok(l.forward_with(p, x, false, &mut |q, k, v| {
             let (nh, nkv, hd) = l.heads();
             let q = rope(&q, cos, sin).map_err(to_model)?;
             let k = rope(&k, cos, sin).map_err(to_model)?;
             let rep = nh / nkv.max(1);
-            let (k, v) = if rep > 1 {
-                let expand = |y: &Tensor| -> openvla::Result<Tensor> {
-                    Ok(y.unsqueeze(2)?
-                        .broadcast_as((b, nkv, rep, s, hd))?
-                        .reshape((b, nh, s, hd))?)
-                };
-                (expand(&k)?, expand(&v)?)
-            } else {
-                (k, v)
-            };
+            let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
             let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
             let probs = masked_softmax(&scores, mask).map_err(to_model)?;
             Ok(probs.matmul(&v)?)

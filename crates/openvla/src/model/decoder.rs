@@ -41,6 +41,18 @@ pub fn rope_angles(inv_freq: &[f32], start: usize, t: usize) -> (Vec<f32>, Vec<f
     (cos, sin)
 }
 
+/// Grouped-query attention's key/value heads, each repeated `rep` times (HF `repeat_kv`):
+/// `y [B, kv_heads, S, hd]` -> `[B, kv_heads · rep, S, hd]`.
+pub fn repeat_kv(y: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(y.clone());
+    }
+    let (b, kv, s, hd) = y.dims4()?;
+    Ok(y.unsqueeze(2)?
+        .broadcast_as((b, kv, rep, s, hd))?
+        .reshape((b, kv * rep, s, hd))?)
+}
+
 /// One pre-norm decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer<B: Backend = Infer> {

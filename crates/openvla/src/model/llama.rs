@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::causal_attention;
 use crate::model::backend::{Backend, Infer};
 use crate::model::checkpoint::WeightLoader;
-use crate::model::decoder::{rope_angles, rope_inv_freq, DecoderLayer};
+use crate::model::decoder::{repeat_kv, rope_angles, rope_inv_freq, DecoderLayer};
 use crate::model::linear::{LayerKind, Linear, Weight, WeightPolicy};
 use crate::model::vit::Loading;
 use candle_core::{DType, Device, Tensor};
@@ -57,16 +57,7 @@ fn attend_row(
     // The generic path (other devices and dtypes) takes packed copies of the cache views.
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let rep = num_heads / num_kv_heads;
-    let (k, v) = if rep > 1 {
-        let expand = |y: &Tensor| -> Result<Tensor> {
-            Ok(y.unsqueeze(2)?
-                .broadcast_as((1, num_kv_heads, rep, s, hd))?
-                .reshape((1, num_heads, s, hd))?)
-        };
-        (expand(&k)?, expand(&v)?)
-    } else {
-        (k, v)
-    };
+    let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
     let scale = 1.0 / (hd as f64).sqrt();
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if causal && t > 1 {
