@@ -156,3 +156,50 @@ impl DecoderLayer<Infer> {
             + self.down_proj.weight().storage_bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn repeat_kv_repeats_each_head_in_place() {
+        // [1, 2 kv heads, 1 position, 1] -> heads [a, a, a, b, b, b] (HF repeat_kv order).
+        let y = Tensor::from_slice(&[1f32, 2.], (1, 2, 1, 1), &Device::Cpu).unwrap();
+        let r = repeat_kv(&y, 3).unwrap();
+        assert_eq!(r.dims(), [1, 6, 1, 1]);
+        let v: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, [1., 1., 1., 2., 2., 2.]);
+        assert_eq!(repeat_kv(&y, 1).unwrap().dims(), [1, 2, 1, 1]);
+    }
+
+    #[test]
+    fn rope_angles_are_position_times_frequency() {
+        let inv = [1.0f32, 0.5];
+        let (cos, sin) = rope_angles(&inv, 3, 2);
+        // positions 3 and 4, two frequencies each, row-major.
+        let want = [3.0f32, 1.5, 4.0, 2.0];
+        for (i, a) in want.iter().enumerate() {
+            assert_eq!(cos[i], a.cos());
+            assert_eq!(sin[i], a.sin());
+        }
+        let cfg = TextConfig {
+            vocab_size: 16,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 2,
+            rms_norm_eps: 1e-6,
+            rope_theta: 100.0,
+            max_position_embeddings: 8,
+            attention_bias: false,
+            tie_word_embeddings: false,
+            bos_token_id: 1,
+            eos_token_id: 2,
+            pad_token_id: None,
+        };
+        // head_dim 4: 1 / 100^(0/4), 1 / 100^(2/4).
+        assert_eq!(rope_inv_freq(&cfg), [1.0, 0.1]);
+    }
+}

@@ -552,3 +552,26 @@ impl OpenVla {
         Ok(out.remove(0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn multimodal_sequence_puts_the_prefix_after_bos() {
+        let dev = Device::Cpu;
+        // text: BOS=0, then 1, 2; prefix: patches 10, 11, then a proprio token 20 (width 1).
+        let text = Tensor::from_slice(&[0f32, 1., 2.], (1, 3, 1), &dev).unwrap();
+        let patches = Tensor::from_slice(&[10f32, 11.], (1, 2, 1), &dev).unwrap();
+        let proprio = Tensor::from_slice(&[20f32], (1, 1, 1), &dev).unwrap();
+        let s = multimodal_sequence(&text, &[&patches, &proprio]).unwrap();
+        let v: Vec<f32> = s.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, [0., 10., 11., 20., 1., 2.]);
+        let empty = Tensor::zeros((1, 0, 1), candle_core::DType::F32, &dev).unwrap();
+        let e = multimodal_sequence(&empty, &[&patches])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("BOS is required"), "{e}");
+    }
+}
