@@ -1,6 +1,8 @@
 //! [`Train`]: the training implementation of the model definition's [`Backend`]
-//! (`openvla::model::backend`). The towers, backbone and projector are `openvla`'s own
-//! (`VisionBackbone<Train>`, `Projector<Train>`); here are only the operations that differ from
+//! (`openvla::model::backend`). The towers, backbone, projector, decoder layers, OFT head and
+//! proprio projector are `openvla`'s own (`VisionBackbone<Train>`, `Projector<Train>`,
+//! `DecoderLayer<Train>`, `MlpResNet<Train>`, `ProprioProjector<Train>`; docs/model.md); here
+//! are only the operations that differ from
 //! inference: float32 `Var`s and frozen weights with their LoRA branches looked up in the
 //! [`ParamStore`] ([`Adapters`]), and ops that record a backward (the fused ops of [`super::fused`]).
 

@@ -1,16 +1,17 @@
-//! The differentiable OpenVLA used for fine-tuning: the same network as `openvla::model`
-//! (DINOv2-reg + SigLIP towers stopping at block `len - 2`, projector, Llama), written only
-//! with ops that record a backward in candle (rust-stack §1.7): explicit LayerNorm / RMSNorm
-//! from `mean`/`sqr`/`sqrt`, softmax from `exp`/`sum`, rotary embeddings by `narrow`/`cat`,
-//! patch embedding as unfold + matmul.
+//! The differentiable OpenVLA used for fine-tuning: `openvla::model`'s own network definition
+//! (DINOv2-reg + SigLIP towers stopping at block `len - 2`, projector, Llama decoder layers, OFT
+//! head) run on the [`Train`] backend, whose ops all record a backward in candle
+//! (rust-stack §1.7).
 //!
 //! * [`params`]: every checkpoint tensor by its HF name, trained ones as float32 `Var`s.
 //! * [`ops`]: the differentiable building blocks (linear with LoRA, norms, softmax, rope).
 //! * [`fused`]: fused CPU forward kernels with hand-written backwards behind `ops`.
 //! * [`backend`]: [`Train`], the differentiable implementation of the one model definition's
-//!   backend: the towers, backbone and projector are `openvla::model`'s own
-//!   (`VisionBackbone<Train>`, `Projector<Train>`).
-//! * [`llama`]: the language model.
+//!   backend: the towers, backbone, projector, decoder layers, OFT head and proprio projector
+//!   are `openvla`'s own (`VisionBackbone<Train>`, `Projector<Train>`, `DecoderLayer<Train>`,
+//!   `MlpResNet<Train>`, `ProprioProjector<Train>`; docs/model.md).
+//! * [`llama`]: the language model's training pass (masked batch attention, embeddings and
+//!   `lm_head` as `Var`s) around the shared decoder layers.
 //! * [`head`]: OFT's L1 action head and proprio projector (trained in full).
 //! * [`vla`]: [`OpenVlaTrain`], the [`TrainModel`](crate::seam::TrainModel) implementation.
 
