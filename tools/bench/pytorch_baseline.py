@@ -68,6 +68,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STOP_TOKEN_ID = 2
 
 
+def finite_or_none(x: float) -> float | None:
+    return x if np.isfinite(x) else None
+
+
 def timm_kwargs(overrides: Dict[str, object]) -> Dict[str, object]:
     """A tower's overrides as timm 0.9.10 keywords: `openvla init` writes `attn_pool` (SigLIP's MAP head), which
     timm spells `global_pool="map"`; without it the tower has no pooling head (`global_pool=""`)."""
@@ -422,7 +426,8 @@ def main() -> None:
         "runs": args.runs,
         "load_s": load_s,
         "prefill_tokens": runs[-1]["prefill_tokens"] if runs else 0,
-        "median_ms": {s: float(np.median([r[s] for r in runs])) for s in stages} if runs else {},
+        # NaN (OFT has no decode step) is written as null: JSON has no NaN.
+        "median_ms": {s: finite_or_none(float(np.median([r[s] for r in runs]))) for s in stages} if runs else {},
         "peak_rss_bytes": peak_rss_bytes(),
         "token_ids": runs[-1].get("token_ids", []) if runs else [],
     }
@@ -439,7 +444,7 @@ def main() -> None:
         m = result["median_ms"]
         print(f"pytorch {args.dtype} ({args.threads} threads, {result['cpu_capability']}), {args.runs} runs, "
               f"load {load_s:.1f} s")
-        print(" | ".join(f"{s} {m[s]:.1f}" for s in stages) + " (median ms)")
+        print(" | ".join(f"{s} {m[s]:.1f}" if m[s] is not None else f"{s} -" for s in stages) + " (median ms)")
         print(f"peak RSS: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
