@@ -243,18 +243,23 @@ class Model:
                 "proprio": ProprioProjector(proprio).to(dtype).eval() if proprio is not None else None,
             }
 
-    @torch.no_grad()
-    def predict(self, image: Image.Image, instruction: str, unnorm_key: str | None) -> Dict[str, object]:
-        t0 = time.perf_counter()
-        if unnorm_key is None:
-            unnorm_key = next(iter(self.norm_stats)) if len(self.norm_stats) == 1 else None
-        action_dim = len(self.norm_stats[unnorm_key]["action"]["q01"]) if unnorm_key else 7
+    def prompt_ids(self, instruction: str) -> torch.Tensor:
+        """The prompt's ids `[1, n]`: BOS first, ending with 29871 (spec 5.1)."""
         prompt = build_prompt(instruction, self.prompt_format)
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
         if int(ids[0, 0]) != 1:  # tokenizer.json without tokenizer_config.json: add BOS as LlamaTokenizer does
             ids = torch.cat([torch.tensor([[1]], dtype=ids.dtype), ids], dim=1)
         if not torch.all(ids[:, -1] == SPACE_TOKEN_ID):
             ids = torch.cat([ids, torch.tensor([[SPACE_TOKEN_ID]], dtype=ids.dtype)], dim=1)
+        return ids
+
+    @torch.no_grad()
+    def predict(self, image: Image.Image, instruction: str, unnorm_key: str | None) -> Dict[str, object]:
+        t0 = time.perf_counter()
+        if unnorm_key is None:
+            unnorm_key = next(iter(self.norm_stats)) if len(self.norm_stats) == 1 else None
+        action_dim = len(self.norm_stats[unnorm_key]["action"]["q01"]) if unnorm_key else 7
+        ids = self.prompt_ids(instruction)
         pv = self.preprocess(image).to(self.dtype)
         t1 = time.perf_counter()
         feats = [tower(pv[:, 3 * i : 3 * i + 3]) for i, tower in enumerate(self.towers)]
@@ -302,12 +307,7 @@ def predict_oft(model: Model, image: Image.Image, instruction: str) -> Dict[str,
     oft = model.oft
     k, d = oft["chunk"], oft["action_dim"]
     t0 = time.perf_counter()
-    prompt = build_prompt(instruction, model.prompt_format)
-    ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if int(ids[0, 0]) != 1:
-        ids = torch.cat([torch.tensor([[1]], dtype=ids.dtype), ids], dim=1)
-    if not torch.all(ids[:, -1] == SPACE_TOKEN_ID):
-        ids = torch.cat([ids, torch.tensor([[SPACE_TOKEN_ID]], dtype=ids.dtype)], dim=1)
+    ids = model.prompt_ids(instruction)
     pvs = [model.preprocess(image).to(model.dtype) for _ in range(oft["images"])]
     t1 = time.perf_counter()
     per_image = []
