@@ -209,17 +209,22 @@ impl Checkpoint {
         self.tensors.values().map(|t| t.len).sum()
     }
 
-    /// Looks up a tensor and checks its shape.
-    fn locate(&self, name: &str, shape: &[usize]) -> Result<(&TensorInfo, &Path, &File)> {
-        let info = self.tensors.get(name).ok_or_else(|| {
+    /// The tensor `name`; an error naming it (with `detail` after the name) when it is missing.
+    fn require(&self, name: &str, detail: &str) -> Result<&TensorInfo> {
+        self.tensors.get(name).ok_or_else(|| {
             Error::checkpoint(
                 self.files
                     .first()
                     .map(|f| f.0.as_path())
                     .unwrap_or(Path::new("")),
-                format!("tensor {name:?} (expected shape {shape:?}) is missing"),
+                format!("tensor {name:?}{detail} is missing"),
             )
-        })?;
+        })
+    }
+
+    /// Looks up a tensor and checks its shape.
+    fn locate(&self, name: &str, shape: &[usize]) -> Result<(&TensorInfo, &Path, &File)> {
+        let info = self.require(name, &format!(" (expected shape {shape:?})"))?;
         let (path, file) = &self.files[info.file];
         if info.shape != shape {
             return Err(Error::checkpoint(
@@ -259,15 +264,7 @@ impl Checkpoint {
 
     /// The stored bytes of a tensor, whatever its dtype.
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let info = self.tensors.get(name).ok_or_else(|| {
-            Error::checkpoint(
-                self.files
-                    .first()
-                    .map(|f| f.0.as_path())
-                    .unwrap_or(Path::new("")),
-                format!("tensor {name:?} is missing"),
-            )
-        })?;
+        let info = self.require(name, "")?;
         let (path, file) = &self.files[info.file];
         let mut v = vec![0u8; info.len as usize];
         file.read_exact_at(&mut v, info.offset)
