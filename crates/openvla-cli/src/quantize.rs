@@ -23,7 +23,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let bar = crate::progress::Progress::new("quantizing");
     let cb = |d: u64, t: u64| bar.update(d, t);
     let t0 = std::time::Instant::now();
-    let report = openvla::quant::io::quantize_model_dir(&a.model, &a.out, a.format, Some(&cb))
+    let report = openvla::quantize::quantize_model_dir(&a.model, &a.out, a.format, Some(&cb))
         .with_context(|| format!("quantizing {} into {}", a.model.display(), a.out.display()))?;
     bar.finish();
     let matrices: Vec<String> = report

@@ -16,8 +16,8 @@
 use crate::action::ActionTokenizer;
 use crate::error::{Error, Result};
 use crate::model::backend::{Backend, Infer, ParamSource};
-use crate::model::linear::{LayerKind, Linear};
-use crate::oft::pt::StateDict;
+use crate::model::linear::LayerKind;
+use crate::oft::pt::{StateDict, StateDictSource};
 use candle_core::{DType, Tensor};
 
 /// LayerNorm epsilon of the MLPResNet head (`nn.LayerNorm` default).
@@ -120,43 +120,6 @@ pub struct MlpResNetTrace {
     pub layer_norm2: Tensor,
     /// The output (normalized actions).
     pub output: Tensor,
-}
-
-/// Tensors of a PyTorch `state_dict` (keys without `module.`) as an inference [`ParamSource`]:
-/// weight matrices held in `dtype` (as stored when `None`), everything else as stored.
-pub struct StateDictSource<'a> {
-    /// The state dict.
-    pub sd: &'a StateDict,
-    /// The dtype weight matrices are converted to.
-    pub dtype: Option<DType>,
-}
-
-impl ParamSource<Infer> for StateDictSource<'_> {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.sd.get_shaped(name, shape)
-    }
-
-    fn linear(
-        &self,
-        prefix: &str,
-        (in_dim, out_dim): (usize, usize),
-        bias: bool,
-        _kind: LayerKind,
-    ) -> Result<Linear> {
-        let w = self
-            .sd
-            .get_shaped(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-        let w = match self.dtype {
-            Some(dtype) => w.to_dtype(dtype)?,
-            None => w,
-        };
-        let b = if bias {
-            Some(self.sd.get_shaped(&format!("{prefix}.bias"), &[out_dim])?)
-        } else {
-            None
-        };
-        Ok(Linear::from_tensors(w, b))
-    }
 }
 
 impl<B: Backend> MlpResNet<B> {

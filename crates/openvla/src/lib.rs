@@ -31,6 +31,7 @@ pub mod oft;
 pub mod policy;
 pub mod processor;
 pub mod quant;
+pub mod quantize;
 pub mod synth;
 
 /// Safetensors checkpoints and weight loading, which sit under the model ([`model::checkpoint`]).

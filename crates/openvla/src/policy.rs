@@ -255,7 +255,10 @@ impl Policy {
         let device = Device::Cpu;
         let loader = WeightLoader::new(&ckpt, device.clone(), options.progress);
         let film = crate::oft::film::FilmCheckpoint::open(dir, config.text.hidden_size)?;
-        let model = OpenVla::load_with_film(&loader, &config, &weights, film.as_ref())?;
+        let towers = film
+            .as_ref()
+            .map(|f| f as &dyn crate::model::vit::TowerSource);
+        let model = OpenVla::load_with_film(&loader, &config, &weights, towers)?;
         loader.finish()?;
         if let Some(f) = &film {
             f.finish()?;

@@ -1,8 +1,9 @@
 //! Quantized weights: `openvla quantize` round trip (quantize, load, predict), bit-identical
 //! batching in every format, f16 weights, and the errors of quantized model directories.
 
-use openvla::quant::io::{quantize_model_dir, tensor_names, MANIFEST};
+use openvla::quant::io::{tensor_names, MANIFEST};
 use openvla::quant::{QuantFormat, Quantization};
+use openvla::quantize::quantize_model_dir;
 use openvla::{LoadOptions, Observation, Policy, Precision, Request};
 use std::path::{Path, PathBuf};
 

@@ -213,6 +213,13 @@ impl<B: Backend> FilmLayer<B> {
     }
 }
 
+/// The average of the raw token embeddings FiLM is conditioned on: `embeddings [1, n, D]` of
+/// every non-placeholder token (BOS, the prompt, 29871 and `</s>`) -> `[1, D]`
+/// (modeling_prismatic.py:994-1003, film_vit_wrapper.py:241-242).
+pub fn language_mean(embeddings: &Tensor) -> Result<Tensor> {
+    Ok(embeddings.to_dtype(candle_core::DType::F32)?.mean(1)?)
+}
+
 impl FilmLayer<Infer> {
     /// Bytes of the two weight matrices.
     pub fn weight_bytes(&self) -> usize {

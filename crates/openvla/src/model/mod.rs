@@ -395,10 +395,7 @@ impl OpenVla {
             // BOS, the prompt, 29871 and `</s>` (modeling_prismatic.py:994-1003,
             // film_vit_wrapper.py:241-242).
             language.push(if self.vision.is_film() {
-                Some(crate::oft::film::language_mean(&Tensor::cat(
-                    &[&text, &stop],
-                    1,
-                )?)?)
+                Some(backend::language_mean(&Tensor::cat(&[&text, &stop], 1)?)?)
             } else {
                 None
             });
@@ -501,16 +498,16 @@ impl OpenVla {
         Self::load_with_film(w, cfg, wp, None)
     }
 
-    /// Like [`OpenVla::load`]; with an OpenVLA-OFT FiLM checkpoint the towers (and their FiLM
-    /// layers) come from its `vision_backbone` file, as in the reference, and the shards'
-    /// vision tensors are skipped.
+    /// Like [`OpenVla::load`]; with `towers` (an OpenVLA-OFT FiLM checkpoint,
+    /// `oft::film::FilmCheckpoint`) the towers and their FiLM layers come from it, as in the
+    /// reference, and the shards' vision tensors are skipped.
     pub fn load_with_film(
         w: &WeightLoader,
         cfg: &ModelConfig,
         wp: &WeightPolicy,
-        film: Option<&crate::oft::film::FilmCheckpoint>,
+        towers: Option<&dyn vit::TowerSource>,
     ) -> Result<Self> {
-        let vision = match film {
+        let vision = match towers {
             Some(f) => {
                 w.skip_prefix("vision_backbone.");
                 VisionBackbone::load_from(f, cfg, wp)?

@@ -23,7 +23,7 @@ use crate::model::linear::{LayerKind, Weight, WeightPolicy};
 use crate::model::vit::{load_linear, TowerSource};
 use crate::oft::pt::{self, StateDict};
 use crate::quant::QuantMatrix;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -444,12 +444,6 @@ impl TowerSource for FilmCheckpoint {
         };
         Ok(Some(FilmLayer::new(linear("scale")?, linear("shift")?)))
     }
-}
-
-/// The average of the raw token embeddings FiLM is conditioned on: `embeddings [1, n, D]` of
-/// every non-placeholder token (BOS, the prompt, 29871 and `</s>`) -> `[1, D]`.
-pub fn language_mean(embeddings: &Tensor) -> Result<Tensor> {
-    Ok(embeddings.to_dtype(DType::F32)?.mean(1)?)
 }
 
 #[cfg(test)]

@@ -3,10 +3,9 @@
 use super::constants::NormalizationType;
 use crate::action::ActionStatistics;
 use crate::error::{Error, Result};
-use crate::head::StateDictSource;
 use crate::model::backend::{Backend, Infer, ParamSource};
 use crate::model::linear::LayerKind;
-use crate::oft::pt::StateDict;
+use crate::oft::pt::{StateDict, StateDictSource};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 

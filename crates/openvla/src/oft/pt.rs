@@ -4,6 +4,8 @@
 //! reference's `load_component_state_dict` does. [`write_state_dict`] writes such files.
 
 use crate::error::{Error, Result};
+use crate::model::backend::{Infer, ParamSource};
+use crate::model::linear::{LayerKind, Linear};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -325,6 +327,43 @@ fn state_dict_pickle(entries: &[PickledTensor]) -> Vec<u8> {
     }
     p.extend_from_slice(&[op::SETITEMS, op::STOP]);
     p
+}
+
+/// Tensors of a PyTorch `state_dict` (keys without `module.`) as an inference [`ParamSource`]:
+/// weight matrices held in `dtype` (as stored when `None`), everything else as stored.
+pub struct StateDictSource<'a> {
+    /// The state dict.
+    pub sd: &'a StateDict,
+    /// The dtype weight matrices are converted to.
+    pub dtype: Option<DType>,
+}
+
+impl ParamSource<Infer> for StateDictSource<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.sd.get_shaped(name, shape)
+    }
+
+    fn linear(
+        &self,
+        prefix: &str,
+        (in_dim, out_dim): (usize, usize),
+        bias: bool,
+        _kind: LayerKind,
+    ) -> Result<Linear> {
+        let w = self
+            .sd
+            .get_shaped(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let w = match self.dtype {
+            Some(dtype) => w.to_dtype(dtype)?,
+            None => w,
+        };
+        let b = if bias {
+            Some(self.sd.get_shaped(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear::from_tensors(w, b))
+    }
 }
 
 #[cfg(test)]
