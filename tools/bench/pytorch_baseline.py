@@ -68,6 +68,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STOP_TOKEN_ID = 2
 
 
+STAGES = ["preprocess", "vision", "projector", "prefill", "head"]
+
+
+def stage_ms(marks: List[float], end: float | None = None) -> Dict[str, float]:
+    """Milliseconds of each stage in STAGES order between consecutive `marks` (as many as the marks
+    allow), and `total` from the first mark to `end` (default: the last mark)."""
+    end = marks[-1] if end is None else end
+    out = {name: (b - a) * 1e3 for name, a, b in zip(STAGES, marks, marks[1:])}
+    out["total"] = (end - marks[0]) * 1e3
+    return out
+
+
 def finite_or_none(x: float) -> float | None:
     return x if np.isfinite(x) else None
 
@@ -290,12 +302,8 @@ class Model:
             step_times.append(time.perf_counter() - ts)
         t5 = time.perf_counter()
         return {
-            "preprocess": (t1 - t0) * 1e3,
-            "vision": (t2 - t1) * 1e3,
-            "projector": (t3 - t2) * 1e3,
-            "prefill": (t4 - t3) * 1e3,
+            **stage_ms([t0, t1, t2, t3, t4], t5),
             "decode_per_token": float(np.mean(step_times)) * 1e3 if step_times else float("nan"),
-            "total": (t5 - t0) * 1e3,
             "prefill_tokens": int(inputs_embeds.shape[1]),
             "token_ids": generated,
         }
@@ -337,13 +345,8 @@ def predict_oft(model: Model, image: Image.Image, instruction: str) -> Dict[str,
     chunk = oft["head"](window).float()
     t5 = time.perf_counter()
     return {
-        "preprocess": (t1 - t0) * 1e3,
-        "vision": (t2 - t1) * 1e3,
-        "projector": (t3 - t2) * 1e3,
-        "prefill": (t4 - t3) * 1e3,
+        **stage_ms([t0, t1, t2, t3, t4, t5]),
         "decode_per_token": float("nan"),
-        "head": (t5 - t4) * 1e3,
-        "total": (t5 - t0) * 1e3,
         "prefill_tokens": int(n),
         "chunk": chunk[0].tolist(),
     }

@@ -163,11 +163,6 @@ impl<B: Backend> MlpResNet<B> {
         self.dims.2
     }
 
-    /// Number of residual blocks.
-    pub fn num_blocks(&self) -> usize {
-        self.blocks.len()
-    }
-
     /// `x [..., input_dim]` → normalized actions `[..., action_dim]`.
     pub fn forward_with(&self, ctx: &B::Ctx, x: &Tensor) -> Result<Tensor> {
         Ok(self.forward_traced_with(ctx, x)?.output)

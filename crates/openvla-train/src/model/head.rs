@@ -151,8 +151,6 @@ impl ParamSource<Train> for Named {
 pub struct L1HeadTrain {
     params: Named,
     head: MlpResNet<Train>,
-    llm_dim: usize,
-    action_dim: usize,
 }
 
 impl L1HeadTrain {
@@ -171,8 +169,6 @@ impl L1HeadTrain {
         Ok(Self {
             head: MlpResNet::load_with(&params, dims, L1_HEAD_BLOCKS)?,
             params,
-            llm_dim,
-            action_dim,
         })
     }
 
@@ -193,7 +189,7 @@ impl L1HeadTrain {
 
     /// The action dimension D.
     pub fn action_dim(&self) -> usize {
-        self.action_dim
+        self.head.action_dim()
     }
 
     /// The parameters by `state_dict` name (without `module.`).
@@ -203,7 +199,7 @@ impl L1HeadTrain {
 
     /// `x [B, K, D·H]` → normalized actions `[B, K, D]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let want = self.llm_dim * self.action_dim;
+        let want = self.head.input_dim();
         if x.rank() != 3 || x.dim(2)? != want {
             return Err(TrainError::Invalid(format!(
                 "action head input is {:?}; the head expects [B, K, {want}]",

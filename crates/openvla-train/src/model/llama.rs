@@ -12,9 +12,6 @@ use candle_core::{DType, Device, Tensor};
 use openvla::config::TextConfig;
 use openvla::model::decoder::{repeat_kv, rope_angles, rope_inv_freq, DecoderLayer};
 
-/// Additive mask value for keys a query may not attend to (finite, as the inference model).
-pub const MASKED: f32 = f32::MIN / 2.0;
-
 /// The decoder stack, final norm and `lm_head`.
 #[derive(Debug, Clone)]
 pub struct LlamaTrain {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-pub use openvla::model::vision::TOWER_PREFIXES;
+use openvla::model::vision::TOWER_PREFIXES;
 
 /// The output projection that tied embeddings replace by `embed_tokens`.
 const TIED_LM_HEAD: &str = "language_model.lm_head.weight";

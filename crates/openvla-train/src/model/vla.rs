@@ -2,8 +2,8 @@
 //! `[BOS, patches, rest of the prompt]`, implementing the training seam.
 
 use super::backend::Train;
-use super::llama::{LlamaTrain, MASKED};
-use super::params::{ParamStore, WeightStorage, TOWER_PREFIXES};
+use super::llama::LlamaTrain;
+use super::params::{ParamStore, WeightStorage};
 use crate::error::{Result, TrainError};
 use crate::lora::{LoraLayer, ModuleInfo};
 use crate::mode::{is_trainable, TrainMode};
@@ -11,8 +11,9 @@ use crate::recompute::{backward_blocks, backward_through, forward_blocks, Grads}
 use crate::seam::{Attention, TrainLogits, TrainModel, TrunkInputs, TrunkOutput};
 use candle_core::{DType, Device, Tensor, Var};
 use openvla::config::Variant;
+use openvla::model::llama::MASKED;
 use openvla::model::projector::Projector;
-use openvla::model::vision::{VisionBackbone, VisionFeatures};
+use openvla::model::vision::{VisionBackbone, VisionFeatures, TOWER_PREFIXES};
 use openvla::ModelConfig;
 use std::path::Path;
 use std::sync::Arc;

@@ -15,8 +15,8 @@ use crate::model::vit::Loading;
 use candle_core::{DType, Device, Tensor};
 
 /// Additive mask value for positions a query may not attend to (finite, so fully masked padding
-/// rows stay finite instead of turning into NaN).
-const MASKED: f32 = f32::MIN / 2.0;
+/// rows stay finite instead of turning into NaN); training's masks use it too.
+pub const MASKED: f32 = f32::MIN / 2.0;
 
 /// Llama's final RMSNorm.
 #[derive(Debug, Clone)]

@@ -65,19 +65,6 @@ impl TowerSource for WeightLoader<'_> {
     }
 }
 
-/// A linear layer with bias, `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]`.
-pub(crate) fn load_linear(
-    w: &dyn TowerSource,
-    prefix: &str,
-    (in_dim, out_dim): (usize, usize),
-    wp: &WeightPolicy,
-    kind: LayerKind,
-) -> Result<Linear> {
-    let weight = w.weight(&format!("{prefix}.weight"), [out_dim, in_dim], wp, kind)?;
-    let bias = w.tensor(&format!("{prefix}.bias"), &[out_dim])?;
-    Ok(Linear::new(weight, Some(bias)).with_compute(wp.compute))
-}
-
 /// A [`TowerSource`] with the weight policy its matrices are held under: the inference
 /// [`ParamSource`] of the towers.
 pub struct Loading<'a> {
@@ -99,14 +86,16 @@ impl ParamSource<Infer> for Loading<'_> {
         bias: bool,
         kind: LayerKind,
     ) -> Result<Linear> {
-        if bias {
-            return load_linear(self.source, prefix, (in_dim, out_dim), self.policy, kind);
-        }
         let name = format!("{prefix}.weight");
         let weight = self
             .source
             .weight(&name, [out_dim, in_dim], self.policy, kind)?;
-        Ok(Linear::new(weight, None).with_compute(self.policy.compute))
+        let bias = if bias {
+            Some(self.source.tensor(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias).with_compute(self.policy.compute))
     }
 
     fn patch_embed(&self, prefix: &str, dim: usize, patch: usize) -> Result<Linear> {

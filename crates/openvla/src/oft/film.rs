@@ -19,8 +19,9 @@
 
 use crate::error::{Error, Result};
 pub use crate::model::backend::FilmLayer;
+use crate::model::backend::ParamSource;
 use crate::model::linear::{LayerKind, Weight, WeightPolicy};
-use crate::model::vit::{load_linear, TowerSource};
+use crate::model::vit::{Loading, TowerSource};
 use crate::oft::pt::{self, StateDict};
 use crate::quant::QuantMatrix;
 use candle_core::Tensor;
@@ -433,12 +434,15 @@ impl TowerSource for FilmCheckpoint {
                 ));
             }
         }
+        let source = Loading {
+            source: self,
+            policy,
+        };
         let linear = |part: &str| {
-            load_linear(
-                self,
+            source.linear(
                 &format!("{block_prefix}.{part}"),
                 (self.llm_dim, vision_dim),
-                policy,
+                true,
                 LayerKind::Vision,
             )
         };
