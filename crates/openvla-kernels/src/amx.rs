@@ -162,7 +162,8 @@ unsafe fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `dst [m, nb] (row stride rs) = a · wᵀ` for bf16 weights `w [nb, k]` (raw bits, row-major),
-/// single-threaded, on the AMX tile unit.
+/// single-threaded, on the AMX tile unit. Each call packs the weights into the tile layout
+/// first; [`TiledWeights`] does that once, at load.
 ///
 /// # Safety
 /// [`available`] must be true, and `dst` be valid for writes of `a.rows()` rows of `nb`
@@ -186,34 +187,178 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
             buf.resize(panel_pairs * NR, 0);
         }
         let panel = &mut buf[..panel_pairs * NR];
-        let mut out = [0f32; BLOCK * BLOCK];
         with_tiles(|| {
             for jp in 0..nb.div_ceil(NR) {
                 let cols = NR.min(nb - jp * NR);
                 pack_pairs(&w[jp * NR * k..], k, cols, 0, pairs, panel);
                 panel[pairs * NR..].fill(0);
-                for ib in 0..m.div_ceil(BLOCK) {
-                    let rows = BLOCK.min(m - ib * BLOCK);
-                    let a_block = a.data.as_ptr().add(ib * BLOCK * a.stride);
-                    let steps = a.stride / DEPTH;
-                    if rows == BLOCK && cols == NR {
-                        // A whole block: the tiles go straight to dst.
-                        let d = dst.add(ib * BLOCK * rs + jp * NR);
-                        block_32x32(a_block, a.stride * 2, panel.as_ptr(), steps, true, d, rs);
-                        continue;
-                    }
-                    let o = out.as_mut_ptr();
-                    block_32x32(a_block, a.stride * 2, panel.as_ptr(), steps, true, o, BLOCK);
-                    for r in 0..rows {
-                        std::ptr::copy_nonoverlapping(
-                            out.as_ptr().add(r * BLOCK),
-                            dst.add((ib * BLOCK + r) * rs + jp * NR),
-                            cols,
-                        );
-                    }
-                }
+                panel_product(a, panel.as_ptr(), cols, dst.add(jp * NR), rs);
             }
         })
+    });
+}
+
+/// `dst [m, cols] (row stride rs) = a · panelᵀ` for one packed weight panel of up to 32
+/// columns (`[a.stride / 2][32]` words), block by block of 32 rows.
+///
+/// # Safety
+/// The tile configuration is loaded on this thread ([`with_tiles`]); `panel` holds
+/// `a.stride / 2` pair rows of 32 words, `dst` `a.rows()` rows of `cols` writable elements.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn panel_product(
+    a: &PackedRowsAmx,
+    panel: *const u32,
+    cols: usize,
+    dst: *mut f32,
+    rs: usize,
+) {
+    let mut out = [0f32; BLOCK * BLOCK];
+    let steps = a.stride / DEPTH;
+    for ib in 0..a.m.div_ceil(BLOCK) {
+        let rows = BLOCK.min(a.m - ib * BLOCK);
+        let a_block = a.data.as_ptr().add(ib * BLOCK * a.stride);
+        if rows == BLOCK && cols == NR {
+            // A whole block: the tiles go straight to dst.
+            let d = dst.add(ib * BLOCK * rs);
+            block_32x32(a_block, a.stride * 2, panel, steps, true, d, rs);
+            continue;
+        }
+        let o = out.as_mut_ptr();
+        block_32x32(a_block, a.stride * 2, panel, steps, true, o, BLOCK);
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(
+                out.as_ptr().add(r * BLOCK),
+                dst.add((ib * BLOCK + r) * rs),
+                cols,
+            );
+        }
+    }
+}
+
+/// A weight matrix `w [n, k]` rounded to bf16 and packed **once** (at load) into the tile
+/// layout of the AMX kernel, so that a product pays neither the rounding nor the packing of
+/// the weights: panel `p` holds columns `32p .. 32p + 32` as `[k↑32 / 2][32]` words
+/// `w[j][2q] | w[j][2q+1] << 16` (the layout [`gemm`] builds per call), the padding zero.
+/// [`gemm_tiled`] gives exactly the bits of [`gemm`] on the same rounded weights.
+pub struct TiledWeights {
+    data: Vec<u32>,
+    n: usize,
+    k: usize,
+    /// Pair rows per panel: `k` rounded up to [`DEPTH`], halved.
+    panel_pairs: usize,
+}
+
+impl std::fmt::Debug for TiledWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TiledWeights [{}, {}]", self.n, self.k)
+    }
+}
+
+impl TiledWeights {
+    /// Packs `w [n, k]`, where `to_bf16(j0, nb, tile)` fills `tile [nb, k]` with the bf16 bits
+    /// of weight rows `j0 .. j0 + nb` (rounded to nearest even where they are wider, as
+    /// [`crate::bf16_gemm::tiled_gemm_bf16`] asks). Panels are packed in parallel.
+    pub fn pack(n: usize, k: usize, to_bf16: impl Fn(usize, usize, &mut [u16]) + Sync) -> Self {
+        let panel_pairs = k.next_multiple_of(DEPTH).max(DEPTH) / 2;
+        let panel_len = panel_pairs * NR;
+        let mut data = vec![0u32; n.div_ceil(NR) * panel_len];
+        let pairs = k.div_ceil(2);
+        data.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let (j0, cols) = (p * NR, NR.min(n - p * NR));
+                let mut rows = vec![0u16; cols * k];
+                to_bf16(j0, cols, &mut rows);
+                if k > 0 {
+                    pack_pairs(&rows, k, cols, 0, pairs, panel);
+                }
+            });
+        TiledWeights {
+            data,
+            n,
+            k,
+            panel_pairs,
+        }
+    }
+
+    /// Output width `n` (weight rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input width `k`.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held.
+    pub fn storage_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// Stacks matrices of the same input width along the output dimension (a q/k/v or
+    /// gate/up group): the panels side by side when every part but the last fills whole
+    /// panels, else `None` (then pack the stacked weights instead).
+    pub fn stack(parts: &[&TiledWeights]) -> Option<TiledWeights> {
+        let first = parts.first()?;
+        let aligned = parts[..parts.len() - 1].iter().all(|p| p.n % NR == 0);
+        if !aligned || parts.iter().any(|p| p.k != first.k) {
+            return None;
+        }
+        Some(TiledWeights {
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            n: parts.iter().map(|p| p.n).sum(),
+            k: first.k,
+            panel_pairs: first.panel_pairs,
+        })
+    }
+}
+
+/// `y [m, n] = bf16(x) · wᵀ` (f32 sums) with weights packed at load, on the AMX tile unit:
+/// the activations are rounded and packed once, then column panels run in parallel. Each
+/// output element is accumulated exactly as by [`gemm`] (and by
+/// [`crate::bf16_gemm::tiled_gemm_bf16`] on the AMX path), so the bits are the same.
+///
+/// # Panics
+/// Where the process cannot use AMX ([`available`]), or the shapes disagree.
+pub fn gemm_tiled(x: &[f32], w: &TiledWeights, y: &mut [f32], m: usize) {
+    let (n, k) = (w.n, w.k);
+    assert!(
+        available(),
+        "AMX asked for where this process cannot use it"
+    );
+    assert!(
+        x.len() >= m * k && y.len() == m * n,
+        "amx tiled gemm: shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let a = PackedRowsAmx::pack(x, m, k);
+    debug_assert_eq!(a.stride / 2, w.panel_pairs);
+    let panel_len = w.panel_pairs * NR;
+    let width = crate::gemm_tile_rows(n).next_multiple_of(NR);
+    crate::for_each_column_panel(y, n, width, |j0, nb, out| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AMX available (asserted); columns j0 .. j0 + nb of the m rows of y (row
+        // stride n) belong to this task alone; j0 is a multiple of 32, so panel j0 / 32 on
+        // are this task's columns.
+        unsafe {
+            with_tiles(|| {
+                for jp in 0..nb.div_ceil(NR) {
+                    let cols = NR.min(nb - jp * NR);
+                    let panel = w.data.as_ptr().add((j0 / NR + jp) * panel_len);
+                    panel_product(&a, panel, cols, out.at(j0 + jp * NR), n);
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (j0, nb, out, panel_len);
     });
 }
 
@@ -322,4 +467,109 @@ pub fn probe_loop(steps: usize) -> f32 {
     }
     let _ = steps;
     0.0
+}
+
+/// The candle op of [`gemm_tiled`]: `y [m, n] = bf16(x [m, k]) · wᵀ` for contiguous f32
+/// activations and weights packed at load (the model's linears with
+/// [`crate::ComputePrecision::Bf16`] on AMX; the caller keeps rows fewer than
+/// [`crate::GEMM_MIN_ROWS`] and row-independent calls on its dense kernels).
+pub struct TiledMatmul {
+    /// The packed weight matrix.
+    pub weight: std::sync::Arc<TiledWeights>,
+}
+
+impl candle_core::CustomOp1 for TiledMatmul {
+    fn name(&self) -> &'static str {
+        "amx-tiled-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        if k != self.weight.k {
+            candle_core::bail!(
+                "amx-tiled-matmul: activations have {k} features, the weight {}",
+                self.weight.k
+            );
+        }
+        let Some((xs, xe)) = l.contiguous_offsets() else {
+            candle_core::bail!("amx-tiled-matmul: activations must be contiguous")
+        };
+        let candle_core::CpuStorage::F32(x) = s else {
+            candle_core::bail!("amx-tiled-matmul expects f32 activations")
+        };
+        let n = self.weight.n;
+        let mut y = vec![0f32; m * n];
+        gemm_tiled(&x[xs..xe], &self.weight, &mut y, m);
+        Ok((
+            candle_core::CpuStorage::F32(y),
+            candle_core::Shape::from((m, n)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bf16_gemm::{round_slice, tiled_gemm_bf16_with};
+    use crate::dispatch::Bf16Path;
+    use crate::test_util::lcg;
+
+    fn rounded(w: &[f32], k: usize) -> impl Fn(usize, usize, &mut [u16]) + Sync + '_ {
+        move |j0, nb, t| round_slice(&w[j0 * k..(j0 + nb) * k], t)
+    }
+
+    /// Weights packed at load give the bits of the per-call packing, on ragged shapes (partial
+    /// row blocks and column panels, odd depths, depths not a multiple of 32).
+    #[test]
+    fn tiled_weights_give_the_bits_of_the_per_call_packing() {
+        if !available() {
+            eprintln!("skipped: the AMX tdpbf16ps kernel (no AMX-BF16 usable by this process)");
+            return;
+        }
+        let mut seed = 5u64;
+        for (m, n, k) in [
+            (8, 16, 4),
+            (33, 70, 61),
+            (64, 96, 256),
+            (121, 768, 256),
+            (40, 33, 1),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let mut want = vec![0f32; m * n];
+            tiled_gemm_bf16_with(Bf16Path::Amx, &x, &mut want, m, n, k, rounded(&w, k));
+            let tiled = TiledWeights::pack(n, k, rounded(&w, k));
+            assert_eq!((tiled.rows(), tiled.cols()), (n, k));
+            let mut got = vec![f32::NAN; m * n];
+            gemm_tiled(&x, &tiled, &mut got, m);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "m={m} n={n} k={k}");
+        }
+    }
+
+    /// Stacking packed matrices is packing the stacked matrix, when the panels line up; parts
+    /// that end inside a panel are refused.
+    #[test]
+    fn stacking_tiled_weights_is_packing_the_stack() {
+        let mut seed = 9u64;
+        let k = 40;
+        let (n1, n2) = (64, 20);
+        let w: Vec<f32> = (0..(n1 + n2) * k).map(|_| lcg(&mut seed)).collect();
+        let a = TiledWeights::pack(n1, k, rounded(&w[..n1 * k], k));
+        let b = TiledWeights::pack(n2, k, rounded(&w[n1 * k..], k));
+        let whole = TiledWeights::pack(n1 + n2, k, rounded(&w, k));
+        let stacked = TiledWeights::stack(&[&a, &b]).expect("64 rows fill two panels");
+        assert_eq!(stacked.rows(), n1 + n2);
+        assert_eq!(stacked.data, whole.data);
+        assert!(
+            TiledWeights::stack(&[&b, &a]).is_none(),
+            "20 rows end inside a panel"
+        );
+        let other_depth = TiledWeights::pack(32, 8, |_, _, t| t.fill(0));
+        assert!(TiledWeights::stack(&[&a, &other_depth]).is_none());
+    }
 }

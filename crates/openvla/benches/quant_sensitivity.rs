@@ -144,6 +144,7 @@ fn main() {
             WeightDtype::F32
         };
         let wp = WeightPolicy {
+            tiles: false,
             dtype,
             quantization: None,
             plan,

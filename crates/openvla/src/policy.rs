@@ -251,7 +251,16 @@ impl Policy {
             Some(q) => WeightPolicy::quantized(weight_dtype, q),
             None => WeightPolicy::dense(weight_dtype),
         };
-        let weights = weights.with_compute(options.compute);
+        // bf16 arithmetic on AMX packs the dense matrices once at load (a bf16 copy beside the
+        // stored weights) when both fit in 60 % of the available memory; larger models pack
+        // per call, as their many-row products amortize it anyway.
+        let held = match weight_dtype {
+            WeightDtype::F32 => ckpt.total_bytes() / 2 * 4,
+            _ => ckpt.total_bytes(),
+        };
+        let tiles_fit =
+            available_memory().is_none_or(|avail| held + ckpt.total_bytes() <= avail / 10 * 6);
+        let weights = weights.with_compute(options.compute).with_tiles(tiles_fit);
         let device = Device::Cpu;
         let loader = WeightLoader::new(&ckpt, device.clone(), options.progress);
         let film = crate::oft::film::FilmCheckpoint::open(dir, config.text.hidden_size)?;

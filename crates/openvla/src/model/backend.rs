@@ -223,6 +223,6 @@ pub fn language_mean(embeddings: &Tensor) -> Result<Tensor> {
 impl FilmLayer<Infer> {
     /// Bytes of the two weight matrices.
     pub fn weight_bytes(&self) -> usize {
-        self.scale.weight().storage_bytes() + self.shift.weight().storage_bytes()
+        self.scale.storage_bytes() + self.shift.storage_bytes()
     }
 }

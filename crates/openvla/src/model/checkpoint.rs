@@ -574,7 +574,7 @@ impl<'a> WeightLoader<'a> {
         } else {
             None
         };
-        Ok(Linear::new(weight, bias).with_compute(policy.compute))
+        Linear::with_policy(weight, bias, policy)
     }
 
     /// Loads the weight matrix `name` of shape `[rows, cols]`.

@@ -152,8 +152,8 @@ impl DecoderLayer<Infer> {
     pub fn weight_bytes(&self) -> usize {
         self.qkv_proj.storage_bytes()
             + self.gate_up_proj.storage_bytes()
-            + self.o_proj.weight().storage_bytes()
-            + self.down_proj.weight().storage_bytes()
+            + self.o_proj.storage_bytes()
+            + self.down_proj.storage_bytes()
     }
 }
 

@@ -3,6 +3,7 @@
 //! arithmetic in the many-row products).
 
 use crate::error::Result;
+use crate::kernels::amx::{TiledMatmul, TiledWeights};
 use crate::kernels::f32_matmul::F32Matmul;
 use crate::kernels::half_matmul::HalfMatmul;
 use crate::kernels::quant_matmul::QuantMatmul;
@@ -49,6 +50,11 @@ pub struct WeightPolicy {
     pub plan: QuantPlan,
     /// The arithmetic of the many-row products of dense matrices (f32 by default).
     pub compute: ComputePrecision,
+    /// Pack every dense matrix once at load into the AMX kernel's tile layout (bf16), so that
+    /// the many-row products of [`ComputePrecision::Bf16`] pay neither the weights' rounding
+    /// nor their packing per call; the same bits, at the cost of a bf16 copy of the weights
+    /// beside the stored ones. Only where [`WeightPolicy::tiles_apply`] holds.
+    pub tiles: bool,
 }
 
 impl WeightPolicy {
@@ -59,6 +65,7 @@ impl WeightPolicy {
             quantization: None,
             plan: QuantPlan::default(),
             compute: ComputePrecision::F32,
+            tiles: false,
         }
     }
 
@@ -69,12 +76,29 @@ impl WeightPolicy {
             quantization: Some(quantization),
             plan: quantization.plan(),
             compute: ComputePrecision::F32,
+            tiles: false,
         }
     }
 
     /// The same storage, computed with `compute`.
     pub fn with_compute(self, compute: ComputePrecision) -> Self {
         WeightPolicy { compute, ..self }
+    }
+
+    /// The same, with the dense matrices also packed at load for the AMX kernel when `tiles`
+    /// and [`WeightPolicy::tiles_apply`].
+    pub fn with_tiles(self, tiles: bool) -> Self {
+        WeightPolicy {
+            tiles: tiles && Self::tiles_apply(self.compute),
+            ..self
+        }
+    }
+
+    /// Whether packing at load has anything to speed up: bf16 arithmetic on the AMX path
+    /// ([`crate::kernels::dispatch::bf16_path`], which `OPENVLA_ISA` can cap).
+    pub fn tiles_apply(compute: ComputePrecision) -> bool {
+        compute == ComputePrecision::Bf16
+            && crate::kernels::dispatch::bf16_path() == crate::kernels::dispatch::Bf16Path::Amx
     }
 
     /// The block format for a matrix of this role, if it is quantized.
@@ -143,6 +167,9 @@ pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
     compute: ComputePrecision,
+    /// The dense weight packed at load for the AMX kernel ([`WeightPolicy::tiles`]): the
+    /// many-row products use it, everything else the stored weight.
+    tiles: Option<Arc<TiledWeights>>,
 }
 
 impl Linear {
@@ -152,7 +179,45 @@ impl Linear {
             weight,
             bias,
             compute: ComputePrecision::F32,
+            tiles: None,
         }
+    }
+
+    /// A layer loaded under `policy`: its arithmetic, and with [`WeightPolicy::tiles`] a dense
+    /// weight packed once for the AMX kernel.
+    pub fn with_policy(
+        weight: Weight,
+        bias: Option<Tensor>,
+        policy: &WeightPolicy,
+    ) -> Result<Linear> {
+        let layer = Linear::new(weight, bias).with_compute(policy.compute);
+        if policy.tiles && WeightPolicy::tiles_apply(policy.compute) {
+            layer.packed()
+        } else {
+            Ok(layer)
+        }
+    }
+
+    /// The same layer with its dense weight packed for the AMX kernel (quantized weights and
+    /// weights off the CPU stay as they are: their kernels do not use it).
+    fn packed(self) -> Result<Linear> {
+        let tiles = match &self.weight {
+            Weight::Dense(w) if w.device().is_cpu() && w.rank() == 2 => {
+                Some(Arc::new(pack_tiles(w)?))
+            }
+            _ => None,
+        };
+        Ok(Linear { tiles, ..self })
+    }
+
+    /// Bytes of the weight matrix, and of its packed copy if it has one.
+    pub fn storage_bytes(&self) -> usize {
+        self.weight.storage_bytes() + self.tiles.as_ref().map_or(0, |t| t.storage_bytes())
+    }
+
+    /// Whether the weight was packed at load for the AMX kernel ([`WeightPolicy::tiles`]).
+    pub fn is_tiled(&self) -> bool {
+        self.tiles.is_some()
     }
 
     /// Wraps existing tensors (f32 arithmetic).
@@ -200,6 +265,17 @@ impl Linear {
         let cpu = x.device().is_cpu();
         let compute = self.compute;
         let y = match &self.weight {
+            _ if cpu
+                && !rowwise
+                && rows >= crate::kernels::GEMM_MIN_ROWS
+                && self.tiles.is_some() =>
+            {
+                let weight = self
+                    .tiles
+                    .clone()
+                    .unwrap_or_else(|| unreachable!("checked"));
+                x2.contiguous()?.apply_op1_no_bwd(&TiledMatmul { weight })?
+            }
             Weight::Quant(q) => x2.contiguous()?.apply_op1_no_bwd(&QuantMatmul {
                 weight: q.clone(),
                 rowwise,
@@ -254,21 +330,35 @@ impl<const N: usize> LinearGroup<N> {
                 "layers read inputs of different widths {in_dims:?}, so they cannot be grouped"
             )));
         }
-        let same_compute = parts.iter().all(|l| l.compute == parts[0].compute);
-        let stacked = if same_compute {
-            stack_weights(&parts)?
-        } else {
-            None
-        };
+        let alike = parts
+            .iter()
+            .all(|l| l.compute == parts[0].compute && l.is_tiled() == parts[0].is_tiled());
+        let stacked = if alike { stack_weights(&parts)? } else { None };
         let layers = match stacked {
-            Some(weight) => Grouped::Stacked {
-                layer: Linear {
+            Some(weight) => {
+                let layer = Linear {
                     weight,
                     bias: stack_biases(&parts)?,
                     compute: parts[0].compute,
-                },
-                widths: parts.each_ref().map(Linear::out_dim),
-            },
+                    tiles: None,
+                };
+                let tiled: Vec<&TiledWeights> =
+                    parts.iter().filter_map(|l| l.tiles.as_deref()).collect();
+                let layer = if tiled.len() < parts.len() {
+                    layer
+                } else if let Some(t) = TiledWeights::stack(&tiled) {
+                    Linear {
+                        tiles: Some(Arc::new(t)),
+                        ..layer
+                    }
+                } else {
+                    layer.packed()?
+                };
+                Grouped::Stacked {
+                    layer,
+                    widths: parts.each_ref().map(Linear::out_dim),
+                }
+            }
             None => Grouped::Separate(parts),
         };
         Ok(LinearGroup { layers })
@@ -282,8 +372,8 @@ impl<const N: usize> LinearGroup<N> {
     /// Bytes of the weight matrices.
     pub fn storage_bytes(&self) -> usize {
         match &self.layers {
-            Grouped::Stacked { layer, .. } => layer.weight.storage_bytes(),
-            Grouped::Separate(parts) => parts.iter().map(|l| l.weight.storage_bytes()).sum(),
+            Grouped::Stacked { layer, .. } => layer.storage_bytes(),
+            Grouped::Separate(parts) => parts.iter().map(Linear::storage_bytes).sum(),
         }
     }
 
@@ -311,6 +401,15 @@ impl<const N: usize> LinearGroup<N> {
             .try_into()
             .unwrap_or_else(|_| unreachable!("a group of {N} layers gives {N} outputs")))
     }
+}
+
+/// `w [n, k]` (f32, bf16 or f16 on the CPU) rounded to bf16 and packed for the AMX kernel.
+fn pack_tiles(w: &Tensor) -> Result<TiledWeights> {
+    let (n, k) = w.dims2()?;
+    let wide: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(TiledWeights::pack(n, k, |j0, nb, tile| {
+        crate::kernels::bf16_gemm::round_slice(&wide[j0 * k..(j0 + nb) * k], tile)
+    }))
 }
 
 /// The parts' biases side by side (f32), zeros for the parts without one, on the device of
@@ -474,6 +573,63 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("different widths"), "{err}");
     }
+    /// Weights packed at load for the AMX kernel ([`WeightPolicy::tiles`]) give the bits of the
+    /// per-call packing in many-row products, leave row-independent and decode-sized products
+    /// on the stored weights, count in the storage, and stack in groups (panel-aligned parts
+    /// and parts that end inside a panel alike).
+    #[test]
+    fn tiles_packed_at_load_give_the_bits_of_the_per_call_path() {
+        let policy = WeightPolicy::dense(WeightDtype::F32)
+            .with_compute(ComputePrecision::Bf16)
+            .with_tiles(true);
+        if !WeightPolicy::tiles_apply(ComputePrecision::Bf16) {
+            assert!(!policy.tiles, "tiles requested without AMX must be refused");
+            eprintln!("skipped: tiles packed at load (no AMX-BF16 usable by this process)");
+            return;
+        }
+        assert!(policy.tiles);
+        assert!(
+            !WeightPolicy::dense(WeightDtype::F32).with_tiles(true).tiles,
+            "f32 arithmetic has no use for tiles"
+        );
+        let inp = 96;
+        let vec = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        for kind in ["f32", "bf16"] {
+            let plain = [40, 64, 24].map(|out| {
+                layer(kind, out, inp, out as u32, true).with_compute(ComputePrecision::Bf16)
+            });
+            let tiled = plain
+                .clone()
+                .map(|l| Linear::with_policy(l.weight().clone(), l.bias.clone(), &policy).unwrap());
+            for (p, t) in plain.iter().zip(&tiled) {
+                assert!(t.is_tiled() && !p.is_tiled(), "{kind}");
+                assert!(t.storage_bytes() > p.storage_bytes(), "{kind}");
+                for (rows, rowwise) in [(3, false), (20, false), (20, true), (121, false)] {
+                    let x =
+                        Tensor::from_vec(values(rows * inp, 7), (rows, inp), &Device::Cpu).unwrap();
+                    let (a, b) = (p.apply(&x, rowwise).unwrap(), t.apply(&x, rowwise).unwrap());
+                    assert_eq!(vec(&a), vec(&b), "{kind}, {rows} rows, rowwise {rowwise}");
+                }
+            }
+            // 40 + 64 rows end inside a panel (repacked); 64 + 24 line up (panels joined).
+            for parts in [
+                [tiled[0].clone(), tiled[1].clone()],
+                [tiled[1].clone(), tiled[2].clone()],
+            ] {
+                let group = LinearGroup::new(parts.clone()).unwrap();
+                assert!(group.is_stacked(), "{kind}");
+                let x = Tensor::from_vec(values(33 * inp, 3), (33, inp), &Device::Cpu).unwrap();
+                let got = group.forward(&x, false).unwrap();
+                for (g, l) in got.iter().zip(&parts) {
+                    assert_eq!(vec(g), vec(&l.apply(&x, false).unwrap()), "{kind} group");
+                }
+            }
+        }
+    }
+
     /// `--compute bf16`: many-row products of dense weights round the activations (and f32
     /// weights) to bf16 and so differ from the exact default by about bf16's precision, equal
     /// the f32 product of the rounded operands, and leave decode-sized products and quantized

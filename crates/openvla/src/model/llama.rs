@@ -352,7 +352,7 @@ impl Llama {
 
     /// Bytes of `lm_head` (read in full at every decode step).
     pub fn lm_head_bytes(&self) -> usize {
-        self.lm_head.weight().storage_bytes()
+        self.lm_head.storage_bytes()
     }
 
     /// The output projection's weight (`[vocab, D]`; the embedding table when tied).

@@ -78,7 +78,7 @@ impl Projector<Infer> {
 
     /// Bytes of the projector's weight matrices.
     pub fn weight_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.weight().storage_bytes()).sum()
+        self.layers.iter().map(|l| l.storage_bytes()).sum()
     }
 
     /// `[B, P, vision_dim]` -> `[B, P, llm_dim]`.

@@ -95,7 +95,7 @@ impl ParamSource<Infer> for Loading<'_> {
         } else {
             None
         };
-        Ok(Linear::new(weight, bias).with_compute(self.policy.compute))
+        Linear::with_policy(weight, bias, &self.policy)
     }
 
     fn patch_embed(&self, prefix: &str, dim: usize, patch: usize) -> Result<Linear> {
@@ -389,10 +389,7 @@ impl VisionTransformer<Infer> {
 
     /// Bytes of the tower's weight matrices (patch embedding, block linears, FiLM layers).
     pub fn weight_bytes(&self) -> usize {
-        self.linears()
-            .iter()
-            .map(|l| l.weight().storage_bytes())
-            .sum()
+        self.linears().iter().map(|l| l.storage_bytes()).sum()
     }
 
     /// Bytes of the FiLM layers' matrices (0 without FiLM).
