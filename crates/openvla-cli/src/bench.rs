@@ -57,10 +57,11 @@ pub struct BenchArgs {
     /// Quantize while loading (int8, int4), single configuration.
     #[arg(long)]
     quantize: Option<Quantization>,
-    /// Arithmetic of the many-row products (f32: exact, the default; bf16: bf16 operands,
-    /// f32 sums), single configuration.
-    #[arg(long, default_value = "f32")]
-    compute: ComputePrecision,
+    /// Arithmetic of the many-row products (f32: exact; bf16: bf16 operands, f32 sums), single
+    /// configuration. Default: the model's `inference_compute` (config.json), else f32, as
+    /// `predict` and `serve` load it.
+    #[arg(long)]
+    compute: Option<ComputePrecision>,
     /// Configurations to time, each in its own process: comma-separated among f32, bf16, f16,
     /// int8, int4, and bf16-compute (bf16 weights and bf16 arithmetic).
     #[arg(long, value_delimiter = ',')]
@@ -338,7 +339,7 @@ fn time_one(
     model: &Path,
     precision: Precision,
     quantize: Option<Quantization>,
-    compute: ComputePrecision,
+    compute: Option<ComputePrecision>,
 ) -> Result<Value> {
     let image = match &a.image {
         Some(p) => openvla_image::open(p)?,
@@ -428,7 +429,7 @@ fn time_one(
     let config = BenchConfig {
         precision,
         quantize: policy.weight_policy().quantization,
-        compute,
+        compute: policy.compute(),
     };
     let logit_rows = match policy.head() {
         ActionHead::Autoregressive256(_) => 1,
@@ -1150,7 +1151,7 @@ fn accuracy(a: &BenchArgs, model: &Path, n: usize) -> Result<Value> {
             &LoadOptions {
                 precision,
                 quantize,
-                compute: c.compute,
+                compute: Some(c.compute),
                 ..Default::default()
             },
         )?;

@@ -106,11 +106,11 @@ struct PredictArgs {
     /// q8_0 elsewhere). See docs/quantization.md.
     #[arg(long)]
     quantize: Option<Quantization>,
-    /// Arithmetic of the many-row products (vision towers, projector, prefill): f32 (exact, the
-    /// default) or bf16 (bf16 operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where
-    /// the CPU has them, docs/kernels.md).
-    #[arg(long, default_value = "f32")]
-    compute: openvla::kernels::ComputePrecision,
+    /// Arithmetic of the many-row products (vision towers, projector, prefill): f32 (exact) or
+    /// bf16 (bf16 operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where the CPU has
+    /// them, docs/kernels.md). Default: the model's `inference_compute` (config.json), else f32.
+    #[arg(long)]
+    compute: Option<openvla::kernels::ComputePrecision>,
     /// OpenVLA-OFT constants.
     #[command(flatten)]
     oft: OftArgs,
@@ -277,7 +277,7 @@ pub(crate) fn load_policy_with(
     model: &std::path::Path,
     precision: Precision,
     quantize: Option<Quantization>,
-    compute: openvla::kernels::ComputePrecision,
+    compute: Option<openvla::kernels::ComputePrecision>,
     oft: &OftArgs,
 ) -> Result<Policy> {
     let bar = progress::Progress::new("loading weights");

@@ -46,11 +46,12 @@ pub struct EvalArgs {
     /// OpenVLA model directory to serve (in this process, over loopback HTTP).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Arithmetic of the served model's many-row products: f32 (exact, the default) or bf16
-    /// (bf16 operands, f32 sums; AMX or AVX512-BF16 where the CPU has them). With --model only;
-    /// part of the run's config (checked by --resume) when bf16.
-    #[arg(long, default_value = "f32")]
-    pub compute: openvla::kernels::ComputePrecision,
+    /// Arithmetic of the served model's many-row products: f32 (exact) or bf16 (bf16 operands,
+    /// f32 sums; AMX or AVX512-BF16 where the CPU has them). Default: the model's
+    /// `inference_compute` (config.json), else f32. With --model only; part of the run's config
+    /// (checked by --resume) when bf16.
+    #[arg(long)]
+    pub compute: Option<openvla::kernels::ComputePrecision>,
     /// Tasks: mt10, mt50, easy, medium, hard, very_hard, or names (reach-v3,push-v3), comma-separated.
     #[arg(long, default_value = "mt10")]
     pub tasks: String,
@@ -183,11 +184,10 @@ fn check_flags(a: &EvalArgs) -> Result<Plan> {
         }
         _ => {}
     }
-    if a.compute != ComputePrecision::F32 && a.model.is_none() {
+    if let (Some(compute), None) = (a.compute, &a.model) {
         bail!(
-            "--compute {} sets the arithmetic of a model served here: it needs --model DIR (a \
-             server at --url chooses its own, `openvla serve --compute`)",
-            a.compute
+            "--compute {compute} sets the arithmetic of a model served here: it needs --model DIR \
+             (a server at --url chooses its own, `openvla serve --compute`)"
         )
     }
     Ok(Plan { tasks, envs })
@@ -210,7 +210,7 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
         "unnorm_key": a.unnorm_key,
         "model": a.model.as_deref().map(model_path),
         // Recorded only when not the exact default, so that runs from before the flag resume.
-        "compute": (a.compute != ComputePrecision::F32).then(|| a.compute.name()),
+        "compute": a.compute.filter(|c| *c != ComputePrecision::F32).map(|c| c.name()),
         "url": a.url,
         "policy_timeout_s": a.policy_timeout_s,
         "render_every_step": !a.no_render,

@@ -185,11 +185,11 @@ pub struct Endpoint {
 impl Endpoint {
     /// Serves an OpenVLA model directory on 127.0.0.1 (ephemeral port) with `openvla serve`'s
     /// code; `max_batch` concurrent requests may share a forward pass; `compute` is the
-    /// arithmetic of its many-row products.
+    /// arithmetic of its many-row products (`None`: the model's `inference_compute`, else f32).
     pub fn serve_model(
         dir: &Path,
         max_batch: usize,
-        compute: openvla::kernels::ComputePrecision,
+        compute: Option<openvla::kernels::ComputePrecision>,
     ) -> Result<Endpoint> {
         let options = openvla::LoadOptions {
             compute,

@@ -37,7 +37,7 @@ pub fn load(
     dir: &Path,
     precision: Precision,
     quantize: Option<Quantization>,
-    compute: openvla::kernels::ComputePrecision,
+    compute: Option<openvla::kernels::ComputePrecision>,
 ) -> openvla::Result<Policy> {
     Policy::load(
         dir,

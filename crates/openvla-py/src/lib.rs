@@ -132,27 +132,28 @@ impl PyPolicy {
     ///     precision: "auto" (f32 if it fits comfortably in memory, else bf16), "f32"
     ///         (the reference's float32 run), "bf16" (same results, half the memory) or "f16".
     ///     quantize: None, "int8" or "int4" (weight-only quantization while loading).
-    ///     compute: "f32" (exact, the default) or "bf16": the arithmetic of the many-row
-    ///         products (bf16 operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where
-    ///         the CPU has them).
+    ///     compute: None (the model's ``inference_compute`` in config.json, else "f32"),
+    ///         "f32" (exact) or "bf16": the arithmetic of the many-row products (bf16
+    ///         operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where the CPU has them).
     ///
     /// Raises:
     ///     FileNotFoundError: the directory or one of its files does not exist.
     ///     ValueError: an unknown precision, quantization or compute precision.
     ///     OpenVLAError: a model file is invalid.
     #[classmethod]
-    #[pyo3(signature = (model_dir, precision = "auto", quantize = None, compute = "f32"))]
+    #[pyo3(signature = (model_dir, precision = "auto", quantize = None, compute = None))]
     fn from_pretrained(
         _cls: &Bound<'_, PyType>,
         py: Python<'_>,
         model_dir: PathBuf,
         precision: &str,
         quantize: Option<&str>,
-        compute: &str,
+        compute: Option<&str>,
     ) -> PyResult<Self> {
         let precision: Precision = precision.parse().map_err(PyValueError::new_err)?;
-        let compute: openvla::kernels::ComputePrecision =
-            compute.parse().map_err(PyValueError::new_err)?;
+        let compute: Option<openvla::kernels::ComputePrecision> = compute
+            .map(|c| c.parse().map_err(PyValueError::new_err))
+            .transpose()?;
         let quantize: Option<Quantization> = quantize
             .map(|q| q.parse().map_err(PyValueError::new_err))
             .transpose()?;

@@ -39,11 +39,11 @@ pub struct ServeArgs {
     /// docs/quantization.md).
     #[arg(long)]
     pub quantize: Option<Quantization>,
-    /// Arithmetic of the many-row products (vision towers, projector, prefill): f32 (exact, the
-    /// default) or bf16 (bf16 operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where
-    /// the CPU has them, docs/kernels.md).
-    #[arg(long, default_value = "f32")]
-    pub compute: openvla::kernels::ComputePrecision,
+    /// Arithmetic of the many-row products (vision towers, projector, prefill): f32 (exact) or
+    /// bf16 (bf16 operands, f32 sums, as PyTorch bf16; AMX or AVX512-BF16 where the CPU has
+    /// them, docs/kernels.md). Default: the model's `inference_compute` (config.json), else f32.
+    #[arg(long)]
+    pub compute: Option<openvla::kernels::ComputePrecision>,
     /// Most requests run together in one forward pass.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,

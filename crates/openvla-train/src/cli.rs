@@ -989,6 +989,7 @@ struct OftExportSettings {
     run: OftRun,
     center_crop: bool,
     lora_rank: Option<usize>,
+    compute: openvla::kernels::ComputePrecision,
 }
 
 impl OftExportSettings {
@@ -1004,6 +1005,8 @@ impl OftExportSettings {
             normalization: self.run.normalization.oft(),
             center_crop: self.center_crop,
             lora_rank: self.lora_rank,
+            inference_compute: (self.compute != openvla::kernels::ComputePrecision::F32)
+                .then_some(self.compute),
             step,
             head,
             proprio,
@@ -1143,6 +1146,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel + Send>(
             run: o,
             center_crop: args.image_aug,
             lora_rank: plan.lora.as_ref().map(|l| l.r),
+            compute: args.compute,
         };
         let options = export_options(args, &plan.run_dir)?;
         if args.export_checkpoints {

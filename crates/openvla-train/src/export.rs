@@ -105,6 +105,10 @@ pub struct OftExport<'a> {
     pub center_crop: bool,
     /// The LoRA rank, for `oft_eval_cfg.lora_rank` (LoRA runs).
     pub lora_rank: Option<usize>,
+    /// The arithmetic the policy was trained with, when not f32: written as `config.json`'s
+    /// `inference_compute`, so that serving it uses the same by default
+    /// ([`openvla::ModelConfig::inference_compute`]).
+    pub inference_compute: Option<openvla::kernels::ComputePrecision>,
     /// The optimizer step, in the component file names.
     pub step: u64,
     /// The action head.
@@ -153,6 +157,10 @@ pub fn export_oft_dir(
         }
         obj.insert("oft_constants".into(), constants);
         obj.insert("oft_eval_cfg".into(), eval_cfg);
+        match oft.inference_compute {
+            Some(c) => obj.insert("inference_compute".into(), c.name().into()),
+            None => obj.remove("inference_compute"),
+        };
         let text = serde_json::to_string_pretty(&config).map_err(|e| TrainError::json(&path, e))?;
         crate::io::write_atomic(&path, text.as_bytes())
     })

@@ -555,6 +555,7 @@ fn the_exported_directory_predicts_the_in_training_chunk() {
             normalization: openvla::oft::constants::NormalizationType::BoundsQ99,
             center_crop: false,
             lora_rank: Some(4),
+            inference_compute: None,
             step: 2,
             head: &obj.head,
             proprio: obj.proprio.as_ref(),

@@ -57,6 +57,10 @@ pub struct RawConfig {
     /// Tower sizes of test checkpoints, keyed by timm id.
     #[serde(default)]
     pub tiny_timm_overrides: Option<BTreeMap<String, TimmOverride>>,
+    /// openvla-rs: the arithmetic this model is served with when the command does not say
+    /// (`"f32"` or `"bf16"`, [`ModelConfig::inference_compute`]); absent means f32.
+    #[serde(default)]
+    pub inference_compute: Option<String>,
 }
 
 /// A tower size override (`tiny_timm_overrides` entry).
@@ -364,6 +368,10 @@ pub struct ModelConfig {
     pub action_vocab_size: usize,
     /// Per-dataset statistics embedded in `config.json`.
     pub norm_stats: NormStats,
+    /// The arithmetic of the many-row products this model asks for when the caller does not
+    /// choose (`inference_compute`; a policy trained and evaluated with bf16 arithmetic says
+    /// `bf16`). `None`: exact f32.
+    pub inference_compute: Option<crate::kernels::ComputePrecision>,
     /// The raw JSON, for fields the engine does not interpret.
     pub raw: RawConfig,
 }
@@ -523,8 +531,20 @@ impl ModelConfig {
             .image_resize_strategy
             .clone()
             .unwrap_or_else(|| "resize-naive".to_string());
+        let inference_compute = match raw.inference_compute.as_deref() {
+            None => None,
+            Some(name) => Some(
+                crate::kernels::ComputePrecision::from_name(name).ok_or_else(|| {
+                    Error::config(
+                        path,
+                        format!("inference_compute is {name:?}; expected \"f32\" or \"bf16\""),
+                    )
+                })?,
+            ),
+        };
         Ok(ModelConfig {
             path: path.to_path_buf(),
+            inference_compute,
             variant,
             towers,
             text,
@@ -600,6 +620,27 @@ mod tests {
         assert_eq!(c.towers[1].mlp_hidden(), 96);
         assert_eq!(c.towers[0].num_prefix_tokens(), 3);
         assert_eq!(c.towers[0].selected_block(), 0);
+    }
+
+    /// `inference_compute`: absent means the caller's choice or f32; a known name is the
+    /// model's default arithmetic; anything else is an error naming the choices.
+    #[test]
+    fn inference_compute_is_read_and_checked() {
+        use crate::kernels::ComputePrecision;
+        assert_eq!(config(base()).unwrap().inference_compute, None);
+        let mut j = base();
+        j["inference_compute"] = serde_json::json!("bf16");
+        assert_eq!(
+            config(j).unwrap().inference_compute,
+            Some(ComputePrecision::Bf16)
+        );
+        let mut j = base();
+        j["inference_compute"] = serde_json::json!("fp8");
+        let err = config(j).unwrap_err().to_string();
+        assert!(
+            err.contains("inference_compute") && err.contains("\"bf16\""),
+            "{err}"
+        );
     }
 
     #[test]

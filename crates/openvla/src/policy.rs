@@ -74,9 +74,10 @@ pub struct LoadOptions<'a> {
     pub quantize: Option<Quantization>,
     /// Called as tensor data is read.
     pub progress: Option<&'a (dyn Fn(LoadProgress) + Sync)>,
-    /// Arithmetic of the many-row products (vision, projector, prefill): exact f32 (the
-    /// default) or bf16 ([`crate::model::linear::ComputePrecision`]).
-    pub compute: crate::model::linear::ComputePrecision,
+    /// Arithmetic of the many-row products (vision, projector, prefill): exact f32 or bf16
+    /// ([`crate::model::linear::ComputePrecision`]). `None`: what the model's `config.json`
+    /// asks for ([`crate::ModelConfig::inference_compute`]), else f32.
+    pub compute: Option<crate::model::linear::ComputePrecision>,
     /// OpenVLA-OFT constants given as flags (they override `config.json` and presets).
     pub oft: OftOptions,
 }
@@ -260,7 +261,11 @@ impl Policy {
         };
         let tiles_fit =
             available_memory().is_none_or(|avail| held + ckpt.total_bytes() <= avail / 10 * 6);
-        let weights = weights.with_compute(options.compute).with_tiles(tiles_fit);
+        let compute = options
+            .compute
+            .or(config.inference_compute)
+            .unwrap_or_default();
+        let weights = weights.with_compute(compute).with_tiles(tiles_fit);
         let device = Device::Cpu;
         let loader = WeightLoader::new(&ckpt, device.clone(), options.progress);
         let film = crate::oft::film::FilmCheckpoint::open(dir, config.text.hidden_size)?;

@@ -95,7 +95,7 @@ impl ParamSource<Infer> for Loading<'_> {
         } else {
             None
         };
-        Linear::with_policy(weight, bias, &self.policy)
+        Linear::with_policy(weight, bias, self.policy)
     }
 
     fn patch_embed(&self, prefix: &str, dim: usize, patch: usize) -> Result<Linear> {
