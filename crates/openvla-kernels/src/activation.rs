@@ -226,6 +226,57 @@ pub fn silu_mul_slice(g: &[f32], u: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `1/√(2π)`, the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `gelu'(x) = Φ(x) + x·φ(x)` (the exact-erf GELU's derivative, scalar).
+pub fn gelu_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
+/// The backward of [`gelu_slice`]: `dx = g · gelu'(x)` element-wise.
+pub fn gelu_backward_slice(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    assert!(x.len() == dx.len() && g.len() == dx.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        done = x.len() - x.len() % 8;
+        // SAFETY: AVX2 and FMA checked; the slices hold `done` elements.
+        unsafe { simd::gelu_backward(&x[..done], &g[..done], &mut dx[..done]) };
+    }
+    for ((d, &x), &g) in dx[done..].iter_mut().zip(&x[done..]).zip(&g[done..]) {
+        *d = g * gelu_grad(x);
+    }
+}
+
+/// The backward of [`silu_mul_slice`] (`y = silu(a) · u`): `da = g · u · s · (1 + a(1 − s))`
+/// and `du = g · silu(a)` element-wise, with `s = σ(a)`.
+pub fn silu_mul_backward_slice(a: &[f32], u: &[f32], g: &[f32], da: &mut [f32], du: &mut [f32]) {
+    let n = a.len();
+    assert!(u.len() == n && g.len() == n && da.len() == n && du.len() == n);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        done = n - n % 8;
+        // SAFETY: AVX2 and FMA checked; the slices hold `done` elements.
+        unsafe {
+            simd::silu_mul_backward(
+                &a[..done],
+                &u[..done],
+                &g[..done],
+                &mut da[..done],
+                &mut du[..done],
+            )
+        };
+    }
+    for i in done..n {
+        let s = 1.0 / (1.0 + exp(-a[i]));
+        du[i] = g[i] * a[i] * s;
+        da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{ERF_ALPHA, ERF_BETA, EXP_POLY, LN2_HI, LN2_LO};
@@ -299,6 +350,57 @@ mod simd {
             let e = erf8(_mm256_mul_ps(v, s));
             let g = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e));
             _mm256_storeu_ps(y.as_mut_ptr(), g);
+        }
+    }
+
+    /// `dx = g · (Φ(x) + x·φ(x))`, lengths a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_backward(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        let s = _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
+        let c = _mm256_set1_ps(super::INV_SQRT_2PI);
+        let neg_half = _mm256_set1_ps(-0.5);
+        for ((d, x), g) in dx
+            .chunks_exact_mut(8)
+            .zip(x.chunks_exact(8))
+            .zip(g.chunks_exact(8))
+        {
+            let v = _mm256_loadu_ps(x.as_ptr());
+            let cdf = _mm256_mul_ps(half, _mm256_add_ps(one, erf8(_mm256_mul_ps(v, s))));
+            let pdf = _mm256_mul_ps(c, exp8(_mm256_mul_ps(neg_half, _mm256_mul_ps(v, v))));
+            let grad = _mm256_fmadd_ps(v, pdf, cdf);
+            _mm256_storeu_ps(
+                d.as_mut_ptr(),
+                _mm256_mul_ps(_mm256_loadu_ps(g.as_ptr()), grad),
+            );
+        }
+    }
+
+    /// The SwiGLU backward ([`super::silu_mul_backward_slice`]), lengths a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul_backward(
+        a: &[f32],
+        u: &[f32],
+        g: &[f32],
+        da: &mut [f32],
+        du: &mut [f32],
+    ) {
+        let one = _mm256_set1_ps(1.0);
+        let zero = _mm256_setzero_ps();
+        for i in (0..a.len()).step_by(8) {
+            let av = _mm256_loadu_ps(a.as_ptr().add(i));
+            let uv = _mm256_loadu_ps(u.as_ptr().add(i));
+            let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+            let sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, av))));
+            _mm256_storeu_ps(
+                du.as_mut_ptr().add(i),
+                _mm256_mul_ps(gv, _mm256_mul_ps(av, sig)),
+            );
+            // s · (1 + a(1 − s))
+            let t = _mm256_fmadd_ps(av, _mm256_sub_ps(one, sig), one);
+            let dg = _mm256_mul_ps(_mm256_mul_ps(gv, uv), _mm256_mul_ps(sig, t));
+            _mm256_storeu_ps(da.as_mut_ptr().add(i), dg);
         }
     }
 
@@ -385,6 +487,44 @@ mod tests {
             assert!(
                 (s - want).abs() <= tol,
                 "scalar silu({g})·{u} = {s}, want {want}"
+            );
+        }
+    }
+
+    /// The backwards against the f64 derivatives, on the SIMD path and the scalar tail (a
+    /// length that is not a multiple of 8 leaves a tail).
+    #[test]
+    fn gelu_and_silu_mul_backwards_match_the_derivatives() {
+        let x = grid();
+        let g: Vec<f32> = (0..x.len()).map(|i| 0.5 + (i % 5) as f32 * 0.3).collect();
+        let u: Vec<f32> = (0..x.len()).map(|i| -1.0 + (i % 7) as f32 * 0.4).collect();
+        let mut dx = vec![f32::NAN; x.len()];
+        gelu_backward_slice(&x, &g, &mut dx);
+        let (mut da, mut du) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+        silu_mul_backward_slice(&x, &u, &g, &mut da, &mut du);
+        for i in 0..x.len() {
+            let (a, gi, ui) = (x[i] as f64, g[i] as f64, u[i] as f64);
+            let pdf = (-0.5 * a * a).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let want = gi * (0.5 * (1.0 + erf64(a / std::f64::consts::SQRT_2)) + a * pdf);
+            let tol = 1e-6 * gi * (1.0 + a.abs().min(10.0));
+            assert!(
+                (dx[i] as f64 - want).abs() <= tol,
+                "gelu'({a})·{gi} = {}, want {want}",
+                dx[i]
+            );
+            let sig = 1.0 / (1.0 + (-a).exp());
+            let want_du = gi * a * sig;
+            let want_da = gi * ui * sig * (1.0 + a * (1.0 - sig));
+            let tol = 2e-6 * gi * (1.0 + ui.abs()) * (1.0 + a.abs().min(1e4)) * sig.max(1e-30);
+            assert!(
+                (du[i] as f64 - want_du).abs() <= tol.max(1e-30),
+                "du at {a}: {} vs {want_du}",
+                du[i]
+            );
+            assert!(
+                (da[i] as f64 - want_da).abs() <= tol.max(1e-30),
+                "da at {a}: {} vs {want_da}",
+                da[i]
             );
         }
     }

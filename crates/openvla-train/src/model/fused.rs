@@ -17,7 +17,9 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage,
     Tensor,
 };
-use openvla::kernels::activation::{erf, f32_contiguous, gelu_slice, silu_mul_slice};
+use openvla::kernels::activation::{
+    f32_contiguous, gelu_backward_slice, gelu_slice, silu_mul_backward_slice, silu_mul_slice,
+};
 use rayon::prelude::*;
 
 /// Rows per parallel task of the row-wise kernels (and per partial sum of the reductions).
@@ -25,8 +27,6 @@ const ROW_BLOCK: usize = 32;
 /// Elements per parallel task of the element-wise kernels.
 const ELEM_BLOCK: usize = 1 << 14;
 
-/// `1/sqrt(2 pi)`.
-const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// `sqrt(2/pi)` (the tanh GELU's scale).
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
@@ -530,13 +530,6 @@ pub struct GeluOp {
     pub kind: GeluKind,
 }
 
-/// `gelu'(x)` (erf form): `Φ(x) + x φ(x)`.
-#[inline]
-fn gelu_erf_grad(x: f32) -> f32 {
-    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    cdf + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
-}
-
 /// `gelu(x)` (tanh form), as candle computes it.
 #[inline]
 fn gelu_tanh(x: f32) -> f32 {
@@ -579,12 +572,12 @@ impl CustomOp1 for GeluOp {
                 let mut dx = vec![0f32; x.len()];
                 dx.par_chunks_mut(ELEM_BLOCK)
                     .zip(x.par_chunks(ELEM_BLOCK).zip(g.par_chunks(ELEM_BLOCK)))
-                    .for_each(|(d, (x, g))| {
-                        for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                            *d = g * match kind {
-                                GeluKind::Erf => gelu_erf_grad(x),
-                                GeluKind::Tanh => gelu_tanh_grad(x),
-                            };
+                    .for_each(|(d, (x, g))| match kind {
+                        GeluKind::Erf => gelu_backward_slice(x, g, d),
+                        GeluKind::Tanh => {
+                            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                                *d = g * gelu_tanh_grad(x);
+                            }
                         }
                     });
                 Ok(dx)
@@ -647,12 +640,7 @@ impl CustomOp2 for SiluMulOp {
                                 .zip(u.par_chunks(ELEM_BLOCK).zip(g.par_chunks(ELEM_BLOCK))),
                         )
                         .for_each(|((dg, du), (a, (u, g)))| {
-                            for i in 0..a.len() {
-                                let s = 1.0 / (1.0 + (-a[i]).exp());
-                                let silu = a[i] * s;
-                                du[i] = g[i] * silu;
-                                dg[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
-                            }
+                            silu_mul_backward_slice(a, u, g, dg, du)
                         });
                     Ok((dg, du))
                 })
