@@ -198,6 +198,126 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
     });
 }
 
+/// `dst [m, nb] (row stride rs) = a · w[.., j0 .. j0 + nb]` for f32 weights stored depth-major,
+/// `w [k, n]` row-major with row stride `ld` (a weight read transposed: `dx = g · W`, or the
+/// activations of `dW = gᵀ · x`), single-threaded, on the AMX tile unit. Each panel is rounded
+/// and packed straight from the depth-major rows (two depth rows interleave into the pair
+/// words), with no transposed copy; the panels, and so the bits, are those [`gemm`] builds from
+/// the rounded transpose.
+///
+/// # Safety
+/// [`available`] must be true; `w` holds `k` rows of `ld ≥ j0 + nb` elements (the last row at
+/// least `j0 + nb`); `dst` as for [`gemm`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_depth_major(
+    a: &PackedRowsAmx,
+    w: &[f32],
+    ld: usize,
+    j0: usize,
+    dst: *mut f32,
+    rs: usize,
+    nb: usize,
+) {
+    let (m, k) = (a.m, a.k);
+    assert!(
+        k == 0 || nb == 0 || w.len() >= (k - 1) * ld + j0 + nb,
+        "amx gemm: depth-major w holds {} < {k} rows of {ld}",
+        w.len()
+    );
+    if crate::trivial_product(m, k, nb, dst, rs) {
+        return;
+    }
+    let panel_pairs = a.stride / 2;
+    PANEL.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < panel_pairs * NR {
+            buf.resize(panel_pairs * NR, 0);
+        }
+        let panel = &mut buf[..panel_pairs * NR];
+        with_tiles(|| {
+            for jp in 0..nb.div_ceil(NR) {
+                let cols = NR.min(nb - jp * NR);
+                pack_pairs_depth_major(w, ld, k, j0 + jp * NR, cols, panel);
+                panel_product(a, panel.as_ptr(), cols, dst.add(jp * NR), rs);
+            }
+        })
+    });
+}
+
+/// Packs columns `j0 .. j0 + cols` (≤ 32) of the depth-major `w [k, n]` (row stride `ld`),
+/// rounded to bf16, into a pair panel `[panel.len() / 32][32]`: word `[q][j]` is
+/// `bf16(w[2q][j0 + j]) | bf16(w[2q + 1][j0 + j]) << 16`, with zeros past `k` and past `cols`.
+#[cfg(target_arch = "x86_64")]
+fn pack_pairs_depth_major(
+    w: &[f32],
+    ld: usize,
+    k: usize,
+    j0: usize,
+    cols: usize,
+    panel: &mut [u32],
+) {
+    use crate::bf16_gemm::round_bf16;
+    let full = k / 2;
+    panel.fill(0);
+    let mut q0 = 0;
+    if cols == NR && crate::has_avx512() {
+        // SAFETY: AVX-512F checked; rows 2q, 2q + 1 < k hold columns j0 .. j0 + 32 (asserted by
+        // the caller's bound on w) and the panel holds `full` pair rows of 32 words.
+        unsafe { pack_pairs_depth_major_avx512(w, ld, full, j0, panel) };
+        q0 = full;
+    }
+    for q in q0..k.div_ceil(2) {
+        let (r0, r1) = (2 * q, 2 * q + 1);
+        for j in 0..cols {
+            let lo = round_bf16(w[r0 * ld + j0 + j]) as u32;
+            let hi = if r1 < k {
+                round_bf16(w[r1 * ld + j0 + j]) as u32
+            } else {
+                0
+            };
+            panel[q * NR + j] = lo | hi << 16;
+        }
+    }
+}
+
+/// The whole pair rows of [`pack_pairs_depth_major`] for a full 32-column panel, 16 columns a
+/// step: both depth rows rounded to nearest even in 32-bit lanes (NaN quieted, as
+/// [`crate::bf16_gemm::round_bf16`]), the first into the low half of each word, the second
+/// into the high half.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_pairs_depth_major_avx512(
+    w: &[f32],
+    ld: usize,
+    pairs: usize,
+    j0: usize,
+    panel: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    let bias = _mm512_set1_epi32(0x7fff);
+    let one = _mm512_set1_epi32(1);
+    let quiet = _mm512_set1_epi32(0x0040_0000);
+    // Rounded bf16 bits in the high half of each 32-bit lane.
+    let round = |v: __m512| -> __m512i {
+        let b = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+        let r = _mm512_add_epi32(b, _mm512_add_epi32(bias, lsb));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_mask_or_epi32(r, nan, b, quiet)
+    };
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    for q in 0..pairs {
+        let r0 = w.as_ptr().add(2 * q * ld + j0);
+        let r1 = r0.add(ld);
+        for h in 0..2 {
+            let lo = round(_mm512_loadu_ps(r0.add(16 * h)));
+            let hi = round(_mm512_loadu_ps(r1.add(16 * h)));
+            let word = _mm512_or_si512(_mm512_srli_epi32::<16>(lo), _mm512_and_si512(hi, high));
+            _mm512_storeu_si512(panel.as_mut_ptr().add(q * NR + 16 * h) as *mut _, word);
+        }
+    }
+}
+
 /// `dst [m, cols] (row stride rs) = a · panelᵀ` for one packed weight panel of up to 32
 /// columns (`[a.stride / 2][32]` words), block by block of 32 rows.
 ///

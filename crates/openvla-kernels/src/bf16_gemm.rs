@@ -274,6 +274,39 @@ pub fn tiled_gemm_bf16_with(
     });
 }
 
+/// [`tiled_gemm_bf16`] for f32 weights stored depth-major, `w [k, n]` row-major (`y = x · w`,
+/// a weight read transposed as in a linear's `dx = g · W`, or the activations of its
+/// `dW = gᵀ · x`). On the AMX path each panel is rounded and packed straight from `w`
+/// ([`crate::amx::gemm_depth_major`]), without the transposed copy; elsewhere `w` is transposed
+/// once and multiplied as [`tiled_gemm_bf16`] does. The bits are those of [`tiled_gemm_bf16`]
+/// on the transpose.
+pub fn tiled_gemm_bf16_depth_major(
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= k * n);
+    #[cfg(target_arch = "x86_64")]
+    if crate::dispatch::bf16_path() == Bf16Path::Amx {
+        let a = crate::amx::PackedRowsAmx::pack(x, m, k);
+        crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+            // SAFETY: AMX is the dispatched path (so available); w holds k rows of n ≥ j0 + nb
+            // columns; columns j0 .. j0 + nb of the m rows of y (row stride n) belong to this
+            // tile alone.
+            unsafe { crate::amx::gemm_depth_major(&a, w, n, j0, dst, n, nb) }
+        });
+        return;
+    }
+    let mut wt = vec![0f32; n * k];
+    crate::transpose::transpose(w, k, n, n, &mut wt);
+    tiled_gemm_bf16(x, y, m, n, k, |j0, nb, t| {
+        round_slice(&wt[j0 * k..(j0 + nb) * k], t)
+    });
+}
+
 /// `dst [m, nb] (row stride rs) = a · wᵀ` for bf16 weights `w [nb, k]` (raw bits, row-major),
 /// single-threaded.
 ///
@@ -641,6 +674,41 @@ mod tests {
                     assert_eq!(block, alone, "AMX m={m} n={n} k={k}: row {i} differs alone");
                 }
             }
+        }
+    }
+
+    /// Depth-major weights (`w [k, n]`) give the bits of the row-major product on their
+    /// transpose, on ragged shapes, with NaN and infinite weights in the mix; on the AMX path
+    /// this checks the packing straight from the depth-major rows (vector and scalar parts).
+    #[test]
+    fn depth_major_weights_give_the_bits_of_the_transpose() {
+        if crate::dispatch::bf16_path() != Bf16Path::Amx {
+            eprintln!("skipped: AMX packing from depth-major rows (not the dispatched path here); checking the transposing fallback");
+        }
+        let mut seed = 21u64;
+        for (m, n, k) in [
+            (8, 32, 4),
+            (33, 70, 61),
+            (40, 96, 256),
+            (9, 33, 1),
+            (64, 200, 77),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
+            let mut w: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+            if k > 2 {
+                w[n + 3] = f32::NAN;
+                w[2 * n + 5] = f32::INFINITY;
+            }
+            let mut wt = vec![0f32; n * k];
+            crate::transpose::transpose(&w, k, n, n, &mut wt);
+            let mut want = vec![0f32; m * n];
+            tiled_gemm_bf16(&x, &mut want, m, n, k, |j0, nb, t| {
+                round_slice(&wt[j0 * k..(j0 + nb) * k], t)
+            });
+            let mut got = vec![0f32; m * n];
+            tiled_gemm_bf16_depth_major(&x, &w, &mut got, m, n, k);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "m={m} n={n} k={k}");
         }
     }
 

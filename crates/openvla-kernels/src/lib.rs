@@ -182,7 +182,7 @@ thread_local! {
 /// Runs `tile(j0, nb, dst)` in parallel for the [`gemm_tile_rows`] column blocks of
 /// `y [m, n]`, where `dst` points at column `j0` of row 0 (row stride `n`); handles the empty
 /// shapes (`k == 0` gives zeros).
-fn for_each_output_tile(
+pub(crate) fn for_each_output_tile(
     y: &mut [f32],
     m: usize,
     n: usize,

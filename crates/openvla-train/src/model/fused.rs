@@ -171,7 +171,17 @@ unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> std::borrow::Cow<
 /// `lhs` as rows `[m, k]` and `rhs` as weight rows `[n, k]` (its transpose).
 fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
     // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
-    let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
+    let x = unsafe { as_rows(lhs, m, k) };
+    if rhs.1 == n as isize && rhs.2 == 1 {
+        // rhs [k, n] row-major (a linear's W in dx = g·W, x in dW = gᵀ·x): packed straight
+        // from its rows, without a transposed copy.
+        // SAFETY: as above, k rows of n contiguous elements.
+        let w = unsafe { std::slice::from_raw_parts(rhs.0, k * n) };
+        openvla::kernels::bf16_gemm::tiled_gemm_bf16_depth_major(&x, w, &mut dst[..m * n], m, n, k);
+        return;
+    }
+    // SAFETY: as above.
+    let w = unsafe { as_rows((rhs.0, rhs.2, rhs.1), n, k) };
     openvla::kernels::bf16_gemm::tiled_gemm_bf16(&x, &mut dst[..m * n], m, n, k, |j0, nb, t| {
         openvla::kernels::bf16_gemm::round_slice(&w[j0 * k..(j0 + nb) * k], t)
     });
