@@ -180,6 +180,26 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
         return;
     }
     let pairs = k.div_ceil(2);
+    for_each_panel(a, nb, dst, rs, |jp, cols, panel| {
+        pack_pairs(&w[jp * NR * k..], k, cols, 0, pairs, panel);
+        panel[pairs * NR..].fill(0);
+    });
+}
+
+/// `dst [m, nb] (row stride rs) = a · Wᵀ`, panel by panel of 32 columns: `fill(jp, cols,
+/// panel)` packs columns `32·jp .. 32·jp + cols` of `W` into the calling thread's pair panel
+/// (`[a.stride / 2][32]` words, zero past the depth and past `cols`), then the tiles multiply it.
+///
+/// # Safety
+/// [`available`] must be true; `dst` as for [`gemm`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn for_each_panel(
+    a: &PackedRowsAmx,
+    nb: usize,
+    dst: *mut f32,
+    rs: usize,
+    mut fill: impl FnMut(usize, usize, &mut [u32]),
+) {
     let panel_pairs = a.stride / 2;
     PANEL.with(|buf| {
         let mut buf = buf.borrow_mut();
@@ -190,8 +210,7 @@ pub unsafe fn gemm(a: &PackedRowsAmx, w: &[u16], dst: *mut f32, rs: usize, nb: u
         with_tiles(|| {
             for jp in 0..nb.div_ceil(NR) {
                 let cols = NR.min(nb - jp * NR);
-                pack_pairs(&w[jp * NR * k..], k, cols, 0, pairs, panel);
-                panel[pairs * NR..].fill(0);
+                fill(jp, cols, panel);
                 panel_product(a, panel.as_ptr(), cols, dst.add(jp * NR), rs);
             }
         })
@@ -227,20 +246,8 @@ pub unsafe fn gemm_depth_major(
     if crate::trivial_product(m, k, nb, dst, rs) {
         return;
     }
-    let panel_pairs = a.stride / 2;
-    PANEL.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        if buf.len() < panel_pairs * NR {
-            buf.resize(panel_pairs * NR, 0);
-        }
-        let panel = &mut buf[..panel_pairs * NR];
-        with_tiles(|| {
-            for jp in 0..nb.div_ceil(NR) {
-                let cols = NR.min(nb - jp * NR);
-                pack_pairs_depth_major(w, ld, k, j0 + jp * NR, cols, panel);
-                panel_product(a, panel.as_ptr(), cols, dst.add(jp * NR), rs);
-            }
-        })
+    for_each_panel(a, nb, dst, rs, |jp, cols, panel| {
+        pack_pairs_depth_major(w, ld, k, j0 + jp * NR, cols, panel)
     });
 }
 
