@@ -200,21 +200,42 @@ unsafe fn for_each_panel(
     rs: usize,
     mut fill: impl FnMut(usize, usize, &mut [u32]),
 ) {
-    let panel_pairs = a.stride / 2;
+    let panel_len = a.stride / 2 * NR;
     PANEL.with(|buf| {
         let mut buf = buf.borrow_mut();
-        if buf.len() < panel_pairs * NR {
-            buf.resize(panel_pairs * NR, 0);
+        if buf.len() < panel_len {
+            buf.resize(panel_len, 0);
         }
-        let panel = &mut buf[..panel_pairs * NR];
-        with_tiles(|| {
-            for jp in 0..nb.div_ceil(NR) {
-                let cols = NR.min(nb - jp * NR);
-                fill(jp, cols, panel);
-                panel_product(a, panel.as_ptr(), cols, dst.add(jp * NR), rs);
-            }
+        let panel = &mut buf[..panel_len];
+        panel_products(a, nb, dst, rs, |jp, cols| {
+            fill(jp, cols, panel);
+            panel.as_ptr()
         })
     });
+}
+
+/// The tile loop of every AMX product: with the tiles configured, for each panel of 32
+/// columns of `dst [m, nb]` (row stride `rs`), `panel(jp, cols)` gives its packed weights
+/// (`[a.stride / 2][32]` words) and [`panel_product`] multiplies them in.
+///
+/// # Safety
+/// [`available`] must be true; each returned panel holds `a.stride / 2` pair rows of 32 words
+/// and stays valid until the next call; `dst` as for [`gemm`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn panel_products(
+    a: &PackedRowsAmx,
+    nb: usize,
+    dst: *mut f32,
+    rs: usize,
+    mut panel: impl FnMut(usize, usize) -> *const u32,
+) {
+    with_tiles(|| {
+        for jp in 0..nb.div_ceil(NR) {
+            let cols = NR.min(nb - jp * NR);
+            let p = panel(jp, cols);
+            panel_product(a, p, cols, dst.add(jp * NR), rs);
+        }
+    })
 }
 
 /// `dst [m, nb] (row stride rs) = a · w[.., j0 .. j0 + nb]` for f32 weights stored depth-major,
@@ -459,33 +480,22 @@ pub fn gemm_tiled(x: &[f32], w: &TiledWeights, y: &mut [f32], m: usize) {
         x.len() >= m * k && y.len() == m * n,
         "amx tiled gemm: shapes"
     );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        y.fill(0.0);
-        return;
-    }
     let a = PackedRowsAmx::pack(x, m, k);
     debug_assert_eq!(a.stride / 2, w.panel_pairs);
     let panel_len = w.panel_pairs * NR;
+    // Blocks of whole panels: each block's first column starts a panel.
     let width = crate::gemm_tile_rows(n).next_multiple_of(NR);
-    crate::for_each_column_panel(y, n, width, |j0, nb, out| {
+    crate::for_each_output_tile_of(y, m, n, k, width, |j0, nb, dst| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AMX available (asserted); columns j0 .. j0 + nb of the m rows of y (row
-        // stride n) belong to this task alone; j0 is a multiple of 32, so panel j0 / 32 on
-        // are this task's columns.
+        // stride n) belong to this block alone, and its panels start at panel j0 / 32.
         unsafe {
-            with_tiles(|| {
-                for jp in 0..nb.div_ceil(NR) {
-                    let cols = NR.min(nb - jp * NR);
-                    let panel = w.data.as_ptr().add((j0 / NR + jp) * panel_len);
-                    panel_product(&a, panel, cols, out.at(j0 + jp * NR), n);
-                }
+            panel_products(&a, nb, dst, n, |jp, _| {
+                w.data.as_ptr().add((j0 / NR + jp) * panel_len)
             })
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (j0, nb, out, panel_len);
+        let _ = (j0, nb, dst, panel_len, &a);
     });
 }
 
@@ -618,22 +628,17 @@ impl candle_core::CustomOp1 for TiledMatmul {
         let (m, k) = l.shape().dims2()?;
         if k != self.weight.k {
             candle_core::bail!(
-                "amx-tiled-matmul: activations have {k} features, the weight {}",
+                "{}: activations have {k} features, the weight {}",
+                self.name(),
                 self.weight.k
             );
         }
-        let Some((xs, xe)) = l.contiguous_offsets() else {
-            candle_core::bail!("amx-tiled-matmul: activations must be contiguous")
-        };
-        let candle_core::CpuStorage::F32(x) = s else {
-            candle_core::bail!("amx-tiled-matmul expects f32 activations")
-        };
-        let n = self.weight.n;
-        let mut y = vec![0f32; m * n];
-        gemm_tiled(&x[xs..xe], &self.weight, &mut y, m);
+        let x = crate::activation::f32_contiguous(s, l, self.name())?;
+        let mut y = vec![0f32; m * self.weight.n];
+        gemm_tiled(x, &self.weight, &mut y, m);
         Ok((
             candle_core::CpuStorage::F32(y),
-            candle_core::Shape::from((m, n)),
+            candle_core::Shape::from((m, self.weight.n)),
         ))
     }
 }
@@ -650,7 +655,7 @@ mod tests {
     }
 
     /// Weights packed at load give the bits of the per-call packing, on ragged shapes (partial
-    /// row blocks and column panels, odd depths, depths not a multiple of 32).
+    /// row blocks and column panels, odd depths, depths not a multiple of 32, no depth, no rows).
     #[test]
     fn tiled_weights_give_the_bits_of_the_per_call_packing() {
         if !available() {
@@ -664,6 +669,8 @@ mod tests {
             (64, 96, 256),
             (121, 768, 256),
             (40, 33, 1),
+            (9, 40, 0),
+            (0, 40, 8),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();

@@ -189,6 +189,18 @@ pub(crate) fn for_each_output_tile(
     k: usize,
     tile: impl Fn(usize, usize, *mut f32) + Sync,
 ) {
+    for_each_output_tile_of(y, m, n, k, gemm_tile_rows(n), tile)
+}
+
+/// [`for_each_output_tile`] with blocks of `width` columns (every `j0` a multiple of it).
+pub(crate) fn for_each_output_tile_of(
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    width: usize,
+    tile: impl Fn(usize, usize, *mut f32) + Sync,
+) {
     assert_eq!(y.len(), m * n);
     if m == 0 || n == 0 {
         return;
@@ -197,9 +209,7 @@ pub(crate) fn for_each_output_tile(
         y.fill(0.0);
         return;
     }
-    for_each_column_panel(y, n, gemm_tile_rows(n), |j0, nb, out| {
-        tile(j0, nb, out.at(j0))
-    });
+    for_each_column_panel(y, n, width, |j0, nb, out| tile(j0, nb, out.at(j0)));
 }
 
 /// The tiled-gemm path: widens [`gemm_tile_rows`] weight rows at a time with
