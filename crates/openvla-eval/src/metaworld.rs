@@ -125,6 +125,9 @@ pub struct EvalOutcome {
 struct Plan {
     tasks: Vec<String>,
     envs: usize,
+    /// The arithmetic of a model served here: `--compute`, else the model's
+    /// `inference_compute`, else f32 (f32 for a policy served elsewhere).
+    compute: ComputePrecision,
 }
 
 fn check_flags(a: &EvalArgs) -> Result<Plan> {
@@ -184,13 +187,22 @@ fn check_flags(a: &EvalArgs) -> Result<Plan> {
         }
         _ => {}
     }
-    if let (Some(compute), None) = (a.compute, &a.model) {
-        bail!(
+    let compute = match (a.compute, &a.model) {
+        (Some(compute), None) => bail!(
             "--compute {compute} sets the arithmetic of a model served here: it needs --model DIR \
              (a server at --url chooses its own, `openvla serve --compute`)"
-        )
-    }
-    Ok(Plan { tasks, envs })
+        ),
+        (Some(compute), Some(_)) => compute,
+        (None, Some(dir)) => openvla::ModelConfig::from_file(&dir.join("config.json"))?
+            .inference_compute
+            .unwrap_or_default(),
+        (None, None) => ComputePrecision::F32,
+    };
+    Ok(Plan {
+        tasks,
+        envs,
+        compute,
+    })
 }
 
 /// The configuration recorded in results.json and compared on --resume.
@@ -210,7 +222,7 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
         "unnorm_key": a.unnorm_key,
         "model": a.model.as_deref().map(model_path),
         // Recorded only when not the exact default, so that runs from before the flag resume.
-        "compute": a.compute.filter(|c| *c != ComputePrecision::F32).map(|c| c.name()),
+        "compute": (plan.compute != ComputePrecision::F32).then(|| plan.compute.name()),
         "url": a.url,
         "policy_timeout_s": a.policy_timeout_s,
         "render_every_step": !a.no_render,
@@ -313,7 +325,7 @@ pub fn run_with_stop(a: &EvalArgs, stop: Arc<AtomicBool>) -> Result<EvalOutcome>
     let mut endpoint = match (a.policy, &a.model, &a.url) {
         (PolicyKind::Model, Some(m), _) => {
             eprintln!("openvla eval: loading {}", m.display());
-            Endpoint::serve_model(m, plan.envs, a.compute)?
+            Endpoint::serve_model(m, plan.envs, Some(plan.compute))?
         }
         (PolicyKind::Model, None, Some(u)) => Endpoint::remote(u)?,
         (PolicyKind::LocalExpert, _, _) => Endpoint::local_expert(),
@@ -640,18 +652,29 @@ mod tests {
         assert_eq!((p.tasks.len(), p.envs), (6, 3));
     }
 
-    /// bf16 arithmetic is part of the config --resume checks; the exact default is recorded as
-    /// absent, as in runs from before the flag, so those still resume.
+    /// The arithmetic the served model runs with is part of the config --resume checks: the
+    /// flag, else the model's `inference_compute` (the shipped policy asks for bf16); the exact
+    /// f32 is recorded as absent, as in runs from before the flag, so those still resume.
     #[test]
     fn compute_enters_the_config_only_when_not_the_default() {
-        let plan = Plan {
-            tasks: vec!["reach-v3".into()],
-            envs: 1,
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/metaworld-mt10");
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/openvla-tiny");
+        let compute = |v: &[&str]| {
+            let a = args(v);
+            config_json(&a, &check_flags(&a).unwrap())["compute"].clone()
         };
-        let exact = config_json(&args(&["--model", "m"]), &plan);
-        assert!(exact["compute"].is_null(), "{exact}");
-        let bf16 = config_json(&args(&["--model", "m", "--compute", "bf16"]), &plan);
-        assert_eq!(bf16["compute"], "bf16");
+        assert_eq!(
+            compute(&["--model", model]),
+            "bf16",
+            "the model's own default"
+        );
+        assert!(compute(&["--model", model, "--compute", "f32"]).is_null());
+        assert!(
+            compute(&["--model", fixture]).is_null(),
+            "no inference_compute: f32"
+        );
+        assert_eq!(compute(&["--model", fixture, "--compute", "bf16"]), "bf16");
+        assert!(compute(&["--policy", "expert"]).is_null());
         assert!(RESUME_KEYS.contains(&"compute"));
     }
 }

@@ -250,8 +250,14 @@ pub fn gelu_backward_slice(x: &[f32], g: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// The backward of [`silu_mul_slice`] (`y = silu(a) · u`): `da = g · u · s · (1 + a(1 − s))`
-/// and `du = g · silu(a)` element-wise, with `s = σ(a)`.
+/// The backward of `y = silu(a) · u` for one element with output gradient `g` (scalar):
+/// `(da, du) = (g · u · s · (1 + a(1 − s)), g · a · s)` with `s = σ(a)`.
+pub fn silu_mul_grad(a: f32, u: f32, g: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + exp(-a));
+    (g * u * s * (1.0 + a * (1.0 - s)), g * a * s)
+}
+
+/// The backward of [`silu_mul_slice`] element-wise ([`silu_mul_grad`]): `da` and `du`.
 pub fn silu_mul_backward_slice(a: &[f32], u: &[f32], g: &[f32], da: &mut [f32], du: &mut [f32]) {
     let n = a.len();
     assert!(u.len() == n && g.len() == n && da.len() == n && du.len() == n);
@@ -271,9 +277,7 @@ pub fn silu_mul_backward_slice(a: &[f32], u: &[f32], g: &[f32], da: &mut [f32], 
         };
     }
     for i in done..n {
-        let s = 1.0 / (1.0 + exp(-a[i]));
-        du[i] = g[i] * a[i] * s;
-        da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+        (da[i], du[i]) = silu_mul_grad(a[i], u[i], g[i]);
     }
 }
 
@@ -491,8 +495,8 @@ mod tests {
         }
     }
 
-    /// The backwards against the f64 derivatives, on the SIMD path and the scalar tail (a
-    /// length that is not a multiple of 8 leaves a tail).
+    /// The backwards against the f64 derivatives, on both paths: the slices (SIMD where the CPU
+    /// has AVX2, with a scalar tail) and the scalar formulas every element (the portable path).
     #[test]
     fn gelu_and_silu_mul_backwards_match_the_derivatives() {
         let x = grid();
@@ -507,25 +511,27 @@ mod tests {
             let pdf = (-0.5 * a * a).exp() / (2.0 * std::f64::consts::PI).sqrt();
             let want = gi * (0.5 * (1.0 + erf64(a / std::f64::consts::SQRT_2)) + a * pdf);
             let tol = 1e-6 * gi * (1.0 + a.abs().min(10.0));
-            assert!(
-                (dx[i] as f64 - want).abs() <= tol,
-                "gelu'({a})·{gi} = {}, want {want}",
-                dx[i]
-            );
+            for (path, got) in [("slice", dx[i]), ("scalar", g[i] * gelu_grad(x[i]))] {
+                assert!(
+                    (got as f64 - want).abs() <= tol,
+                    "{path} gelu'({a})·{gi} = {got}, want {want}"
+                );
+            }
             let sig = 1.0 / (1.0 + (-a).exp());
             let want_du = gi * a * sig;
             let want_da = gi * ui * sig * (1.0 + a * (1.0 - sig));
             let tol = 2e-6 * gi * (1.0 + ui.abs()) * (1.0 + a.abs().min(1e4)) * sig.max(1e-30);
-            assert!(
-                (du[i] as f64 - want_du).abs() <= tol.max(1e-30),
-                "du at {a}: {} vs {want_du}",
-                du[i]
-            );
-            assert!(
-                (da[i] as f64 - want_da).abs() <= tol.max(1e-30),
-                "da at {a}: {} vs {want_da}",
-                da[i]
-            );
+            let (sa, su) = silu_mul_grad(x[i], u[i], g[i]);
+            for (path, got_da, got_du) in [("slice", da[i], du[i]), ("scalar", sa, su)] {
+                assert!(
+                    (got_du as f64 - want_du).abs() <= tol.max(1e-30),
+                    "{path} du at {a}: {got_du} vs {want_du}"
+                );
+                assert!(
+                    (got_da as f64 - want_da).abs() <= tol.max(1e-30),
+                    "{path} da at {a}: {got_da} vs {want_da}"
+                );
+            }
         }
     }
 

@@ -189,13 +189,8 @@ pub fn estimate(inp: &MemoryInputs) -> Result<MemoryEstimate> {
     })
 }
 
-/// Memory available to this process: `MemAvailable` from `/proc/meminfo` (Linux), else `None`.
-pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+/// Memory available to this process (`MemAvailable`, Linux), the engine's one reading of it.
+pub use openvla::policy::available_memory;
 
 /// Errors with a clear message when `est` exceeds `available` bytes.
 pub fn check_fits(est: &MemoryEstimate, available: u64, what: &str) -> Result<()> {

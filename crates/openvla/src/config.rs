@@ -531,17 +531,14 @@ impl ModelConfig {
             .image_resize_strategy
             .clone()
             .unwrap_or_else(|| "resize-naive".to_string());
-        let inference_compute = match raw.inference_compute.as_deref() {
-            None => None,
-            Some(name) => Some(
-                crate::kernels::ComputePrecision::from_name(name).ok_or_else(|| {
-                    Error::config(
-                        path,
-                        format!("inference_compute is {name:?}; expected \"f32\" or \"bf16\""),
-                    )
-                })?,
-            ),
-        };
+        let inference_compute = raw
+            .inference_compute
+            .as_deref()
+            .map(|name| {
+                name.parse()
+                    .map_err(|e| Error::config(path, format!("inference_compute: {e}")))
+            })
+            .transpose()?;
         Ok(ModelConfig {
             path: path.to_path_buf(),
             inference_compute,
@@ -638,7 +635,7 @@ mod tests {
         j["inference_compute"] = serde_json::json!("fp8");
         let err = config(j).unwrap_err().to_string();
         assert!(
-            err.contains("inference_compute") && err.contains("\"bf16\""),
+            err.contains("inference_compute") && err.contains("\"fp8\"") && err.contains("bf16"),
             "{err}"
         );
     }

@@ -210,6 +210,12 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Whether `bytes` fit comfortably in memory: within 60 % of [`available_memory`] (true where
+/// that is unknown). The rule behind `--precision auto` and packing weights at load.
+fn fits_comfortably(bytes: u64) -> bool {
+    available_memory().is_none_or(|avail| bytes <= avail / 10 * 6)
+}
+
 impl Policy {
     /// Loads an HF OpenVLA model directory (`config.json`, `preprocessor_config.json`,
     /// `tokenizer.json`, safetensors weights, optional `dataset_statistics.json`).
@@ -239,18 +245,14 @@ impl Policy {
             (Some(s), _) => Some(s),
             (None, q) => q,
         };
+        let f32_bytes = ckpt.total_bytes() / 2 * 4;
         let weight_dtype = match options.precision {
             Precision::F32 => WeightDtype::F32,
             Precision::Bf16 => WeightDtype::Bf16,
             Precision::F16 => WeightDtype::F16,
             Precision::Auto if quantization.is_some() => WeightDtype::F32,
-            Precision::Auto => {
-                let f32_bytes = ckpt.total_bytes() / 2 * 4;
-                match available_memory() {
-                    Some(avail) if f32_bytes > avail / 10 * 6 => WeightDtype::Bf16,
-                    _ => WeightDtype::F32,
-                }
-            }
+            Precision::Auto if fits_comfortably(f32_bytes) => WeightDtype::F32,
+            Precision::Auto => WeightDtype::Bf16,
         };
         let weights = match quantization {
             Some(q) => WeightPolicy::quantized(weight_dtype, q),
@@ -261,16 +263,16 @@ impl Policy {
         // 60 % of the available memory. Small models gain most (their products are too small to
         // amortize the per-call packing: 1.4x on the Meta-World policy); a MiniVLA-sized one
         // gained 5-10 % for twice the resident memory, so larger models pack per call.
-        let held = match weight_dtype {
-            WeightDtype::F32 => ckpt.total_bytes() / 2 * 4,
-            _ => ckpt.total_bytes(),
-        };
-        let tiles_fit = ckpt.total_bytes() <= TILES_MAX_BYTES
-            && available_memory().is_none_or(|avail| held + ckpt.total_bytes() <= avail / 10 * 6);
         let compute = options
             .compute
             .or(config.inference_compute)
             .unwrap_or_default();
+        let held = match weight_dtype {
+            WeightDtype::F32 => f32_bytes,
+            _ => ckpt.total_bytes(),
+        };
+        let tiles_fit =
+            ckpt.total_bytes() <= TILES_MAX_BYTES && fits_comfortably(held + ckpt.total_bytes());
         let weights = weights.with_compute(compute).with_tiles(tiles_fit);
         let device = Device::Cpu;
         let loader = WeightLoader::new(&ckpt, device.clone(), options.progress);

@@ -264,29 +264,21 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let cpu = x.device().is_cpu();
         let compute = self.compute;
-        let y = match &self.weight {
-            _ if cpu
-                && !rowwise
-                && rows >= crate::kernels::GEMM_MIN_ROWS
-                && self.tiles.is_some() =>
-            {
-                let weight = self
-                    .tiles
-                    .clone()
-                    .unwrap_or_else(|| unreachable!("checked"));
-                x2.contiguous()?.apply_op1_no_bwd(&TiledMatmul { weight })?
-            }
-            Weight::Quant(q) => x2.contiguous()?.apply_op1_no_bwd(&QuantMatmul {
+        let y = match (&self.tiles, &self.weight) {
+            (Some(t), _) if cpu && !rowwise && rows >= crate::kernels::GEMM_MIN_ROWS => x2
+                .contiguous()?
+                .apply_op1_no_bwd(&TiledMatmul { weight: t.clone() })?,
+            (_, Weight::Quant(q)) => x2.contiguous()?.apply_op1_no_bwd(&QuantMatmul {
                 weight: q.clone(),
                 rowwise,
             })?,
-            Weight::Dense(w) if cpu && matches!(w.dtype(), DType::BF16 | DType::F16) => x2
+            (_, Weight::Dense(w)) if cpu && matches!(w.dtype(), DType::BF16 | DType::F16) => x2
                 .contiguous()?
                 .apply_op2_no_bwd(w, &HalfMatmul { rowwise, compute })?,
-            Weight::Dense(w) if cpu && w.dtype() == DType::F32 && w.is_contiguous() => x2
+            (_, Weight::Dense(w)) if cpu && w.dtype() == DType::F32 && w.is_contiguous() => x2
                 .contiguous()?
                 .apply_op2_no_bwd(w, &F32Matmul { rowwise, compute })?,
-            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            (_, Weight::Dense(w)) => x2.matmul(&w.t()?)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -342,17 +334,17 @@ impl<const N: usize> LinearGroup<N> {
                     compute: parts[0].compute,
                     tiles: None,
                 };
+                // Tiled parts: their panels side by side where they line up, else the stack
+                // packed anew.
                 let tiled: Vec<&TiledWeights> =
                     parts.iter().filter_map(|l| l.tiles.as_deref()).collect();
-                let layer = if tiled.len() < parts.len() {
-                    layer
-                } else if let Some(t) = TiledWeights::stack(&tiled) {
-                    Linear {
+                let layer = match (parts[0].is_tiled(), TiledWeights::stack(&tiled)) {
+                    (false, _) => layer,
+                    (true, Some(t)) => Linear {
                         tiles: Some(Arc::new(t)),
                         ..layer
-                    }
-                } else {
-                    layer.packed()?
+                    },
+                    (true, None) => layer.packed()?,
                 };
                 Grouped::Stacked {
                     layer,
