@@ -120,35 +120,25 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, Tensor>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).map_err(|e| TrainError::json(path, e))?,
-        );
-    }
+    let metadata = if metadata.is_empty() {
+        None
+    } else {
+        Some(serde_json::to_value(metadata).map_err(|e| TrainError::json(path, e))?)
+    };
     let mut blobs = Vec::with_capacity(tensors.len());
-    let mut offset = 0usize;
+    let mut described = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let bytes = tensor_bytes(t)?;
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": dtype_name(t.dtype())?,
-                "shape": t.dims(),
-                "data_offsets": [offset, offset + bytes.len()],
-            }),
-        );
-        offset += bytes.len();
+        described.push((
+            name.as_str(),
+            dtype_name(t.dtype())?,
+            t.dims(),
+            bytes.len() as u64,
+        ));
         blobs.push(bytes);
     }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| TrainError::json(path, e))?;
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
+    let (h, _) = openvla::checkpoint::safetensors_header(metadata, described);
     write_atomic_with(path, |w| {
-        w.write_all(&(h.len() as u64).to_le_bytes())?;
         w.write_all(&h)?;
         for b in &blobs {
             w.write_all(b)?;

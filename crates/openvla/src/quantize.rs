@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::{Checkpoint, StoredDtype};
 use crate::quant::io::{read_manifest, tensor_names, MANIFEST};
 use crate::quant::{QuantFormat, QuantMatrix, Quantization, BLOCK};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -120,25 +120,12 @@ pub fn quantize_model_dir(
             }),
         }
     }
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        json!({"format": "pt", "openvla.quantization": mode.name()}),
+    let (header, output_bytes) = crate::checkpoint::safetensors_header(
+        Some(json!({"format": "pt", "openvla.quantization": mode.name()})),
+        entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.dtype, e.shape.as_slice(), e.bytes)),
     );
-    let mut offset = 0u64;
-    for e in &entries {
-        header.insert(
-            e.name.clone(),
-            json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.bytes]}),
-        );
-        offset += e.bytes;
-    }
-    let output_bytes = offset;
-    let mut header_bytes = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| Error::InvalidInput(e.to_string()))?;
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
-    }
     // Write to a temporary name and rename at the end, so an interrupted run leaves no
     // loadable half-written model.
     let tmp = out.join("model.safetensors.partial");
@@ -146,9 +133,7 @@ pub fn quantize_model_dir(
     let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut w = BufWriter::with_capacity(1 << 22, file);
     let io = |e| Error::io(&tmp, e);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&header_bytes).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
     let total = ckpt.total_bytes();
     let mut done = 0u64;
     let mut pending: Option<QuantMatrix> = None;

@@ -460,29 +460,24 @@ pub(crate) fn write_safetensors(
             format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
         };
         let path = out.join(&file_name);
-        let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), json!({"format": "pt"}));
-        let mut offset = 0u64;
-        for (name, shape) in shard {
-            let bytes = nbytes(shape);
-            header.insert(
-                name.clone(),
-                json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
-            );
-            offset += bytes;
+        for (name, _) in shard {
             weight_map.insert(name.clone(), file_name.clone());
         }
-        let mut header_bytes = serde_json::to_vec(&Value::Object(header))
-            .map_err(|e| Error::InvalidInput(e.to_string()))?;
-        while header_bytes.len() % 8 != 0 {
-            header_bytes.push(b' ');
-        }
+        let (header, _) = crate::checkpoint::safetensors_header(
+            Some(json!({"format": "pt"})),
+            shard.iter().map(|(name, shape)| {
+                (
+                    name.as_str(),
+                    dtype.safetensors_name(),
+                    shape.as_slice(),
+                    nbytes(shape),
+                )
+            }),
+        );
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = BufWriter::with_capacity(1 << 22, file);
         let io = |e| Error::io(&path, e);
-        w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&header_bytes).map_err(io)?;
+        w.write_all(&header).map_err(io)?;
         for (name, shape) in shard {
             let bytes = fill(name, shape);
             if bytes.len() as u64 != nbytes(shape) {

@@ -60,6 +60,33 @@ impl StoredDtype {
     }
 }
 
+/// The bytes a safetensors file starts with: the header's length (u64, little-endian), then the
+/// JSON header (`__metadata__` if given, then each `(name, dtype, shape, bytes)` tensor with its
+/// `data_offsets`, the tensors back to back in the order given), padded with spaces to a
+/// multiple of 8 bytes, as the format asks. Also returns the data's total length.
+pub fn safetensors_header<'a>(
+    metadata: Option<serde_json::Value>,
+    tensors: impl IntoIterator<Item = (&'a str, &'a str, &'a [usize], u64)>,
+) -> (Vec<u8>, u64) {
+    let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), m);
+    }
+    let mut offset = 0u64;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    (out, offset)
+}
+
 /// Where one tensor lives.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
