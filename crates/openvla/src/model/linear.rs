@@ -606,6 +606,49 @@ mod tests {
                     assert_eq!(vec(&a), vec(&b), "{kind}, {rows} rows, rowwise {rowwise}");
                 }
             }
+            // The products really take the tiles: a layer whose tiles hold -W answers -x·Wᵀ in
+            // many-row products and x·Wᵀ (the stored weight) in row-independent and few-row
+            // ones. In a group, parts that line up keep their (here negated) panels; parts
+            // that end inside a panel are repacked from the stacked stored weights.
+            let negated = tiled.clone().map(|l| {
+                let Weight::Dense(w) = l.weight() else {
+                    unreachable!("dense test layers")
+                };
+                let tiles = Some(Arc::new(pack_tiles(&w.neg().unwrap()).unwrap()));
+                Linear { tiles, ..l }
+            });
+            let x = Tensor::from_vec(values(33 * inp, 5), (33, inp), &Device::Cpu).unwrap();
+            let no_bias = |l: &Linear| Linear {
+                bias: None,
+                ..l.clone()
+            };
+            let (n, p) = (no_bias(&negated[1]), no_bias(&plain[1]));
+            let flipped = p.apply(&x, false).unwrap().neg().unwrap();
+            assert_eq!(
+                vec(&n.apply(&x, false).unwrap()),
+                vec(&flipped),
+                "{kind}: tiles used"
+            );
+            let x3 = x.narrow(0, 0, 3).unwrap();
+            for (x, rowwise) in [(&x, true), (&x3, false)] {
+                let want = vec(&p.apply(x, rowwise).unwrap());
+                assert_eq!(
+                    vec(&n.apply(x, rowwise).unwrap()),
+                    want,
+                    "{kind}: stored weight"
+                );
+            }
+            let joined = LinearGroup::new([no_bias(&negated[1]), no_bias(&negated[2])]).unwrap();
+            let repacked = LinearGroup::new([no_bias(&negated[0]), no_bias(&negated[1])]).unwrap();
+            for (g, parts, sign) in [
+                (&joined, [&plain[1], &plain[2]], -1.0),
+                (&repacked, [&plain[0], &plain[1]], 1.0),
+            ] {
+                for (got, l) in g.forward(&x, false).unwrap().iter().zip(parts) {
+                    let want = (no_bias(l).apply(&x, false).unwrap() * sign).unwrap();
+                    assert_eq!(vec(got), vec(&want), "{kind}: group tiles, sign {sign}");
+                }
+            }
             // 40 + 64 rows end inside a panel (repacked); 64 + 24 line up (panels joined).
             for parts in [
                 [tiled[0].clone(), tiled[1].clone()],
