@@ -685,6 +685,42 @@ mod tests {
         }
     }
 
+    /// Packing straight from depth-major rows gives the panel of packing the rounded
+    /// transpose, word for word: the AVX-512 body (whole 32-column panels) and the scalar rest
+    /// (narrow panels, an odd depth's last row), NaN quieted and ±∞ kept as rounding does.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn depth_major_panels_are_the_panels_of_the_transpose() {
+        if !crate::has_avx512() {
+            eprintln!("skipped: the AVX-512 depth-major packer (no AVX-512F); scalar packer only");
+        }
+        let mut seed = 3u64;
+        for (k, n, j0, cols) in [
+            (64, 40, 0, 32),
+            (7, 70, 33, 32),
+            (33, 50, 10, 17),
+            (1, 32, 0, 32),
+        ] {
+            let mut w: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed) * 5.0).collect();
+            w[0] = f32::NAN;
+            w[(k - 1) * n + 1] = f32::from_bits(0x7f80_0001); // signalling NaN
+            w[(k - 1) * n + j0 + 2] = f32::NEG_INFINITY;
+            let panel_len = k.next_multiple_of(DEPTH).max(DEPTH) / 2 * NR;
+            let mut got = vec![u32::MAX; panel_len];
+            pack_pairs_depth_major(&w, n, k, j0, cols, &mut got);
+            // The transpose of columns j0 .. j0 + cols, rounded, packed as gemm packs rows.
+            let mut rows = vec![0u16; cols * k];
+            for j in 0..cols {
+                for q in 0..k {
+                    rows[j * k + q] = crate::bf16_gemm::round_bf16(w[q * n + j0 + j]);
+                }
+            }
+            let mut want = vec![0u32; panel_len];
+            pack_pairs(&rows, k, cols, 0, k.div_ceil(2), &mut want);
+            assert_eq!(got, want, "k={k} n={n} j0={j0} cols={cols}");
+        }
+    }
+
     /// Stacking packed matrices is packing the stacked matrix, when the panels line up; parts
     /// that end inside a panel are refused.
     #[test]
