@@ -192,10 +192,9 @@ fn check_flags(a: &EvalArgs) -> Result<Plan> {
             "--compute {compute} sets the arithmetic of a model served here: it needs --model DIR \
              (a server at --url chooses its own, `openvla serve --compute`)"
         ),
-        (Some(compute), Some(_)) => compute,
-        (None, Some(dir)) => openvla::ModelConfig::from_file(&dir.join("config.json"))?
-            .inference_compute
-            .unwrap_or_default(),
+        (_, Some(dir)) => {
+            openvla::ModelConfig::from_file(&dir.join("config.json"))?.compute_for(a.compute)
+        }
         (None, None) => ComputePrecision::F32,
     };
     Ok(Plan {
@@ -325,7 +324,7 @@ pub fn run_with_stop(a: &EvalArgs, stop: Arc<AtomicBool>) -> Result<EvalOutcome>
     let mut endpoint = match (a.policy, &a.model, &a.url) {
         (PolicyKind::Model, Some(m), _) => {
             eprintln!("openvla eval: loading {}", m.display());
-            Endpoint::serve_model(m, plan.envs, Some(plan.compute))?
+            Endpoint::serve_model(m, plan.envs, plan.compute)?
         }
         (PolicyKind::Model, None, Some(u)) => Endpoint::remote(u)?,
         (PolicyKind::LocalExpert, _, _) => Endpoint::local_expert(),

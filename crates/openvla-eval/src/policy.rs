@@ -185,14 +185,15 @@ pub struct Endpoint {
 impl Endpoint {
     /// Serves an OpenVLA model directory on 127.0.0.1 (ephemeral port) with `openvla serve`'s
     /// code; `max_batch` concurrent requests may share a forward pass; `compute` is the
-    /// arithmetic of its many-row products (`None`: the model's `inference_compute`, else f32).
+    /// arithmetic of its many-row products (resolved by the caller: the flag, else the model's
+    /// `inference_compute`).
     pub fn serve_model(
         dir: &Path,
         max_batch: usize,
-        compute: Option<openvla::kernels::ComputePrecision>,
+        compute: openvla::kernels::ComputePrecision,
     ) -> Result<Endpoint> {
         let options = openvla::LoadOptions {
-            compute,
+            compute: Some(compute),
             ..Default::default()
         };
         let policy = openvla::Policy::load(dir, &options)

@@ -554,6 +554,15 @@ impl ModelConfig {
         })
     }
 
+    /// The arithmetic this model runs with: `requested` (a `--compute` flag), else its
+    /// [`ModelConfig::inference_compute`], else exact f32.
+    pub fn compute_for(
+        &self,
+        requested: Option<crate::kernels::ComputePrecision>,
+    ) -> crate::kernels::ComputePrecision {
+        requested.or(self.inference_compute).unwrap_or_default()
+    }
+
     /// Width of the fused vision features (sum of the tower widths).
     pub fn vision_dim(&self) -> usize {
         self.towers.iter().map(|t| t.embed_dim).sum()
@@ -627,9 +636,17 @@ mod tests {
         assert_eq!(config(base()).unwrap().inference_compute, None);
         let mut j = base();
         j["inference_compute"] = serde_json::json!("bf16");
+        let bf16 = config(j).unwrap();
+        assert_eq!(bf16.inference_compute, Some(ComputePrecision::Bf16));
+        // The resolution every loader uses: a request wins, then the model's, then f32.
+        assert_eq!(bf16.compute_for(None), ComputePrecision::Bf16);
         assert_eq!(
-            config(j).unwrap().inference_compute,
-            Some(ComputePrecision::Bf16)
+            bf16.compute_for(Some(ComputePrecision::F32)),
+            ComputePrecision::F32
+        );
+        assert_eq!(
+            config(base()).unwrap().compute_for(None),
+            ComputePrecision::F32
         );
         let mut j = base();
         j["inference_compute"] = serde_json::json!("fp8");

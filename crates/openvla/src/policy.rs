@@ -263,10 +263,7 @@ impl Policy {
         // 60 % of the available memory. Small models gain most (their products are too small to
         // amortize the per-call packing: 1.4x on the Meta-World policy); a MiniVLA-sized one
         // gained 5-10 % for twice the resident memory, so larger models pack per call.
-        let compute = options
-            .compute
-            .or(config.inference_compute)
-            .unwrap_or_default();
+        let compute = config.compute_for(options.compute);
         let held = match weight_dtype {
             WeightDtype::F32 => f32_bytes,
             _ => ckpt.total_bytes(),
