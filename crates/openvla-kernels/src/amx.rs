@@ -114,10 +114,21 @@ impl PackedRowsAmx {
         assert!(x.len() >= m * k, "amx rows: x holds {} < {m}×{k}", x.len());
         let stride = k.next_multiple_of(DEPTH).max(DEPTH);
         let rows = m.next_multiple_of(BLOCK);
-        let mut data = vec![0u16; rows * stride];
-        data.par_chunks_mut(stride)
-            .zip(x[..m * k].par_chunks(k.max(1)))
-            .for_each(|(dst, src)| crate::bf16_gemm::round_slice(src, &mut dst[..src.len()]));
+        // SAFETY: every element is written below: each row's k rounded values and its zero
+        // padding, the padding rows zeroed (no zero-fill of the whole array first).
+        let mut data = unsafe { crate::uninit_vec::<u16>(rows * stride) };
+        let (body, pad) = data.split_at_mut(m * stride);
+        if k == 0 {
+            body.fill(0);
+        } else {
+            body.par_chunks_mut(stride)
+                .zip(x[..m * k].par_chunks(k))
+                .for_each(|(dst, src)| {
+                    crate::bf16_gemm::round_slice(src, &mut dst[..k]);
+                    dst[k..].fill(0);
+                });
+        }
+        pad.fill(0);
         PackedRowsAmx { data, m, k, stride }
     }
 
@@ -652,6 +663,34 @@ mod tests {
 
     fn rounded(w: &[f32], k: usize) -> impl Fn(usize, usize, &mut [u16]) + Sync + '_ {
         move |j0, nb, t| round_slice(&w[j0 * k..(j0 + nb) * k], t)
+    }
+
+    /// The packed activations are not zero-filled before packing: each row's padding and the
+    /// padding rows must still be zero (the tiles multiply them), even in memory the allocator
+    /// hands back dirty. Packing runs on any CPU (it is not the tile unit).
+    #[test]
+    fn packed_rows_pad_with_zeros_in_reused_memory() {
+        for (m, k) in [(1usize, 1usize), (5, 31), (33, 40), (40, 0), (64, 64)] {
+            let stride = k.next_multiple_of(DEPTH).max(DEPTH);
+            let rows = m.next_multiple_of(BLOCK);
+            // Leave a dirty block of the same size for the allocator to hand out again.
+            drop(std::hint::black_box(vec![0xffffu16; rows * stride]));
+            let mut seed = 7u64;
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            let p = PackedRowsAmx::pack(&x, m, k);
+            assert_eq!(p.data.len(), rows * stride);
+            for r in 0..rows {
+                let row = &p.data[r * stride..(r + 1) * stride];
+                let body = if r < m { k } else { 0 };
+                let mut want = vec![0u16; body];
+                round_slice(&x[r.min(m.saturating_sub(1)) * k..][..body], &mut want);
+                assert_eq!(&row[..body], &want[..], "{m}x{k}: row {r} values");
+                assert!(
+                    row[body..].iter().all(|&v| v == 0),
+                    "{m}x{k}: row {r} padding not zero"
+                );
+            }
+        }
     }
 
     /// Weights packed at load give the bits of the per-call packing, on ragged shapes (partial

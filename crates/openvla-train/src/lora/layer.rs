@@ -8,6 +8,7 @@
 use super::adapter::LoraWeights;
 use super::targets::ModuleKind;
 use crate::error::{Result, TrainError};
+use crate::model::ops::linear;
 use crate::rng::TrainRng;
 use candle_core::{DType, Tensor};
 use std::sync::Mutex;
@@ -103,13 +104,15 @@ impl LoraLayer {
         let y = match self.weights.kind {
             ModuleKind::Conv2d => {
                 let h = x.conv2d(a, 0, self.stride, 1, 1)?;
-                h.conv2d(b, 0, 1, 1, 1)?
+                (h.conv2d(b, 0, 1, 1, 1)? * self.scaling)?
             }
             _ => {
-                let h = x.broadcast_matmul(&a.t()?)?;
-                h.broadcast_matmul(&b.t()?)?
+                // Two fused linears (one graph node each, dA and dB without transposed
+                // copies); the scaling applied to the rank-r middle, not the wide output.
+                let h = (linear(&x, a, None)? * self.scaling)?;
+                linear(&h, b, None)?
             }
         };
-        Ok((y * self.scaling)?.to_dtype(out_dtype)?)
+        Ok(y.to_dtype(out_dtype)?)
     }
 }

@@ -104,11 +104,10 @@ impl Backend for Train {
         let qkv = qkv
             .reshape((b, n, 3, num_heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.i(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let attn = ops::softmax_last(&q.matmul(&k.t()?)?).map_err(to_model)?;
-        Ok(attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?)
+        let scale = (hd as f64).powf(-0.5) as f32;
+        let out = super::attention::attention(&qkv.i(0)?, &qkv.i(1)?, &qkv.i(2)?, None, scale)
+            .map_err(to_model)?;
+        Ok(out.transpose(1, 2)?.reshape((b, n, c))?)
     }
 }
 

@@ -20,6 +20,7 @@ use candle_core::{
 use openvla::kernels::activation::{
     f32_contiguous, gelu_backward_slice, gelu_slice, silu_mul_backward_slice, silu_mul_slice,
 };
+use openvla::kernels::uninit_vec;
 use rayon::prelude::*;
 
 /// Rows per parallel task of the row-wise kernels (and per partial sum of the reductions).
@@ -31,7 +32,7 @@ const ELEM_BLOCK: usize = 1 << 14;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
 /// Runs `f` on the float32 elements of `t` (made contiguous float32 first where needed).
-fn with_f32<R>(
+pub(crate) fn with_f32<R>(
     t: &Tensor,
     op: &str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
@@ -49,12 +50,12 @@ fn with_f32<R>(
 }
 
 /// A new float32 CPU tensor (records no op).
-fn tensor(v: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
+pub(crate) fn tensor(v: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &Device::Cpu)
 }
 
 /// Width of the last dimension and number of rows of `shape`.
-fn rows_of(shape: &Shape, op: &str) -> candle_core::Result<(usize, usize)> {
+pub(crate) fn rows_of(shape: &Shape, op: &str) -> candle_core::Result<(usize, usize)> {
     let d = *shape.dims().last().unwrap_or(&1);
     if d == 0 {
         bail!("{op}: the last dimension is empty")
@@ -152,7 +153,8 @@ unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> std::borrow::Cow<
     if o.1 == cols as isize && o.2 == 1 {
         return std::slice::from_raw_parts(o.0, rows * cols).into();
     }
-    let mut out = vec![0f32; rows * cols];
+    // SAFETY: every element is written below before it is read.
+    let mut out = unsafe { uninit_vec::<f32>(rows * cols) };
     if o.1 == 1 && o.2 >= rows as isize && rows > 0 && cols > 0 {
         // S [cols, rows] with row stride o.2, transposed.
         let ld = o.2 as usize;
@@ -289,7 +291,8 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             )
         }
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: every element is written below before it is read.
+        let mut y = unsafe { uninit_vec::<f32>(x.len()) };
         y.par_chunks_mut(d * ROW_BLOCK)
             .zip(x.par_chunks(d * ROW_BLOCK))
             .for_each(|(yb, xb)| {
@@ -319,7 +322,8 @@ impl CustomOp3 for LayerNormOp {
         let (dx, dw, db) = with_f32(x, name, |x| {
             with_f32(w, name, |w| {
                 with_f32(grad, name, |g| {
-                    let mut dx = vec![0f32; if want_x { x.len() } else { 0 }];
+                    // SAFETY: every element is written below before it is read.
+                    let mut dx = unsafe { uninit_vec::<f32>(if want_x { x.len() } else { 0 }) };
                     let want_wb = want_w || want_b;
                     // One task per block of rows: dx rows, and partial [dw | db] of the block.
                     let task = |xb: &[f32], gb: &[f32], dxb: Option<&mut [f32]>| -> Vec<f32> {
@@ -433,7 +437,8 @@ impl CustomOp2 for RmsNormOp {
         if w.len() != d {
             bail!("rms norm: weight of {} elements for rows of {d}", w.len())
         }
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: every element is written below before it is read.
+        let mut y = unsafe { uninit_vec::<f32>(x.len()) };
         y.par_chunks_mut(d * ROW_BLOCK)
             .zip(x.par_chunks(d * ROW_BLOCK))
             .for_each(|(yb, xb)| {
@@ -462,7 +467,8 @@ impl CustomOp2 for RmsNormOp {
         let (dx, dw) = with_f32(x, name, |x| {
             with_f32(w, name, |w| {
                 with_f32(grad, name, |g| {
-                    let mut dx = vec![0f32; if want_x { x.len() } else { 0 }];
+                    // SAFETY: every element is written below before it is read.
+                    let mut dx = unsafe { uninit_vec::<f32>(if want_x { x.len() } else { 0 }) };
                     let task = |xb: &[f32], gb: &[f32], dxb: Option<&mut [f32]>| -> Vec<f32> {
                         let mut pw = vec![0f32; if want_w { d } else { 0 }];
                         let mut dxb = dxb;
@@ -560,7 +566,8 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_contiguous(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: every element is written below before it is read.
+        let mut y = unsafe { uninit_vec::<f32>(x.len()) };
         y.par_chunks_mut(ELEM_BLOCK)
             .zip(x.par_chunks(ELEM_BLOCK))
             .for_each(|(y, x)| match self.kind {
@@ -579,7 +586,8 @@ impl CustomOp1 for GeluOp {
         let kind = self.kind;
         let dx = with_f32(x, name, |x| {
             with_f32(grad, name, |g| {
-                let mut dx = vec![0f32; x.len()];
+                // SAFETY: every element is written below before it is read.
+                let mut dx = unsafe { uninit_vec::<f32>(x.len()) };
                 dx.par_chunks_mut(ELEM_BLOCK)
                     .zip(x.par_chunks(ELEM_BLOCK).zip(g.par_chunks(ELEM_BLOCK)))
                     .for_each(|(d, (x, g))| match kind {
@@ -622,7 +630,8 @@ impl CustomOp2 for SiluMulOp {
                 l2.shape()
             )
         }
-        let mut y = vec![0f32; g.len()];
+        // SAFETY: every element is written below before it is read.
+        let mut y = unsafe { uninit_vec::<f32>(g.len()) };
         y.par_chunks_mut(ELEM_BLOCK)
             .zip(g.par_chunks(ELEM_BLOCK).zip(u.par_chunks(ELEM_BLOCK)))
             .for_each(|(y, (g, u))| silu_mul_slice(g, u, y));
@@ -641,8 +650,10 @@ impl CustomOp2 for SiluMulOp {
         let (dg, du) = with_f32(gate, name, |a| {
             with_f32(up, name, |u| {
                 with_f32(grad, name, |g| {
-                    let mut dg = vec![0f32; a.len()];
-                    let mut du = vec![0f32; a.len()];
+                    // SAFETY: every element is written below before it is read.
+                    let mut dg = unsafe { uninit_vec::<f32>(a.len()) };
+                    // SAFETY: every element is written below before it is read.
+                    let mut du = unsafe { uninit_vec::<f32>(a.len()) };
                     dg.par_chunks_mut(ELEM_BLOCK)
                         .zip(du.par_chunks_mut(ELEM_BLOCK))
                         .zip(
@@ -832,7 +843,8 @@ impl CustomOp1 for SoftmaxOp {
         let (_, k) = rows_of(res.shape(), name)?;
         let dx = with_f32(res, name, |y| {
             with_f32(grad, name, |g| {
-                let mut dx = vec![0f32; y.len()];
+                // SAFETY: every element is written below before it is read.
+                let mut dx = unsafe { uninit_vec::<f32>(y.len()) };
                 dx.par_chunks_mut(k * ROW_BLOCK)
                     .zip(y.par_chunks(k * ROW_BLOCK).zip(g.par_chunks(k * ROW_BLOCK)))
                     .for_each(|(db, (yb, gb))| {
@@ -897,7 +909,8 @@ pub(crate) fn linear_fwd(
         }
         _ => bail!("linear: the weight must be float32, bf16 or f16"),
     };
-    let mut y = vec![0f32; m * n];
+    // SAFETY: every element is written below before it is read.
+    let mut y = unsafe { uninit_vec::<f32>(m * n) };
     // y = x · Wᵀ: Wᵀ [k, n] read in place (row stride 1, column stride k).
     gemm_f32(
         m,
@@ -941,7 +954,8 @@ pub(crate) fn linear_bwd(
         // dx [m, k] = g [m, n] · W [n, k]
         let dx = with_f32(grad, NAME, |g| {
             with_f32(w, NAME, |wv| {
-                let mut dx = vec![0f32; m * k];
+                // SAFETY: every element is written below before it is read.
+                let mut dx = unsafe { uninit_vec::<f32>(m * k) };
                 gemm_f32(
                     m,
                     k,
@@ -961,7 +975,8 @@ pub(crate) fn linear_bwd(
         // dW [n, k] = gᵀ [n, m] · x [m, k], gᵀ read in place.
         let dw = with_f32(grad, NAME, |g| {
             with_f32(x, NAME, |xs| {
-                let mut dw = vec![0f32; n * k];
+                // SAFETY: every element is written below before it is read.
+                let mut dw = unsafe { uninit_vec::<f32>(n * k) };
                 gemm_f32(
                     n,
                     k,

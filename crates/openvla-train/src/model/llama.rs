@@ -4,8 +4,9 @@
 //! mask (no KV cache), half-rotation RoPE with full float32 tables, the embeddings and `lm_head`
 //! as `Var`s.
 
+use super::attention::attention;
 use super::backend::{to_model, Train};
-use super::ops::{as_f32, masked_softmax, rms_norm, rope, Linear};
+use super::ops::{as_f32, rms_norm, rope, Linear};
 use super::params::ParamStore;
 use crate::error::{Result, TrainError};
 use candle_core::{DType, Device, Tensor};
@@ -133,9 +134,8 @@ impl LlamaTrain {
             let k = rope(&k, cos, sin).map_err(to_model)?;
             let rep = nh / nkv.max(1);
             let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let probs = masked_softmax(&scores, mask).map_err(to_model)?;
-            Ok(probs.matmul(&v)?)
+            let scale = (1.0 / (hd as f64).sqrt()) as f32;
+            attention(&q, &k, &v, Some(mask), scale).map_err(to_model)
         })?)
     }
 

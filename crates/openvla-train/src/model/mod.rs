@@ -15,6 +15,7 @@
 //! * [`head`]: OFT's L1 action head and proprio projector (trained in full).
 //! * [`vla`]: [`OpenVlaTrain`], the [`TrainModel`](crate::seam::TrainModel) implementation.
 
+pub mod attention;
 pub mod backend;
 pub mod fused;
 pub mod fused_reference;
