@@ -20,6 +20,7 @@
 
 use crate::error::{Result, TrainError};
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -81,7 +82,7 @@ impl StepScalars {
 }
 
 /// torch's vectorized `lerp` (`fmadd(coeff, end - start, base)`).
-#[inline]
+#[inline(always)]
 fn lerp(start: f32, end: f32, w: f32) -> f32 {
     if w.abs() < 0.5 {
         w.mul_add(end - start, start)
@@ -232,6 +233,53 @@ fn f32_slice_mut<'a>(
     }
 }
 
+/// Elements per parallel task of the in-place updates (each element's arithmetic is the same
+/// whatever the split, so the thread count does not change the bits).
+const CHUNK: usize = 1 << 15;
+
+/// Runs `f` (an element-wise loop, inlined) compiled for AVX2 + FMA where the CPU has them, else
+/// as built. `f32::mul_add` (torch's `lerp`) is a call to the software `fmaf` in a crate built
+/// for baseline x86-64; with FMA enabled it is one instruction, and the loop vectorizes. A
+/// fused multiply-add has one correctly rounded result, so both give the same bits.
+#[inline(always)]
+fn with_fma(f: impl FnOnce()) {
+    #[cfg(target_arch = "x86_64")]
+    if openvla::kernels::has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run(f: impl FnOnce()) {
+            f()
+        }
+        // SAFETY: AVX2 and FMA are present (has_avx2 checks both).
+        unsafe { run(f) };
+        return;
+    }
+    f()
+}
+
+/// `m = lerp(m, g, 1-b1)` (first moment) or `v = v*b2 + ((1-b2) g) g` (second), in place.
+#[inline(always)]
+fn moments(d: &mut [f32], g: &[f32], s: &StepScalars, second: bool) {
+    if second {
+        for (v, &gi) in d.iter_mut().zip(g) {
+            *v = *v * s.beta2 + s.one_minus_beta2 * gi * gi;
+        }
+    } else {
+        for (m, &gi) in d.iter_mut().zip(g) {
+            *m = lerp(*m, gi, s.lerp_w);
+        }
+    }
+}
+
+/// `p = p·decay − lr/bc1 · m / (√v / √bc2 + eps)` from the updated moments, in place.
+#[inline(always)]
+fn params(p: &mut [f32], m: &[f32], v: &[f32], s: &StepScalars) {
+    for i in 0..p.len() {
+        let pi = p[i] * s.decay;
+        let denom = v[i].sqrt() / s.bc2_sqrt + s.eps;
+        p[i] = pi + s.neg_step_size * m[i] / denom;
+    }
+}
+
 /// In-place moment update: `m = lerp(m, g, 1-b1)` or `v = v*b2 + ((1-b2) g) g`.
 struct MomentsOp {
     s: StepScalars,
@@ -255,16 +303,10 @@ impl candle_core::InplaceOp2 for MomentsOp {
         if d.len() != g.len() {
             candle_core::bail!("adamw: moment/gradient size mismatch")
         }
-        let s = &self.s;
-        if self.second {
-            for (v, &gi) in d.iter_mut().zip(g) {
-                *v = *v * s.beta2 + s.one_minus_beta2 * gi * gi;
-            }
-        } else {
-            for (m, &gi) in d.iter_mut().zip(g) {
-                *m = lerp(*m, gi, s.lerp_w);
-            }
-        }
+        let (s, second) = (self.s, self.second);
+        d.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(d, g)| with_fma(|| moments(d, g, &s, second)));
         Ok(())
     }
 }
@@ -294,12 +336,10 @@ impl candle_core::InplaceOp3 for ParamOp {
         if p.len() != m.len() || p.len() != v.len() {
             candle_core::bail!("adamw: parameter/moment size mismatch")
         }
-        let s = &self.s;
-        for i in 0..p.len() {
-            let pi = p[i] * s.decay;
-            let denom = v[i].sqrt() / s.bc2_sqrt + s.eps;
-            p[i] = pi + s.neg_step_size * m[i] / denom;
-        }
+        let s = self.s;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| with_fma(|| params(p, m, v, &s)));
         Ok(())
     }
 }
@@ -311,18 +351,21 @@ mod tests {
 
     #[test]
     fn in_place_and_host_paths_agree() {
+        // Several parallel chunks and a ragged tail; the in-place path runs the FMA build
+        // where the CPU has it, the host path the portable one: the bits must agree.
+        const N: usize = 3 * CHUNK + 37;
         let dev = Device::Cpu;
-        let init: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
-        let var = Var::from_vec(init.clone(), 37, &dev).unwrap();
+        let init: Vec<f32> = (0..N).map(|i| (i as f32 * 0.37).sin()).collect();
+        let var = Var::from_vec(init.clone(), N, &dev).unwrap();
         let mut opt = AdamW::new(AdamWConfig::default());
         let mut p = init.clone();
-        let mut m = vec![0f32; 37];
-        let mut v = vec![0f32; 37];
+        let mut m = vec![0f32; N];
+        let mut v = vec![0f32; N];
         for t in 1..=5u64 {
-            let g: Vec<f32> = (0..37)
+            let g: Vec<f32> = (0..N)
                 .map(|i| ((i as f32 + t as f32) * 1.3).cos())
                 .collect();
-            let gt = Tensor::from_vec(g.clone(), 37, &dev).unwrap();
+            let gt = Tensor::from_vec(g.clone(), N, &dev).unwrap();
             opt.step_one("w", &var, &gt).unwrap();
             update_slices(
                 &mut p,
