@@ -132,6 +132,45 @@ impl PackedRowsAmx {
         PackedRowsAmx { data, m, k, stride }
     }
 
+    /// Packs `xᵀ` for a row-major `x [k, m]` (row stride `ld ≥ m`): the same array [`Self::pack`]
+    /// builds from the transposed copy `[m, k]`, without that copy. Each task takes 32 columns
+    /// of `x` (32 packed rows) and moves them 256 depth rows at a time through an L1-sized
+    /// scratch: one read of `x` in f32 and one write in bf16, where the transposed copy read and
+    /// wrote the whole matrix twice more (a linear's `dW = gᵀ·x` packs `gᵀ` this way).
+    pub fn pack_transposed(x: &[f32], k: usize, m: usize, ld: usize) -> PackedRowsAmx {
+        assert!(
+            k == 0 || m == 0 || (ld >= m && x.len() >= (k - 1) * ld + m),
+            "amx rows: x holds {} < {k}×{m} at stride {ld}",
+            x.len()
+        );
+        const SCRATCH_ROWS: usize = 256;
+        let stride = k.next_multiple_of(DEPTH).max(DEPTH);
+        let rows = m.next_multiple_of(BLOCK);
+        // SAFETY: every element is written below: each packed row's k rounded values (all
+        // depth chunks) and its zero padding, the padding rows zeroed.
+        let mut data = unsafe { crate::uninit_vec::<u16>(rows * stride) };
+        let (body, pad) = data.split_at_mut(m * stride);
+        pad.fill(0);
+        body.par_chunks_mut(BLOCK * stride)
+            .enumerate()
+            .for_each(|(blk, out)| {
+                let (j0, nc) = (blk * BLOCK, out.len() / stride);
+                let mut scratch = vec![0f32; nc * SCRATCH_ROWS.min(k)];
+                for d0 in (0..k).step_by(SCRATCH_ROWS) {
+                    let dr = SCRATCH_ROWS.min(k - d0);
+                    let t = &mut scratch[..nc * dr];
+                    crate::transpose::stripe(&x[d0 * ld..], ld, dr, j0, nc, t);
+                    for (c, col) in t.chunks_exact(dr).enumerate() {
+                        crate::bf16_gemm::round_slice(col, &mut out[c * stride + d0..][..dr]);
+                    }
+                }
+                for row in out.chunks_exact_mut(stride) {
+                    row[k..].fill(0);
+                }
+            });
+        PackedRowsAmx { data, m, k, stride }
+    }
+
     /// Number of rows `m`.
     pub fn rows(&self) -> usize {
         self.m
@@ -690,6 +729,56 @@ mod tests {
                     "{m}x{k}: row {r} padding not zero"
                 );
             }
+        }
+    }
+
+    /// `pack_transposed` builds word for word the array `pack` builds from the transposed copy,
+    /// on ragged shapes and row strides (depths across the 256-row scratch, partial blocks,
+    /// NaN and infinities), and the transposed-left product gives the bits of the product on
+    /// the copy (AMX where the process has it, else the portable path: both are checked
+    /// against the same definition). Packing runs on any CPU.
+    #[test]
+    fn transposed_packing_equals_packing_the_transpose() {
+        for (k, m, ld) in [
+            (1usize, 1usize, 1usize),
+            (7, 5, 9),
+            (300, 33, 40),
+            (513, 64, 64),
+            (0, 3, 3),
+        ] {
+            let mut seed = 11u64;
+            let mut xt: Vec<f32> = (0..k.saturating_sub(1) * ld + m)
+                .map(|_| lcg(&mut seed))
+                .collect();
+            if xt.len() > 3 {
+                xt[1] = f32::NAN;
+                xt[2] = f32::NEG_INFINITY;
+            }
+            let mut x = vec![0f32; m * k];
+            for d in 0..k {
+                for i in 0..m {
+                    x[i * k + d] = xt[d * ld + i];
+                }
+            }
+            let want = PackedRowsAmx::pack(&x, m, k);
+            let got = PackedRowsAmx::pack_transposed(&xt, k, m, ld);
+            assert_eq!((got.m, got.k, got.stride), (want.m, want.k, want.stride));
+            assert!(got.data == want.data, "{k}x{m}/{ld}: packed words differ");
+            let n = 37;
+            let w: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+            let mut y_t = vec![f32::NAN; m * n];
+            let mut y_c = vec![f32::NAN; m * n];
+            crate::bf16_gemm::tiled_gemm_bf16_transposed_lhs(&xt, ld, &w, &mut y_t, m, n, k);
+            crate::bf16_gemm::tiled_gemm_bf16_depth_major(&x, &w, &mut y_c, m, n, k);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y_t), bits(&y_c), "{k}x{m}/{ld}: products differ");
+        }
+        if crate::dispatch::bf16_path() != Bf16Path::Amx {
+            eprintln!(
+                "skipped: the AMX product (not the dispatched bf16 path here); packing and the \
+                 {:?} product checked",
+                crate::dispatch::bf16_path()
+            );
         }
     }
 

@@ -307,6 +307,43 @@ pub fn tiled_gemm_bf16_depth_major(
     });
 }
 
+/// [`tiled_gemm_bf16_depth_major`] with the left operand stored transposed too: `y [m, n] =
+/// xtᵀ · w` for `xt [k, m]` (row stride `ld ≥ m`) and `w [k, n]`, both row-major with the
+/// depth as their rows (a linear's weight gradient `dW = gᵀ·x`). On the AMX path `xtᵀ` is
+/// packed straight from `xt` ([`crate::amx::PackedRowsAmx::pack_transposed`]); elsewhere it
+/// is transposed once. The bits are those of [`tiled_gemm_bf16_depth_major`] on the transpose.
+pub fn tiled_gemm_bf16_transposed_lhs(
+    xt: &[f32],
+    ld: usize,
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(
+        k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
+        "bf16 gemm: xt holds {} < {k}×{m} at stride {ld}",
+        xt.len()
+    );
+    assert!(w.len() >= k * n);
+    #[cfg(target_arch = "x86_64")]
+    if crate::dispatch::bf16_path() == Bf16Path::Amx {
+        let a = crate::amx::PackedRowsAmx::pack_transposed(xt, k, m, ld);
+        crate::for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+            // SAFETY: as in tiled_gemm_bf16_depth_major.
+            unsafe { crate::amx::gemm_depth_major(&a, w, n, j0, dst, n, nb) }
+        });
+        return;
+    }
+    // SAFETY: the transpose writes all m·k elements.
+    let mut x = unsafe { crate::uninit_vec::<f32>(m * k) };
+    if m > 0 && k > 0 {
+        crate::transpose::transpose(xt, k, m, ld, &mut x);
+    }
+    tiled_gemm_bf16_depth_major(&x, w, y, m, n, k);
+}
+
 /// `dst [m, nb] (row stride rs) = a · wᵀ` for bf16 weights `w [nb, k]` (raw bits, row-major),
 /// single-threaded.
 ///

@@ -40,9 +40,15 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f3
         .enumerate()
         .for_each(|(s, out)| {
             let (c0, nc) = (s * STRIPE, out.len() / rows);
-            let done = blocks(src, ld, rows, c0, nc, out);
-            scalar(src, ld, rows, c0, 0..nc, done..rows, out);
+            stripe(src, ld, rows, c0, nc, out);
         });
+}
+
+/// `out [nc, rows]` = source columns `c0 .. c0 + nc` of all `rows` rows, transposed on the
+/// calling thread (for callers that parallelize over stripes themselves).
+pub(crate) fn stripe(src: &[f32], ld: usize, rows: usize, c0: usize, nc: usize, out: &mut [f32]) {
+    let done = blocks(src, ld, rows, c0, nc, out);
+    scalar(src, ld, rows, c0, 0..nc, done..rows, out);
 }
 
 /// Transposes the leading rows of a stripe (all its columns) in AVX2 8×8 register blocks and

@@ -172,6 +172,20 @@ unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> std::borrow::Cow<
 /// [`gemm_f32`] in bf16 arithmetic ([`BF16Matmuls`]) on the kernels' bf16 GEMM, which reads
 /// `lhs` as rows `[m, k]` and `rhs` as weight rows `[n, k]` (its transpose).
 fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
+    if lhs.1 == 1 && lhs.2 >= m as isize && rhs.1 == n as isize && rhs.2 == 1 && m * k > 0 {
+        // lhs = xtᵀ for a row-major xt [k, m] (row stride ld: the gᵀ of dW = gᵀ·x), rhs
+        // row-major [k, n]: both packed straight from their rows, no transposed copy.
+        let ld = lhs.2 as usize;
+        // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
+        let (xt, w) = unsafe {
+            (
+                std::slice::from_raw_parts(lhs.0, (k - 1) * ld + m),
+                std::slice::from_raw_parts(rhs.0, k * n),
+            )
+        };
+        openvla::kernels::bf16_gemm::tiled_gemm_bf16_transposed_lhs(xt, ld, w, dst, m, n, k);
+        return;
+    }
     // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
     let x = unsafe { as_rows(lhs, m, k) };
     if rhs.1 == n as isize && rhs.2 == 1 {
