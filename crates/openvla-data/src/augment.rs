@@ -97,6 +97,7 @@ pub struct FloatImage {
 }
 
 /// `convert_image_dtype(uint8 -> float32)`: `x * (1/255)`.
+#[inline]
 pub fn to_float(img: &RgbImage) -> FloatImage {
     let s = (1.0f64 / 255.0) as f32;
     FloatImage {
@@ -107,6 +108,7 @@ pub fn to_float(img: &RgbImage) -> FloatImage {
 }
 
 /// `convert_image_dtype(float32 -> uint8, saturate=True)`: `trunc(clip(x * 255.5))`.
+#[inline]
 pub fn to_u8(img: &FloatImage) -> RgbImage {
     RgbImage {
         width: img.width as u32,
@@ -119,6 +121,7 @@ pub fn to_u8(img: &FloatImage) -> RgbImage {
     }
 }
 
+#[inline]
 fn clip01(img: &mut FloatImage) {
     for v in &mut img.data {
         *v = v.clamp(0.0, 1.0);
@@ -126,6 +129,7 @@ fn clip01(img: &mut FloatImage) {
 }
 
 /// TF `crop_and_resize` (bilinear, extrapolation value 0) of one box to `out_h x out_w`.
+#[inline]
 pub fn crop_and_resize(img: &FloatImage, bx: [f32; 4], out_h: usize, out_w: usize) -> FloatImage {
     let (ih, iw) = (img.height, img.width);
     let [y1, x1, y2, x2] = bx;
@@ -182,6 +186,7 @@ pub fn crop_and_resize(img: &FloatImage, bx: [f32; 4], out_h: usize, out_w: usiz
 }
 
 /// `adjust_brightness`: adds `delta`.
+#[inline]
 pub fn adjust_brightness(img: &mut FloatImage, delta: f32) {
     for v in &mut img.data {
         *v += delta;
@@ -189,6 +194,7 @@ pub fn adjust_brightness(img: &mut FloatImage, delta: f32) {
 }
 
 /// `adjust_contrast`: `(x - mean) * factor + mean`, per channel over the image.
+#[inline]
 pub fn adjust_contrast(img: &mut FloatImage, factor: f32) {
     let n = (img.width * img.height).max(1);
     let mut mean = [0f64; 3];
@@ -205,6 +211,7 @@ pub fn adjust_contrast(img: &mut FloatImage, factor: f32) {
     }
 }
 
+#[inline]
 fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     let v = r.max(g).max(b);
     let range = v - r.min(g).min(b);
@@ -226,6 +233,7 @@ fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     (h, s, v)
 }
 
+#[inline]
 fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     let c = s * v;
     let m = v - c;
@@ -252,6 +260,7 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
 }
 
 /// `adjust_saturation`: HSV `s = clip(s * factor, 0, 1)`.
+#[inline]
 pub fn adjust_saturation(img: &mut FloatImage, factor: f32) {
     for p in img.data.chunks_exact_mut(3) {
         let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
@@ -261,6 +270,7 @@ pub fn adjust_saturation(img: &mut FloatImage, factor: f32) {
 }
 
 /// `adjust_hue`: HSV `h = (h + delta) mod 1`.
+#[inline]
 pub fn adjust_hue(img: &mut FloatImage, delta: f32) {
     for p in img.data.chunks_exact_mut(3) {
         let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
@@ -273,6 +283,13 @@ pub fn adjust_hue(img: &mut FloatImage, delta: f32) {
 
 /// Applies a drawn augmentation.
 pub fn apply(img: &RgbImage, d: &AugmentDraw) -> RgbImage {
+    // The passes below are inlined and built for AVX2 + FMA where the CPU has them (the same
+    // bits; the baseline build calls libm for every floor of the crop's bilinear sampling).
+    openvla_image::with_avx2_fma(|| apply_passes(img, d))
+}
+
+#[inline(always)]
+fn apply_passes(img: &RgbImage, d: &AugmentDraw) -> RgbImage {
     let f = to_float(img);
     let (h, w) = (f.height, f.width);
     let mut f = crop_and_resize(&f, d.crop_box, h, w);

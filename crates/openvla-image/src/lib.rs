@@ -97,6 +97,7 @@ mod geometry;
 mod image;
 mod preprocess;
 mod resize;
+mod simd;
 mod tf_crop;
 mod tf_resize;
 
@@ -111,5 +112,6 @@ pub use preprocess::{
     apply_resize_strategy, preprocess, preprocess_batch, PixelBatch, PixelValues,
 };
 pub use resize::resize_bicubic;
+pub use simd::with_avx2_fma;
 pub use tf_crop::{tf_center_crop, OFT_CROP_SCALE};
 pub use tf_resize::{resize_lanczos3_f32, resize_lanczos3_u8, tf_resize_for_policy};

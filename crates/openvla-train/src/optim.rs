@@ -237,25 +237,6 @@ fn f32_slice_mut<'a>(
 /// whatever the split, so the thread count does not change the bits).
 const CHUNK: usize = 1 << 15;
 
-/// Runs `f` (an element-wise loop, inlined) compiled for AVX2 + FMA where the CPU has them, else
-/// as built. `f32::mul_add` (torch's `lerp`) is a call to the software `fmaf` in a crate built
-/// for baseline x86-64; with FMA enabled it is one instruction, and the loop vectorizes. A
-/// fused multiply-add has one correctly rounded result, so both give the same bits.
-#[inline(always)]
-fn with_fma(f: impl FnOnce()) {
-    #[cfg(target_arch = "x86_64")]
-    if openvla::kernels::has_avx2() {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn run(f: impl FnOnce()) {
-            f()
-        }
-        // SAFETY: AVX2 and FMA are present (has_avx2 checks both).
-        unsafe { run(f) };
-        return;
-    }
-    f()
-}
-
 /// `m = lerp(m, g, 1-b1)` (first moment) or `v = v*b2 + ((1-b2) g) g` (second), in place.
 #[inline(always)]
 fn moments(d: &mut [f32], g: &[f32], s: &StepScalars, second: bool) {
@@ -306,7 +287,7 @@ impl candle_core::InplaceOp2 for MomentsOp {
         let (s, second) = (self.s, self.second);
         d.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(d, g)| with_fma(|| moments(d, g, &s, second)));
+            .for_each(|(d, g)| openvla_image::with_avx2_fma(|| moments(d, g, &s, second)));
         Ok(())
     }
 }
@@ -339,7 +320,7 @@ impl candle_core::InplaceOp3 for ParamOp {
         let s = self.s;
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(p, (m, v))| with_fma(|| params(p, m, v, &s)));
+            .for_each(|(p, (m, v))| openvla_image::with_avx2_fma(|| params(p, m, v, &s)));
         Ok(())
     }
 }
