@@ -305,16 +305,26 @@ pub fn table() -> String {
         ),
         (
             "finetune linears (fwd, dx, dW), --compute bf16",
-            format!(
-                "the many-row --compute bf16 kernel, after transposing g, x, W ({})",
-                if f.avx2 {
-                    "AVX2 8x8 blocks"
-                } else {
-                    "portable"
-                }
-            ),
+            if bf16_path() == Bf16Path::Amx {
+                "AMX as above; W of dx and x of dW packed depth-major, g^T of dW packed \
+                 transposed (no transposed copies)"
+                    .to_string()
+            } else {
+                format!(
+                    "the many-row --compute bf16 kernel, after transposing g, x, W ({})",
+                    if f.avx2 {
+                        "AVX2 8x8 blocks"
+                    } else {
+                        "portable"
+                    }
+                )
+            },
         ),
         ("attention QK^T, PV (prefill, vision)", gemm.to_string()),
+        (
+            "finetune attention (fwd, recomputed in bwd)",
+            format!("{gemm}, one head per task (f32 in every mode)"),
+        ),
         ("decode dot products, dense weights", dot.to_string()),
         ("decode dot products, q8_0/q4_0 weights", qdot.to_string()),
     ];
