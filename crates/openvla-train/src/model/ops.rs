@@ -179,7 +179,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
@@ -199,7 +199,7 @@ mod tests {
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 
-    fn data(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn data(shape: &[usize], seed: u64) -> Tensor {
         let mut r = crate::rng::TrainRng::new(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
@@ -342,7 +342,7 @@ mod tests {
 
     /// Checks that `f` (fused) equals `g` (composed) on `inputs` within `tol` relative, and so
     /// do the gradients of every input of `sum(f(inputs) * r)` for a random `r`.
-    fn same_values_and_grads(
+    pub(crate) fn same_values_and_grads(
         inputs: &[Tensor],
         f: &dyn Fn(&[Tensor]) -> Tensor,
         g: &dyn Fn(&[Tensor]) -> Tensor,
