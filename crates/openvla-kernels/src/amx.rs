@@ -98,15 +98,22 @@ fn request_tile_permission() -> bool {
     ret == 0
 }
 
-/// Activations `x [m, k]` rounded to bf16 (to nearest even) into a row-major
-/// `[m↑32][k↑32]` array, the padding zero.
+/// Activations `x [m, k]` rounded to bf16 (to nearest even) in the order the tile loop reads
+/// them: for each block of 32 rows and each depth step of 32, the 32 × 32 block row-major
+/// ([`TILE_PAIR`] values, 2 KB: the step's two A tiles, 16 rows of 64 bytes each, one after
+/// the other), the padding zero. Row-major rows `stride` long would put the 16 rows of an A
+/// tile 2·k bytes apart: 32 interleaved streams per block that the hardware prefetchers do not
+/// follow, where this layout reads one sequential stream.
 pub struct PackedRowsAmx {
     data: Vec<u16>,
     m: usize,
     k: usize,
-    /// Row length: `k` rounded up to [`DEPTH`].
+    /// Depth per row including the padding: `k` rounded up to [`DEPTH`] (at least one step).
     stride: usize,
 }
+
+/// bf16 values of one row block's depth step: two A tiles of 16 rows × 32.
+const TILE_PAIR: usize = BLOCK * DEPTH;
 
 impl PackedRowsAmx {
     /// Rounds and packs `x [m, k]` (row-major).
@@ -114,66 +121,87 @@ impl PackedRowsAmx {
         assert!(x.len() >= m * k, "amx rows: x holds {} < {m}×{k}", x.len());
         let stride = k.next_multiple_of(DEPTH).max(DEPTH);
         let rows = m.next_multiple_of(BLOCK);
-        // SAFETY: every element is written below: each row's k rounded values and its zero
-        // padding, the padding rows zeroed (no zero-fill of the whole array first).
+        // SAFETY: every element is written below (each block's values, then its padding).
         let mut data = unsafe { crate::uninit_vec::<u16>(rows * stride) };
-        let (body, pad) = data.split_at_mut(m * stride);
-        if k == 0 {
-            body.fill(0);
-        } else {
-            body.par_chunks_mut(stride)
-                .zip(x[..m * k].par_chunks(k))
-                .for_each(|(dst, src)| {
-                    crate::bf16_gemm::round_slice(src, &mut dst[..k]);
-                    dst[k..].fill(0);
-                });
-        }
-        pad.fill(0);
+        data.par_chunks_mut(BLOCK * stride)
+            .enumerate()
+            .for_each(|(ib, blk)| {
+                let valid = BLOCK.min(m - ib * BLOCK);
+                for rr in 0..valid {
+                    let row = &x[(ib * BLOCK + rr) * k..][..k];
+                    for (s, src) in row.chunks(DEPTH).enumerate() {
+                        let dst = &mut blk[s * TILE_PAIR + rr * DEPTH..][..src.len()];
+                        crate::bf16_gemm::round_slice(src, dst);
+                    }
+                }
+                zero_padding(blk, valid, k, stride);
+            });
         PackedRowsAmx { data, m, k, stride }
     }
 
     /// Packs `xᵀ` for a row-major `x [k, m]` (row stride `ld ≥ m`): the same array [`Self::pack`]
     /// builds from the transposed copy `[m, k]`, without that copy. Each task takes 32 columns
-    /// of `x` (32 packed rows) and moves them 256 depth rows at a time through an L1-sized
-    /// scratch: one read of `x` in f32 and one write in bf16, where the transposed copy read and
-    /// wrote the whole matrix twice more (a linear's `dW = gᵀ·x` packs `gᵀ` this way).
+    /// of `x` (one block of 32 packed rows) and moves them 256 depth rows at a time through an
+    /// L1-sized scratch: one read of `x` in f32 and one write in bf16, where the transposed copy
+    /// read and wrote the whole matrix twice more (a linear's `dW = gᵀ·x` packs `gᵀ` this way).
     pub fn pack_transposed(x: &[f32], k: usize, m: usize, ld: usize) -> PackedRowsAmx {
         assert!(
             k == 0 || m == 0 || (ld >= m && x.len() >= (k - 1) * ld + m),
             "amx rows: x holds {} < {k}×{m} at stride {ld}",
             x.len()
         );
-        const SCRATCH_ROWS: usize = 256;
+        const SCRATCH_ROWS: usize = 256; // a multiple of DEPTH
         let stride = k.next_multiple_of(DEPTH).max(DEPTH);
         let rows = m.next_multiple_of(BLOCK);
-        // SAFETY: every element is written below: each packed row's k rounded values (all
-        // depth chunks) and its zero padding, the padding rows zeroed.
+        // SAFETY: every element is written below (each block's values, then its padding).
         let mut data = unsafe { crate::uninit_vec::<u16>(rows * stride) };
-        let (body, pad) = data.split_at_mut(m * stride);
-        pad.fill(0);
-        body.par_chunks_mut(BLOCK * stride)
+        data.par_chunks_mut(BLOCK * stride)
             .enumerate()
-            .for_each(|(blk, out)| {
-                let (j0, nc) = (blk * BLOCK, out.len() / stride);
+            .for_each(|(ib, blk)| {
+                let (j0, nc) = (ib * BLOCK, BLOCK.min(m - ib * BLOCK));
                 let mut scratch = vec![0f32; nc * SCRATCH_ROWS.min(k)];
                 for d0 in (0..k).step_by(SCRATCH_ROWS) {
                     let dr = SCRATCH_ROWS.min(k - d0);
                     let t = &mut scratch[..nc * dr];
                     crate::transpose::stripe(&x[d0 * ld..], ld, dr, j0, nc, t);
                     for (c, col) in t.chunks_exact(dr).enumerate() {
-                        crate::bf16_gemm::round_slice(col, &mut out[c * stride + d0..][..dr]);
+                        for (i, src) in col.chunks(DEPTH).enumerate() {
+                            let s = d0 / DEPTH + i;
+                            let dst = &mut blk[s * TILE_PAIR + c * DEPTH..][..src.len()];
+                            crate::bf16_gemm::round_slice(src, dst);
+                        }
                     }
                 }
-                for row in out.chunks_exact_mut(stride) {
-                    row[k..].fill(0);
-                }
+                zero_padding(blk, nc, k, stride);
             });
         PackedRowsAmx { data, m, k, stride }
+    }
+
+    /// The packed bf16 bits of row `r`, depth `d` (zero in the padding).
+    #[cfg(test)]
+    fn at(&self, r: usize, d: usize) -> u16 {
+        let steps = self.stride / DEPTH;
+        self.data[((r / BLOCK) * steps + d / DEPTH) * TILE_PAIR + (r % BLOCK) * DEPTH + d % DEPTH]
     }
 
     /// Number of rows `m`.
     pub fn rows(&self) -> usize {
         self.m
+    }
+}
+
+/// Zeroes the padding of one packed row block `blk` (its depth steps of [`TILE_PAIR`]): past
+/// depth `k` in the first `valid` rows, everything in the others.
+fn zero_padding(blk: &mut [u16], valid: usize, k: usize, stride: usize) {
+    for (s, step) in blk
+        .chunks_exact_mut(TILE_PAIR)
+        .enumerate()
+        .take(stride / DEPTH)
+    {
+        let len = k.saturating_sub(s * DEPTH).min(DEPTH);
+        for (rr, row) in step.chunks_exact_mut(DEPTH).enumerate() {
+            row[if rr < valid { len } else { 0 }..].fill(0);
+        }
     }
 }
 
@@ -419,11 +447,11 @@ unsafe fn panel_product(
         if rows == BLOCK && cols == NR {
             // A whole block: the tiles go straight to dst.
             let d = dst.add(ib * BLOCK * rs);
-            block_32x32(a_block, a.stride * 2, panel, steps, true, d, rs);
+            block_32x32(a_block, panel, steps, true, d, rs);
             continue;
         }
         let o = out.as_mut_ptr();
-        block_32x32(a_block, a.stride * 2, panel, steps, true, o, BLOCK);
+        block_32x32(a_block, panel, steps, true, o, BLOCK);
         for r in 0..rows {
             std::ptr::copy_nonoverlapping(
                 out.as_ptr().add(r * BLOCK),
@@ -550,7 +578,8 @@ pub fn gemm_tiled(x: &[f32], w: &TiledWeights, y: &mut [f32], m: usize) {
 }
 
 /// One 32×32 block: `out [32][32] = Σ_s A_s · B_s` over `steps` depth steps of 32 bf16, where
-/// `a` is the block's first activation row (`a_stride` bytes between rows) and `b` the pair panel
+/// `a` is the block's packed activations ([`PackedRowsAmx`]: per step 32 rows of 32 bf16, 64
+/// bytes apart, [`TILE_PAIR`] values a step) and `b` the pair panel
 /// (`[pairs][32]` words, 128 bytes between pair rows). Each step loads two A tiles (`tmm4`,
 /// `tmm5`) and two B tiles (`tmm6`, `tmm7`) and issues four `tdpbf16ps` into `tmm0`-`tmm3`;
 /// with `advance` false every step reads the same tiles (the peak probe).
@@ -558,14 +587,13 @@ pub fn gemm_tiled(x: &[f32], w: &TiledWeights, y: &mut [f32], m: usize) {
 /// The block is stored as 32 rows of 32 floats, `out_stride` floats apart.
 ///
 /// # Safety
-/// The tile configuration [`CONFIG`] is loaded on this thread ([`with_tiles`]); `a` holds 32
-/// rows of `steps · 32` bf16 (32 when not advancing), `b` `steps · 16` pair rows of 32 words
+/// The tile configuration [`CONFIG`] is loaded on this thread ([`with_tiles`]); `a` holds
+/// `steps` (1 when not advancing) steps of [`TILE_PAIR`] bf16, `b` `steps · 16` pair rows of 32 words
 /// (16), `out` 32 rows of 32 floats `out_stride` apart.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn block_32x32(
     a: *const u16,
-    a_stride: usize,
     b: *const u32,
     steps: usize,
     advance: bool,
@@ -580,8 +608,13 @@ unsafe fn block_32x32(
         "tilezero tmm3",
         options(nostack, nomem)
     );
-    let (a_step, b_step) = if advance { (DEPTH, 16 * NR) } else { (0, 0) };
-    let a1 = a.add(16 * a_stride / 2);
+    let (a_step, b_step) = if advance {
+        (TILE_PAIR, 16 * NR)
+    } else {
+        (0, 0)
+    };
+    let a_stride = DEPTH * 2; // bytes between the rows of an A tile
+    let a1 = a.add(16 * DEPTH);
     for s in 0..steps {
         let b0 = b.add(s * b_step);
         asm!(
@@ -635,7 +668,6 @@ pub fn probe_loop(steps: usize) -> f32 {
             with_tiles(|| {
                 block_32x32(
                     a.as_ptr(),
-                    DEPTH * 2,
                     b.as_ptr(),
                     steps,
                     false,
@@ -709,7 +741,14 @@ mod tests {
     /// hands back dirty. Packing runs on any CPU (it is not the tile unit).
     #[test]
     fn packed_rows_pad_with_zeros_in_reused_memory() {
-        for (m, k) in [(1usize, 1usize), (5, 31), (33, 40), (40, 0), (64, 64)] {
+        for (m, k) in [
+            (1usize, 1usize),
+            (5, 31),
+            (33, 40),
+            (40, 0),
+            (64, 64),
+            (3, 100),
+        ] {
             let stride = k.next_multiple_of(DEPTH).max(DEPTH);
             let rows = m.next_multiple_of(BLOCK);
             // Leave a dirty block of the same size for the allocator to hand out again.
@@ -718,16 +757,17 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             let p = PackedRowsAmx::pack(&x, m, k);
             assert_eq!(p.data.len(), rows * stride);
+            let mut want = [0u16; 1];
             for r in 0..rows {
-                let row = &p.data[r * stride..(r + 1) * stride];
-                let body = if r < m { k } else { 0 };
-                let mut want = vec![0u16; body];
-                round_slice(&x[r.min(m.saturating_sub(1)) * k..][..body], &mut want);
-                assert_eq!(&row[..body], &want[..], "{m}x{k}: row {r} values");
-                assert!(
-                    row[body..].iter().all(|&v| v == 0),
-                    "{m}x{k}: row {r} padding not zero"
-                );
+                for d in 0..stride {
+                    let v = p.at(r, d);
+                    if r < m && d < k {
+                        round_slice(&x[r * k + d..][..1], &mut want);
+                        assert_eq!(v, want[0], "{m}x{k}: ({r}, {d}) value");
+                    } else {
+                        assert_eq!(v, 0, "{m}x{k}: ({r}, {d}) padding not zero");
+                    }
+                }
             }
         }
     }
