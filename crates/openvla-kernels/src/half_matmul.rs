@@ -73,17 +73,15 @@ impl CustomOp2 for HalfMatmul {
         let x = &x[xs..xe];
         if self.compute == ComputePrecision::Bf16 && !self.rowwise && m >= GEMM_MIN_ROWS {
             assert_eq!(bits.len(), n * k);
-            crate::bf16_gemm::tiled_gemm_bf16(x, &mut y, m, n, k, |j0, nb, t| {
-                let src = &bits[j0 * k..(j0 + nb) * k];
-                match kind {
-                    Half::Bf16 => t.copy_from_slice(src),
-                    Half::F16 => {
-                        let mut wide = vec![0f32; src.len()];
-                        widen(src, kind, &mut wide);
-                        crate::bf16_gemm::round_slice(&wide, t)
-                    }
-                }
-            });
+            match kind {
+                Half::Bf16 => crate::bf16_gemm::tiled_gemm_bf16_bits(x, bits, &mut y, m, n, k),
+                Half::F16 => crate::bf16_gemm::tiled_gemm_bf16(x, &mut y, m, n, k, |j0, nb, t| {
+                    let src = &bits[j0 * k..(j0 + nb) * k];
+                    let mut wide = vec![0f32; src.len()];
+                    widen(src, kind, &mut wide);
+                    crate::bf16_gemm::round_slice(&wide, t)
+                }),
+            }
         } else {
             matmul(x, bits, kind, &mut y, m, n, k, self.rowwise);
         }
