@@ -16,15 +16,28 @@
 //!
 //! The result equals the reference's attention up to summation order and `exp` rounding (tests
 //! compare with an f64 computation).
+//!
+//! With `--compute bf16` on AMX ([`ComputePrecision::Bf16`], [`crate::dispatch::bf16_path`]),
+//! a head of 8 or more queries computes its scores from bf16-rounded q and k and its output
+//! from bf16-rounded probabilities and v on the tile unit, with f32 sums and an f32 softmax,
+//! as PyTorch's bf16 attention rounds its operands. A query's result still depends on its own
+//! row only, so batched answers equal single ones. Elsewhere (f32, other CPUs, decode steps)
+//! every product is f32.
 
 use super::activation::{exp_slice, f32_contiguous};
+use crate::dispatch::ComputePrecision;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Self-attention over a fused `qkv [batch, tokens, 3·heads·head_dim]` (the `(3, heads,
 /// head_dim)` order of timm's `Attention`), giving `[batch, tokens, heads·head_dim]`: this
-/// module's kernel for f32 on CPU, candle's ops otherwise.
-pub fn fused_qkv_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+/// module's kernel for f32 on CPU (its products in `compute`'s arithmetic where the tile unit
+/// runs it), candle's ops otherwise.
+pub fn fused_qkv_attention(
+    qkv: &Tensor,
+    heads: usize,
+    compute: ComputePrecision,
+) -> candle_core::Result<Tensor> {
     let (b, n, three_c) = qkv.dims3()?;
     if heads == 0 || three_c % (3 * heads) != 0 {
         candle_core::bail!("attention: width {three_c} is not 3 × {heads} heads × head_dim");
@@ -33,7 +46,7 @@ pub fn fused_qkv_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Te
     if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
         return qkv
             .contiguous()?
-            .apply_op1_no_bwd(&FusedAttention { heads });
+            .apply_op1_no_bwd(&FusedAttention { heads, compute });
     }
     let qkv = qkv
         .reshape((b, n, 3, heads, hd))?
@@ -50,6 +63,7 @@ pub fn fused_qkv_attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Te
 
 struct FusedAttention {
     heads: usize,
+    compute: ComputePrecision,
 }
 
 impl CustomOp1 for FusedAttention {
@@ -63,14 +77,21 @@ impl CustomOp1 for FusedAttention {
         let c = three_c / 3;
         let mut out = vec![0f32; b * n * c];
         for (qkv, out) in qkv.chunks(n * three_c).zip(out.chunks_mut(n * c)) {
-            attention(qkv, out, n, self.heads, c / self.heads);
+            attention(qkv, out, n, self.heads, c / self.heads, self.compute);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
 }
 
 /// One sequence: `qkv [n, 3·heads·hd]` → `out [n, heads·hd]`.
-pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize) {
+pub fn attention(
+    qkv: &[f32],
+    out: &mut [f32],
+    n: usize,
+    heads: usize,
+    hd: usize,
+    compute: ComputePrecision,
+) {
     let c = heads * hd;
     assert_eq!(
         qkv.len(),
@@ -102,6 +123,7 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
                 t: n,
                 s: n,
                 hd,
+                compute,
             };
             let mut o = vec![0f32; n * hd];
             head.attend(&mut o);
@@ -119,9 +141,15 @@ pub fn attention(qkv: &[f32], out: &mut [f32], n: usize, heads: usize, hd: usize
 /// the queries' own positions): `q [1, heads, t, hd]`, `k`, `v [1, kv_heads, s, hd]` (f32 on
 /// CPU; keys and values may be strided views as long as each position's row is contiguous),
 /// query head `h` reading key head `h / (heads / kv_heads)`; gives
-/// `[1, heads, t, hd]`. `None` where this kernel does not apply (other dtypes or devices), for
+/// `[1, heads, t, hd]`, the products of a many-query step in `compute`'s arithmetic where the
+/// tile unit runs it. `None` where this kernel does not apply (other dtypes or devices), for
 /// the caller's generic path.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Option<Tensor>> {
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    compute: ComputePrecision,
+) -> candle_core::Result<Option<Tensor>> {
     let f32_cpu = |x: &Tensor| x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
     if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) {
         return Ok(None);
@@ -140,7 +168,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(
         &rows(k)?,
         &rows(v)?,
-        &CausalAttention,
+        &CausalAttention { compute },
     )?))
 }
 
@@ -169,7 +197,9 @@ fn head_rows<'a>(st: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f3
     Ok((&v[start..end], stride[1]))
 }
 
-struct CausalAttention;
+struct CausalAttention {
+    compute: ComputePrecision,
+}
 
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
@@ -208,7 +238,8 @@ impl CustomOp3 for CausalAttention {
             candle_core::bail!("causal-gqa-attention: keys and values laid out differently");
         }
         let mut out = vec![0f32; heads * t * hd];
-        causal(q, (k, v, k_stride), &mut out, heads, kv_heads, t, s, hd);
+        let dims = (heads, kv_heads, t, s, hd);
+        causal(q, (k, v, k_stride), &mut out, dims, self.compute);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -216,16 +247,13 @@ impl CustomOp3 for CausalAttention {
 /// `out [heads, t, hd]` = causal attention of `q [heads, t, hd]` over keys and values
 /// `(k, v, head_stride)`: head `g`'s `s` positions start at `g · head_stride` (`s · hd` when
 /// packed).
-#[allow(clippy::too_many_arguments)]
+/// `dims` = `(heads, kv_heads, t, s, hd)`.
 pub fn causal(
     q: &[f32],
     (k, v, hs): (&[f32], &[f32], usize),
     out: &mut [f32],
-    heads: usize,
-    kv_heads: usize,
-    t: usize,
-    s: usize,
-    hd: usize,
+    (heads, kv_heads, t, s, hd): (usize, usize, usize, usize, usize),
+    compute: ComputePrecision,
 ) {
     assert!(q.len() == heads * t * hd && out.len() == q.len());
     assert!(s >= t && hs >= s * hd && v.len() == k.len());
@@ -244,6 +272,7 @@ pub fn causal(
             t,
             s,
             hd,
+            compute,
         };
         head.attend(o);
     });
@@ -259,6 +288,8 @@ struct Head<'a> {
     t: usize,
     s: usize,
     hd: usize,
+    /// The products' arithmetic where the tile unit runs them (many-query heads).
+    compute: ComputePrecision,
 }
 
 impl Head<'_> {
@@ -267,8 +298,49 @@ impl Head<'_> {
     fn attend(&self, out: &mut [f32]) {
         if self.t < super::GEMM_MIN_ROWS {
             self.attend_rows(out)
+        } else if self.compute == ComputePrecision::Bf16
+            && crate::dispatch::bf16_path() == crate::dispatch::Bf16Path::Amx
+        {
+            self.attend_amx(out)
         } else {
             self.attend_packed(out)
+        }
+    }
+
+    /// Scores and output on the AMX tile unit in bf16 arithmetic: `q·kᵀ` from rounded q and k
+    /// (k rows are the product's weight rows), the f32 softmax, then the rounded probabilities
+    /// times v (read depth-major, as a linear's `dx = g·W` reads its weight).
+    fn attend_amx(&self, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::amx::{gemm, gemm_depth_major, PackedRowsAmx};
+            let Head {
+                q, k, v, t, s, hd, ..
+            } = *self;
+            let a = PackedRowsAmx::pack(q, t, hd);
+            // SAFETY: round_slice writes all s·hd bits, the products all t·s scores and t·hd
+            // outputs.
+            let mut kb = unsafe { super::uninit_vec::<u16>(s * hd) };
+            super::bf16_gemm::round_slice(&k[..s * hd], &mut kb);
+            let mut scores = unsafe { super::uninit_vec::<f32>(t * s) };
+            // SAFETY: AMX is the dispatched bf16 path (so usable); kb holds s rows of hd, scores
+            // t rows of s, v s rows of hd, out t rows of hd.
+            unsafe { gemm(&a, &kb, scores.as_mut_ptr(), s, s) };
+            self.softmax_rows(&mut scores);
+            let p = PackedRowsAmx::pack(&scores, t, s);
+            unsafe { gemm_depth_major(&p, &v[..s * hd], hd, 0, out.as_mut_ptr(), hd, hd) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.attend_packed(out)
+    }
+
+    /// The causal mask (where there is one) and the scaled softmax of each row of `scores`.
+    fn softmax_rows(&self, scores: &mut [f32]) {
+        for (i, row) in scores.chunks_mut(self.s).enumerate() {
+            if let Some(past) = self.causal {
+                row[past + i + 1..].fill(f32::NEG_INFINITY);
+            }
+            softmax_scaled(row, self.scale());
         }
     }
 
@@ -317,12 +389,7 @@ impl Head<'_> {
         }
         let mut scores = vec![0f32; t * s];
         super::gemm_single(q, k, &mut scores, s, t, s, hd);
-        for (i, row) in scores.chunks_mut(s).enumerate() {
-            if let Some(past) = self.causal {
-                row[past + i + 1..].fill(f32::NEG_INFINITY);
-            }
-            softmax_scaled(row, self.scale());
-        }
+        self.softmax_rows(&mut scores);
         super::gemm_single(&scores, &vt, out, hd, t, hd, s);
     }
 }
@@ -423,7 +490,7 @@ mod tests {
                 .map(|_| 2.0 * lcg(&mut seed))
                 .collect();
             let mut out = vec![f32::NAN; n * heads * hd];
-            attention(&qkv, &mut out, n, heads, hd);
+            attention(&qkv, &mut out, n, heads, hd, ComputePrecision::F32);
             let want = reference(&qkv, n, heads, hd);
             for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                 assert!(
@@ -431,6 +498,89 @@ mod tests {
                     "n={n} heads={heads} hd={hd} at {i}: {g} vs {w}"
                 );
             }
+        }
+    }
+
+    /// bf16 arithmetic (`--compute bf16`): within bf16's precision of the f64 attention on
+    /// ragged shapes; on AMX it is the tile path (its bits differ from the f32 path's), each
+    /// sequence alone gives the bits it gets among others, and a causal prefill's rows the bits
+    /// of the same queries in a longer prefill. Elsewhere bf16 takes the f32 path (checked equal).
+    #[test]
+    fn bf16_attention_is_within_bf16_precision_and_row_independent() {
+        let amx = crate::dispatch::bf16_path() == crate::dispatch::Bf16Path::Amx;
+        let mut seed = 15u64;
+        for (n, heads, hd) in [(8, 1, 8), (13, 3, 16), (40, 4, 64), (261, 2, 64)] {
+            let qkv: Vec<f32> = (0..n * 3 * heads * hd)
+                .map(|_| 2.0 * lcg(&mut seed))
+                .collect();
+            let mut out = vec![f32::NAN; n * heads * hd];
+            attention(&qkv, &mut out, n, heads, hd, ComputePrecision::Bf16);
+            let want = reference(&qkv, n, heads, hd);
+            for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() <= 2e-2 * (1.0 + w.abs()),
+                    "n={n} heads={heads} hd={hd} at {i}: {g} vs {w}"
+                );
+            }
+            let mut f32_out = vec![f32::NAN; n * heads * hd];
+            attention(&qkv, &mut f32_out, n, heads, hd, ComputePrecision::F32);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&out) != bits(&f32_out),
+                amx,
+                "n={n}: the bf16 path {} the f32 one",
+                if amx { "equals" } else { "differs from" }
+            );
+        }
+        // Causal: the first 16 queries of a 40-query prefill give the bits of a 16-query
+        // prefill over the same keys (each row depends on its own queries and keys only).
+        let (heads, kv, hd, s) = (4, 2, 32, 40);
+        let q: Vec<f32> = (0..heads * s * hd).map(|_| lcg(&mut seed)).collect();
+        let k: Vec<f32> = (0..kv * s * hd).map(|_| lcg(&mut seed)).collect();
+        let v: Vec<f32> = (0..kv * s * hd).map(|_| lcg(&mut seed)).collect();
+        let mut long = vec![0f32; heads * s * hd];
+        causal(
+            &q,
+            (&k, &v, s * hd),
+            &mut long,
+            (heads, kv, s, s, hd),
+            ComputePrecision::Bf16,
+        );
+        let t = 16;
+        let mut q16 = vec![0f32; heads * t * hd];
+        for h in 0..heads {
+            q16[h * t * hd..(h + 1) * t * hd].copy_from_slice(&q[h * s * hd..][..t * hd]);
+        }
+        let (k16, v16): (Vec<f32>, Vec<f32>) = (
+            (0..kv)
+                .flat_map(|g| k[g * s * hd..][..t * hd].to_vec())
+                .collect(),
+            (0..kv)
+                .flat_map(|g| v[g * s * hd..][..t * hd].to_vec())
+                .collect(),
+        );
+        let mut short = vec![0f32; heads * t * hd];
+        let dims = (heads, kv, t, t, hd);
+        causal(
+            &q16,
+            (&k16, &v16, t * hd),
+            &mut short,
+            dims,
+            ComputePrecision::Bf16,
+        );
+        for h in 0..heads {
+            let a: Vec<u32> = long[h * s * hd..][..t * hd]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            let b: Vec<u32> = short[h * t * hd..][..t * hd]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(a, b, "head {h}: rows differ between the prefills");
+        }
+        if !amx {
+            eprintln!("skipped: AMX bf16 attention (not the dispatched bf16 path here); the f32 path checked");
         }
     }
 
@@ -443,17 +593,21 @@ mod tests {
             .map(|_| lcg(&mut seed))
             .collect();
         let qkv = Tensor::from_vec(v, (b, n, 3 * heads * hd), &dev).unwrap();
-        let fused = fused_qkv_attention(&qkv, heads).unwrap();
+        let fused = fused_qkv_attention(&qkv, heads, ComputePrecision::F32).unwrap();
         // The candle path, through f64 (which takes the fallback branch).
-        let slow = fused_qkv_attention(&qkv.to_dtype(candle_core::DType::F64).unwrap(), heads)
-            .unwrap()
-            .to_dtype(candle_core::DType::F32)
-            .unwrap();
+        let slow = fused_qkv_attention(
+            &qkv.to_dtype(candle_core::DType::F64).unwrap(),
+            heads,
+            ComputePrecision::F32,
+        )
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
         assert_eq!(fused.dims(), &[b, n, heads * hd]);
         let d = (fused - slow).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
-        assert!(fused_qkv_attention(&qkv, 5).is_err());
-        assert!(fused_qkv_attention(&qkv, 0).is_err());
+        assert!(fused_qkv_attention(&qkv, 5, ComputePrecision::F32).is_err());
+        assert!(fused_qkv_attention(&qkv, 0, ComputePrecision::F32).is_err());
     }
 
     #[test]
@@ -473,7 +627,9 @@ mod tests {
             let qt = Tensor::from_vec(q.clone(), (1, heads, t, hd), &dev).unwrap();
             let kt = Tensor::from_vec(k.clone(), (1, kv_heads, s, hd), &dev).unwrap();
             let vt = Tensor::from_vec(v.clone(), (1, kv_heads, s, hd), &dev).unwrap();
-            let got = causal_attention(&qt, &kt, &vt).unwrap().unwrap();
+            let got = causal_attention(&qt, &kt, &vt, ComputePrecision::F32)
+                .unwrap()
+                .unwrap();
             assert_eq!(got.dims(), &[1, heads, t, hd]);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let rep = heads / kv_heads;
@@ -531,8 +687,11 @@ mod tests {
         };
         let (kb, vb) = (buf(&mut seed), buf(&mut seed));
         assert!(!kb.is_contiguous());
-        let strided = causal_attention(&q, &kb, &vb).unwrap().unwrap();
-        let packed = causal_attention(&q, &kb.contiguous().unwrap(), &vb.contiguous().unwrap())
+        let strided = causal_attention(&q, &kb, &vb, ComputePrecision::F32)
+            .unwrap()
+            .unwrap();
+        let (kc, vc) = (kb.contiguous().unwrap(), vb.contiguous().unwrap());
+        let packed = causal_attention(&q, &kc, &vc, ComputePrecision::F32)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -541,13 +700,15 @@ mod tests {
         );
         // Not f32: left to the caller's path.
         let x = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F64, &dev).unwrap();
-        assert!(causal_attention(&x, &x, &x).unwrap().is_none());
+        assert!(causal_attention(&x, &x, &x, ComputePrecision::F32)
+            .unwrap()
+            .is_none());
         // Bad head grouping and more queries than keys are errors.
         let q = Tensor::zeros((1, 3, 2, 4), candle_core::DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 2, 2, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(causal_attention(&q, &k, &k).is_err());
+        assert!(causal_attention(&q, &k, &k, ComputePrecision::F32).is_err());
         let q = Tensor::zeros((1, 2, 5, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(causal_attention(&q, &k, &k).is_err());
+        assert!(causal_attention(&q, &k, &k, ComputePrecision::F32).is_err());
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Backend for Train {
         ops::gelu_erf(x).map_err(to_model)
     }
 
-    fn vit_attention(qkv: &Tensor, num_heads: usize) -> openvla::Result<Tensor> {
+    fn vit_attention(_: &Linear, qkv: &Tensor, num_heads: usize) -> openvla::Result<Tensor> {
         let (b, n, c3) = qkv.dims3()?;
         let c = c3 / 3;
         let hd = c / num_heads;

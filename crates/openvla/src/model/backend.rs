@@ -81,8 +81,10 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn gelu_erf(x: &Tensor) -> Result<Tensor>;
 
     /// Bidirectional multi-head self-attention of a ViT block: fused `qkv [B, N, 3·D]`
-    /// (q, k, v, each heads-major) -> `[B, N, D]`, scores scaled by `head_dim^-1/2`.
-    fn vit_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor>;
+    /// (q, k, v, each heads-major) -> `[B, N, D]`, scores scaled by `head_dim^-1/2`, in the
+    /// arithmetic of `qkv_layer`, the layer that produced `qkv` (where the backend has more
+    /// than one).
+    fn vit_attention(qkv_layer: &Self::Linear, qkv: &Tensor, num_heads: usize) -> Result<Tensor>;
 }
 
 /// Where a backend's modules come from, by checkpoint name.
@@ -177,8 +179,8 @@ impl Backend for Infer {
         Ok(gelu_erf(x)?)
     }
 
-    fn vit_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
-        Ok(fused_qkv_attention(qkv, num_heads)?)
+    fn vit_attention(qkv_layer: &Linear, qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+        Ok(fused_qkv_attention(qkv, num_heads, qkv_layer.compute())?)
     }
 }
 

@@ -148,6 +148,11 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl DecoderLayer<Infer> {
+    /// The arithmetic of the layer's many-row products (its attention's too).
+    pub fn compute(&self) -> crate::kernels::ComputePrecision {
+        self.o_proj.compute()
+    }
+
     /// Bytes of the layer's weight matrices.
     pub fn weight_bytes(&self) -> usize {
         self.qkv_proj.storage_bytes()

@@ -50,7 +50,7 @@ fn attend_row(
     // expansion, mask tensor or copies). It sees only this row's cache, so a row's result
     // does not depend on the rest of the batch.
     if causal {
-        if let Some(out) = causal_attention(q, &k, &v)? {
+        if let Some(out) = causal_attention(q, &k, &v, layer.compute())? {
             return Ok(out);
         }
     }

@@ -192,7 +192,8 @@ impl<B: Backend> Block<B> {
     /// `language` is the average language embedding `[B, llm_dim]` (FiLM blocks only).
     fn forward(&self, ctx: &B::Ctx, x: &Tensor, language: Option<&Tensor>) -> Result<Tensor> {
         let qkv = B::linear(ctx, &self.qkv, &self.norm1.forward::<B>(x)?)?;
-        let a = B::linear(ctx, &self.proj, &B::vit_attention(&qkv, self.num_heads)?)?;
+        let a = B::vit_attention(&self.qkv, &qkv, self.num_heads)?;
+        let a = B::linear(ctx, &self.proj, &a)?;
         let a = match &self.ls1 {
             Some(g) => a.broadcast_mul(g)?,
             None => a,
