@@ -9,7 +9,7 @@
 //! the packed [`super::sgemm`] kernel, applies the scaled softmax in place with the vectorized
 //! `exp` of [`super::activation`], and multiplies by v.
 //!
-//! [`causal_attention`] does the same for the LLM, prefill and decode steps: grouped-query heads
+//! [`cache_attention`] does the same for the LLM, prefill and decode steps: grouped-query heads
 //! over the KV cache (read in place, a strided view of the cache's buffers), a causal mask,
 //! `[1, heads, t, head_dim]` in and out. Both run one head through the same `Head::attend`,
 //! which reads keys and values in place for fewer than 8 queries (decode steps).
@@ -137,17 +137,20 @@ pub fn attention(
     }
 }
 
-/// Causal grouped-query attention of `t` new queries over `s ≥ t` keys (the last `t` of which are
-/// the queries' own positions): `q [1, heads, t, hd]`, `k`, `v [1, kv_heads, s, hd]` (f32 on
+/// Grouped-query attention of `t` new queries over `s ≥ t` cached keys (the last `t` of which
+/// are the queries' own positions), causal (query `i` sees keys up to its own position) or, with
+/// `causal` false, over every key (OFT's bidirectional pass): `q [1, heads, t, hd]`, `k`,
+/// `v [1, kv_heads, s, hd]` (f32 on
 /// CPU; keys and values may be strided views as long as each position's row is contiguous),
 /// query head `h` reading key head `h / (heads / kv_heads)`; gives
 /// `[1, heads, t, hd]`, the products of a many-query step in `compute`'s arithmetic where the
 /// tile unit runs it. `None` where this kernel does not apply (other dtypes or devices), for
 /// the caller's generic path.
-pub fn causal_attention(
+pub fn cache_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    causal: bool,
     compute: ComputePrecision,
 ) -> candle_core::Result<Option<Tensor>> {
     let f32_cpu = |x: &Tensor| x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
@@ -168,7 +171,7 @@ pub fn causal_attention(
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(
         &rows(k)?,
         &rows(v)?,
-        &CausalAttention { compute },
+        &CacheAttention { causal, compute },
     )?))
 }
 
@@ -197,11 +200,12 @@ fn head_rows<'a>(st: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f3
     Ok((&v[start..end], stride[1]))
 }
 
-struct CausalAttention {
+struct CacheAttention {
+    causal: bool,
     compute: ComputePrecision,
 }
 
-impl CustomOp3 for CausalAttention {
+impl CustomOp3 for CacheAttention {
     fn name(&self) -> &'static str {
         "causal-gqa-attention"
     }
@@ -239,20 +243,28 @@ impl CustomOp3 for CausalAttention {
         }
         let mut out = vec![0f32; heads * t * hd];
         let dims = (heads, kv_heads, t, s, hd);
-        causal(q, (k, v, k_stride), &mut out, dims, self.compute);
+        over_cache(
+            q,
+            (k, v, k_stride),
+            &mut out,
+            dims,
+            self.causal,
+            self.compute,
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
-/// `out [heads, t, hd]` = causal attention of `q [heads, t, hd]` over keys and values
+/// `out [heads, t, hd]` = attention (causal, or over every key) of `q [heads, t, hd]` over keys and values
 /// `(k, v, head_stride)`: head `g`'s `s` positions start at `g · head_stride` (`s · hd` when
 /// packed).
 /// `dims` = `(heads, kv_heads, t, s, hd)`.
-pub fn causal(
+pub fn over_cache(
     q: &[f32],
     (k, v, hs): (&[f32], &[f32], usize),
     out: &mut [f32],
     (heads, kv_heads, t, s, hd): (usize, usize, usize, usize, usize),
+    causal: bool,
     compute: ComputePrecision,
 ) {
     assert!(q.len() == heads * t * hd && out.len() == q.len());
@@ -268,7 +280,7 @@ pub fn causal(
             q: &q[h * t * hd..(h + 1) * t * hd],
             k: &k[g * hs..g * hs + s * hd],
             v: &v[g * hs..g * hs + s * hd],
-            causal: Some(s - t),
+            causal: causal.then_some(s - t),
             t,
             s,
             hd,
@@ -539,11 +551,12 @@ mod tests {
         let k: Vec<f32> = (0..kv * s * hd).map(|_| lcg(&mut seed)).collect();
         let v: Vec<f32> = (0..kv * s * hd).map(|_| lcg(&mut seed)).collect();
         let mut long = vec![0f32; heads * s * hd];
-        causal(
+        over_cache(
             &q,
             (&k, &v, s * hd),
             &mut long,
             (heads, kv, s, s, hd),
+            true,
             ComputePrecision::Bf16,
         );
         let t = 16;
@@ -561,11 +574,12 @@ mod tests {
         );
         let mut short = vec![0f32; heads * t * hd];
         let dims = (heads, kv, t, t, hd);
-        causal(
+        over_cache(
             &q16,
             (&k16, &v16, t * hd),
             &mut short,
             dims,
+            true,
             ComputePrecision::Bf16,
         );
         for h in 0..heads {
@@ -627,7 +641,7 @@ mod tests {
             let qt = Tensor::from_vec(q.clone(), (1, heads, t, hd), &dev).unwrap();
             let kt = Tensor::from_vec(k.clone(), (1, kv_heads, s, hd), &dev).unwrap();
             let vt = Tensor::from_vec(v.clone(), (1, kv_heads, s, hd), &dev).unwrap();
-            let got = causal_attention(&qt, &kt, &vt, ComputePrecision::F32)
+            let got = cache_attention(&qt, &kt, &vt, true, ComputePrecision::F32)
                 .unwrap()
                 .unwrap();
             assert_eq!(got.dims(), &[1, heads, t, hd]);
@@ -687,11 +701,11 @@ mod tests {
         };
         let (kb, vb) = (buf(&mut seed), buf(&mut seed));
         assert!(!kb.is_contiguous());
-        let strided = causal_attention(&q, &kb, &vb, ComputePrecision::F32)
+        let strided = cache_attention(&q, &kb, &vb, true, ComputePrecision::F32)
             .unwrap()
             .unwrap();
         let (kc, vc) = (kb.contiguous().unwrap(), vb.contiguous().unwrap());
-        let packed = causal_attention(&q, &kc, &vc, ComputePrecision::F32)
+        let packed = cache_attention(&q, &kc, &vc, true, ComputePrecision::F32)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -700,15 +714,15 @@ mod tests {
         );
         // Not f32: left to the caller's path.
         let x = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F64, &dev).unwrap();
-        assert!(causal_attention(&x, &x, &x, ComputePrecision::F32)
+        assert!(cache_attention(&x, &x, &x, true, ComputePrecision::F32)
             .unwrap()
             .is_none());
         // Bad head grouping and more queries than keys are errors.
         let q = Tensor::zeros((1, 3, 2, 4), candle_core::DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 2, 2, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(causal_attention(&q, &k, &k, ComputePrecision::F32).is_err());
+        assert!(cache_attention(&q, &k, &k, true, ComputePrecision::F32).is_err());
         let q = Tensor::zeros((1, 2, 5, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(causal_attention(&q, &k, &k, ComputePrecision::F32).is_err());
+        assert!(cache_attention(&q, &k, &k, true, ComputePrecision::F32).is_err());
     }
 
     #[test]

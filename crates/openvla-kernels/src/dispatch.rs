@@ -322,6 +322,14 @@ pub fn table() -> String {
         ),
         ("attention QK^T, PV (prefill, vision)", gemm.to_string()),
         (
+            "attention, --compute bf16 (8+ queries)",
+            if bf16_path() == Bf16Path::Amx {
+                "AMX tdpbf16ps (bf16 q, k, probabilities, v; f32 sums and softmax)".to_string()
+            } else {
+                "as --compute f32".to_string()
+            },
+        ),
+        (
             "finetune attention (fwd, recomputed in bwd)",
             format!("{gemm}, one head per task (f32 in every mode)"),
         ),
