@@ -55,7 +55,7 @@ pub(crate) fn tensor(v: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> 
 }
 
 /// Width of the last dimension and number of rows of `shape`.
-pub(crate) fn rows_of(shape: &Shape, op: &str) -> candle_core::Result<(usize, usize)> {
+fn rows_of(shape: &Shape, op: &str) -> candle_core::Result<(usize, usize)> {
     let d = *shape.dims().last().unwrap_or(&1);
     if d == 0 {
         bail!("{op}: the last dimension is empty")
