@@ -119,21 +119,35 @@ impl PackedRowsAmx {
     /// Rounds and packs `x [m, k]` (row-major).
     pub fn pack(x: &[f32], m: usize, k: usize) -> PackedRowsAmx {
         assert!(x.len() >= m * k, "amx rows: x holds {} < {m}×{k}", x.len());
+        Self::pack_blocks(m, k, |ib, valid, blk| {
+            for rr in 0..valid {
+                let row = &x[(ib * BLOCK + rr) * k..][..k];
+                for (s, src) in row.chunks(DEPTH).enumerate() {
+                    let dst = &mut blk[s * TILE_PAIR + rr * DEPTH..][..src.len()];
+                    crate::bf16_gemm::round_slice(src, dst);
+                }
+            }
+        })
+    }
+
+    /// The array for `m` rows of depth `k`: `fill(ib, valid, blk)` writes the values of row
+    /// block `ib` (its first `valid` rows, depth `< k`), blocks in parallel; the padding is
+    /// zeroed after (no zero-fill of the whole array first).
+    fn pack_blocks(
+        m: usize,
+        k: usize,
+        fill: impl Fn(usize, usize, &mut [u16]) + Sync,
+    ) -> PackedRowsAmx {
         let stride = k.next_multiple_of(DEPTH).max(DEPTH);
         let rows = m.next_multiple_of(BLOCK);
-        // SAFETY: every element is written below (each block's values, then its padding).
+        // SAFETY: every element is written below: `fill` writes each block's values (its
+        // contract), zero_padding the rest.
         let mut data = unsafe { crate::uninit_vec::<u16>(rows * stride) };
         data.par_chunks_mut(BLOCK * stride)
             .enumerate()
             .for_each(|(ib, blk)| {
                 let valid = BLOCK.min(m - ib * BLOCK);
-                for rr in 0..valid {
-                    let row = &x[(ib * BLOCK + rr) * k..][..k];
-                    for (s, src) in row.chunks(DEPTH).enumerate() {
-                        let dst = &mut blk[s * TILE_PAIR + rr * DEPTH..][..src.len()];
-                        crate::bf16_gemm::round_slice(src, dst);
-                    }
-                }
+                fill(ib, valid, blk);
                 zero_padding(blk, valid, k, stride);
             });
         PackedRowsAmx { data, m, k, stride }
@@ -151,30 +165,22 @@ impl PackedRowsAmx {
             x.len()
         );
         const SCRATCH_ROWS: usize = 256; // a multiple of DEPTH
-        let stride = k.next_multiple_of(DEPTH).max(DEPTH);
-        let rows = m.next_multiple_of(BLOCK);
-        // SAFETY: every element is written below (each block's values, then its padding).
-        let mut data = unsafe { crate::uninit_vec::<u16>(rows * stride) };
-        data.par_chunks_mut(BLOCK * stride)
-            .enumerate()
-            .for_each(|(ib, blk)| {
-                let (j0, nc) = (ib * BLOCK, BLOCK.min(m - ib * BLOCK));
-                let mut scratch = vec![0f32; nc * SCRATCH_ROWS.min(k)];
-                for d0 in (0..k).step_by(SCRATCH_ROWS) {
-                    let dr = SCRATCH_ROWS.min(k - d0);
-                    let t = &mut scratch[..nc * dr];
-                    crate::transpose::stripe(&x[d0 * ld..], ld, dr, j0, nc, t);
-                    for (c, col) in t.chunks_exact(dr).enumerate() {
-                        for (i, src) in col.chunks(DEPTH).enumerate() {
-                            let s = d0 / DEPTH + i;
-                            let dst = &mut blk[s * TILE_PAIR + c * DEPTH..][..src.len()];
-                            crate::bf16_gemm::round_slice(src, dst);
-                        }
+        Self::pack_blocks(m, k, |ib, nc, blk| {
+            let j0 = ib * BLOCK;
+            let mut scratch = vec![0f32; nc * SCRATCH_ROWS.min(k)];
+            for d0 in (0..k).step_by(SCRATCH_ROWS) {
+                let dr = SCRATCH_ROWS.min(k - d0);
+                let t = &mut scratch[..nc * dr];
+                crate::transpose::stripe(&x[d0 * ld..], ld, dr, j0, nc, t);
+                for (c, col) in t.chunks_exact(dr).enumerate() {
+                    for (i, src) in col.chunks(DEPTH).enumerate() {
+                        let s = d0 / DEPTH + i;
+                        let dst = &mut blk[s * TILE_PAIR + c * DEPTH..][..src.len()];
+                        crate::bf16_gemm::round_slice(src, dst);
                     }
                 }
-                zero_padding(blk, nc, k, stride);
-            });
-        PackedRowsAmx { data, m, k, stride }
+            }
+        })
     }
 
     /// The packed bf16 bits of row `r`, depth `d` (zero in the padding).
