@@ -12,7 +12,7 @@
 //! (`finetune --compute bf16`, AMX or AVX512-BF16 where the CPU has them).
 
 use candle_core::{Device, Tensor, Var};
-use openvla_train::model::{fused_reference as reference, ops};
+use openvla_train::model::{attention, fused_reference as reference, ops};
 use std::time::Instant;
 
 fn data(shape: &[usize], seed: u64) -> Tensor {
@@ -127,12 +127,19 @@ fn main() {
         &|t| ops::rope(&t[0], &cos, &sin).expect("rope"),
     );
     let mask = data(&[b, 1, s, s], 13);
+    let scale = 64f64.powf(-0.5);
     report(
-        "masked softmax [32, 4, 93, 93]",
-        &[data(&[b, 4, s, s], 14)],
+        "masked attention [32, 4, 93, 64] (q, k, v grads)",
+        &[
+            data(&[b, 4, s, 64], 14),
+            data(&[b, 4, s, 64], 18),
+            data(&[b, 4, s, 64], 19),
+        ],
         iters,
-        &|t| reference::masked_softmax(&t[0], &mask).expect("softmax"),
-        &|t| ops::masked_softmax(&t[0], &mask).expect("softmax"),
+        &|t| reference::attention(&t[0], &t[1], &t[2], Some(&mask), scale).expect("attention"),
+        &|t| {
+            attention::attention(&t[0], &t[1], &t[2], Some(&mask), scale as f32).expect("attention")
+        },
     );
     for (name, m, k, nout) in [
         ("linear fc1 [2048, 192] x [768, 192]^T + b", b * n, d, h),

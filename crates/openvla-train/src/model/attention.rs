@@ -74,7 +74,6 @@ impl Head {
     }
 
     /// `(dq [t, hd], dk [s, hd], dv [s, hd])` of `out = p·v` for the output gradient `g [t, hd]`.
-    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         (q, k, v): (&[f32], &[f32], &[f32]),
@@ -296,28 +295,13 @@ pub fn attention(
 
 #[cfg(test)]
 mod tests {
+    use super::super::fused_reference;
     use super::super::ops::tests::{data, same_values_and_grads};
     use super::*;
-    use candle_core::{Device, D};
-
-    /// The composed candle computation the op replaces.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
-        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-        let s = match mask {
-            Some(m) => s.broadcast_add(m).unwrap(),
-            None => s,
-        };
-        let e = s
-            .broadcast_sub(&s.max_keepdim(D::Minus1).unwrap())
-            .unwrap()
-            .exp()
-            .unwrap();
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-        p.matmul(v).unwrap()
-    }
+    use candle_core::Device;
 
     /// Values within 1e-5 relative and the gradients of q, k and v within 1e-4 of the composed
-    /// candle ops, on ragged shapes (one query, keys ≠ queries, widths off the kernels' blocks),
+    /// candle ops (`fused_reference::attention`), on ragged shapes (one query, keys ≠ queries, widths off the kernels' blocks),
     /// with and without a mask that hides keys (causal, and a padded key in sample 0).
     #[test]
     fn matches_composed_attention_and_its_gradients() {
@@ -351,7 +335,7 @@ mod tests {
             same_values_and_grads(
                 &inputs,
                 &|x| attention(&x[0], &x[1], &x[2], m, scale as f32).unwrap(),
-                &|x| composed(&x[0], &x[1], &x[2], m, scale),
+                &|x| fused_reference::attention(&x[0], &x[1], &x[2], m, scale).unwrap(),
                 1e-5,
             );
         }

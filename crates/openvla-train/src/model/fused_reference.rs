@@ -21,13 +21,24 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(y.broadcast_mul(w)?)
 }
 
-/// `softmax(x + mask)` over the last dimension from `max`/`exp`/`sum` (the max detached),
-/// the mask `[B, 1, S, K]` broadcast over the heads of `x [B, H, S, K]`.
-pub fn masked_softmax(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let z = x.broadcast_add(mask)?;
+/// Scaled dot-product attention `softmax(q·kᵀ·scale + mask)·v` from `matmul`/`max`/`exp`/`sum`
+/// (the max detached), an optional additive mask `[B, 1, T, S]` broadcast over the heads of
+/// `q [B, H, T, hd]`, `k`, `v [B, H, S, hd]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let z = (q.matmul(&k.t()?)? * scale)?;
+    let z = match mask {
+        Some(m) => z.broadcast_add(m)?,
+        None => z,
+    };
     let mx = z.max_keepdim(D::Minus1)?.detach();
     let e = z.broadcast_sub(&mx)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(v)?)
 }
 
 /// Half-rotation rotary embedding by `narrow`/`cat`: `x cos + rotate_half(x) sin`.

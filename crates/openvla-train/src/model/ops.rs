@@ -1,12 +1,12 @@
 //! Differentiable building blocks. Every op here records a backward in candle 0.11.1; none of
 //! candle's fused kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rotary_emb::rope*`,
-//! which have no backward) is used. The norms, softmax, GELU, SwiGLU product, rotary embedding
-//! and linear layers are this crate's fused ops with hand-written backward passes
-//! ([`super::fused`]); the tests keep the earlier compositions of candle ops as references.
+//! which have no backward) is used. The norms, GELU, SwiGLU product, rotary embedding and linear
+//! layers are this crate's fused ops with hand-written backward passes ([`super::fused`]), as is
+//! attention ([`super::attention`]); the tests keep the earlier compositions of candle ops as
+//! references ([`super::fused_reference`]).
 
 use super::fused::{
     linear_bwd, linear_fwd, GeluKind, GeluOp, LayerNormOp, LinearOp, RmsNormOp, RopeOp, SiluMulOp,
-    SoftmaxOp,
 };
 use crate::error::Result;
 use crate::lora::Adapters;
@@ -138,35 +138,6 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMulOp)?)
 }
 
-/// Softmax over the last dimension (the max is subtracted as a constant), as one op.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(MaskedSoftmax { mask: None })?)
-}
-
-/// `softmax(x + mask)` over the last dimension for `x [B, H, S, K]` and an additive
-/// `mask [B, 1, S, K]` (no gradient), as one op.
-pub fn masked_softmax(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, _, s, k) = x.dims4()?;
-    if mask.dims() != [b, 1, s, k] {
-        return Err(crate::error::TrainError::Invalid(format!(
-            "attention mask {:?} does not fit scores {:?}",
-            mask.dims(),
-            x.dims()
-        )));
-    }
-    Ok(x.contiguous()?.apply_op1(MaskedSoftmax {
-        mask: Some(mask.to_dtype(DType::F32)?.contiguous()?),
-    })?)
-}
-
-/// Softmax (optionally of `x + mask`, the mask broadcast over heads) with its analytic
-/// backward `dx = y * (dy - sum(dy * y))`: the fused [`SoftmaxOp`].
-///
-/// Composed of candle ops (max, sub, exp, sum, div), the attention softmax is a chain of about
-/// 25 passes over the `[B, H, S, S]` scores in forward and backward (each node also gets a
-/// zero-filled gradient slot); fused it is 2 passes forward and 2 backward.
-pub type MaskedSoftmax = SoftmaxOp;
-
 /// Half-rotation rotary embedding (HF `rotate_half`): `x cos + rotate_half(x) sin` for
 /// `x [B, H, T, hd]` and tables `[T, hd]`, one fused op ([`RopeOp`]; the tables get no
 /// gradient).
@@ -207,18 +178,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn norms_and_softmax_match_the_fused_kernels_and_have_gradients() {
+    fn norms_have_gradients_and_normalize() {
         let x = Var::from_tensor(&data(&[2, 5, 8], 1)).unwrap();
         let w = data(&[8], 2);
         let b = data(&[8], 3);
         let ln = layer_norm(x.as_tensor(), &w, &b, 1e-6).unwrap();
         let rn = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
-        let sm = softmax_last(x.as_tensor()).unwrap();
-        let fused_sm = {
-            let e = x.as_tensor().exp().unwrap();
-            e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
-        };
-        close(&sm, &fused_sm, 1e-6);
         // mean 0 / unit variance before the affine part
         let plain = layer_norm(
             x.as_tensor(),
@@ -230,7 +195,6 @@ pub(crate) mod tests {
         let m = plain.mean_keepdim(D::Minus1).unwrap();
         close(&m, &m.zeros_like().unwrap(), 1e-6);
         let loss = (ln.sum_all().unwrap() + rn.sqr().unwrap().sum_all().unwrap()).unwrap();
-        let loss = (loss + sm.sqr().unwrap().sum_all().unwrap()).unwrap();
         let g = loss.backward().unwrap();
         assert!(g.get(&x).is_some(), "no gradient through the norms");
     }
@@ -275,43 +239,6 @@ pub(crate) mod tests {
         let y = linear(x.as_tensor(), &wb, None).unwrap();
         let want = linear(x.as_tensor(), &wb.to_dtype(DType::F32).unwrap(), None).unwrap();
         close(&y, &want, 1e-6);
-    }
-
-    #[test]
-    fn fused_masked_softmax_matches_the_composed_one_with_gradients() {
-        let x = Var::from_tensor(&data(&[2, 3, 4, 5], 7)).unwrap();
-        let mut m = vec![0f32; 2 * 4 * 5];
-        for (i, v) in m.iter_mut().enumerate() {
-            if i % 3 == 1 {
-                *v = f32::MIN / 2.0;
-            }
-        }
-        let mask = Tensor::from_vec(m, (2, 1, 4, 5), &Device::Cpu).unwrap();
-        let w = data(&[2, 3, 4, 5], 8);
-        let composed = {
-            let z = x.as_tensor().broadcast_add(&mask).unwrap();
-            let mx = z.max_keepdim(D::Minus1).unwrap().detach();
-            let e = z.broadcast_sub(&mx).unwrap().exp().unwrap();
-            e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
-        };
-        let fused = masked_softmax(x.as_tensor(), &mask).unwrap();
-        close(&fused, &composed, 1e-6);
-        let gc = (&composed * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gf = (&fused * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), 1e-6);
-        let plain = softmax_last(x.as_tensor()).unwrap();
-        let sums = plain.sum_keepdim(D::Minus1).unwrap();
-        close(&sums, &sums.ones_like().unwrap(), 1e-6);
     }
 
     /// The compositions of candle ops the model used before the fused ops (references).
