@@ -91,18 +91,12 @@ fn lerp(start: f32, end: f32, w: f32) -> f32 {
     }
 }
 
-/// One AdamW update of float32 slices, element by element, in torch's operation order.
+/// One AdamW update of float32 slices in torch's operation order, on the calling thread as
+/// built (the host path of non-CPU devices): the in-place ops' [`moments`] and [`params`].
 fn update_slices(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &StepScalars) {
-    for i in 0..p.len() {
-        let gi = g[i];
-        let pi = p[i] * s.decay;
-        let mi = lerp(m[i], gi, s.lerp_w);
-        let vi = v[i] * s.beta2 + s.one_minus_beta2 * gi * gi;
-        let denom = vi.sqrt() / s.bc2_sqrt + s.eps;
-        p[i] = pi + s.neg_step_size * mi / denom;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    moments(m, g, s, false);
+    moments(v, g, s, true);
+    params(p, m, v, s);
 }
 
 /// Optimizer state of one parameter.
