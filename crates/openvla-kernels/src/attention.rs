@@ -10,8 +10,8 @@
 //! `exp` of [`super::activation`], and multiplies by v.
 //!
 //! [`cache_attention`] does the same for the LLM, prefill and decode steps: grouped-query heads
-//! over the KV cache (read in place, a strided view of the cache's buffers), a causal mask,
-//! `[1, heads, t, head_dim]` in and out. Both run one head through the same `Head::attend`,
+//! over the KV cache (read in place, a strided view of the cache's buffers), a causal mask or
+//! none (OFT's bidirectional pass), `[1, heads, t, head_dim]` in and out. Both run one head through the same `Head::attend`,
 //! which reads keys and values in place for fewer than 8 queries (decode steps).
 //!
 //! The result equals the reference's attention up to summation order and `exp` rounding (tests
@@ -179,13 +179,13 @@ pub fn cache_attention(
 /// first element of head 0 to the last of the last head, and the distance between heads.
 fn head_rows<'a>(st: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
     let CpuStorage::F32(v) = st else {
-        candle_core::bail!("causal-gqa-attention expects f32")
+        candle_core::bail!("gqa-cache-attention expects f32")
     };
     let (_, heads, s, hd) = l.shape().dims4()?;
     let stride = l.stride();
     if stride[3] != 1 || stride[2] != hd || (heads > 1 && stride[1] < s * hd) {
         candle_core::bail!(
-            "causal-gqa-attention: keys/values need contiguous rows, got strides {stride:?}"
+            "gqa-cache-attention: keys/values need contiguous rows, got strides {stride:?}"
         );
     }
     let start = l.start_offset();
@@ -195,7 +195,7 @@ fn head_rows<'a>(st: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f3
         start + (heads - 1) * stride[1] + s * hd
     };
     if end > v.len() {
-        candle_core::bail!("causal-gqa-attention: view past the end of its storage");
+        candle_core::bail!("gqa-cache-attention: view past the end of its storage");
     }
     Ok((&v[start..end], stride[1]))
 }
@@ -207,7 +207,7 @@ struct CacheAttention {
 
 impl CustomOp3 for CacheAttention {
     fn name(&self) -> &'static str {
-        "causal-gqa-attention"
+        "gqa-cache-attention"
     }
 
     fn cpu_fwd(
@@ -219,14 +219,14 @@ impl CustomOp3 for CacheAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = f32_contiguous(s1, l1, "causal-gqa-attention")?;
+        let q = f32_contiguous(s1, l1, "gqa-cache-attention")?;
         let (k, k_stride) = head_rows(s2, l2)?;
         let (v, v_stride) = head_rows(s3, l3)?;
         let (b, heads, t, hd) = l1.shape().dims4()?;
         let (bk, kv_heads, s, hdk) = l2.shape().dims4()?;
         if b != 1 || bk != 1 || l3.shape() != l2.shape() || hdk != hd {
             candle_core::bail!(
-                "causal-gqa-attention: q {:?}, k {:?}, v {:?} (one row, matching head_dim)",
+                "gqa-cache-attention: q {:?}, k {:?}, v {:?} (one row, matching head_dim)",
                 l1.shape(),
                 l2.shape(),
                 l3.shape()
@@ -234,12 +234,12 @@ impl CustomOp3 for CacheAttention {
         }
         if kv_heads == 0 || heads % kv_heads != 0 || s < t {
             candle_core::bail!(
-                "causal-gqa-attention: {heads} query heads over {kv_heads} key heads, {t} queries \
+                "gqa-cache-attention: {heads} query heads over {kv_heads} key heads, {t} queries \
                  over {s} keys"
             );
         }
         if k_stride != v_stride {
-            candle_core::bail!("causal-gqa-attention: keys and values laid out differently");
+            candle_core::bail!("gqa-cache-attention: keys and values laid out differently");
         }
         let mut out = vec![0f32; heads * t * hd];
         let dims = (heads, kv_heads, t, s, hd);
@@ -514,9 +514,9 @@ mod tests {
     }
 
     /// bf16 arithmetic (`--compute bf16`): within bf16's precision of the f64 attention on
-    /// ragged shapes; on AMX it is the tile path (its bits differ from the f32 path's), each
-    /// sequence alone gives the bits it gets among others, and a causal prefill's rows the bits
-    /// of the same queries in a longer prefill. Elsewhere bf16 takes the f32 path (checked equal).
+    /// ragged shapes; on AMX it is the tile path (its bits differ from the f32 path's), and a
+    /// causal prefill's rows give the bits of the same queries in a longer prefill. Elsewhere
+    /// bf16 takes the f32 path (checked equal).
     #[test]
     fn bf16_attention_is_within_bf16_precision_and_row_independent() {
         let amx = crate::dispatch::bf16_path() == crate::dispatch::Bf16Path::Amx;
@@ -595,6 +595,47 @@ mod tests {
         }
         if !amx {
             eprintln!("skipped: AMX bf16 attention (not the dispatched bf16 path here); the f32 path checked");
+        }
+    }
+
+    /// Attention over a cache without the causal mask (OFT's bidirectional pass) is the vision
+    /// kernel's attention: the same bits as [`attention`] on the same q, k, v, in both
+    /// arithmetics and across the row-wise (decode-sized) and packed paths.
+    #[test]
+    fn bidirectional_cache_attention_is_the_vision_attention() {
+        let mut seed = 23u64;
+        for compute in [ComputePrecision::F32, ComputePrecision::Bf16] {
+            for (n, heads, hd) in [(3, 2, 8), (21, 3, 16), (40, 2, 64)] {
+                let c = heads * hd;
+                let qkv: Vec<f32> = (0..n * 3 * c).map(|_| lcg(&mut seed)).collect();
+                let mut want = vec![f32::NAN; n * c];
+                attention(&qkv, &mut want, n, heads, hd, compute);
+                // The same operands head-major, [heads, n, hd] each.
+                let part = |p: usize| -> Vec<f32> {
+                    (0..heads)
+                        .flat_map(|h| (0..n).flat_map(move |t| (0..hd).map(move |d| (t, h, d))))
+                        .map(|(t, h, d)| qkv[t * 3 * c + p * c + h * hd + d])
+                        .collect()
+                };
+                let (q, k, v) = (part(0), part(1), part(2));
+                let mut got = vec![f32::NAN; n * c];
+                over_cache(
+                    &q,
+                    (&k, &v, n * hd),
+                    &mut got,
+                    (heads, heads, n, n, hd),
+                    false,
+                    compute,
+                );
+                for h in 0..heads {
+                    for t in 0..n {
+                        let g = &got[(h * n + t) * hd..][..hd];
+                        let w = &want[t * c + h * hd..][..hd];
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(g), bits(w), "{compute:?} n={n} head {h} query {t}");
+                    }
+                }
+            }
         }
     }
 
