@@ -65,6 +65,20 @@ pub fn round_slice(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// `src` rounded to bf16 and widened back to f32 into `dst` (the values the bf16 products
+/// multiply, [`round_slice`] then widened), through an L1-sized scratch of bits: one pass over
+/// the operands, for the paths that emulate bf16 arithmetic on the f32 GEMM.
+pub fn round_slice_f32(src: &[f32], dst: &mut [f32]) {
+    const CHUNK: usize = 2048;
+    let n = src.len().min(dst.len());
+    let mut bits = [0u16; CHUNK];
+    for (s, d) in src[..n].chunks(CHUNK).zip(dst[..n].chunks_mut(CHUNK)) {
+        let b = &mut bits[..s.len()];
+        round_slice(s, b);
+        widen(b, Half::Bf16, d);
+    }
+}
+
 /// [`round_bf16`] on the leading multiple of 16 elements; returns how many it rounded.
 ///
 /// # Safety
@@ -289,10 +303,9 @@ fn gemm_bf16_rows(
         }
     }
     // The same operands through the f32 GEMM.
-    let mut xr = vec![0u16; m * k];
-    round_slice(&x[..m * k], &mut xr);
-    let mut xw = vec![0f32; m * k];
-    widen(&xr, Half::Bf16, &mut xw);
+    // SAFETY: round_slice_f32 writes all m·k elements.
+    let mut xw = unsafe { crate::uninit_vec::<f32>(m * k) };
+    round_slice_f32(&x[..m * k], &mut xw);
     crate::tiled_gemm(&xw, y, m, n, k, |j0, nb, wide| {
         with_tile(j0, nb, &mut |tile| widen(tile, Half::Bf16, wide))
     });

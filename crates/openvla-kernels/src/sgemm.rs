@@ -45,15 +45,39 @@ impl PackedRows {
             "packed rows: x holds {} < {m}×{k}",
             x.len()
         );
+        use rayon::prelude::*;
         let panels = m.div_ceil(MR);
-        let mut data = vec![0f32; panels * k * MR];
-        for (p, panel) in data.chunks_mut((k * MR).max(1)).enumerate() {
-            for r in 0..MR.min(m - p * MR) {
-                let row = &x[(p * MR + r) * k..(p * MR + r + 1) * k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * MR + r] = v;
+        // SAFETY: every element is written below (the rows past m as zeros) before it is read.
+        let mut data = unsafe { crate::uninit_vec::<f32>(panels * k * MR) };
+        if k == 0 {
+            return PackedRows { data, m, k };
+        }
+        let pack = |(p, panel): (usize, &mut [f32])| {
+            let rows = MR.min(m - p * MR);
+            if rows == MR {
+                // Written in order, six rows read side by side.
+                let r: [&[f32]; MR] =
+                    std::array::from_fn(|i| &x[(p * MR + i) * k..(p * MR + i + 1) * k]);
+                for (kk, o) in panel.chunks_exact_mut(MR).enumerate() {
+                    o.copy_from_slice(&[
+                        r[0][kk], r[1][kk], r[2][kk], r[3][kk], r[4][kk], r[5][kk],
+                    ]);
+                }
+            } else {
+                panel.fill(0.0);
+                for r in 0..rows {
+                    let row = &x[(p * MR + r) * k..(p * MR + r + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * MR + r] = v;
+                    }
                 }
             }
+        };
+        // In parallel where there is enough to split (a panel is k·MR floats).
+        if panels * k * MR >= 1 << 16 {
+            data.par_chunks_mut(k * MR).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut(k * MR).enumerate().for_each(pack);
         }
         PackedRows { data, m, k }
     }

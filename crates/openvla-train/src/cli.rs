@@ -1061,6 +1061,9 @@ pub fn finetune_with_model<M: crate::seam::TrainModel + Send>(
     let open_source = source.clone();
     let oft = plan.oft;
     let run_stats = stats.clone();
+    // Frames are resized to the model's resolution before augmentation, as the reference's
+    // `resize_resolution=tuple(vla.module.config.image_sizes)`.
+    let resize = plan.config.resize_resolution();
     let open = move || -> Result<openvla_data::stream::FrameStream> {
         let ds = openvla_data::stream::StreamDataset {
             source: open_source.clone(),
@@ -1071,6 +1074,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel + Send>(
         let mut cfg = openvla_data::stream::StreamConfig {
             seed,
             shuffle_buffer: shuffle,
+            image_size: Some(resize),
             augment: aug.then(Default::default),
             ..Default::default()
         };

@@ -1,5 +1,5 @@
-//! Training batches from the `openvla-data` frame stream: frames (224x224 RGB, BOUNDS_Q99
-//! actions, instructions, augmentation) -> the model's image transform -> [`VlaBatch`].
+//! Training batches from the `openvla-data` frame stream: frames (RGB at the model's resolution,
+//! BOUNDS_Q99 actions, instructions, augmentation) -> the model's image transform -> [`VlaBatch`].
 //!
 //! The stream is deterministic for a seed (it reorders by sequence number whatever the thread
 //! timing), so a position is just the number of samples consumed: resuming reopens the stream

@@ -572,6 +572,19 @@ impl ModelConfig {
     pub fn num_patches(&self) -> usize {
         self.towers.first().map(|t| t.num_patches()).unwrap_or(0)
     }
+
+    /// The `(width, height)` training frames are resized to before augmentation: the reference's
+    /// `resize_resolution=tuple(vla.module.config.image_sizes)` (`vla-scripts/finetune.py`),
+    /// which the RLDS pipeline reads as `(height, width)`. With two towers that is
+    /// `(image_sizes[0], image_sizes[1])` (OpenVLA: 224 x 224); with one tower, whose
+    /// one-element tuple the reference cannot use, a square of its size.
+    pub fn resize_resolution(&self) -> (u32, u32) {
+        let size = |i: usize| self.towers.get(i).map_or(224, |t| t.image_size) as u32;
+        match self.towers.len() {
+            0 | 1 => (size(0), size(0)),
+            _ => (size(1), size(0)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -672,5 +685,25 @@ mod tests {
         let mut j = base();
         j["text_config"]["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
         assert!(config(j).unwrap_err().to_string().contains("rope_scaling"));
+    }
+
+    #[test]
+    fn resize_resolution_is_the_reference_tuple_of_image_sizes() {
+        // OpenVLA: two towers at 224.
+        assert_eq!(config(base()).unwrap().resize_resolution(), (224, 224));
+        // The reference reads tuple(image_sizes) as (height, width).
+        let mut j = base();
+        j["timm_model_ids"] = serde_json::json!([
+            "vit_large_patch14_reg4_dinov2.lvd142m",
+            "vit_base_patch16_siglip_224"
+        ]);
+        j["image_sizes"] = serde_json::json!([224, 256]);
+        assert_eq!(config(j).unwrap().resize_resolution(), (256, 224));
+        // One tower: a square at its size.
+        let mut j = base();
+        j["use_fused_vision_backbone"] = serde_json::json!(false);
+        j["timm_model_ids"] = serde_json::json!(["vit_base_patch16_siglip_224"]);
+        j["image_sizes"] = serde_json::json!([128]);
+        assert_eq!(config(j).unwrap().resize_resolution(), (128, 128));
     }
 }

@@ -172,6 +172,22 @@ unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> std::borrow::Cow<
 /// [`gemm_f32`] in bf16 arithmetic ([`BF16Matmuls`]) on the kernels' bf16 GEMM, which reads
 /// `lhs` as rows `[m, k]` and `rhs` as weight rows `[n, k]` (its transpose).
 fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
+    use openvla::kernels::dispatch::{bf16_path, Bf16Path};
+    if bf16_path() == Bf16Path::F32Gemm {
+        // No bf16 instructions here: both operands rounded once (one pass each, to f32 values
+        // that bf16 holds exactly) and multiplied by the f32 GEMM, which sums in f32 as the
+        // bf16 kernels do.
+        let rounded = |rows: &[f32]| {
+            // SAFETY: round_slice_f32 writes every element.
+            let mut r = unsafe { uninit_vec::<f32>(rows.len()) };
+            openvla::kernels::bf16_gemm::round_slice_f32(rows, &mut r);
+            r
+        };
+        // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
+        let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
+        openvla::kernels::tiled_gemm_f32(&rounded(&x), &rounded(&w), &mut dst[..m * n], m, n, k);
+        return;
+    }
     if lhs.1 == 1 && lhs.2 >= m as isize && rhs.1 == n as isize && rhs.2 == 1 && m * k > 0 {
         // lhs = xtᵀ for a row-major xt [k, m] (row stride ld: the gᵀ of dW = gᵀ·x), rhs
         // row-major [k, n]: both packed straight from their rows, no transposed copy.
@@ -203,8 +219,11 @@ fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: O
     });
 }
 
-/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands) on the `gemm` crate, parallel on
-/// the rayon pool: candle's own CPU matmul path, without its graph node.
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands), parallel on the rayon pool: in
+/// bf16 arithmetic under [`BF16Matmuls`]; else on the kernels' packed sgemm (AVX-512F or
+/// AVX2+FMA, `openvla::kernels::dispatch::f32_gemm`) for [`openvla::kernels::GEMM_MIN_ROWS`]
+/// rows or more and 32 columns or more; else on the `gemm` crate, candle's own CPU matmul
+/// path, without its graph node.
 fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
     assert!(dst.len() >= m * n);
     if m == 0 || n == 0 {
@@ -216,6 +235,21 @@ fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Op
     }
     if m >= openvla::kernels::GEMM_MIN_ROWS && BF16_MATMULS.with(|c| c.get()) {
         gemm_bf16(m, n, k, dst, lhs, rhs);
+        return;
+    }
+    // Narrow products (a LoRA rank's 4-32 columns) stay on the `gemm` crate: the packed
+    // kernel computes panels of 16-32 columns and would pack all of x for a few.
+    if m >= openvla::kernels::GEMM_MIN_ROWS
+        && n >= 32
+        && openvla::kernels::dispatch::f32_gemm() != openvla::kernels::dispatch::GemmPath::Portable
+    {
+        // The kernels' packed sgemm (AVX-512F or AVX2+FMA, as dispatched), which reads both
+        // operands as rows: the forward's x and W in place, the backward's transposed operands
+        // (`W` of `dx = g·W`, `gᵀ` and `xᵀ` of `dW = gᵀ·x`) copied once, transposed (copies of
+        // the operands' size against a product of their size times the third dimension).
+        // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
+        let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
+        openvla::kernels::tiled_gemm_f32(&x, &w, &mut dst[..m * n], m, n, k);
         return;
     }
     let threads = rayon::current_num_threads();
