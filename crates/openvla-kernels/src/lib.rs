@@ -270,6 +270,75 @@ pub fn tiled_gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k
     });
 }
 
+/// [`tiled_gemm_f32`] for weights stored depth-major, `w [k, n]` row-major (`y = x · w`: a
+/// linear's `W` read transposed in `dx = g·W`): the packed kernel copies each panel row straight
+/// from `w` ([`sgemm::gemm_packed_depth_major`]); without it `w` is transposed once. The sums are
+/// those of [`tiled_gemm_f32`] on the transpose.
+pub fn tiled_gemm_f32_depth_major(
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= k * n);
+    tiled_gemm_f32_packed(Rows::new(x, m, k), w, y, m, n, k)
+}
+
+/// [`tiled_gemm_f32_depth_major`] with the left operand stored transposed too: `y [m, n] =
+/// xtᵀ · w` for `xt [k, m]` (row stride `ld ≥ m`) and `w [k, n]`, both row-major with the depth
+/// as their rows (a linear's weight gradient `dW = gᵀ·x`), packed without transposed copies
+/// ([`sgemm::PackedRows::pack_transposed`]).
+pub fn tiled_gemm_f32_transposed_lhs(
+    xt: &[f32],
+    ld: usize,
+    w: &[f32],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(
+        k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
+        "f32 gemm: xt holds {} < {k}×{m} at stride {ld}",
+        xt.len()
+    );
+    assert!(w.len() >= k * n);
+    if sgemm::available() && m > 0 && k > 0 {
+        let a = sgemm::PackedRows::pack_transposed(xt, k, m, ld);
+        return tiled_gemm_f32_packed(Rows::Packed(a), w, y, m, n, k);
+    }
+    // SAFETY: the transpose writes all m·k elements.
+    let mut x = unsafe { uninit_vec::<f32>(m * k) };
+    if m > 0 && k > 0 {
+        transpose::transpose(xt, k, m, ld, &mut x);
+    }
+    tiled_gemm_f32_depth_major(&x, w, y, m, n, k)
+}
+
+/// The body of [`tiled_gemm_f32_depth_major`] on already packed rows.
+fn tiled_gemm_f32_packed(a: Rows, w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Rows::Packed(p) = &a {
+        for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+            // SAFETY: the packed kernel runs here (Rows::Packed); w holds k rows of n ≥ j0 + nb
+            // columns; columns j0 .. j0 + nb of the m rows of y belong to this tile alone.
+            unsafe { sgemm::gemm_packed_depth_major(p, w, n, j0, dst, n, nb) }
+        });
+        return;
+    }
+    // SAFETY: the transpose writes all n·k elements.
+    let mut wt = unsafe { uninit_vec::<f32>(n * k) };
+    if n > 0 && k > 0 {
+        transpose::transpose(w, k, n, n, &mut wt);
+    }
+    for_each_output_tile(y, m, n, k, |j0, nb, dst| {
+        // SAFETY: as in tiled_gemm.
+        unsafe { a.gemm(&wt[j0 * k..(j0 + nb) * k], dst, n, nb) };
+    });
+}
+
 /// [`tiled_gemm_f32`] with a chosen [`sgemm`] micro-kernel (the kernel bench compares them in
 /// one process). Panics where the CPU lacks the kernel's features.
 #[cfg(target_arch = "x86_64")]
@@ -465,6 +534,48 @@ mod tests {
 
     fn tol(k: usize) -> f64 {
         2e-5 * (k as f64).sqrt().max(1.0)
+    }
+
+    /// The f32 products from depth-major weights and from a transposed left operand (a
+    /// linear's backward: `dx = g·W`, `dW = gᵀ·x`) give the bits of [`tiled_gemm_f32`] on the
+    /// transposed copies, on ragged shapes (partial row and column panels, depths past one
+    /// `KC` block, a row stride wider than the rows), with NaN and infinity in the mix.
+    #[test]
+    fn depth_major_and_transposed_operands_give_the_bits_of_the_copies() {
+        if !sgemm::available() {
+            eprintln!(
+                "skipped: the packed sgemm (no AVX2+FMA here); checking the transposing fallback"
+            );
+        }
+        let mut seed = 5u64;
+        for (m, n, k) in [
+            (8, 32, 4),
+            (33, 70, 61),
+            (40, 96, 300),
+            (9, 33, 1),
+            (70, 200, 517),
+        ] {
+            let ld = m + 3;
+            let mut xt: Vec<f32> = (0..k * ld).map(|_| lcg(&mut seed) * 3.0).collect();
+            let mut w: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+            if k > 2 {
+                w[n + 3] = f32::NAN;
+                xt[2 * ld + 1] = f32::INFINITY;
+            }
+            let mut x = vec![0f32; m * k];
+            transpose::transpose(&xt, k, m, ld, &mut x);
+            let mut wt = vec![0f32; n * k];
+            transpose::transpose(&w, k, n, n, &mut wt);
+            let mut want = vec![0f32; m * n];
+            tiled_gemm_f32(&x, &wt, &mut want, m, n, k);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let mut got = vec![0f32; m * n];
+            tiled_gemm_f32_depth_major(&x, &w, &mut got, m, n, k);
+            assert_eq!(bits(&got), bits(&want), "depth-major m={m} n={n} k={k}");
+            let mut got = vec![0f32; m * n];
+            tiled_gemm_f32_transposed_lhs(&xt, ld, &w, &mut got, m, n, k);
+            assert_eq!(bits(&got), bits(&want), "transposed lhs m={m} n={n} k={k}");
+        }
     }
 
     #[test]

@@ -82,6 +82,39 @@ impl PackedRows {
         PackedRows { data, m, k }
     }
 
+    /// Packs `x = xtᵀ [m, k]` from its transpose `xt [k, m]` (row-major, row stride `ld ≥ m`;
+    /// a linear's `gᵀ` in `dW = gᵀ·x`): element `[kk][r]` of panel `p` is `xt[kk][p·MR + r]`,
+    /// so each depth step copies `MR` contiguous floats. The panels equal [`PackedRows::pack`]'s
+    /// of the transpose.
+    pub fn pack_transposed(xt: &[f32], k: usize, m: usize, ld: usize) -> PackedRows {
+        use rayon::prelude::*;
+        assert!(
+            k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
+            "packed rows: xt holds {} < {k}×{m} at stride {ld}",
+            xt.len()
+        );
+        let panels = m.div_ceil(MR);
+        // SAFETY: every element is written below (the rows past m as zeros) before it is read.
+        let mut data = unsafe { crate::uninit_vec::<f32>(panels * k * MR) };
+        if k == 0 {
+            return PackedRows { data, m, k };
+        }
+        let pack = |(p, panel): (usize, &mut [f32])| {
+            let (c0, rows) = (p * MR, MR.min(m - p * MR));
+            for (kk, o) in panel.chunks_exact_mut(MR).enumerate() {
+                let src = &xt[kk * ld + c0..kk * ld + c0 + rows];
+                o[..rows].copy_from_slice(src);
+                o[rows..].fill(0.0);
+            }
+        };
+        if panels * k * MR >= 1 << 16 {
+            data.par_chunks_mut(k * MR).enumerate().for_each(pack);
+        } else {
+            data.chunks_mut(k * MR).enumerate().for_each(pack);
+        }
+        PackedRows { data, m, k }
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.m
@@ -162,8 +195,67 @@ pub unsafe fn gemm_packed_with(
     rs: usize,
     nb: usize,
 ) {
-    let (m, k) = (a.m, a.k);
+    let k = a.k;
     assert!(w.len() >= nb * k, "sgemm: w holds {} < {nb}×{k}", w.len());
+    let nr = kernel.nr();
+    gemm_panels(kernel, a, dst, rs, nb, |jp, cols, k0, kc, bp| {
+        pack_weights_nr(&w[jp * nr * k..], k, cols, k0, kc, bp, nr)
+    })
+}
+
+/// [`gemm_packed`] for weights stored depth-major, `w [k, n]` row-major with row stride `ld`
+/// (`dst = a · w[.., j0 .. j0 + nb]`: a linear's `W` in `dx = g·W`, or the `x` of
+/// `dW = gᵀ·x`): each panel row is a contiguous run of `w`, copied without a transpose. The
+/// sums are those of [`gemm_packed`] on the transpose.
+///
+/// # Safety
+/// As [`gemm_packed`]; `w` holds `k` rows of `ld ≥ j0 + nb` elements (the last at least
+/// `j0 + nb`).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_packed_depth_major(
+    a: &PackedRows,
+    w: &[f32],
+    ld: usize,
+    j0: usize,
+    dst: *mut f32,
+    rs: usize,
+    nb: usize,
+) {
+    let k = a.k;
+    assert!(
+        k == 0 || nb == 0 || w.len() >= (k - 1) * ld + j0 + nb,
+        "sgemm: depth-major w holds {} < {k} rows of {ld}",
+        w.len()
+    );
+    let kernel = Kernel::dispatched();
+    let nr = kernel.nr();
+    gemm_panels(kernel, a, dst, rs, nb, |jp, cols, k0, kc, bp| {
+        let c0 = j0 + jp * nr;
+        for (kk, row) in bp[..kc * nr].chunks_exact_mut(nr).enumerate() {
+            let src = &w[(k0 + kk) * ld + c0..(k0 + kk) * ld + c0 + cols];
+            row[..cols].copy_from_slice(src);
+            row[cols..].fill(0.0);
+        }
+    })
+}
+
+/// The blocked loop of [`gemm_packed_with`] and [`gemm_packed_depth_major`]: for each depth
+/// block and each panel of `nr` weight columns, `fill(jp, cols, k0, kc, panel)` packs columns
+/// `jp·nr .. jp·nr + cols` at depths `k0 .. k0 + kc` into `panel [kc][nr]` (zero past
+/// `cols`), which the micro-kernel multiplies into every row panel of `a`.
+///
+/// # Safety
+/// As [`gemm_packed_with`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemm_panels(
+    kernel: Kernel,
+    a: &PackedRows,
+    dst: *mut f32,
+    rs: usize,
+    nb: usize,
+    fill: impl Fn(usize, usize, usize, usize, &mut [f32]),
+) {
+    let (m, k) = (a.m, a.k);
     if crate::trivial_product(m, k, nb, dst, rs) {
         return;
     }
@@ -184,7 +276,7 @@ pub unsafe fn gemm_packed_with(
                 // of this depth block stream past it from L2.
                 let cols = nr.min(nb - jp * nr);
                 let bp = &mut buf[..kc * nr];
-                pack_weights_nr(&w[jp * nr * k..], k, cols, k0, kc, bp, nr);
+                fill(jp, cols, k0, kc, bp);
                 for ip in 0..row_panels {
                     let ap = a.block(ip, k0, kc);
                     let rows = MR.min(m - ip * MR);

@@ -243,13 +243,29 @@ fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Op
         && n >= 32
         && openvla::kernels::dispatch::f32_gemm() != openvla::kernels::dispatch::GemmPath::Portable
     {
-        // The kernels' packed sgemm (AVX-512F or AVX2+FMA, as dispatched), which reads both
-        // operands as rows: the forward's x and W in place, the backward's transposed operands
-        // (`W` of `dx = g·W`, `gᵀ` and `xᵀ` of `dW = gᵀ·x`) copied once, transposed (copies of
-        // the operands' size against a product of their size times the third dimension).
-        // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
-        let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
-        openvla::kernels::tiled_gemm_f32(&x, &w, &mut dst[..m * n], m, n, k);
+        // The kernels' packed sgemm (AVX-512F or AVX2+FMA, as dispatched), every operand packed
+        // from where it lies: the forward's x and W as rows; the backward's W (`dx = g·W`) and
+        // x (`dW = gᵀ·x`) depth-major, and its gᵀ from g's rows, without transposed copies.
+        let dst = &mut dst[..m * n];
+        let rhs_rows = rhs.1 == n as isize && rhs.2 == 1;
+        // SAFETY (each branch): the callers' operands hold m×k and k×n elements at their
+        // strides.
+        if rhs_rows && lhs.1 == 1 && lhs.2 >= m as isize {
+            let ld = lhs.2 as usize;
+            let (xt, w) = unsafe {
+                (
+                    std::slice::from_raw_parts(lhs.0, (k - 1) * ld + m),
+                    std::slice::from_raw_parts(rhs.0, k * n),
+                )
+            };
+            openvla::kernels::tiled_gemm_f32_transposed_lhs(xt, ld, w, dst, m, n, k);
+        } else if rhs_rows {
+            let (x, w) = unsafe { (as_rows(lhs, m, k), std::slice::from_raw_parts(rhs.0, k * n)) };
+            openvla::kernels::tiled_gemm_f32_depth_major(&x, w, dst, m, n, k);
+        } else {
+            let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
+            openvla::kernels::tiled_gemm_f32(&x, &w, dst, m, n, k);
+        }
         return;
     }
     let threads = rayon::current_num_threads();
