@@ -18,7 +18,8 @@
 #   STEPS [3500]                  optimizer steps; BATCH [32]; LR [5e-4] (peak)
 #   COMPUTE [f32]                 `openvla finetune --compute`: bf16 runs the linears' products in
 #                                 bf16 arithmetic (AMX / vdpbf16ps where the CPU has them), about
-#                                 1.4x faster a step here and learning as f32 does
+#                                 1.4x faster a step on AMX and learning as f32 does;
+#                                 emulated, so slower than f32, on CPUs without bf16
 #                                 (docs/training-speed.md); the shipped model used f32
 #   SHUFFLE [50000]               shuffle buffer in frames (decoded 224 px frames: about 150 KB each,
 #                                 so 50,000 hold 7.5 GB; the demos interleave the tasks, so a
