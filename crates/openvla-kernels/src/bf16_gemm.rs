@@ -358,12 +358,7 @@ pub fn tiled_gemm_bf16_transposed_lhs(
     n: usize,
     k: usize,
 ) {
-    assert!(
-        k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
-        "bf16 gemm: xt holds {} < {k}×{m} at stride {ld}",
-        xt.len()
-    );
-    assert!(w.len() >= k * n);
+    crate::check_transposed_lhs(xt, ld, w, m, n, k);
     #[cfg(target_arch = "x86_64")]
     if crate::dispatch::bf16_path() == Bf16Path::Amx {
         let a = crate::amx::PackedRowsAmx::pack_transposed(xt, k, m, ld);
@@ -373,12 +368,7 @@ pub fn tiled_gemm_bf16_transposed_lhs(
         });
         return;
     }
-    // SAFETY: the transpose writes all m·k elements.
-    let mut x = unsafe { crate::uninit_vec::<f32>(m * k) };
-    if m > 0 && k > 0 {
-        crate::transpose::transpose(xt, k, m, ld, &mut x);
-    }
-    tiled_gemm_bf16_depth_major(&x, w, y, m, n, k);
+    tiled_gemm_bf16_depth_major(&crate::untranspose(xt, ld, m, k), w, y, m, n, k);
 }
 
 /// `dst [m, nb] (row stride rs) = a · wᵀ` for bf16 weights `w [nb, k]` (raw bits, row-major),

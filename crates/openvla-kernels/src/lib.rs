@@ -299,22 +299,34 @@ pub fn tiled_gemm_f32_transposed_lhs(
     n: usize,
     k: usize,
 ) {
-    assert!(
-        k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
-        "f32 gemm: xt holds {} < {k}×{m} at stride {ld}",
-        xt.len()
-    );
-    assert!(w.len() >= k * n);
+    check_transposed_lhs(xt, ld, w, m, n, k);
     if sgemm::available() && m > 0 && k > 0 {
         let a = sgemm::PackedRows::pack_transposed(xt, k, m, ld);
         return tiled_gemm_f32_packed(Rows::Packed(a), w, y, m, n, k);
     }
+    tiled_gemm_f32_depth_major(&untranspose(xt, ld, m, k), w, y, m, n, k)
+}
+
+/// The bounds every `*_transposed_lhs` product asserts: `xt [k, m]` at row stride `ld ≥ m`,
+/// `w [k, n]`.
+pub(crate) fn check_transposed_lhs(xt: &[f32], ld: usize, w: &[f32], m: usize, n: usize, k: usize) {
+    assert!(
+        k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
+        "gemm: xt holds {} < {k}×{m} at stride {ld}",
+        xt.len()
+    );
+    assert!(w.len() >= k * n, "gemm: w holds {} < {k}×{n}", w.len());
+}
+
+/// `xtᵀ [m, k]` row-major from `xt [k, m]` (row stride `ld`): the transposed copy the paths
+/// that cannot pack from the transpose multiply.
+pub(crate) fn untranspose(xt: &[f32], ld: usize, m: usize, k: usize) -> Vec<f32> {
     // SAFETY: the transpose writes all m·k elements.
     let mut x = unsafe { uninit_vec::<f32>(m * k) };
     if m > 0 && k > 0 {
         transpose::transpose(xt, k, m, ld, &mut x);
     }
-    tiled_gemm_f32_depth_major(&x, w, y, m, n, k)
+    x
 }
 
 /// The body of [`tiled_gemm_f32_depth_major`] on already packed rows.
