@@ -22,6 +22,7 @@ use openvla::kernels::activation::{
 };
 use openvla::kernels::uninit_vec;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Rows per parallel task of the row-wise kernels (and per partial sum of the reductions).
 const ROW_BLOCK: usize = 32;
@@ -149,7 +150,7 @@ impl Drop for BF16Matmuls {
 ///
 /// # Safety
 /// `o` must address `rows × cols` elements at its strides, alive for the result's lifetime.
-unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> std::borrow::Cow<'a, [f32]> {
+unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> Cow<'a, [f32]> {
     if o.1 == cols as isize && o.2 == 1 {
         return std::slice::from_raw_parts(o.0, rows * cols).into();
     }
@@ -169,61 +170,93 @@ unsafe fn as_rows<'a>(o: Operand, rows: usize, cols: usize) -> std::borrow::Cow<
     out.into()
 }
 
-/// [`gemm_f32`] in bf16 arithmetic ([`BF16Matmuls`]) on the kernels' bf16 GEMM, which reads
-/// `lhs` as rows `[m, k]` and `rhs` as weight rows `[n, k]` (its transpose).
-fn gemm_bf16(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
-    use openvla::kernels::dispatch::{bf16_path, Bf16Path};
-    if bf16_path() == Bf16Path::F32Gemm {
-        // No bf16 instructions here: both operands rounded once (one pass each, to f32 values
-        // that bf16 holds exactly) and multiplied by the f32 GEMM, which sums in f32 as the
-        // bf16 kernels do.
-        let rounded = |rows: &[f32]| {
-            // SAFETY: round_slice_f32 writes every element.
-            let mut r = unsafe { uninit_vec::<f32>(rows.len()) };
-            openvla::kernels::bf16_gemm::round_slice_f32(rows, &mut r);
-            r
-        };
-        // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
-        let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
-        openvla::kernels::tiled_gemm_f32(&rounded(&x), &rounded(&w), &mut dst[..m * n], m, n, k);
-        return;
-    }
-    if lhs.1 == 1 && lhs.2 >= m as isize && rhs.1 == n as isize && rhs.2 == 1 && m * k > 0 {
-        // lhs = xtᵀ for a row-major xt [k, m] (row stride ld: the gᵀ of dW = gᵀ·x), rhs
-        // row-major [k, n]: both packed straight from their rows, no transposed copy.
-        let ld = lhs.2 as usize;
-        // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
-        let (xt, w) = unsafe {
-            (
-                std::slice::from_raw_parts(lhs.0, (k - 1) * ld + m),
-                std::slice::from_raw_parts(rhs.0, k * n),
-            )
-        };
-        openvla::kernels::bf16_gemm::tiled_gemm_bf16_transposed_lhs(xt, ld, w, dst, m, n, k);
-        return;
-    }
-    // SAFETY: the callers' operands hold m×k and k×n elements at their strides.
-    let x = unsafe { as_rows(lhs, m, k) };
-    if rhs.1 == n as isize && rhs.2 == 1 {
-        // rhs [k, n] row-major (a linear's W in dx = g·W, x in dW = gᵀ·x): packed straight
-        // from its rows, without a transposed copy.
-        // SAFETY: as above, k rows of n contiguous elements.
-        let w = unsafe { std::slice::from_raw_parts(rhs.0, k * n) };
-        openvla::kernels::bf16_gemm::tiled_gemm_bf16_depth_major(&x, w, &mut dst[..m * n], m, n, k);
-        return;
-    }
-    // SAFETY: as above.
-    let w = unsafe { as_rows((rhs.0, rhs.2, rhs.1), n, k) };
-    openvla::kernels::bf16_gemm::tiled_gemm_bf16(&x, &mut dst[..m * n], m, n, k, |j0, nb, t| {
-        openvla::kernels::bf16_gemm::round_slice(&w[j0 * k..(j0 + nb) * k], t)
-    });
+/// How a product's operands lie, as the kernels' packed GEMMs read them.
+enum Operands<'a> {
+    /// `lhs = xtᵀ` for a row-major `xt [k, m]` (row stride `ld`: the `gᵀ` of `dW = gᵀ·x`),
+    /// `rhs` row-major `[k, n]`: both packed straight from their rows.
+    TransposedLhs {
+        xt: &'a [f32],
+        ld: usize,
+        w: &'a [f32],
+    },
+    /// `lhs` as rows `[m, k]`, `rhs` row-major `[k, n]`, depth-major (a linear's `W` in
+    /// `dx = g·W`): packed straight from its rows, without a transposed copy.
+    DepthMajor { x: Cow<'a, [f32]>, w: &'a [f32] },
+    /// Both as rows: `x [m, k]` and weight rows `w [n, k]` (the forward's `x` and `W`).
+    Rows {
+        x: Cow<'a, [f32]>,
+        w: Cow<'a, [f32]>,
+    },
 }
 
-/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands), parallel on the rayon pool: in
-/// bf16 arithmetic under [`BF16Matmuls`]; else on the kernels' packed sgemm (AVX-512F or
-/// AVX2+FMA, `openvla::kernels::dispatch::f32_gemm`) for [`openvla::kernels::GEMM_MIN_ROWS`]
-/// rows or more and 32 columns or more; else on the `gemm` crate, candle's own CPU matmul
-/// path, without its graph node.
+impl<'a> Operands<'a> {
+    /// Classifies `lhs [m, k] · rhs [k, n]` (`k > 0`).
+    ///
+    /// # Safety
+    /// The operands hold m×k and k×n elements at their strides, alive for `'a`.
+    unsafe fn of(m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) -> Operands<'a> {
+        let rhs_rows = rhs.1 == n as isize && rhs.2 == 1;
+        if rhs_rows && lhs.1 == 1 && lhs.2 >= m as isize {
+            let ld = lhs.2 as usize;
+            Operands::TransposedLhs {
+                xt: std::slice::from_raw_parts(lhs.0, (k - 1) * ld + m),
+                ld,
+                w: std::slice::from_raw_parts(rhs.0, k * n),
+            }
+        } else if rhs_rows {
+            Operands::DepthMajor {
+                x: as_rows(lhs, m, k),
+                w: std::slice::from_raw_parts(rhs.0, k * n),
+            }
+        } else {
+            Operands::Rows {
+                x: as_rows(lhs, m, k),
+                w: as_rows((rhs.0, rhs.2, rhs.1), n, k),
+            }
+        }
+    }
+}
+
+/// [`gemm_f32`] on the kernels' packed GEMMs, every operand packed from where it lies (no
+/// transposed copies): in bf16 arithmetic ([`BF16Matmuls`]; the kernels emulate it on the f32
+/// GEMM where the CPU has no bf16 instruction) or on the f32 sgemm.
+fn gemm_kernels(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: Operand,
+    rhs: Operand,
+    bf16: bool,
+) {
+    use openvla::kernels::{
+        bf16_gemm as b, tiled_gemm_f32, tiled_gemm_f32_depth_major, tiled_gemm_f32_transposed_lhs,
+    };
+    let dst = &mut dst[..m * n];
+    // SAFETY: the callers' operands hold m×k and k×n elements at their strides (k > 0).
+    match (unsafe { Operands::of(m, n, k, lhs, rhs) }, bf16) {
+        (Operands::TransposedLhs { xt, ld, w }, false) => {
+            tiled_gemm_f32_transposed_lhs(xt, ld, w, dst, m, n, k)
+        }
+        (Operands::TransposedLhs { xt, ld, w }, true) => {
+            b::tiled_gemm_bf16_transposed_lhs(xt, ld, w, dst, m, n, k)
+        }
+        (Operands::DepthMajor { x, w }, false) => tiled_gemm_f32_depth_major(&x, w, dst, m, n, k),
+        (Operands::DepthMajor { x, w }, true) => {
+            b::tiled_gemm_bf16_depth_major(&x, w, dst, m, n, k)
+        }
+        (Operands::Rows { x, w }, false) => tiled_gemm_f32(&x, &w, dst, m, n, k),
+        (Operands::Rows { x, w }, true) => b::tiled_gemm_bf16(&x, dst, m, n, k, |j0, nb, t| {
+            b::round_slice(&w[j0 * k..(j0 + nb) * k], t)
+        }),
+    }
+}
+
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands), parallel on the rayon pool: on
+/// the kernels' packed GEMMs ([`gemm_kernels`]) in bf16 arithmetic under [`BF16Matmuls`], or in
+/// f32 on the packed sgemm (AVX-512F or AVX2+FMA, `openvla::kernels::dispatch::f32_gemm`) for
+/// 32 columns or more; both from [`openvla::kernels::GEMM_MIN_ROWS`] rows. Else on the `gemm`
+/// crate, candle's own CPU matmul path, without its graph node.
 fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
     assert!(dst.len() >= m * n);
     if m == 0 || n == 0 {
@@ -233,39 +266,13 @@ fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Op
         dst[..m * n].fill(0.0);
         return;
     }
-    if m >= openvla::kernels::GEMM_MIN_ROWS && BF16_MATMULS.with(|c| c.get()) {
-        gemm_bf16(m, n, k, dst, lhs, rhs);
-        return;
-    }
-    // Narrow products (a LoRA rank's 4-32 columns) stay on the `gemm` crate: the packed
+    let bf16 = BF16_MATMULS.with(|c| c.get());
+    // Narrow f32 products (a LoRA rank's 4-32 columns) stay on the `gemm` crate: the packed
     // kernel computes panels of 16-32 columns and would pack all of x for a few.
-    if m >= openvla::kernels::GEMM_MIN_ROWS
-        && n >= 32
-        && openvla::kernels::dispatch::f32_gemm() != openvla::kernels::dispatch::GemmPath::Portable
-    {
-        // The kernels' packed sgemm (AVX-512F or AVX2+FMA, as dispatched), every operand packed
-        // from where it lies: the forward's x and W as rows; the backward's W (`dx = g·W`) and
-        // x (`dW = gᵀ·x`) depth-major, and its gᵀ from g's rows, without transposed copies.
-        let dst = &mut dst[..m * n];
-        let rhs_rows = rhs.1 == n as isize && rhs.2 == 1;
-        // SAFETY (each branch): the callers' operands hold m×k and k×n elements at their
-        // strides.
-        if rhs_rows && lhs.1 == 1 && lhs.2 >= m as isize {
-            let ld = lhs.2 as usize;
-            let (xt, w) = unsafe {
-                (
-                    std::slice::from_raw_parts(lhs.0, (k - 1) * ld + m),
-                    std::slice::from_raw_parts(rhs.0, k * n),
-                )
-            };
-            openvla::kernels::tiled_gemm_f32_transposed_lhs(xt, ld, w, dst, m, n, k);
-        } else if rhs_rows {
-            let (x, w) = unsafe { (as_rows(lhs, m, k), std::slice::from_raw_parts(rhs.0, k * n)) };
-            openvla::kernels::tiled_gemm_f32_depth_major(&x, w, dst, m, n, k);
-        } else {
-            let (x, w) = unsafe { (as_rows(lhs, m, k), as_rows((rhs.0, rhs.2, rhs.1), n, k)) };
-            openvla::kernels::tiled_gemm_f32(&x, &w, dst, m, n, k);
-        }
+    let packed_f32 = n >= 32
+        && openvla::kernels::dispatch::f32_gemm() != openvla::kernels::dispatch::GemmPath::Portable;
+    if m >= openvla::kernels::GEMM_MIN_ROWS && (bf16 || packed_f32) {
+        gemm_kernels(m, n, k, dst, lhs, rhs, bf16);
         return;
     }
     let threads = rayon::current_num_threads();
