@@ -159,11 +159,7 @@ impl PackedRowsAmx {
     /// L1-sized scratch: one read of `x` in f32 and one write in bf16, where the transposed copy
     /// read and wrote the whole matrix twice more (a linear's `dW = gᵀ·x` packs `gᵀ` this way).
     pub fn pack_transposed(x: &[f32], k: usize, m: usize, ld: usize) -> PackedRowsAmx {
-        assert!(
-            k == 0 || m == 0 || (ld >= m && x.len() >= (k - 1) * ld + m),
-            "amx rows: x holds {} < {k}×{m} at stride {ld}",
-            x.len()
-        );
+        crate::check_transposed(x, k, m, ld);
         const SCRATCH_ROWS: usize = 256; // a multiple of DEPTH
         Self::pack_blocks(m, k, |ib, nc, blk| {
             let j0 = ib * BLOCK;

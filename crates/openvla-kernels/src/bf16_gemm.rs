@@ -68,7 +68,7 @@ pub fn round_slice(src: &[f32], dst: &mut [u16]) {
 /// `src` rounded to bf16 and widened back to f32 into `dst` (the values the bf16 products
 /// multiply, [`round_slice`] then widened), through an L1-sized scratch of bits: one pass over
 /// the operands, for the paths that emulate bf16 arithmetic on the f32 GEMM.
-pub fn round_slice_f32(src: &[f32], dst: &mut [f32]) {
+fn round_slice_f32(src: &[f32], dst: &mut [f32]) {
     const CHUNK: usize = 2048;
     let n = src.len().min(dst.len());
     let mut bits = [0u16; CHUNK];
@@ -337,8 +337,7 @@ pub fn tiled_gemm_bf16_depth_major(
         });
         return;
     }
-    let mut wt = vec![0f32; n * k];
-    crate::transpose::transpose(w, k, n, n, &mut wt);
+    let wt = crate::untranspose(w, n, n, k);
     tiled_gemm_bf16(x, y, m, n, k, |j0, nb, t| {
         round_slice(&wt[j0 * k..(j0 + nb) * k], t)
     });

@@ -307,19 +307,26 @@ pub fn tiled_gemm_f32_transposed_lhs(
     tiled_gemm_f32_depth_major(&untranspose(xt, ld, m, k), w, y, m, n, k)
 }
 
-/// The bounds every `*_transposed_lhs` product asserts: `xt [k, m]` at row stride `ld ≥ m`,
-/// `w [k, n]`.
-pub(crate) fn check_transposed_lhs(xt: &[f32], ld: usize, w: &[f32], m: usize, n: usize, k: usize) {
+/// Asserts that `xt` holds a row-major `[k, m]` matrix at row stride `ld ≥ m` (the transposed
+/// operands every packing from a transpose reads).
+pub(crate) fn check_transposed(xt: &[f32], k: usize, m: usize, ld: usize) {
     assert!(
         k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
         "gemm: xt holds {} < {k}×{m} at stride {ld}",
         xt.len()
     );
+}
+
+/// The bounds every `*_transposed_lhs` product asserts: `xt [k, m]` at row stride `ld ≥ m`,
+/// `w [k, n]`.
+pub(crate) fn check_transposed_lhs(xt: &[f32], ld: usize, w: &[f32], m: usize, n: usize, k: usize) {
+    check_transposed(xt, k, m, ld);
     assert!(w.len() >= k * n, "gemm: w holds {} < {k}×{n}", w.len());
 }
 
 /// `xtᵀ [m, k]` row-major from `xt [k, m]` (row stride `ld`): the transposed copy the paths
-/// that cannot pack from the transpose multiply.
+/// that cannot pack from the transpose multiply (a transposed left operand, or depth-major
+/// weights `w [k, n]` as `untranspose(w, n, n, k)`).
 pub(crate) fn untranspose(xt: &[f32], ld: usize, m: usize, k: usize) -> Vec<f32> {
     // SAFETY: the transpose writes all m·k elements.
     let mut x = unsafe { uninit_vec::<f32>(m * k) };
@@ -340,11 +347,7 @@ fn tiled_gemm_f32_packed(a: Rows, w: &[f32], y: &mut [f32], m: usize, n: usize, 
         });
         return;
     }
-    // SAFETY: the transpose writes all n·k elements.
-    let mut wt = unsafe { uninit_vec::<f32>(n * k) };
-    if n > 0 && k > 0 {
-        transpose::transpose(w, k, n, n, &mut wt);
-    }
+    let wt = untranspose(w, n, n, k);
     for_each_output_tile(y, m, n, k, |j0, nb, dst| {
         // SAFETY: as in tiled_gemm.
         unsafe { a.gemm(&wt[j0 * k..(j0 + nb) * k], dst, n, nb) };

@@ -45,19 +45,11 @@ impl PackedRows {
             "packed rows: x holds {} < {m}×{k}",
             x.len()
         );
-        use rayon::prelude::*;
-        let panels = m.div_ceil(MR);
-        // SAFETY: every element is written below (the rows past m as zeros) before it is read.
-        let mut data = unsafe { crate::uninit_vec::<f32>(panels * k * MR) };
-        if k == 0 {
-            return PackedRows { data, m, k };
-        }
-        let pack = |(p, panel): (usize, &mut [f32])| {
-            let rows = MR.min(m - p * MR);
+        Self::pack_panels(m, k, |p, rows, panel| {
+            let row = |i: usize| &x[(p * MR + i) * k..(p * MR + i + 1) * k];
             if rows == MR {
                 // Written in order, six rows read side by side.
-                let r: [&[f32]; MR] =
-                    std::array::from_fn(|i| &x[(p * MR + i) * k..(p * MR + i + 1) * k]);
+                let r: [&[f32]; MR] = std::array::from_fn(row);
                 for (kk, o) in panel.chunks_exact_mut(MR).enumerate() {
                     o.copy_from_slice(&[
                         r[0][kk], r[1][kk], r[2][kk], r[3][kk], r[4][kk], r[5][kk],
@@ -66,20 +58,12 @@ impl PackedRows {
             } else {
                 panel.fill(0.0);
                 for r in 0..rows {
-                    let row = &x[(p * MR + r) * k..(p * MR + r + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
+                    for (kk, &v) in row(r).iter().enumerate() {
                         panel[kk * MR + r] = v;
                     }
                 }
             }
-        };
-        // In parallel where there is enough to split (a panel is k·MR floats).
-        if panels * k * MR >= 1 << 16 {
-            data.par_chunks_mut(k * MR).enumerate().for_each(pack);
-        } else {
-            data.chunks_mut(k * MR).enumerate().for_each(pack);
-        }
-        PackedRows { data, m, k }
+        })
     }
 
     /// Packs `x = xtᵀ [m, k]` from its transpose `xt [k, m]` (row-major, row stride `ld ≥ m`;
@@ -87,30 +71,35 @@ impl PackedRows {
     /// so each depth step copies `MR` contiguous floats. The panels equal [`PackedRows::pack`]'s
     /// of the transpose.
     pub fn pack_transposed(xt: &[f32], k: usize, m: usize, ld: usize) -> PackedRows {
-        use rayon::prelude::*;
-        assert!(
-            k == 0 || m == 0 || (ld >= m && xt.len() >= (k - 1) * ld + m),
-            "packed rows: xt holds {} < {k}×{m} at stride {ld}",
-            xt.len()
-        );
-        let panels = m.div_ceil(MR);
-        // SAFETY: every element is written below (the rows past m as zeros) before it is read.
-        let mut data = unsafe { crate::uninit_vec::<f32>(panels * k * MR) };
-        if k == 0 {
-            return PackedRows { data, m, k };
-        }
-        let pack = |(p, panel): (usize, &mut [f32])| {
-            let (c0, rows) = (p * MR, MR.min(m - p * MR));
+        crate::check_transposed(xt, k, m, ld);
+        Self::pack_panels(m, k, |p, rows, panel| {
+            let c0 = p * MR;
             for (kk, o) in panel.chunks_exact_mut(MR).enumerate() {
-                let src = &xt[kk * ld + c0..kk * ld + c0 + rows];
-                o[..rows].copy_from_slice(src);
+                o[..rows].copy_from_slice(&xt[kk * ld + c0..][..rows]);
                 o[rows..].fill(0.0);
             }
-        };
-        if panels * k * MR >= 1 << 16 {
-            data.par_chunks_mut(k * MR).enumerate().for_each(pack);
-        } else {
-            data.chunks_mut(k * MR).enumerate().for_each(pack);
+        })
+    }
+
+    /// The array for `m` rows of depth `k`: `fill(p, rows, panel)` writes every element of
+    /// panel `p` (`[k][MR]`, its first `rows` rows valid, the rest zero), panels in parallel
+    /// where there is enough to split. No zero-fill of the whole array first.
+    fn pack_panels(
+        m: usize,
+        k: usize,
+        fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) -> PackedRows {
+        use rayon::prelude::*;
+        let panels = m.div_ceil(MR);
+        // SAFETY: `fill` writes every element of each panel (its contract) before any read.
+        let mut data = unsafe { crate::uninit_vec::<f32>(panels * k * MR) };
+        if k > 0 {
+            let pack = |(p, panel): (usize, &mut [f32])| fill(p, MR.min(m - p * MR), panel);
+            if panels * k * MR >= 1 << 16 {
+                data.par_chunks_mut(k * MR).enumerate().for_each(pack);
+            } else {
+                data.chunks_mut(k * MR).enumerate().for_each(pack);
+            }
         }
         PackedRows { data, m, k }
     }
