@@ -579,10 +579,13 @@ impl ModelConfig {
     /// `(image_sizes[0], image_sizes[1])` (OpenVLA: 224 x 224); with one tower, whose
     /// one-element tuple the reference cannot use, a square of its size.
     pub fn resize_resolution(&self) -> (u32, u32) {
-        let size = |i: usize| self.towers.get(i).map_or(224, |t| t.image_size) as u32;
-        match self.towers.len() {
-            0 | 1 => (size(0), size(0)),
-            _ => (size(1), size(0)),
+        match self.towers.as_slice() {
+            [h, w] => (w.image_size as u32, h.image_size as u32),
+            // One tower (a validated config has one or two).
+            towers => {
+                let s = towers.first().map_or(0, |t| t.image_size) as u32;
+                (s, s)
+            }
         }
     }
 }

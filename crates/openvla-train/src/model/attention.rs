@@ -301,8 +301,9 @@ mod tests {
     use candle_core::Device;
 
     /// Values within 1e-5 relative and the gradients of q, k and v within 1e-4 of the composed
-    /// candle ops (`fused_reference::attention`), on ragged shapes (one query, keys ≠ queries, widths off the kernels' blocks),
-    /// with and without a mask that hides keys (causal, and a padded key in sample 0).
+    /// candle ops (`fused_reference::attention`), on ragged shapes (one query, keys ≠ queries,
+    /// widths off the kernels' blocks), with and without a mask that hides keys (causal, and a
+    /// padded key in sample 0).
     #[test]
     fn matches_composed_attention_and_its_gradients() {
         for &(b, h, t, s, hd, masked) in &[
