@@ -7,6 +7,9 @@
 # Shapes: the Meta-World small policy of tools/metaworld/train_default.sh (full fine-tuning, OFT
 # L1 head, chunk 8 x 4, proprio; needs its runs/metaworld/default/{init,demos}) and the tiny
 # fixture (LoRA r=4, batch 2, the 256-bin objective, on the LeRobot test dataset).
+# With MINIVLA=DIR (a model from `openvla synth --shape minivla --out DIR`) it also times the
+# MiniVLA-sized LoRA step (r=32, batch 1, f32 frozen weights, the RLDS test data) and reports
+# each run's peak RSS (GNU time).
 # Prints one line per run: s/step (median of steps 3..N) and samples/s.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -24,7 +27,9 @@ median_step() {
 import json, sys
 r = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
 e = [x["elapsed_s"] for x in r]
-d = sorted(b - a for a, b in zip(e, e[1:]))[2:] if len(e) > 4 else [b - a for a, b in zip(e, e[1:])]
+# Step s takes e[s] - e[s-1] (e[0] is step 1's end): steps 3..N are the deltas from the second.
+d = [b - a for a, b in zip(e, e[1:])]
+d = sorted(d[1:] if len(d) > 2 else d)
 m = d[len(d) // 2]
 print(f"{m:.3f} s/step  {int(sys.argv[2]) / m:6.2f} samples/s")
 PY
@@ -32,7 +37,27 @@ PY
 torch_step() {
   python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(f\"{r['step_s_mean']:.3f} s/step  {r['samples_per_s']:6.2f} samples/s\")"
 }
+MINIVLA=${MINIVLA:-}
+MINI_STEPS=${MINI_STEPS:-6}
+peak_rss() { awk -F': ' '/Maximum resident/ {printf "%.2f GiB peak RSS", $2 / 1048576}' "$1"; }
 for rep in $(seq "$REPEATS"); do
+  if [ -n "$MINIVLA" ]; then
+    for c in f32 bf16; do
+      rm -rf "$tmp/mini"
+      /usr/bin/time -v "$OPENVLA" finetune --model "$MINIVLA" --data testdata/data/rlds \
+        --dataset bridge_orig --out "$tmp/mini" --mode lora --lora-rank 32 --batch-size 1 \
+        --shuffle-buffer 16 --max-steps "$MINI_STEPS" --save-interval 100000 --no-memory-check \
+        --compute "$c" \
+        >/dev/null 2>"$tmp/time"
+      echo "minivla LoRA r=32 rust --compute $c        $(median_step "$tmp/mini" 1)  $(peak_rss "$tmp/time")"
+    done
+    for a in "" --autocast-bf16; do
+      /usr/bin/time -v "$PY" tools/train/pytorch_train_baseline.py train --model "$MINIVLA" \
+        --batch 1 --seq-len 29 --mode lora --lora-rank 32 --steps $((MINI_STEPS - 1)) $a \
+        >"$tmp/torch" 2>"$tmp/time"
+      echo "minivla LoRA r=32 pytorch ${a:-fp32}  $(torch_step <"$tmp/torch")  $(peak_rss "$tmp/time")"
+    done
+  fi
   if [ -d "$RUN/init" ] && [ -d "$RUN/demos" ]; then
     for c in f32 bf16; do
       rm -rf "$tmp/mw"

@@ -301,7 +301,15 @@ pub fn table() -> String {
         ("many-row q8_0/q4_0 weights", int16.to_string()),
         (
             "finetune linears (fwd, dx, dW), --compute f32",
-            "gemm crate on strided operands (candle's matmul path)".to_string(),
+            if f32_gemm() == GemmPath::Portable {
+                "gemm crate on strided operands (candle's matmul path)".to_string()
+            } else {
+                format!(
+                    "{gemm}; W of dx and x of dW packed depth-major, g^T of dW packed \
+                     transposed (no transposed copies); under 32 columns (LoRA ranks) or \
+                     8 rows the gemm crate"
+                )
+            },
         ),
         (
             "finetune linears (fwd, dx, dW), --compute bf16",
@@ -310,14 +318,9 @@ pub fn table() -> String {
                  transposed (no transposed copies)"
                     .to_string()
             } else {
-                format!(
-                    "the many-row --compute bf16 kernel, after transposing g, x, W ({})",
-                    if f.avx2 {
-                        "AVX2 8x8 blocks"
-                    } else {
-                        "portable"
-                    }
-                )
+                "the many-row --compute bf16 path above, after transposing W (dx), g and x (dW) \
+                 once"
+                    .to_string()
             },
         ),
         ("attention QK^T, PV (prefill, vision)", gemm.to_string()),
@@ -377,6 +380,16 @@ mod tests {
         ] {
             assert!(t.contains(op), "{op} missing from\n{t}");
         }
+        // The training linears' f32 line names the kernel they run on.
+        let line = t
+            .lines()
+            .find(|l| l.contains("finetune linears") && l.contains("--compute f32"))
+            .expect("a finetune f32 line");
+        let want = match f32_gemm() {
+            GemmPath::Portable => "gemm crate".to_string(),
+            path => f32_gemm_name(path).to_string(),
+        };
+        assert!(line.contains(&want), "{line} does not name {want}");
         println!("{t}");
     }
 
