@@ -28,6 +28,11 @@ pub const NR: usize = 16;
 pub const NR512: usize = 32;
 /// Depth of a packed block (a 16-wide weight panel of this depth is 16 KiB, half of L1).
 pub const KC: usize = 256;
+/// Panels [`PackedRows::pack_transposed`] fills per pass over the depth rows (96 contiguous
+/// floats read per row).
+pub const TRANSPOSED_GROUP: usize = 16;
+/// Depth rows per block of [`PackedRows::pack_transposed`] (64 rows of a group: 24 KiB).
+pub const TRANSPOSED_DEPTH: usize = 64;
 
 /// Activations `x [m, k]` packed into panels of [`MR`] rows: panel `p` holds rows
 /// `p·MR .. p·MR + MR` as `[k][MR]`, rows past `m` zero.
@@ -45,7 +50,8 @@ impl PackedRows {
             "packed rows: x holds {} < {m}×{k}",
             x.len()
         );
-        Self::pack_panels(m, k, |p, rows, panel| {
+        Self::pack_groups(m, k, 1, |p, panel| {
+            let rows = MR.min(m - p * MR);
             let row = |i: usize| &x[(p * MR + i) * k..(p * MR + i + 1) * k];
             if rows == MR {
                 // Written in order, six rows read side by side.
@@ -67,38 +73,62 @@ impl PackedRows {
     }
 
     /// Packs `x = xtᵀ [m, k]` from its transpose `xt [k, m]` (row-major, row stride `ld ≥ m`;
-    /// a linear's `gᵀ` in `dW = gᵀ·x`): element `[kk][r]` of panel `p` is `xt[kk][p·MR + r]`,
-    /// so each depth step copies `MR` contiguous floats. The panels equal [`PackedRows::pack`]'s
-    /// of the transpose.
+    /// a linear's `gᵀ` in `dW = gᵀ·x`): element `[kk][r]` of panel `p` is `xt[kk][p·MR + r]`.
+    /// [`TRANSPOSED_GROUP`] panels are filled in one pass over the depth rows, so each row of
+    /// `xt` is read as one contiguous run of `TRANSPOSED_GROUP · MR` floats (one panel at a time
+    /// read 24 bytes of a cache line per row and ran about 3x slower). The panels equal
+    /// [`PackedRows::pack`]'s of the transpose.
     pub fn pack_transposed(xt: &[f32], k: usize, m: usize, ld: usize) -> PackedRows {
         crate::check_transposed(xt, k, m, ld);
-        Self::pack_panels(m, k, |p, rows, panel| {
-            let c0 = p * MR;
-            for (kk, o) in panel.chunks_exact_mut(MR).enumerate() {
-                o[..rows].copy_from_slice(&xt[kk * ld + c0..][..rows]);
-                o[rows..].fill(0.0);
+        Self::pack_groups(m, k, TRANSPOSED_GROUP, |p0, group| {
+            let panels = group.len() / (k * MR);
+            let c0 = p0 * MR;
+            let cols = (m - c0).min(panels * MR);
+            let full = cols / MR;
+            // Blocks of TRANSPOSED_DEPTH rows: read once into L1, then written panel by panel
+            // as contiguous runs.
+            for k0 in (0..k).step_by(TRANSPOSED_DEPTH) {
+                let kb = TRANSPOSED_DEPTH.min(k - k0);
+                for g in 0..full {
+                    let out = &mut group[g * k * MR + k0 * MR..][..kb * MR];
+                    for (kk, o) in out.chunks_exact_mut(MR).enumerate() {
+                        o.copy_from_slice(&xt[(k0 + kk) * ld + c0 + g * MR..][..MR]);
+                    }
+                }
+                if full < panels {
+                    // The matrix's last, ragged panel: its rows past `m` are zero.
+                    let rows = cols - full * MR;
+                    let out = &mut group[full * k * MR + k0 * MR..][..kb * MR];
+                    for (kk, o) in out.chunks_exact_mut(MR).enumerate() {
+                        o[..rows].copy_from_slice(&xt[(k0 + kk) * ld + c0 + full * MR..][..rows]);
+                        o[rows..].fill(0.0);
+                    }
+                }
             }
         })
     }
 
-    /// The array for `m` rows of depth `k`: `fill(p, rows, panel)` writes every element of
-    /// panel `p` (`[k][MR]`, its first `rows` rows valid, the rest zero), panels in parallel
-    /// where there is enough to split. No zero-fill of the whole array first.
-    fn pack_panels(
+    /// The array for `m` rows of depth `k`, filled by groups of panels: `fill(p0, group)` writes
+    /// every element of panels `p0 .. p0 + group.len() / (k·MR)` (at most `per_group`, each
+    /// `[k][MR]` with its rows past `m` zero, contiguous in `group`), groups in parallel where
+    /// there is enough to split. No zero-fill of the whole array first.
+    fn pack_groups(
         m: usize,
         k: usize,
-        fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+        per_group: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
     ) -> PackedRows {
         use rayon::prelude::*;
         let panels = m.div_ceil(MR);
-        // SAFETY: `fill` writes every element of each panel (its contract) before any read.
+        // SAFETY: `fill` writes every element of each group (its contract) before any read.
         let mut data = unsafe { crate::uninit_vec::<f32>(panels * k * MR) };
         if k > 0 {
-            let pack = |(p, panel): (usize, &mut [f32])| fill(p, MR.min(m - p * MR), panel);
+            let size = per_group * k * MR;
+            let pack = |(g, group): (usize, &mut [f32])| fill(g * per_group, group);
             if panels * k * MR >= 1 << 16 {
-                data.par_chunks_mut(k * MR).enumerate().for_each(pack);
+                data.par_chunks_mut(size).enumerate().for_each(pack);
             } else {
-                data.chunks_mut(k * MR).enumerate().for_each(pack);
+                data.chunks_mut(size).enumerate().for_each(pack);
             }
         }
         PackedRows { data, m, k }
@@ -488,6 +518,38 @@ mod tests {
     use super::*;
     use crate::dispatch::Features;
     use crate::test_util::{lcg, reference, SHAPES};
+
+    #[test]
+    fn pack_transposed_equals_pack_of_the_transpose() {
+        let mut seed = 3u64;
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        // One panel, ragged panels, one group and a bit, several groups in parallel with a
+        // ragged last group and a ragged last panel.
+        for (m, k) in [
+            (1, 5),
+            (6, 1),
+            (7, 3),
+            (95, 17),
+            (96, 40),
+            (97, 9),
+            (200, 33),
+            (300, 700),
+            (301, 300),
+        ] {
+            let ld = m + 5;
+            let xt: Vec<f32> = (0..k * ld).map(|_| lcg(&mut seed)).collect();
+            let mut x = vec![0f32; m * k];
+            for kk in 0..k {
+                for r in 0..m {
+                    x[r * k + kk] = xt[kk * ld + r];
+                }
+            }
+            let want = PackedRows::pack(&x, m, k);
+            let got = PackedRows::pack_transposed(&xt, k, m, ld);
+            assert_eq!((got.rows(), got.depth()), (m, k));
+            assert_eq!(bits(&got.data), bits(&want.data), "m={m} k={k}");
+        }
+    }
 
     #[test]
     fn matches_f64_reference_on_ragged_shapes() {
