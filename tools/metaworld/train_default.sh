@@ -25,6 +25,9 @@
 #                                 so 50,000 hold 7.5 GB; the demos interleave the tasks, so a
 #                                 buffer smaller than the dataset still mixes every task)
 #   SCHEDULE [cosine]             learning-rate schedule (constant|cosine); WARMUP [100] steps
+#   IMAGE_AUG [true]              `openvla finetune --image-aug`: the reference's random 90 % crop
+#                                 and colour jitter; `false` trains on the frames as rendered (the
+#                                 exported model then evaluates without the centre crop)
 #   SAVE [700]                    checkpoint interval; every checkpoint keeps its model for step 6
 #   CURVE_EPISODES [2]            episodes per task for each checkpoint of step 6 (0 skips it)
 #   EXPORT_DTYPE [bf16]           dtype of train/model (the evaluated and shipped model)
@@ -53,6 +56,7 @@ CHUNK=${CHUNK:-8}
 EXECUTE=${EXECUTE:-8}
 SCHEDULE=${SCHEDULE:-cosine}
 SHUFFLE=${SHUFFLE:-50000}
+IMAGE_AUG=${IMAGE_AUG:-true}
 WARMUP=${WARMUP:-100}
 SAVE=${SAVE:-700}
 CURVE_EPISODES=${CURVE_EPISODES:-2}
@@ -90,7 +94,7 @@ resume=()
   --mode full --head l1 --chunk "$CHUNK" --proprio \
   --batch-size "$BATCH" --shuffle-buffer "$SHUFFLE" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
   --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints \
-  --export-dtype "$EXPORT_DTYPE" --compute "$COMPUTE" "${resume[@]}"
+  --export-dtype "$EXPORT_DTYPE" --compute "$COMPUTE" --image-aug "$IMAGE_AUG" "${resume[@]}"
 
 step "5/6 closed-loop evaluation: $TASKS, $EPISODES episodes per task"
 eval_resume=()

@@ -796,12 +796,7 @@ mod tests {
                 xt[1] = f32::NAN;
                 xt[2] = f32::NEG_INFINITY;
             }
-            let mut x = vec![0f32; m * k];
-            for d in 0..k {
-                for i in 0..m {
-                    x[i * k + d] = xt[d * ld + i];
-                }
-            }
+            let x = crate::untranspose(&xt, ld, m, k);
             let want = PackedRowsAmx::pack(&x, m, k);
             let got = PackedRowsAmx::pack_transposed(&xt, k, m, ld);
             assert_eq!((got.m, got.k, got.stride), (want.m, want.k, want.stride));

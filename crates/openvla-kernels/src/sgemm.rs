@@ -538,12 +538,7 @@ mod tests {
         ] {
             let ld = m + 5;
             let xt: Vec<f32> = (0..k * ld).map(|_| lcg(&mut seed)).collect();
-            let mut x = vec![0f32; m * k];
-            for kk in 0..k {
-                for r in 0..m {
-                    x[r * k + kk] = xt[kk * ld + r];
-                }
-            }
+            let x = crate::untranspose(&xt, ld, m, k);
             let want = PackedRows::pack(&x, m, k);
             let got = PackedRows::pack_transposed(&xt, k, m, ld);
             assert_eq!((got.rows(), got.depth()), (m, k));
