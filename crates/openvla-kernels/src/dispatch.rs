@@ -306,8 +306,10 @@ pub fn table() -> String {
             } else {
                 format!(
                     "{gemm}; W of dx and x of dW packed depth-major, g^T of dW packed \
-                     transposed (no transposed copies); under 32 columns (LoRA ranks) or \
-                     8 rows the gemm crate"
+                     transposed (no transposed copies); under {} columns (LoRA ranks) or {} \
+                     rows the gemm crate",
+                    crate::PACKED_MIN_COLS,
+                    crate::GEMM_MIN_ROWS
                 )
             },
         ),

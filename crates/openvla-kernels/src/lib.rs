@@ -83,6 +83,11 @@ pub unsafe fn uninit_vec<T: Copy>(n: usize) -> Vec<T> {
 /// Rows of `x` at or above which the tiled-gemm path is used (unless row-wise is forced).
 pub const GEMM_MIN_ROWS: usize = 8;
 
+/// Output columns from which the training linears' f32 products take the packed sgemm; narrower
+/// ones (a LoRA rank's 4-32 columns) stay on the `gemm` crate, since the packed kernel computes
+/// panels of 16-32 columns and would pack all of `x` for a few.
+pub const PACKED_MIN_COLS: usize = 32;
+
 /// Whether a block of `rows` rows keeps its bits when stacked with other rows into one product
 /// (batched vision, packed prefills): it takes the tiled path alone as in any larger product.
 /// Fewer than [`GEMM_MIN_ROWS`] rows take the dot-product kernels alone, whose sums differ.

@@ -254,8 +254,9 @@ fn gemm_kernels(
 
 /// `dst [m, n] = lhs [m, k] · rhs [k, n]` (strided operands), parallel on the rayon pool: on
 /// the kernels' packed GEMMs ([`gemm_kernels`]) in bf16 arithmetic under [`BF16Matmuls`], or in
-/// f32 on the packed sgemm (AVX-512F or AVX2+FMA, `openvla::kernels::dispatch::f32_gemm`) for
-/// 32 columns or more; both from [`openvla::kernels::GEMM_MIN_ROWS`] rows. Else on the `gemm`
+/// f32 on the packed sgemm (AVX-512F or AVX2+FMA, `openvla::kernels::dispatch::f32_gemm`) from
+/// [`openvla::kernels::PACKED_MIN_COLS`] columns; both from [`openvla::kernels::GEMM_MIN_ROWS`]
+/// rows. Else on the `gemm`
 /// crate, candle's own CPU matmul path, without its graph node.
 fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Operand) {
     assert!(dst.len() >= m * n);
@@ -267,9 +268,7 @@ fn gemm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Operand, rhs: Op
         return;
     }
     let bf16 = BF16_MATMULS.with(|c| c.get());
-    // Narrow f32 products (a LoRA rank's 4-32 columns) stay on the `gemm` crate: the packed
-    // kernel computes panels of 16-32 columns and would pack all of x for a few.
-    let packed_f32 = n >= 32
+    let packed_f32 = n >= openvla::kernels::PACKED_MIN_COLS
         && openvla::kernels::dispatch::f32_gemm() != openvla::kernels::dispatch::GemmPath::Portable;
     if m >= openvla::kernels::GEMM_MIN_ROWS && (bf16 || packed_f32) {
         gemm_kernels(m, n, k, dst, lhs, rhs, bf16);
