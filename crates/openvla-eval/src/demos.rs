@@ -13,6 +13,7 @@
 
 use crate::metaworld::DEMO_SEED_BASE;
 use crate::pool::{self, Job, Outcome, PoolConfig};
+use crate::render::Render;
 use crate::tasks;
 use crate::worker::PythonEnv;
 use anyhow::{bail, Context, Result};
@@ -48,6 +49,10 @@ pub struct DemosArgs {
     /// Camera image size (square), as `openvla eval metaworld --image-size`.
     #[arg(long, default_value_t = 224)]
     pub image_size: u32,
+    /// Render settings, as `openvla eval metaworld --render`: fast, or default (MuJoCo's, as
+    /// Meta-World's `env.render()` and LeRobot's evaluation; about 5-10x slower on llvmpipe).
+    #[arg(long, value_enum, default_value = "fast")]
+    pub render: Render,
     /// Steps recorded after the first success.
     #[arg(long, default_value_t = 10)]
     pub extra_steps: u64,
@@ -86,8 +91,13 @@ const RUN_FLAGS: &str = "run.json";
 
 /// The flags a resumed run must share with the interrupted one.
 fn run_flags(a: &DemosArgs) -> Value {
-    json!({"tasks": a.tasks, "per_task": a.per_task, "image_size": a.image_size,
-           "extra_steps": a.extra_steps, "lossless": a.lossless})
+    let mut flags = json!({"tasks": a.tasks, "per_task": a.per_task, "image_size": a.image_size,
+           "extra_steps": a.extra_steps, "lossless": a.lossless});
+    // Recorded only when not fast, so that runs from before the flag resume.
+    if let Some(r) = a.render.recorded() {
+        flags["render"] = json!(r);
+    }
+    flags
 }
 
 /// Finished attempts of an interrupted run, per task: (successful attempts with their answers,
@@ -265,6 +275,7 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
                 Job {
                     cmd: json!({
                         "op": "demo", "task": p.task, "seed": seed, "image_size": a.image_size,
+                        "render": a.render.name(),
                         "extra_steps": a.extra_steps, "staging": staging,
                         "key": format!("{}-{}", p.task, p.attempt), "lossless": a.lossless,
                         "save_raw": a.keep_raw.is_some(),
@@ -345,7 +356,7 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
         "provenance": {
             "generator": "openvla sim demos metaworld",
             "openvla_version": env!("CARGO_PKG_VERSION"),
-            "camera": "corner4 (rotated 180 degrees; fast render settings)",
+            "camera": a.render.camera(),
             "state": "obs[:4]",
             "extra_steps_after_success": a.extra_steps,
             "seed_rule": format!("{DEMO_SEED_BASE} + 1000000 * (MT50 position of the task) + attempt"),

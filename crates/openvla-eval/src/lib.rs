@@ -23,6 +23,7 @@ pub mod demos;
 pub mod metaworld;
 pub mod policy;
 pub mod pool;
+pub mod render;
 pub mod results;
 pub mod stats;
 pub mod tasks;

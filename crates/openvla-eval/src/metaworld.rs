@@ -9,6 +9,7 @@
 
 use crate::policy::{choose_unnorm_key, model_path, Endpoint, PolicyInputs, PolicyKind};
 use crate::pool::{self, Job, Outcome, PoolConfig};
+use crate::render::Render;
 use crate::results::{markdown, summarize, EpisodeRecord};
 use crate::tasks;
 use crate::worker::PythonEnv;
@@ -80,6 +81,11 @@ pub struct EvalArgs {
     /// Camera image size in pixels (square); 480 matches LeRobot's dataset.
     #[arg(long, default_value_t = 224)]
     pub image_size: u32,
+    /// Render settings: fast (no multisampling, shadows or reflections; what `openvla sim demos`
+    /// records by default) or default (MuJoCo's, as Meta-World's `env.render()` and LeRobot's
+    /// evaluation). Part of the run's config (checked by --resume) when not fast.
+    #[arg(long, value_enum, default_value = "fast")]
+    pub render: Render,
     /// Actions of a returned chunk to run before asking again (default: the whole chunk, up to 8).
     #[arg(long)]
     pub execute: Option<usize>,
@@ -214,7 +220,9 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
         "protocol": a.protocol,
         "policy": a.policy,
         "image_size": a.image_size,
-        "camera": "corner4 (rotated 180 degrees; fast render: offsamples 0, no shadows or reflections)",
+        "camera": a.render.camera(),
+        // Recorded only when not fast, so that runs from before the flag resume.
+        "render": a.render.recorded(),
         "state": "obs[:4]",
         "execute": a.execute,
         "horizon": a.horizon,
@@ -230,7 +238,7 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
 }
 
 /// Keys of the config that must match for --resume.
-const RESUME_KEYS: [&str; 10] = [
+const RESUME_KEYS: [&str; 11] = [
     "tasks",
     "episodes_per_task",
     "seed",
@@ -241,6 +249,7 @@ const RESUME_KEYS: [&str; 10] = [
     "horizon",
     "model",
     "compute",
+    "render",
 ];
 
 fn read_records(path: &Path) -> Result<Vec<EpisodeRecord>> {
@@ -364,7 +373,8 @@ pub fn run_with_stop(a: &EvalArgs, stop: Arc<AtomicBool>) -> Result<EvalOutcome>
             jobs.push(Job {
                 cmd: json!({
                     "op": "episode", "task": task, "index": i, "seed": seed,
-                    "protocol": a.protocol, "image_size": a.image_size, "horizon": a.horizon,
+                    "protocol": a.protocol, "image_size": a.image_size, "render": a.render.name(),
+                    "horizon": a.horizon,
                     "execute": a.execute.unwrap_or(0), "policy": policy_json, "record": record,
                 }),
             });

@@ -309,3 +309,46 @@ fn an_interrupted_run_writes_partial_results_and_resume_finishes_it() {
         .collect();
     assert_eq!(indices, [0, 1, 2]);
 }
+
+#[test]
+fn render_settings_are_recorded_and_checked_on_resume() {
+    require_venv();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("render");
+    let args = [
+        "--policy",
+        "expert",
+        "--no-render",
+        "--render",
+        "default",
+        "--tasks",
+        "reach",
+        "--episodes",
+        "1",
+        "--envs",
+        "1",
+        "--image-size",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = run_with_stop(&eval_args(&args), no_stop()).unwrap();
+    assert!(o.complete);
+    assert_eq!(o.results["tasks"]["reach-v3"]["successes"], 1);
+    let config = &o.results["config"];
+    assert_eq!(config["render"], "default", "{config}");
+    assert!(
+        config["camera"].as_str().unwrap().contains("shadows"),
+        "{config}"
+    );
+    // The recorded episode was rendered (with the default settings) into its contact sheet.
+    assert!(out.join("videos/reach-v3-ep000.png").is_file());
+    // Another render setting is another run: --resume refuses it.
+    let mut other: Vec<&str> = args.to_vec();
+    other[4] = "fast";
+    other.push("--resume");
+    let e = run_with_stop(&eval_args(&other), no_stop())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("render differs"), "{e}");
+}

@@ -18,20 +18,31 @@ HORIZON = 500
 DEMO_SEED_BASE = 1_000_000_000
 
 
-class Camera:
-    """An offscreen renderer with the fast settings: MSAA off (offsamples=0), shadows and
-    reflections off. `corner*` cameras are rotated 180 degrees (img[::-1, ::-1])."""
+#: Render settings (`--render`): "fast" turns MSAA off (offsamples=0) and shadows and
+#: reflections off (~10-30 ms a frame on llvmpipe); "default" keeps MuJoCo's (4x MSAA, shadows,
+#: reflections; ~100-180 ms), pixel-identical to Meta-World's own env.render() that LeRobot uses.
+RENDERS = ("fast", "default")
 
-    def __init__(self, model, size: int):
+
+class Camera:
+    """An offscreen renderer with the `render` settings (see RENDERS). `corner*` cameras are
+    rotated 180 degrees (img[::-1, ::-1])."""
+
+    def __init__(self, model, size: int, render: str = "fast"):
         import mujoco
 
-        model.vis.quality.offsamples = 0
+        if render not in RENDERS:
+            raise ValueError(f"unknown render settings {render!r}; expected one of {', '.join(RENDERS)}")
+        if render == "fast":
+            model.vis.quality.offsamples = 0
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, size)
         model.vis.global_.offheight = max(model.vis.global_.offheight, size)
         self.renderer = mujoco.Renderer(model, size, size)
-        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        if render == "fast":
+            self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         self.size = size
+        self.render_settings = render
 
     def render(self, data, camera: str) -> np.ndarray:
         self.renderer.update_scene(data, camera=camera)
@@ -47,7 +58,7 @@ class Camera:
 class MetaWorldTask:
     """A Meta-World env for one task, set up for `protocol` ("lerobot" or "metaworld")."""
 
-    def __init__(self, task: str, protocol: str = "lerobot", image_size: int = 224):
+    def __init__(self, task: str, protocol: str = "lerobot", image_size: int = 224, render: str = "fast"):
         import metaworld
 
         if protocol not in ("lerobot", "metaworld"):
@@ -61,7 +72,7 @@ class MetaWorldTask:
         self.env.seeded_rand_vec = True
         self.horizon = min(HORIZON, int(self.env.max_path_length))
         self.image_size = image_size
-        self.camera = Camera(self.env.model, image_size)
+        self.camera = Camera(self.env.model, image_size, render)
 
     def reset(self, index: int, seed: int):
         """Resets for episode `index` with `seed`; returns the 39-D observation."""

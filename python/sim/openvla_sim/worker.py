@@ -46,15 +46,15 @@ class Worker:
         self.client = None
         self.client_url = None
 
-    def task_env(self, task, protocol, size):
+    def task_env(self, task, protocol, size, render="fast"):
         from .sim import MetaWorldTask
 
-        key = (task, protocol, size)
+        key = (task, protocol, size, render)
         if self.key != key:
             if self.env is not None:
                 self.env.close()
                 self.env = None
-            self.env = MetaWorldTask(task, protocol, size)
+            self.env = MetaWorldTask(task, protocol, size, render)
             self.key = key
         return self.env
 
@@ -72,7 +72,9 @@ class Worker:
     # --- commands -------------------------------------------------------------------------------
 
     def initial_state(self, cmd):
-        env = self.task_env(cmd["task"], cmd.get("protocol", "lerobot"), int(cmd.get("image_size", 224)))
+        env = self.task_env(
+            cmd["task"], cmd.get("protocol", "lerobot"), int(cmd.get("image_size", 224)), cmd.get("render", "fast")
+        )
         obs = env.reset(int(cmd["index"]), int(cmd["seed"]))
         return {"obs": obs.tolist(), "rand_vec": env.rand_vec().tolist()}
 
@@ -85,7 +87,7 @@ class Worker:
         task = cmd["task"]
         protocol = cmd.get("protocol", "lerobot")
         size = int(cmd.get("image_size", 224))
-        env = self.task_env(task, protocol, size)
+        env = self.task_env(task, protocol, size, cmd.get("render", "fast"))
         text = instruction(task)
         policy = cmd["policy"]
         kind = policy["kind"]
@@ -196,7 +198,7 @@ class Worker:
     def demo(self, cmd):
         from .lerobot_v3 import record_demo
 
-        env = self.task_env(cmd["task"], "lerobot", int(cmd.get("image_size", 224)))
+        env = self.task_env(cmd["task"], "lerobot", int(cmd.get("image_size", 224)), cmd.get("render", "fast"))
         return record_demo(env, cmd)
 
     def handle(self, cmd):
