@@ -28,6 +28,9 @@
 #   IMAGE_AUG [true]              `openvla finetune --image-aug`: the reference's random 90 % crop
 #                                 and colour jitter; `false` trains on the frames as rendered (the
 #                                 exported model then evaluates without the centre crop)
+#   PROPRIO [true]                train with the robot state obs[:4] (`--proprio`); `false` trains
+#                                 on image and instruction only, from
+#                                 tools/metaworld/metaworld-small-noproprio.toml unless CONFIG is set
 #   SAVE [700]                    checkpoint interval; every checkpoint keeps its model for step 6
 #   CURVE_EPISODES [2]            episodes per task for each checkpoint of step 6 (0 skips it)
 #   EXPORT_DTYPE [bf16]           dtype of train/model (the evaluated and shipped model)
@@ -57,6 +60,7 @@ EXECUTE=${EXECUTE:-8}
 SCHEDULE=${SCHEDULE:-cosine}
 SHUFFLE=${SHUFFLE:-50000}
 IMAGE_AUG=${IMAGE_AUG:-true}
+PROPRIO=${PROPRIO:-true}
 WARMUP=${WARMUP:-100}
 SAVE=${SAVE:-700}
 CURVE_EPISODES=${CURVE_EPISODES:-2}
@@ -82,16 +86,24 @@ step "2/6 statistics (actions and proprio)"
   "$OPENVLA" stats --data "$RUN/demos" --proprio --out "$RUN/dataset_statistics.json"
 
 shape=(--preset "$PRESET")
+proprio=(--proprio)
+if [ "$PROPRIO" = false ]; then
+  proprio=()
+  [ -n "$CONFIG" ] || CONFIG="$root/tools/metaworld/metaworld-small-noproprio.toml"
+elif [ "$PROPRIO" != true ]; then
+  echo "PROPRIO must be true or false, not '$PROPRIO'" >&2
+  exit 2
+fi
 [ -n "$CONFIG" ] && shape=(--config "$CONFIG")
 step "3/6 init: ${shape[*]}"
 [ -f "$RUN/init/config.json" ] ||
   "$OPENVLA" init "${shape[@]}" --seed 0 --dtype f32 --stats "$RUN/dataset_statistics.json" --out "$RUN/init"
 
-step "4/6 train: full, L1 head, chunk $CHUNK, proprio, $STEPS steps of $BATCH"
+step "4/6 train: full, L1 head, chunk $CHUNK, proprio $PROPRIO, $STEPS steps of $BATCH"
 resume=()
 [ -d "$RUN/train/checkpoints" ] && resume=(--resume)
 "$OPENVLA" finetune --model "$RUN/init" --data "$RUN/demos" --out "$RUN/train" \
-  --mode full --head l1 --chunk "$CHUNK" --proprio \
+  --mode full --head l1 --chunk "$CHUNK" "${proprio[@]}" \
   --batch-size "$BATCH" --shuffle-buffer "$SHUFFLE" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
   --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints \
   --export-dtype "$EXPORT_DTYPE" --compute "$COMPUTE" --image-aug "$IMAGE_AUG" "${resume[@]}"

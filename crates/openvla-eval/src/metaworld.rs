@@ -86,6 +86,12 @@ pub struct EvalArgs {
     /// evaluation). Part of the run's config (checked by --resume) when not fast.
     #[arg(long, value_enum, default_value = "fast")]
     pub render: Render,
+    /// Diagnostic: send the policy an all-black image (same size) instead of every rendered
+    /// frame, to measure how much of its success does not depend on what the camera sees
+    /// (the state and instruction still go). Videos still show the rendered frames. Part of the
+    /// run's config (checked by --resume) when set.
+    #[arg(long)]
+    pub blind: bool,
     /// Actions of a returned chunk to run before asking again (default: the whole chunk, up to 8).
     #[arg(long)]
     pub execute: Option<usize>,
@@ -169,6 +175,9 @@ fn check_flags(a: &EvalArgs) -> Result<Plan> {
     if a.no_render && !matches!(a.policy, PolicyKind::Expert | PolicyKind::Random) {
         bail!("--no-render goes with --policy expert or random (a model needs its images)");
     }
+    if a.blind && a.policy != PolicyKind::Model {
+        bail!("--blind goes with --policy model (--model or --url); the scripted policies never look at the image");
+    }
     if a.policy_timeout_s.is_nan() || a.policy_timeout_s <= 0.0 {
         bail!("--policy-timeout-s must be positive");
     }
@@ -223,6 +232,8 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
         "camera": a.render.camera(),
         // Recorded only when not fast, so that runs from before the flag resume.
         "render": a.render.recorded(),
+        // Recorded only when set, so that runs from before the flag resume.
+        "blind": a.blind.then_some(true),
         "state": "obs[:4]",
         "execute": a.execute,
         "horizon": a.horizon,
@@ -238,7 +249,7 @@ fn config_json(a: &EvalArgs, plan: &Plan) -> Value {
 }
 
 /// Keys of the config that must match for --resume.
-const RESUME_KEYS: [&str; 11] = [
+const RESUME_KEYS: [&str; 12] = [
     "tasks",
     "episodes_per_task",
     "seed",
@@ -250,6 +261,7 @@ const RESUME_KEYS: [&str; 11] = [
     "model",
     "compute",
     "render",
+    "blind",
 ];
 
 fn read_records(path: &Path) -> Result<Vec<EpisodeRecord>> {
@@ -374,7 +386,7 @@ pub fn run_with_stop(a: &EvalArgs, stop: Arc<AtomicBool>) -> Result<EvalOutcome>
                 cmd: json!({
                     "op": "episode", "task": task, "index": i, "seed": seed,
                     "protocol": a.protocol, "image_size": a.image_size, "render": a.render.name(),
-                    "horizon": a.horizon,
+                    "blind": a.blind, "horizon": a.horizon,
                     "execute": a.execute.unwrap_or(0), "policy": policy_json, "record": record,
                 }),
             });

@@ -352,3 +352,55 @@ fn render_settings_are_recorded_and_checked_on_resume() {
         .to_string();
     assert!(e.contains("render differs"), "{e}");
 }
+
+#[test]
+fn blind_sends_black_images_in_place_of_the_rendered_frames() {
+    require_venv();
+    let meta = json!({"variant": "openvla", "action_dims": {"metaworld": 4}});
+    let url = fake_server(meta, ActReply::ZeroIfBlack);
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, blind: bool| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "--url",
+            &url,
+            "--tasks",
+            "reach",
+            "--episodes",
+            "1",
+            "--envs",
+            "1",
+            "--horizon",
+            "5",
+            "--image-size",
+            "64",
+            "--videos",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if blind {
+            args.push("--blind");
+        }
+        run_with_stop(&eval_args(&args), no_stop()).unwrap().results
+    };
+    // The fake policy refuses any image that is not all zeros: the rendered frames are refused...
+    let seen = run("seen", false);
+    let err = seen["episodes"][0]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("image not black"), "{seen}");
+    // ...and with --blind every request carries a black image of the frame's size.
+    let blind = run("blind", true);
+    let ep = &blind["episodes"][0];
+    assert!(ep["error"].is_null(), "{ep}");
+    assert_eq!(ep["steps"], 5, "{ep}");
+    assert_eq!(blind["config"]["blind"], true);
+    assert!(seen["config"]["blind"].is_null());
+    // Scripted policies never look at the image: --blind with them is refused up front.
+    let e = run_with_stop(
+        &eval_args(&["--policy", "expert", "--blind", "--tasks", "reach"]),
+        no_stop(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--blind goes with --policy model"), "{e}");
+}

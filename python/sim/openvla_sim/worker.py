@@ -94,6 +94,7 @@ class Worker:
         execute = int(cmd.get("execute", 0))
         horizon = min(int(cmd.get("horizon", env.horizon)), env.horizon)
         record = cmd.get("record")
+        blind = bool(cmd.get("blind", False))
         crash_marker = os.environ.get("OPENVLA_SIM_CRASH_ONCE")
 
         t_start = time.perf_counter()
@@ -128,7 +129,8 @@ class Worker:
             if not queue:
                 try:
                     if kind == "http":
-                        payload = {k: _enc(v) for k, v in images.items()}
+                        sent = {k: np.zeros_like(v) for k, v in images.items()} if blind else images
+                        payload = {k: _enc(v) for k, v in sent.items()}
                         payload["instruction"] = text
                         if unnorm_key:
                             payload["unnorm_key"] = unnorm_key

@@ -54,6 +54,9 @@ pub enum ActReply {
     Error500,
     /// Never answers (the client must time out).
     Hang,
+    /// A zero action when the request's `image` is all zeros, else HTTP 422 naming the mean
+    /// pixel value (for `--blind`).
+    ZeroIfBlack,
 }
 
 /// A fake policy server on loopback: GET /metadata answers `metadata`, POST /act as `act` says.
@@ -97,6 +100,30 @@ pub fn fake_server(metadata: serde_json::Value, act: ActReply) -> String {
                                 "500 Internal Server Error",
                                 r#"{"error":"internal","detail":"the model failed"}"#.to_string(),
                             ),
+                            ActReply::ZeroIfBlack => {
+                                let req: serde_json::Value =
+                                    serde_json::from_slice(&body).unwrap_or_default();
+                                match openvla_server::json_numpy::decode_u8(&req["image"], 1 << 24)
+                                {
+                                    Ok(img) if img.data.iter().all(|&b| b == 0) => {
+                                        ("200 OK", "[[0.0, 0.0, 0.0, 0.0]]".to_string())
+                                    }
+                                    Ok(img) => {
+                                        let mean = img.data.iter().map(|&b| b as f64).sum::<f64>()
+                                            / img.data.len().max(1) as f64;
+                                        (
+                                            "422 Unprocessable Entity",
+                                            format!(
+                                                r#"{{"error":"image not black: mean {mean:.1}"}}"#
+                                            ),
+                                        )
+                                    }
+                                    Err(e) => (
+                                        "400 Bad Request",
+                                        format!(r#"{{"error":"no image: {e}"}}"#),
+                                    ),
+                                }
+                            }
                             ActReply::Hang => {
                                 std::thread::sleep(std::time::Duration::from_secs(3600));
                                 return;
