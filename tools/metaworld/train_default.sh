@@ -29,8 +29,8 @@
 #                                 and colour jitter; `false` trains on the frames as rendered (the
 #                                 exported model then evaluates without the centre crop)
 #   PROPRIO [true]                train with the robot state obs[:4] (`--proprio`); `false` trains
-#                                 on image and instruction only, from
-#                                 tools/metaworld/metaworld-small-noproprio.toml unless CONFIG is set
+#                                 on image and instruction only: the shape (PRESET or CONFIG) is
+#                                 written to $RUN/init.toml without its `proprio_dim` line
 #   SAVE [700]                    checkpoint interval; every checkpoint keeps its model for step 6
 #   CURVE_EPISODES [2]            episodes per task for each checkpoint of step 6 (0 skips it)
 #   EXPORT_DTYPE [bf16]           dtype of train/model (the evaluated and shipped model)
@@ -67,6 +67,10 @@ CURVE_EPISODES=${CURVE_EPISODES:-2}
 EXPORT_DTYPE=${EXPORT_DTYPE:-bf16}
 EPISODES=${EPISODES:-10}
 OPENVLA=${OPENVLA:-$root/target/release/openvla}
+case "$PROPRIO" in
+  true | false) ;;
+  *) echo "PROPRIO must be true or false, not '$PROPRIO'" >&2; exit 2 ;;
+esac
 if [ ! -x "$OPENVLA" ]; then
   echo "building $OPENVLA"
   cargo build --release -p openvla-cli
@@ -86,15 +90,14 @@ step "2/6 statistics (actions and proprio)"
   "$OPENVLA" stats --data "$RUN/demos" --proprio --out "$RUN/dataset_statistics.json"
 
 shape=(--preset "$PRESET")
+[ -n "$CONFIG" ] && shape=(--config "$CONFIG")
 proprio=(--proprio)
 if [ "$PROPRIO" = false ]; then
+  # The same shape without the proprio projector.
   proprio=()
-  [ -n "$CONFIG" ] || CONFIG="$root/tools/metaworld/metaworld-small-noproprio.toml"
-elif [ "$PROPRIO" != true ]; then
-  echo "PROPRIO must be true or false, not '$PROPRIO'" >&2
-  exit 2
+  "$OPENVLA" init "${shape[@]}" --print-config | sed '/^proprio_dim *=/d' > "$RUN/init.toml"
+  shape=(--config "$RUN/init.toml")
 fi
-[ -n "$CONFIG" ] && shape=(--config "$CONFIG")
 step "3/6 init: ${shape[*]}"
 [ -f "$RUN/init/config.json" ] ||
   "$OPENVLA" init "${shape[@]}" --seed 0 --dtype f32 --stats "$RUN/dataset_statistics.json" --out "$RUN/init"

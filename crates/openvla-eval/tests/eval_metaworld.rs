@@ -315,24 +315,28 @@ fn render_settings_are_recorded_and_checked_on_resume() {
     require_venv();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("render");
-    let args = [
-        "--policy",
-        "expert",
-        "--no-render",
-        "--render",
-        "default",
-        "--tasks",
-        "reach",
-        "--episodes",
-        "1",
-        "--envs",
-        "1",
-        "--image-size",
-        "64",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let o = run_with_stop(&eval_args(&args), no_stop()).unwrap();
+    let out_s = out.to_str().unwrap();
+    let args = |render: &'static str| {
+        [
+            "--policy",
+            "expert",
+            "--no-render",
+            "--render",
+            render,
+            "--tasks",
+            "reach",
+            "--episodes",
+            "1",
+            "--envs",
+            "1",
+            "--image-size",
+            "64",
+            "--out",
+            out_s,
+        ]
+        .to_vec()
+    };
+    let o = run_with_stop(&eval_args(&args("default")), no_stop()).unwrap();
     assert!(o.complete);
     assert_eq!(o.results["tasks"]["reach-v3"]["successes"], 1);
     let config = &o.results["config"];
@@ -344,8 +348,7 @@ fn render_settings_are_recorded_and_checked_on_resume() {
     // The recorded episode was rendered (with the default settings) into its contact sheet.
     assert!(out.join("videos/reach-v3-ep000.png").is_file());
     // Another render setting is another run: --resume refuses it.
-    let mut other: Vec<&str> = args.to_vec();
-    other[4] = "fast";
+    let mut other = args("fast");
     other.push("--resume");
     let e = run_with_stop(&eval_args(&other), no_stop())
         .unwrap_err()

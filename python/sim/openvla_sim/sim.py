@@ -33,16 +33,21 @@ class Camera:
 
         if render not in RENDERS:
             raise ValueError(f"unknown render settings {render!r}; expected one of {', '.join(RENDERS)}")
-        if render == "fast":
-            model.vis.quality.offsamples = 0
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, size)
         model.vis.global_.offheight = max(model.vis.global_.offheight, size)
-        self.renderer = mujoco.Renderer(model, size, size)
+        # The renderer reads offsamples when it is created; the model keeps its own value, so
+        # another Camera on the same model starts from MuJoCo's settings.
+        offsamples = model.vis.quality.offsamples
+        if render == "fast":
+            model.vis.quality.offsamples = 0
+        try:
+            self.renderer = mujoco.Renderer(model, size, size)
+        finally:
+            model.vis.quality.offsamples = offsamples
         if render == "fast":
             self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
             self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         self.size = size
-        self.render_settings = render
 
     def render(self, data, camera: str) -> np.ndarray:
         self.renderer.update_scene(data, camera=camera)

@@ -46,9 +46,15 @@ class Worker:
         self.client = None
         self.client_url = None
 
-    def task_env(self, task, protocol, size, render="fast"):
+    def task_env(self, cmd, protocol=None):
+        """The env a command asks for (task, protocol, image_size, render), kept between
+        commands that ask for the same one. `protocol` overrides the command's."""
         from .sim import MetaWorldTask
 
+        task = cmd["task"]
+        protocol = protocol or cmd.get("protocol", "lerobot")
+        size = int(cmd.get("image_size", 224))
+        render = cmd.get("render", "fast")
         key = (task, protocol, size, render)
         if self.key != key:
             if self.env is not None:
@@ -72,9 +78,7 @@ class Worker:
     # --- commands -------------------------------------------------------------------------------
 
     def initial_state(self, cmd):
-        env = self.task_env(
-            cmd["task"], cmd.get("protocol", "lerobot"), int(cmd.get("image_size", 224)), cmd.get("render", "fast")
-        )
+        env = self.task_env(cmd)
         obs = env.reset(int(cmd["index"]), int(cmd["seed"]))
         return {"obs": obs.tolist(), "rand_vec": env.rand_vec().tolist()}
 
@@ -85,9 +89,7 @@ class Worker:
         from .tasks import instruction
 
         task = cmd["task"]
-        protocol = cmd.get("protocol", "lerobot")
-        size = int(cmd.get("image_size", 224))
-        env = self.task_env(task, protocol, size, cmd.get("render", "fast"))
+        env = self.task_env(cmd)
         text = instruction(task)
         policy = cmd["policy"]
         kind = policy["kind"]
@@ -200,7 +202,7 @@ class Worker:
     def demo(self, cmd):
         from .lerobot_v3 import record_demo
 
-        env = self.task_env(cmd["task"], "lerobot", int(cmd.get("image_size", 224)), cmd.get("render", "fast"))
+        env = self.task_env(cmd, protocol="lerobot")
         return record_demo(env, cmd)
 
     def handle(self, cmd):
