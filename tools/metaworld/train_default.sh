@@ -31,6 +31,10 @@
 #   PROPRIO [true]                train with the robot state obs[:4] (`--proprio`); `false` trains
 #                                 on image and instruction only: the shape (PRESET or CONFIG) is
 #                                 written to $RUN/init.toml without its `proprio_dim` line
+#   AUX []                        `openvla finetune --aux-environment-state AUX`: an auxiliary
+#                                 head on the demos' object and goal positions with this loss
+#                                 weight (e.g. 1.0; training only, the policy's inputs are
+#                                 unchanged); empty trains without it
 #   SAVE [700]                    checkpoint interval; every checkpoint keeps its model for step 6
 #   CURVE_EPISODES [2]            episodes per task for each checkpoint of step 6 (0 skips it)
 #   EXPORT_DTYPE [bf16]           dtype of train/model (the evaluated and shipped model)
@@ -61,6 +65,7 @@ SCHEDULE=${SCHEDULE:-cosine}
 SHUFFLE=${SHUFFLE:-50000}
 IMAGE_AUG=${IMAGE_AUG:-true}
 PROPRIO=${PROPRIO:-true}
+AUX=${AUX:-}
 WARMUP=${WARMUP:-100}
 SAVE=${SAVE:-700}
 CURVE_EPISODES=${CURVE_EPISODES:-2}
@@ -71,6 +76,14 @@ case "$PROPRIO" in
   true | false) ;;
   *) echo "PROPRIO must be true or false, not '$PROPRIO'" >&2; exit 2 ;;
 esac
+aux=()
+if [ -n "$AUX" ]; then
+  if ! python3 -c "import sys; w = float(sys.argv[1]); sys.exit(0 if 0 < w < float('inf') else 1)" "$AUX" 2>/dev/null; then
+    echo "AUX must be a positive number (the auxiliary loss weight), not '$AUX'" >&2
+    exit 2
+  fi
+  aux=(--aux-environment-state "$AUX")
+fi
 if [ ! -x "$OPENVLA" ]; then
   echo "building $OPENVLA"
   cargo build --release -p openvla-cli
@@ -102,11 +115,11 @@ step "3/6 init: ${shape[*]}"
 [ -f "$RUN/init/config.json" ] ||
   "$OPENVLA" init "${shape[@]}" --seed 0 --dtype f32 --stats "$RUN/dataset_statistics.json" --out "$RUN/init"
 
-step "4/6 train: full, L1 head, chunk $CHUNK, proprio $PROPRIO, $STEPS steps of $BATCH"
+step "4/6 train: full, L1 head, chunk $CHUNK, proprio $PROPRIO, aux ${AUX:-none}, $STEPS steps of $BATCH"
 resume=()
 [ -d "$RUN/train/checkpoints" ] && resume=(--resume)
 "$OPENVLA" finetune --model "$RUN/init" --data "$RUN/demos" --out "$RUN/train" \
-  --mode full --head l1 --chunk "$CHUNK" "${proprio[@]}" \
+  --mode full --head l1 --chunk "$CHUNK" "${proprio[@]}" "${aux[@]}" \
   --batch-size "$BATCH" --shuffle-buffer "$SHUFFLE" --lr "$LR" --lr-schedule "$SCHEDULE" --warmup-steps "$WARMUP" \
   --max-steps "$STEPS" --save-interval "$SAVE" --keep-last 0 --export-checkpoints \
   --export-dtype "$EXPORT_DTYPE" --compute "$COMPUTE" --image-aug "$IMAGE_AUG" "${resume[@]}"

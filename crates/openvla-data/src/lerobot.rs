@@ -25,7 +25,7 @@ use crate::error::{DataError, Result};
 use crate::oxe::configs::{ActionEncoding, DatasetConfig, GripperConvention, NoopFilter};
 use crate::oxe::transforms::{standardize, RawSteps};
 use crate::tfds::{resolve_split, DatasetInfo, SplitInfo};
-use crate::trajectory::{ImageData, Matrix, Trajectory};
+use crate::trajectory::{ImageData, Matrix, Trajectory, ENVIRONMENT_STATE_KEY};
 
 /// One feature of `info.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -698,6 +698,12 @@ impl LeRobotDataset {
             Some(k) => Some(col(k)?),
             None => None,
         };
+        // LeRobot's name for privileged simulator state; read whenever the dataset has it.
+        let environment_state = if self.info.features.contains_key(ENVIRONMENT_STATE_KEY) {
+            Some(col(ENVIRONMENT_STATE_KEY)?)
+        } else {
+            None
+        };
         let instructions: Vec<String> = if cfg.language_key == "task" {
             frames
                 .task_index
@@ -760,6 +766,7 @@ impl LeRobotDataset {
             wrist_images,
             actions,
             state,
+            environment_state,
             instructions,
         })
     }

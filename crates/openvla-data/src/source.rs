@@ -112,6 +112,24 @@ impl DatasetSource {
         }
     }
 
+    /// The width of the dataset's privileged environment state (LeRobot's
+    /// `observation.environment_state`, a 1-D feature), if it records one; RLDS datasets have
+    /// none.
+    pub fn environment_state_dim(&self) -> Option<usize> {
+        match &self.format {
+            Format::Rlds(_) => None,
+            #[cfg(feature = "lerobot")]
+            Format::LeRobot(d) => d
+                .info
+                .features
+                .get(crate::trajectory::ENVIRONMENT_STATE_KEY)
+                .and_then(|f| match f.shape.as_slice() {
+                    [n] => Some(*n),
+                    _ => None,
+                }),
+        }
+    }
+
     /// Number of episodes in a split expression.
     pub fn num_episodes(&self, split: &str) -> Result<u64> {
         match &self.format {

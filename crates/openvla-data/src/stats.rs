@@ -76,6 +76,12 @@ pub struct DatasetStatistics {
     /// Proprio statistics (zeros shaped like the action when proprio is not loaded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proprio: Option<ArrayStats>,
+    /// Statistics of the privileged environment state (LeRobot's
+    /// `observation.environment_state`), when every trajectory has one: the bounds that
+    /// normalize auxiliary training targets (`openvla finetune --aux-environment-state`).
+    /// Absent from the reference's files, and ignored by inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment_state: Option<ArrayStats>,
     /// Number of transitions (frames).
     pub num_transitions: u64,
     /// Number of trajectories.
@@ -366,6 +372,10 @@ pub struct StatsAccumulator {
     action: Option<ArrayAccumulator>,
     /// `Some` when proprio statistics are asked for ([`StatsAccumulator::with_proprio`]).
     proprio: Option<Option<ArrayAccumulator>>,
+    /// The environment state's columns while every trajectory so far has had one.
+    environment_state: Option<ArrayAccumulator>,
+    /// A trajectory without environment state was seen: no statistics for it.
+    environment_state_missing: bool,
     num_transitions: u64,
     num_trajectories: u64,
     budget_bytes: u64,
@@ -391,6 +401,8 @@ impl StatsAccumulator {
         Self {
             action: None,
             proprio: None,
+            environment_state: None,
+            environment_state_missing: false,
             num_transitions: 0,
             num_trajectories: 0,
             budget_bytes,
@@ -420,6 +432,7 @@ impl StatsAccumulator {
             self.num_trajectories += 1;
             return Ok(());
         }
+        self.push_environment_state(traj)?;
         let acc = self
             .action
             .get_or_insert_with(|| ArrayAccumulator::new(a.cols));
@@ -473,6 +486,38 @@ impl StatsAccumulator {
         Ok(())
     }
 
+    /// Accumulates the trajectory's environment state while every trajectory has one (the
+    /// statistics cover a column only when the whole dataset records it).
+    fn push_environment_state(&mut self, traj: &Trajectory) -> Result<()> {
+        if self.environment_state_missing {
+            return Ok(());
+        }
+        let Some(e) = &traj.environment_state else {
+            self.environment_state_missing = true;
+            self.environment_state = None;
+            return Ok(());
+        };
+        let acc = self
+            .environment_state
+            .get_or_insert_with(|| ArrayAccumulator::new(e.cols));
+        if e.cols != acc.dim || e.rows != traj.actions.rows {
+            return Err(DataError::Invalid(format!(
+                "{} episode {} ({}): environment state is [{}, {}], expected [{}, {}]",
+                traj.dataset_name,
+                traj.episode_index,
+                traj.source,
+                e.rows,
+                e.cols,
+                traj.actions.rows,
+                acc.dim
+            )));
+        }
+        for i in 0..e.rows {
+            acc.push_row(e.row(i))?;
+        }
+        Ok(())
+    }
+
     /// Transitions seen so far.
     pub fn num_transitions(&self) -> u64 {
         self.num_transitions
@@ -502,9 +547,14 @@ impl StatsAccumulator {
             Some(Some(p)) => p.finish()?,
             _ => ArrayStats::zeros(dim),
         };
+        let environment_state = match self.environment_state {
+            Some(e) if !self.environment_state_missing => Some(e.finish()?),
+            _ => None,
+        };
         Ok(DatasetStatistics {
             action,
             proprio: Some(proprio),
+            environment_state,
             num_transitions: self.num_transitions,
             num_trajectories: self.num_trajectories,
         })
@@ -527,6 +577,7 @@ mod tests {
             wrist_images: None,
             actions: Matrix::new(rows, cols, data),
             proprio: None,
+            environment_state: None,
             instructions: Vec::new(),
         }
     }

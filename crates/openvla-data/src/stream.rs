@@ -76,6 +76,10 @@ pub struct StreamConfig {
     pub wrist: bool,
     /// Also deliver the proprio state, normalized with the statistics' `proprio` entry.
     pub proprio: bool,
+    /// Also deliver the privileged environment state (LeRobot's
+    /// `observation.environment_state`), normalized with the statistics'
+    /// `environment_state` entry: auxiliary training targets.
+    pub environment_state: bool,
     /// Bounds used to normalize actions and proprio.
     pub normalization: Normalization,
 }
@@ -96,6 +100,7 @@ impl Default for StreamConfig {
             action_chunk: 1,
             wrist: false,
             proprio: false,
+            environment_state: false,
             normalization: Normalization::BoundsQ99,
         }
     }
@@ -129,6 +134,8 @@ pub struct Sample {
     pub action_chunk: Vec<Vec<f32>>,
     /// Normalized proprio state, when [`StreamConfig::proprio`] asks for it.
     pub proprio: Option<Vec<f32>>,
+    /// Normalized environment state, when [`StreamConfig::environment_state`] asks for it.
+    pub environment_state: Option<Vec<f32>>,
     /// Language instruction.
     pub instruction: String,
     /// Dataset name.
@@ -145,6 +152,7 @@ struct Frame {
     wrist_image: Option<ImageData>,
     action_chunk: Vec<Vec<f32>>,
     proprio: Option<Vec<f32>>,
+    environment_state: Option<Vec<f32>>,
     instruction: String,
     dataset_name: Arc<str>,
     episode_index: u64,
@@ -208,6 +216,10 @@ fn reader_thread(
 ) {
     let stats = ds.statistics.as_ref().map(|s| s.action.clone());
     let proprio_stats = ds.statistics.as_ref().and_then(|s| s.proprio.clone());
+    let env_stats = ds
+        .statistics
+        .as_ref()
+        .and_then(|s| s.environment_state.clone());
     let chunk = cfg.action_chunk.max(1);
     // The first pass's frames, kept while they fit the replay budget (None once they don't).
     let mut replay: Option<Vec<Frame>> = (cfg.repeat && cfg.replay_cache_bytes > 0).then(Vec::new);
@@ -274,6 +286,38 @@ fn reader_thread(
             } else {
                 None
             };
+            let environment_state = if cfg.environment_state {
+                match (t.environment_state.as_mut(), &env_stats) {
+                    (Some(e), Some(st)) if st.q01.len() == e.cols => {
+                        let cols = e.cols;
+                        normalize_rows(&mut e.data, cols, st, cfg.normalization);
+                        Some(&*e)
+                    }
+                    (e, st) => {
+                        let _ = tx.send(Err(DataError::Invalid(format!(
+                            "{}: the stream asks for the environment state, but {}",
+                            t.source,
+                            match (e, st) {
+                                (None, _) => format!(
+                                    "the episode has none (a LeRobot feature `{}`)",
+                                    crate::trajectory::ENVIRONMENT_STATE_KEY
+                                ),
+                                (Some(_), None) => "the statistics have no environment_state \
+                                                    entry (recompute them with `openvla stats`)"
+                                    .to_string(),
+                                (Some(e), Some(st)) => format!(
+                                    "it has {} dims and the statistics {}",
+                                    e.cols,
+                                    st.q01.len()
+                                ),
+                            }
+                        ))));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
             let mut wrist = match (cfg.wrist, t.wrist_images.take()) {
                 (false, _) => None,
                 (true, Some(w)) => Some(w.into_iter()),
@@ -297,6 +341,7 @@ fn reader_thread(
                     wrist_image,
                     action_chunk: (i..i + chunk).map(|j| t.actions.row(j).to_vec()).collect(),
                     proprio: proprio.map(|p| p.row(i).to_vec()),
+                    environment_state: environment_state.map(|e| e.row(i).to_vec()),
                     instruction: t.instructions.get(i).cloned().unwrap_or_default(),
                     dataset_name: t.dataset_name.clone(),
                     episode_index: t.episode_index,
@@ -416,6 +461,7 @@ fn process(frame: Frame, seq: u64, cfg: &StreamConfig) -> Result<Sample> {
         action,
         action_chunk: frame.action_chunk,
         proprio: frame.proprio,
+        environment_state: frame.environment_state,
         instruction: frame.instruction,
         dataset_name: frame.dataset_name,
         episode_index: frame.episode_index,

@@ -2,6 +2,10 @@
 
 use std::sync::Arc;
 
+/// The LeRobot feature of privileged simulator state (object and goal positions), read into
+/// [`Trajectory::environment_state`] whenever a LeRobot dataset has it.
+pub const ENVIRONMENT_STATE_KEY: &str = "observation.environment_state";
+
 /// A dense row-major `f32` matrix (`rows` steps by `cols` dimensions).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Matrix {
@@ -105,6 +109,10 @@ pub struct Trajectory {
     pub actions: Matrix,
     /// Optional proprioceptive state `[len, d]` (the config's `state_key`; OFT's proprio).
     pub proprio: Option<Matrix>,
+    /// Optional privileged environment state `[len, e]` (LeRobot's
+    /// `observation.environment_state`: object and goal positions in simulation), for
+    /// auxiliary training targets; never a policy input.
+    pub environment_state: Option<Matrix>,
     /// Language instruction per step.
     pub instructions: Vec<String>,
 }

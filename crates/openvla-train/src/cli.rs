@@ -165,6 +165,15 @@ pub struct FinetuneArgs {
     /// ACTION_PROPRIO_NORMALIZATION_TYPE: LIBERO and Bridge use bounds_q99, ALOHA bounds).
     #[arg(long, value_enum, default_value_t = NormalizationArg::BoundsQ99)]
     pub normalization: NormalizationArg,
+    /// Train an auxiliary head beside the L1 action head (with --head l1): a linear map from the
+    /// action head's input to the dataset's privileged environment state (LeRobot's
+    /// `observation.environment_state`, e.g. object and goal positions from a simulator,
+    /// normalized like the actions), its L1 error added to the loss with this weight. It makes
+    /// the features the action head reads locate the scene's objects; the exported policy is
+    /// unchanged (the head is dropped) and takes the same inputs. Recorded by `openvla sim
+    /// demos`.
+    #[arg(long, value_name = "WEIGHT")]
+    pub aux_environment_state: Option<f64>,
 }
 
 /// `--head` values.
@@ -324,12 +333,23 @@ impl FinetuneArgs {
                     Some(_) => {}
                 }
                 crate::oft::parse_images(&self.images)?;
+                if let Some(w) = self.aux_environment_state {
+                    if !(w.is_finite() && w > 0.0) {
+                        return bad(format!(
+                            "--aux-environment-state {w}: the weight must be a positive number"
+                        ));
+                    }
+                }
             }
             HeadArg::Bins256 => {
                 let oft_only = [
                     (self.chunk.is_some(), "--chunk"),
                     (self.images.trim() != "primary", "--images"),
                     (self.proprio, "--proprio"),
+                    (
+                        self.aux_environment_state.is_some(),
+                        "--aux-environment-state",
+                    ),
                     (
                         self.normalization != NormalizationArg::BoundsQ99,
                         "--normalization",
@@ -523,6 +543,14 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         Some(o) => {
             check_oft_data(&source, o)?;
             check_oft_model(&args.model, o)?;
+            if args.aux_environment_state.is_some() && source.environment_state_dim().is_none() {
+                return Err(TrainError::Invalid(format!(
+                    "--aux-environment-state: dataset {:?} records no environment state (a \
+                     LeRobot feature `{}` of one dimension, which `openvla sim demos` writes)",
+                    source.name(),
+                    openvla_data::trajectory::ENVIRONMENT_STATE_KEY
+                )));
+            }
         }
         None => check_action_dim(
             &dataset_name,
@@ -610,6 +638,10 @@ pub fn prepare_finetune(args: &FinetuneArgs) -> Result<FinetunePlan> {
         fingerprint["images"] = args.images.trim().into();
         fingerprint["proprio"] = o.proprio.into();
         fingerprint["normalization"] = serde_json::json!(o.normalization);
+        // Runs from before the flag resume as they were: the key exists only when it is set.
+        if let Some(w) = args.aux_environment_state {
+            fingerprint["aux_environment_state"] = w.into();
+        }
     }
     if args.export_checkpoints && (oft.is_none() || args.mode == TrainMode::Lora) {
         return Err(TrainError::Invalid(format!(
@@ -864,7 +896,7 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
             use crate::model::head::{l1_head_param_count, proprio_projector_param_count};
             let h = plan.config.text.hidden_size;
             let mut n = trainable_params + l1_head_param_count(h, plan.action_dim);
-            if o.proprio {
+            if o.proprio || args.aux_environment_state.is_some() {
                 let stats = dataset_statistics(
                     &DatasetSource::open(
                         &args.data,
@@ -872,10 +904,14 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
                         args.dataset_config.as_deref(),
                     )?,
                     &plan.run_dir,
-                    true,
+                    o.proprio,
                 )?;
-                if let Some(p) = &stats.proprio {
+                if let (true, Some(p)) = (o.proprio, &stats.proprio) {
                     n += proprio_projector_param_count(p.q01.len(), h);
+                }
+                if let (Some(_), Some(e)) = (args.aux_environment_state, &stats.environment_state) {
+                    // The auxiliary head's fc: [E, D·H] and [E].
+                    n += e.q01.len() * (plan.action_dim * h + 1);
                 }
             }
             n
@@ -948,7 +984,8 @@ pub fn run_merge(args: &MergeArgs) -> Result<crate::merge::MergeReport> {
 /// Computes (or, on resume, reloads) the fine-tuning dataset's statistics and writes them as
 /// `<run>/dataset_statistics.json` under the dataset's name, the file `openvla merge` and the
 /// engine read. With `proprio`, they include the robot state's statistics (OFT's `proprio`
-/// entry); a saved file without them is recomputed.
+/// entry); a dataset with an environment state gets its `environment_state` entry too. A saved
+/// file without what is asked for is recomputed.
 pub fn dataset_statistics(
     source: &DatasetSource,
     run_dir: &Path,
@@ -958,7 +995,8 @@ pub fn dataset_statistics(
     if path.is_file() {
         let file = openvla_data::stats::load_statistics(&path)?;
         if let Some(s) = file.get(source.name()) {
-            if !proprio || s.proprio.is_some() {
+            let env_ok = source.environment_state_dim().is_none() || s.environment_state.is_some();
+            if (!proprio || s.proprio.is_some()) && env_ok {
                 return Ok(s.clone());
             }
         }
@@ -1060,6 +1098,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel + Send>(
     let aug = args.image_aug;
     let open_source = source.clone();
     let oft = plan.oft;
+    let aux_weight = args.aux_environment_state;
     let run_stats = stats.clone();
     // Frames are resized to the model's resolution before augmentation, as the reference's
     // `resize_resolution=tuple(vla.module.config.image_sizes)`.
@@ -1082,6 +1121,7 @@ pub fn finetune_with_model<M: crate::seam::TrainModel + Send>(
             cfg.action_chunk = o.chunk;
             cfg.wrist = o.wrist;
             cfg.proprio = o.proprio;
+            cfg.environment_state = aux_weight.is_some();
             cfg.normalization = o.normalization.data();
         }
         Ok(openvla_data::stream::stream(vec![ds], cfg)?)
@@ -1146,6 +1186,22 @@ pub fn finetune_with_model<M: crate::seam::TrainModel + Send>(
             seed,
         )?;
         objective.checkpointing = args.checkpointing;
+        if let Some(weight) = aux_weight {
+            let st = run_stats.environment_state.as_ref().ok_or_else(|| {
+                TrainError::Invalid(
+                    "--aux-environment-state: the dataset statistics have no environment_state \
+                     entry (some episode records no environment state)"
+                        .into(),
+                )
+            })?;
+            let mut rng = TrainRng::new(seed ^ 0x0041_5558);
+            let head = crate::model::head::AuxHeadTrain::init(
+                plan.action_dim * plan.config.text.hidden_size,
+                st.q01.len(),
+                &mut rng,
+            )?;
+            objective.aux = Some(crate::seam::AuxObjective { head, weight });
+        }
         let settings = OftExportSettings {
             run: o,
             center_crop: args.image_aug,

@@ -167,6 +167,7 @@ pub fn oft_sample(
         instruction: s.instruction,
         chunk: s.action_chunk,
         proprio: s.proprio,
+        environment_state: s.environment_state,
     })
 }
 

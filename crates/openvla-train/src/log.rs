@@ -22,6 +22,9 @@ pub struct MetricsRecord {
     /// L1 error of the chunk's later actions (the L1 objective with a chunk of more than one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_actions_l1_loss: Option<f64>,
+    /// L1 error of the auxiliary environment-state prediction (`--aux-environment-state`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_l1_loss: Option<f64>,
     /// Learning rate.
     pub lr: f64,
     /// Optimizer steps per second over this process's steps so far.
@@ -119,6 +122,7 @@ mod tests {
             action_accuracy: None,
             action_l1_loss: None,
             next_actions_l1_loss: None,
+            aux_l1_loss: None,
             lr: 5e-4,
             steps_per_s: 1.0,
             elapsed_s: step as f64,

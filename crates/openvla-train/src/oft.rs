@@ -53,6 +53,8 @@ pub struct OftSample {
     pub chunk: Vec<Vec<f32>>,
     /// The normalized proprio state, when the model takes it.
     pub proprio: Option<Vec<f32>>,
+    /// The normalized environment state, when the run trains an auxiliary head on it.
+    pub environment_state: Option<Vec<f32>>,
 }
 
 /// A batch for the L1 objective.
@@ -71,6 +73,9 @@ pub struct OftBatch {
     pub actions: Tensor,
     /// `[B, P]` normalized proprio, when the model takes it.
     pub proprio: Option<Tensor>,
+    /// `[B, E]` the normalized environment state (the auxiliary head's target), when the run
+    /// trains one ([`OftBatch::with_environment_state`]).
+    pub environment_state: Option<Tensor>,
     /// Actions per chunk (K).
     pub chunk: usize,
     /// Action dimension (D).
@@ -157,6 +162,8 @@ pub fn make_oft_batch(
     let mut pixels = Vec::with_capacity(samples.len() * n_images * c * h * w);
     let mut actions = Vec::with_capacity(samples.len() * chunk * d);
     let mut proprio = Vec::new();
+    let e = first.environment_state.as_ref().map(|e| e.len());
+    let mut environment_state = Vec::new();
     for (i, s) in samples.iter().enumerate() {
         if s.chunk.len() != chunk || s.chunk.iter().any(|a| a.len() != d) {
             return Err(TrainError::Invalid(format!(
@@ -190,13 +197,24 @@ pub fn make_oft_batch(
                 )))
             }
         }
+        match (&s.environment_state, e) {
+            (Some(v), Some(n)) if v.len() == n => environment_state.extend_from_slice(v),
+            (None, None) => {}
+            _ => {
+                return Err(TrainError::Invalid(format!(
+                    "sample {i}: the environment state is {:?} values, the batch's first \
+                     sample {e:?}",
+                    s.environment_state.as_ref().map(Vec::len)
+                )))
+            }
+        }
         let flat: Vec<f32> = s.chunk.iter().flatten().copied().collect();
         actions.extend_from_slice(&flat);
         examples.push(builder.build(&s.instruction, &flat)?);
     }
     let text = collate(&examples, MODEL_MAX_LENGTH)?;
     let b = samples.len();
-    OftBatch::from_parts(
+    let batch = OftBatch::from_parts(
         Tensor::from_vec(pixels, (b, n_images * c, h, w), device)?,
         text,
         Tensor::from_vec(actions, (b, chunk, d), device)?,
@@ -205,7 +223,13 @@ pub fn make_oft_batch(
             None => None,
         },
         action_token_begin_idx(builder.action_tokenizer()),
-    )
+    )?;
+    Ok(match e {
+        Some(n) => {
+            batch.with_environment_state(Tensor::from_vec(environment_state, (b, n), device)?)?
+        }
+        None => batch,
+    })
 }
 
 impl OftBatch {
@@ -251,9 +275,23 @@ impl OftBatch {
             head_rows,
             actions,
             proprio,
+            environment_state: None,
             chunk,
             action_dim: d,
         })
+    }
+
+    /// The batch with its auxiliary target: the normalized environment state `[B, E]`.
+    pub fn with_environment_state(mut self, state: Tensor) -> Result<OftBatch> {
+        let (b, _) = state.dims2()?;
+        if b != self.len() {
+            return Err(TrainError::Invalid(format!(
+                "environment state for {b} samples, batch of {}",
+                self.len()
+            )));
+        }
+        self.environment_state = Some(state);
+        Ok(self)
     }
 }
 

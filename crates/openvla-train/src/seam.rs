@@ -42,7 +42,7 @@ use crate::error::{Result, TrainError};
 use crate::lora::{LoraAdapter, LoraLayer, ModuleInfo};
 use crate::loss::causal_lm_loss;
 use crate::metrics::action_metrics;
-use crate::model::head::{L1HeadTrain, ProprioProjectorTrain};
+use crate::model::head::{AuxHeadTrain, L1HeadTrain, ProprioProjectorTrain};
 use crate::oft::OftBatch;
 use crate::recompute::Grads;
 use crate::rng::TrainRng;
@@ -413,6 +413,7 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
             action_accuracy: Some(m.action_accuracy),
             action_l1_loss: Some(m.action_l1_loss),
             next_actions_l1_loss: None,
+            aux_l1_loss: None,
         })
     }
 
@@ -467,6 +468,7 @@ impl<M: TrainModel> Objective for VlaObjective<M> {
                 action_accuracy: Some(m.action_accuracy),
                 action_l1_loss: Some(m.action_l1_loss),
                 next_actions_l1_loss: None,
+                aux_l1_loss: None,
             },
             grads,
         ))
@@ -495,6 +497,20 @@ pub struct L1Objective<M: TrainModel> {
     pub checkpointing: bool,
     /// Writes the OFT component files of a checkpoint (`Objective::export`), if set.
     pub components: Option<ComponentWriter>,
+    /// The auxiliary environment-state objective (`--aux-environment-state`), if set.
+    pub aux: Option<AuxObjective>,
+}
+
+/// An auxiliary training target beside the L1 action loss: the [`AuxHeadTrain`] predicts the
+/// batch's normalized environment state (privileged simulator labels: object and goal
+/// positions) from the action head's input, and `weight · mean |e - ê|` joins the loss. Only
+/// training sees it; the exported policy is the same model without it.
+#[derive(Debug, Clone)]
+pub struct AuxObjective {
+    /// The head.
+    pub head: AuxHeadTrain,
+    /// The weight of its L1 term in the loss.
+    pub weight: f64,
 }
 
 /// Writes what a checkpoint directory holds besides the trained tensors, at a step: the OFT
@@ -507,6 +523,8 @@ pub type ComponentWriter =
 pub const HEAD_PREFIX: &str = "action_head.";
 /// Name prefix of the proprio projector's parameters among the objective's.
 pub const PROPRIO_PREFIX: &str = "proprio_projector.";
+/// Name prefix of the auxiliary environment-state head's parameters among the objective's.
+pub const AUX_PREFIX: &str = "aux_head.";
 
 /// What the L1 objective computes for one batch.
 #[derive(Debug, Clone)]
@@ -519,6 +537,8 @@ pub struct L1Output {
     pub current_l1: f64,
     /// L1 of rows `1..K` (`None` for a chunk of one).
     pub next_l1: Option<f64>,
+    /// The auxiliary head's L1 on the environment state, unweighted (`None` without one).
+    pub aux_l1: Option<f64>,
 }
 
 impl<M: TrainModel> std::fmt::Debug for L1Objective<M> {
@@ -526,6 +546,7 @@ impl<M: TrainModel> std::fmt::Debug for L1Objective<M> {
         f.debug_struct("L1Objective")
             .field("backbone", &self.backbone)
             .field("proprio", &self.proprio.is_some())
+            .field("aux", &self.aux)
             .finish_non_exhaustive()
     }
 }
@@ -547,6 +568,7 @@ impl<M: TrainModel> L1Objective<M> {
             proprio,
             checkpointing: false,
             components: None,
+            aux: None,
         })
     }
 
@@ -595,7 +617,28 @@ impl<M: TrainModel> L1Objective<M> {
         let x = batch.head_input(&out.hidden, out.prefix)?;
         let pred = self.head.forward(&x)?;
         let diff = (&batch.actions - &pred)?.abs()?;
-        let loss = diff.mean_all()?;
+        let mut loss = diff.mean_all()?;
+        let mut aux_l1 = None;
+        if let Some(aux) = &self.aux {
+            let target = batch.environment_state.as_ref().ok_or_else(|| {
+                TrainError::Invalid(
+                    "the auxiliary head needs the batch's environment state, and the batch has \
+                     none"
+                        .into(),
+                )
+            })?;
+            if target.dim(1)? != aux.head.state_dim() {
+                return Err(TrainError::Invalid(format!(
+                    "the batch's environment state has {} dimensions, the auxiliary head \
+                     predicts {}",
+                    target.dim(1)?,
+                    aux.head.state_dim()
+                )));
+            }
+            let l = (target - aux.head.forward(&x)?)?.abs()?.mean_all()?;
+            aux_l1 = Some(l.to_scalar::<f32>()? as f64);
+            loss = (loss + (l * aux.weight)?)?;
+        }
         let row_l1 = |start: usize, len: usize| -> Result<f64> {
             Ok(diff.narrow(1, start, len)?.mean_all()?.to_scalar::<f32>()? as f64)
         };
@@ -603,6 +646,7 @@ impl<M: TrainModel> L1Objective<M> {
         Ok(L1Output {
             current_l1: row_l1(0, 1)?,
             next_l1: if k > 1 { Some(row_l1(1, k - 1)?) } else { None },
+            aux_l1,
             predicted: pred.detach(),
             loss,
         })
@@ -628,6 +672,7 @@ impl<M: TrainModel> L1Objective<M> {
             action_accuracy: None,
             action_l1_loss: Some(out.current_l1),
             next_actions_l1_loss: out.next_l1,
+            aux_l1_loss: out.aux_l1,
         }
     }
 }
@@ -648,6 +693,14 @@ impl<M: TrainModel> Objective for L1Objective<M> {
                 pp.named_parameters()
                     .into_iter()
                     .map(|(n, v)| (format!("{PROPRIO_PREFIX}{n}"), v)),
+            );
+        }
+        if let Some(aux) = &self.aux {
+            p.extend(
+                aux.head
+                    .named_parameters()
+                    .into_iter()
+                    .map(|(n, v)| (format!("{AUX_PREFIX}{n}"), v)),
             );
         }
         p

@@ -37,6 +37,9 @@ pub struct StepOutput {
     /// L1 error of the chunk's later actions (rows `1..K`, the reference's
     /// `next_actions_l1_loss`), for objectives that predict chunks of more than one action.
     pub next_actions_l1_loss: Option<f64>,
+    /// L1 error of the auxiliary environment-state prediction
+    /// (`--aux-environment-state`), unweighted, if the objective has one.
+    pub aux_l1_loss: Option<f64>,
 }
 
 /// A trainable objective: named float32 parameters and a loss over a batch.
@@ -291,8 +294,12 @@ where
         }
         let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
-        let (mut accuracy, mut l1, mut next_l1) =
-            (Mean::default(), Mean::default(), Mean::default());
+        let (mut accuracy, mut l1, mut next_l1, mut aux_l1) = (
+            Mean::default(),
+            Mean::default(),
+            Mean::default(),
+            Mean::default(),
+        );
         let (mut data_wait, mut fwd_bwd) = (0f64, 0f64);
         for _ in 0..cfg.grad_accumulation {
             let t_data = Instant::now();
@@ -314,6 +321,7 @@ where
             accuracy.add(out.action_accuracy);
             l1.add(out.action_l1_loss);
             next_l1.add(out.next_actions_l1_loss);
+            aux_l1.add(out.aux_l1_loss);
             for (name, var) in &params {
                 if let Some(g) = grads.get(var) {
                     add_grads(&mut acc, name, g)?;
@@ -336,6 +344,7 @@ where
             action_accuracy: accuracy.get(),
             action_l1_loss: l1.get(),
             next_actions_l1_loss: next_l1.get(),
+            aux_l1_loss: aux_l1.get(),
             lr,
             steps_per_s: sps,
             elapsed_s: elapsed,

@@ -141,6 +141,7 @@ impl Objective for Softmax {
             action_accuracy: Some(0.5),
             action_l1_loss: Some(0.1),
             next_actions_l1_loss: None,
+            aux_l1_loss: None,
         })
     }
 

@@ -2,8 +2,9 @@
 
 Recording (`record_demo`, run in a worker): the evaluation's camera (corner4, rotated 180 degrees,
 fast render settings), image size, state (obs[:4]) and instruction (LeRobot's description). Per
-frame: the image the policy would see, the state, and the expert's action clipped to [-1, 1]; then
-the env steps. The episode ends `extra_steps` steps after the first success (or at the horizon);
+frame: the image the policy would see, the state, the environment state (object and goal
+positions, `observation.environment_state`: training targets only, never a policy input), and
+the expert's action clipped to [-1, 1]; then the env steps. The episode ends `extra_steps` steps after the first success (or at the horizon);
 a failed episode is dropped (the caller counts it).
 
 Initial conditions are disjoint from evaluation: demo episode seeds are DEMO_SEED_BASE + n
@@ -32,6 +33,8 @@ from .tasks import instruction
 
 FPS = 80
 IMAGE_KEY = "observation.image"
+ENV_STATE_KEY = "observation.environment_state"
+ENV_STATE_NAMES = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
 _GOALS = {}
 
 
@@ -67,11 +70,12 @@ def record_demo(env, cmd):
     if np.any(np.all(np.abs(goals - env.rand_vec()[None, :]) < 1e-9, axis=1)):
         raise ValueError(f"demo seed {seed} of {task} reproduces one of the benchmark's 50 goals")
     expert = mp.ENV_POLICY_MAP[task]()
-    frames, states, actions = [], [], []
+    frames, states, env_states, actions = [], [], [], []
     success_step = None
     for t in range(env.horizon):
         frames.append(env.render("corner4"))
         states.append(np.asarray(obs[:4], dtype=np.float32))
+        env_states.append(env.environment_state(obs))
         a = np.clip(np.asarray(expert.get_action(obs), dtype=np.float64), -1.0, 1.0)
         actions.append(a.astype(np.float32))
         obs, succ, truncated = env.step(a)
@@ -86,7 +90,8 @@ def record_demo(env, cmd):
     staging.mkdir(parents=True, exist_ok=True)
     frames_arr = np.stack(frames)
     _encode(frames, staging / f"{key}.mp4", bool(cmd.get("lossless", False)))
-    np.savez(staging / f"{key}.npz", state=np.stack(states), action=np.stack(actions))
+    np.savez(staging / f"{key}.npz", state=np.stack(states), env_state=np.stack(env_states),
+             action=np.stack(actions))
     if cmd.get("save_raw"):
         frames_arr.tofile(staging / f"{key}.rgb")
         (staging / f"{key}.json").write_text(json.dumps({
@@ -129,6 +134,11 @@ def assemble(staging: Path, out: Path, manifest: dict):
     cols = {k: [] for k in ("observation.state", "action", "timestamp", "frame_index", "episode_index", "index",
                             "task_index")}
     ep_rows = []
+    # Staging from a recorder that predates the environment state: the column is written only
+    # when every episode has it.
+    with_env = all("env_state" in np.load(staging / f"{e['key']}.npz").files for e in eps)
+    if with_env:
+        cols[ENV_STATE_KEY] = []
     start = 0
     img = {"min": np.full(3, np.inf), "max": np.full(3, -np.inf), "sum": np.zeros(3), "sumsq": np.zeros(3), "count": 0}
     for n, e in enumerate(eps):
@@ -139,6 +149,8 @@ def assemble(staging: Path, out: Path, manifest: dict):
         ti = tasks.index(instruction(e["task"]))
         cols["observation.state"].append(d["state"].astype(np.float32))
         cols["action"].append(d["action"].astype(np.float32))
+        if with_env:
+            cols[ENV_STATE_KEY].append(d["env_state"].astype(np.float32))
         cols["timestamp"].append((np.arange(length) / FPS).astype(np.float32))
         cols["frame_index"].append(np.arange(length, dtype=np.int64))
         cols["episode_index"].append(np.full(length, n, dtype=np.int64))
@@ -168,7 +180,7 @@ def assemble(staging: Path, out: Path, manifest: dict):
     def fsl(a, dim):
         return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=pa.float32()), dim)
 
-    table = pa.table({
+    columns = {
         "observation.state": fsl(full["observation.state"], 4),
         "action": fsl(full["action"], 4),
         "timestamp": pa.array(full["timestamp"], type=pa.float32()),
@@ -176,7 +188,10 @@ def assemble(staging: Path, out: Path, manifest: dict):
         "episode_index": pa.array(full["episode_index"]),
         "index": pa.array(full["index"]),
         "task_index": pa.array(full["task_index"]),
-    })
+    }
+    if with_env:
+        columns[ENV_STATE_KEY] = fsl(full[ENV_STATE_KEY], len(ENV_STATE_NAMES))
+    table = pa.table(columns)
     pq.write_table(table, out / "data" / "chunk-000" / "file-000.parquet")
     pq.write_table(pa.Table.from_pylist(ep_rows), out / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
     pq.write_table(pa.table({"task_index": pa.array(range(len(tasks)), type=pa.int64()), "task": tasks}),
@@ -190,8 +205,18 @@ def assemble(staging: Path, out: Path, manifest: dict):
                         "count": [int(sum(e["length"] for e in eps))]}
     (out / "meta" / "stats.json").write_text(json.dumps(stats, indent=1))
 
+    features = {
+        IMAGE_KEY: {
+            "dtype": "video", "shape": [size, size, 3], "names": ["height", "width", "channels"],
+            "info": {"video.height": size, "video.width": size, "video.codec": "h264",
+                     "video.pix_fmt": "rgb24" if manifest.get("lossless", False) else "yuv420p",
+                     "video.fps": FPS, "video.channels": 3, "has_audio": False, "is_depth_map": False},
+        },
+        "observation.state": {"dtype": "float32", "shape": [4], "names": ["hand_x", "hand_y", "hand_z", "gripper"]},
+    }
+    if with_env:
+        features[ENV_STATE_KEY] = {"dtype": "float32", "shape": [len(ENV_STATE_NAMES)], "names": ENV_STATE_NAMES}
     scalar = lambda dt: {"dtype": dt, "shape": [1], "names": None}  # noqa: E731
-    lossless = bool(manifest.get("lossless", False))
     info = {
         "codebase_version": "v3.0",
         "robot_type": "sawyer",
@@ -206,13 +231,7 @@ def assemble(staging: Path, out: Path, manifest: dict):
         "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
         "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
         "features": {
-            IMAGE_KEY: {
-                "dtype": "video", "shape": [size, size, 3], "names": ["height", "width", "channels"],
-                "info": {"video.height": size, "video.width": size, "video.codec": "h264",
-                         "video.pix_fmt": "rgb24" if lossless else "yuv420p", "video.fps": FPS,
-                         "video.channels": 3, "has_audio": False, "is_depth_map": False},
-            },
-            "observation.state": {"dtype": "float32", "shape": [4], "names": ["hand_x", "hand_y", "hand_z", "gripper"]},
+            **features,
             "action": {"dtype": "float32", "shape": [4], "names": ["dx", "dy", "dz", "gripper"]},
             "timestamp": scalar("float32"),
             "frame_index": scalar("int64"),

@@ -94,6 +94,15 @@ class MetaWorldTask:
         """The object/goal random vector of the current episode."""
         return np.asarray(self.env._last_rand_vec, dtype=np.float64)
 
+    def environment_state(self, obs) -> np.ndarray:
+        """The privileged scene state of `obs` (6-D, float32): the first object's position
+        obs[4:7] and the goal's position (`_target_pos`; the observation's own goal slots
+        obs[36:39] are zeros under the benchmark's partial observability). Recorded with
+        demonstrations as `observation.environment_state` for auxiliary training targets; a
+        policy never receives it."""
+        goal = np.asarray(self.env._target_pos, dtype=np.float64).reshape(-1)[:3]
+        return np.concatenate([np.asarray(obs[4:7], dtype=np.float64), goal]).astype(np.float32)
+
     def step(self, action):
         """Steps with the action clipped to [-1, 1]; returns (obs, success, truncated)."""
         a = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)

@@ -26,6 +26,9 @@ pub struct RawSteps {
     pub actions: Matrix,
     /// State, when the config names one.
     pub state: Option<Matrix>,
+    /// The privileged environment state (LeRobot's `observation.environment_state`), when the
+    /// dataset records one: auxiliary training targets, never a policy input.
+    pub environment_state: Option<Matrix>,
     /// Instruction per step.
     pub instructions: Vec<String>,
 }
@@ -146,14 +149,19 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
             raw.instructions.len()
         )));
     }
-    if let Some(s) = &raw.state {
-        if s.rows != n {
-            return Err(DataError::Invalid(format!(
-                "{}: {} actions but {} states",
-                ctx(),
-                n,
-                s.rows
-            )));
+    for (s, what) in [
+        (&raw.state, "states"),
+        (&raw.environment_state, "environment states"),
+    ] {
+        if let Some(s) = s {
+            if s.rows != n {
+                return Err(DataError::Invalid(format!(
+                    "{}: {} actions but {} {what}",
+                    ctx(),
+                    n,
+                    s.rows
+                )));
+            }
         }
     }
     let mut keep: Vec<bool> = vec![true; n];
@@ -170,6 +178,9 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
         let mut idx = 0;
         raw.actions.retain_rows(|i| keep[i]);
         if let Some(s) = raw.state.as_mut() {
+            s.retain_rows(|i| keep[i]);
+        }
+        if let Some(s) = raw.environment_state.as_mut() {
             s.retain_rows(|i| keep[i]);
         }
         raw.images.retain(|_| {
@@ -230,6 +241,9 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
         if let Some(s) = raw.state.as_mut() {
             s.retain_rows(|i| i < m);
         }
+        if let Some(s) = raw.environment_state.as_mut() {
+            s.retain_rows(|i| i < m);
+        }
     }
     let want = cfg.action_encoding.dim();
     if actions.rows > 0 && actions.cols != want {
@@ -249,6 +263,7 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
         wrist_images: raw.wrist_images,
         actions,
         proprio: raw.state,
+        environment_state: raw.environment_state,
         instructions: raw.instructions,
     })
 }
@@ -289,6 +304,7 @@ pub fn raw_from_episode(cfg: &DatasetConfig, ep: &Episode, wrist: bool) -> Resul
         wrist_images,
         actions,
         state,
+        environment_state: None,
         instructions,
     })
 }

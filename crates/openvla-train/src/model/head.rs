@@ -210,6 +210,65 @@ impl L1HeadTrain {
     }
 }
 
+/// The auxiliary environment-state head (`openvla finetune --aux-environment-state`): one
+/// linear map `fc` from the mean over the chunk's rows of the action head's input
+/// (`[B, K, D·H]` → `[B, D·H]`) to the normalized environment state `[B, E]` (object and goal
+/// positions). It trains beside the action head on privileged simulator labels so that the
+/// features the action head reads must locate the scene's objects; it is not part of the
+/// exported policy. Initialized as an `nn.Linear`.
+#[derive(Debug, Clone)]
+pub struct AuxHeadTrain {
+    params: Named,
+    input_dim: usize,
+    state_dim: usize,
+}
+
+impl AuxHeadTrain {
+    /// A fresh head from the action head's input width `input_dim` (D·H) to `state_dim` (E).
+    pub fn init(input_dim: usize, state_dim: usize, rng: &mut TrainRng) -> Result<Self> {
+        if input_dim == 0 || state_dim == 0 {
+            return Err(TrainError::Invalid(format!(
+                "an auxiliary head needs positive input and state widths, got {input_dim} and \
+                 {state_dim}"
+            )));
+        }
+        let tensors = vec![
+            ("fc.weight".to_string(), vec![state_dim, input_dim]),
+            ("fc.bias".to_string(), vec![state_dim]),
+        ];
+        Ok(Self {
+            params: Named::fresh(&tensors, rng)?,
+            input_dim,
+            state_dim,
+        })
+    }
+
+    /// The environment-state width E.
+    pub fn state_dim(&self) -> usize {
+        self.state_dim
+    }
+
+    /// The parameters by name (`fc.weight`, `fc.bias`).
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.params.0.clone()
+    }
+
+    /// `x [B, K, D·H]` (the action head's input) → the predicted normalized state `[B, E]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() != 3 || x.dim(2)? != self.input_dim {
+            return Err(TrainError::Invalid(format!(
+                "auxiliary head input is {:?}; the head expects [B, K, {}]",
+                x.dims(),
+                self.input_dim
+            )));
+        }
+        let pooled = x.mean(1)?;
+        let w = self.params.get("fc.weight")?;
+        let b = self.params.get("fc.bias")?;
+        Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
+    }
+}
+
 /// OFT's `ProprioProjector`: `fc1 (P → H) → GELU (exact) → fc2 (H → H)`, one token per sample.
 #[derive(Debug, Clone)]
 pub struct ProprioProjectorTrain {
