@@ -342,3 +342,113 @@ fn wrist_camera_is_an_error_when_the_config_has_none() {
     let err = s.next().unwrap().unwrap_err().to_string();
     assert!(err.contains("wrist_image_key"), "{err}");
 }
+
+/// Two reach and two push demonstrations from `openvla sim demos metaworld --image-size 64`,
+/// with LeRobot's `observation.environment_state` (object and goal positions).
+fn metaworld_env() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/data/lerobot/metaworld_env")
+}
+
+#[test]
+fn environment_state_is_read_counted_and_streamed_normalized() {
+    use openvla_data::normalize::{normalize_bounds, Normalization};
+    use openvla_data::stats::StatsAccumulator;
+    let src = DatasetSource::open(&metaworld_env(), None, None).unwrap();
+    assert_eq!(src.environment_state_dim(), Some(6));
+    let trajs: Vec<_> = src
+        .trajectories("all", false, None)
+        .unwrap()
+        .map(|t| t.unwrap())
+        .collect();
+    assert_eq!(trajs.len(), 4);
+    for t in &trajs {
+        let e = t.environment_state.as_ref().expect("every episode has it");
+        assert_eq!((e.rows, e.cols), (t.len(), 6));
+        // The goal (columns 3..6) stays put through an episode.
+        assert!((0..e.rows).all(|i| e.row(i)[3..] == e.row(0)[3..]));
+    }
+    // The two reach episodes have different goals.
+    assert_ne!(
+        trajs[0].environment_state.as_ref().unwrap().row(0)[3..],
+        trajs[2].environment_state.as_ref().unwrap().row(0)[3..]
+    );
+    let st = src
+        .compute_statistics("all", false, None, None, StatsAccumulator::new())
+        .unwrap();
+    let e = st
+        .environment_state
+        .clone()
+        .expect("statistics of the column");
+    assert_eq!(e.q01.len(), 6);
+    assert!(e.max.iter().zip(&e.min).any(|(a, b)| a > b), "{e:?}");
+    let samples = all_samples(
+        &src,
+        StreamConfig {
+            environment_state: true,
+            ..StreamConfig::default()
+        },
+        Some(st.clone()),
+    );
+    assert_eq!(samples.len(), trajs.iter().map(|t| t.len()).sum::<usize>());
+    for s in &samples {
+        let t = trajs
+            .iter()
+            .find(|t| t.episode_index == s.episode_index)
+            .unwrap();
+        let mut want = t.environment_state.as_ref().unwrap().row(s.step).to_vec();
+        normalize_bounds(&mut want, &e, Normalization::BoundsQ99);
+        assert_eq!(s.environment_state.as_deref(), Some(want.as_slice()));
+    }
+    // Not asked for: not delivered.
+    let plain = all_samples(&src, StreamConfig::default(), Some(st.clone()));
+    assert!(plain.iter().all(|s| s.environment_state.is_none()));
+    // Statistics without the entry (written before it existed) are an error naming the fix.
+    let mut old = st;
+    old.environment_state = None;
+    let mut s = stream(
+        vec![StreamDataset {
+            source: src,
+            split: "all".into(),
+            weight: 1.0,
+            statistics: Some(old),
+        }],
+        StreamConfig {
+            environment_state: true,
+            repeat: false,
+            ..StreamConfig::default()
+        },
+    )
+    .unwrap();
+    let err = s.next().unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("environment_state") && err.contains("openvla stats"),
+        "{err}"
+    );
+}
+
+#[test]
+fn environment_state_is_an_error_when_the_dataset_has_none() {
+    let src = DatasetSource::open(&tiny_libero(), None, None).unwrap();
+    assert_eq!(src.environment_state_dim(), None);
+    let st = plain_stats(&src);
+    assert!(st.environment_state.is_none());
+    let mut s = stream(
+        vec![StreamDataset {
+            source: src,
+            split: "all".into(),
+            weight: 1.0,
+            statistics: Some(st),
+        }],
+        StreamConfig {
+            environment_state: true,
+            repeat: false,
+            ..StreamConfig::default()
+        },
+    )
+    .unwrap();
+    let err = s.next().unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("observation.environment_state") && err.contains("has none"),
+        "{err}"
+    );
+}

@@ -46,6 +46,7 @@ fn demo_dataset_reads_back_equal_to_what_the_simulator_produced() {
     assert_eq!(ds.info.total_episodes, 4);
     assert_eq!(ds.info.total_frames, o.frames);
     assert_eq!(ds.info.features["observation.state"].shape, [4]);
+    assert_eq!(ds.info.features["observation.environment_state"].shape, [6]);
     assert_eq!(ds.info.features["action"].shape, [4]);
     assert_eq!(ds.info.features["observation.image"].shape, [64, 64, 3]);
     assert_eq!(ds.episodes.len(), 4);
@@ -62,9 +63,13 @@ fn demo_dataset_reads_back_equal_to_what_the_simulator_produced() {
         assert_eq!(ep.tasks, [instructions[n % 2]]);
         assert_eq!(ds.tasks[&frames.task_index[0]], instructions[n % 2]);
         assert!(len > 10 && len < 500, "{len}");
-        for (key, col) in [("state", "observation.state"), ("action", "action")] {
+        for (key, col, width) in [
+            ("state", "observation.state", 4),
+            ("env_state", "observation.environment_state", 6),
+            ("action", "action", 4),
+        ] {
             let m = &frames.columns[col];
-            assert_eq!((m.rows, m.cols), (len, 4));
+            assert_eq!((m.rows, m.cols), (len, width), "episode {n} {col}");
             let want: Vec<f32> = sim[key]
                 .as_array()
                 .unwrap()
@@ -80,6 +85,28 @@ fn demo_dataset_reads_back_equal_to_what_the_simulator_produced() {
             if key == "action" {
                 assert!(m.data.iter().all(|a| (-1.0..=1.0).contains(a)));
             }
+        }
+        // The environment state is (object xyz, goal xyz): the goal stays put through the
+        // episode, and reach succeeds when the hand is within 5 cm of it, so 10 steps after
+        // success the hand is still close to the recorded goal.
+        let env = &frames.columns["observation.environment_state"];
+        let goal = &env.row(0)[3..6];
+        assert!(
+            (0..len).all(|t| &env.row(t)[3..6] == goal),
+            "episode {n}: the goal moves"
+        );
+        if n % 2 == 0 {
+            let hand = &frames.columns["observation.state"].row(len - 1)[..3];
+            let d = hand
+                .iter()
+                .zip(goal)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt();
+            assert!(
+                d < 0.07,
+                "episode {n}: reach ends {d} m from the recorded goal"
+            );
         }
         // The expert succeeded, and the episode stops 10 steps later.
         let images = ds

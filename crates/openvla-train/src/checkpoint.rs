@@ -153,6 +153,12 @@ pub fn prune_checkpoints(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Reads a checkpoint's `state.json` alone (step, fingerprint, ...), e.g. to compare its
+/// settings before restoring any tensor.
+pub fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
+    read_json(&dir.join("state.json"))
+}
+
 /// Restores a checkpoint into `params` (by name; every one must be present with its shape) and
 /// `opt`, and returns its state.
 pub fn load_checkpoint(
@@ -160,7 +166,7 @@ pub fn load_checkpoint(
     params: &[(String, Var)],
     opt: &mut AdamW,
 ) -> Result<CheckpointState> {
-    let state: CheckpointState = read_json(&dir.join("state.json"))?;
+    let state = read_checkpoint_state(dir)?;
     let device = params
         .first()
         .map(|(_, v)| v.device().clone())

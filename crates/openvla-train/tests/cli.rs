@@ -196,6 +196,7 @@ fn finetune_args(model: &Path, out: &Path) -> FinetuneArgs {
         images: "primary".into(),
         proprio: false,
         normalization: openvla_train::cli::NormalizationArg::BoundsQ99,
+        aux_environment_state: None,
     }
 }
 

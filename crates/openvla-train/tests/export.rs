@@ -53,6 +53,7 @@ fn args(out: &Path, mode: TrainMode) -> FinetuneArgs {
         images: "primary".into(),
         proprio: false,
         normalization: openvla_train::cli::NormalizationArg::BoundsQ99,
+        aux_environment_state: None,
     }
 }
 

@@ -50,6 +50,7 @@ fn args(out: &Path, max_steps: u64) -> FinetuneArgs {
         images: "primary".into(),
         proprio: false,
         normalization: openvla_train::cli::NormalizationArg::BoundsQ99,
+        aux_environment_state: None,
     }
 }
 

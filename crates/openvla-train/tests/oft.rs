@@ -386,6 +386,7 @@ fn oft_args(out: &std::path::Path) -> openvla_train::cli::FinetuneArgs {
         images: "primary,wrist".into(),
         proprio: true,
         normalization: NormalizationArg::BoundsQ99,
+        aux_environment_state: None,
     }
 }
 
@@ -675,6 +676,7 @@ fn a_head_that_contradicts_the_data_is_an_error() {
         wrist: true,
         proprio: true,
         normalization: openvla_train::cli::NormalizationArg::BoundsQ99,
+        aux_environment_state: None,
     };
     let config = openvla::ModelConfig::from_file(&oft_model().join("config.json")).unwrap();
     // 5-dimensional actions against the fixture's 7-dimensional head.

@@ -96,7 +96,8 @@ def record_demo(env, cmd):
         frames_arr.tofile(staging / f"{key}.rgb")
         (staging / f"{key}.json").write_text(json.dumps({
             "task": task, "seed": seed, "shape": list(frames_arr.shape),
-            "state": np.stack(states).tolist(), "action": np.stack(actions).tolist()}))
+            "state": np.stack(states).tolist(), "env_state": np.stack(env_states).tolist(),
+            "action": np.stack(actions).tolist()}))
     px = frames_arr.reshape(-1, 3).astype(np.float64) / 255.0
     return {
         "success": True,
