@@ -676,7 +676,6 @@ fn a_head_that_contradicts_the_data_is_an_error() {
         wrist: true,
         proprio: true,
         normalization: openvla_train::cli::NormalizationArg::BoundsQ99,
-        aux_environment_state: None,
     };
     let config = openvla::ModelConfig::from_file(&oft_model().join("config.json")).unwrap();
     // 5-dimensional actions against the fixture's 7-dimensional head.
