@@ -234,6 +234,9 @@ fn main() {
                         m.action_l1_loss.map_or("-".into(), |x| format!("{x:.4}")),
                         m.steps_per_s
                     );
+                    if let Some(x) = m.aux_l1_loss {
+                        eprintln!("auxiliary environment-state L1 {x:.4}");
+                    }
                 }
                 if let Some(c) = &o.last_checkpoint {
                     eprintln!("checkpoint: {}", c.display());

@@ -132,14 +132,27 @@ pub fn render_svg(records: &[MetricsRecord], title: &str) -> String {
         .iter()
         .filter_map(|r| r.action_l1_loss.map(|a| (r.step as f64, a)))
         .collect();
-    // Panels after the loss: the action-token accuracy (256-bin objective) and the current
-    // action's L1 error (every objective that reports it).
+    let aux: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| r.aux_l1_loss.map(|a| (r.step as f64, a)))
+        .collect();
+    // Panels after the loss: the action-token accuracy (256-bin objective), the current
+    // action's L1 error (every objective that reports it) and the auxiliary head's L1
+    // (`--aux-environment-state`).
     let mut panels: Vec<Panel<'_>> = Vec::new();
     if !acc.is_empty() {
         panels.push(("action-token accuracy", "#d62728", &acc, Some((0.0, 1.0))));
     }
     if !l1.is_empty() {
         panels.push(("action L1 (current action)", "#2ca02c", &l1, None));
+    }
+    if !aux.is_empty() {
+        panels.push((
+            "environment-state L1 (auxiliary head)",
+            "#9467bd",
+            &aux,
+            None,
+        ));
     }
     let height = PANEL_H * (1 + panels.len()) as f64 + 24.0;
     let mut svg = String::new();

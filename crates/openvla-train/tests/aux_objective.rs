@@ -131,6 +131,10 @@ fn the_aux_term_is_its_weight_times_its_l1_and_reaches_the_trunk() {
         m[0].loss,
         p[0].loss
     );
+    // The curves plot it (and only for the aux run).
+    let svg = |d: &Path| std::fs::read_to_string(d.join("curves.svg")).unwrap();
+    assert!(svg(&aux_out).contains("environment-state L1"));
+    assert!(!svg(&tmp.path().join("plain")).contains("environment-state L1"));
     // Its gradient reaches the shared trunk: after one update the action L1 on the same
     // second batch differs from the plain run's.
     let (a2, p2) = (m[1].action_l1_loss.unwrap(), p[1].action_l1_loss.unwrap());
