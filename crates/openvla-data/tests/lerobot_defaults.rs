@@ -293,22 +293,37 @@ fn proprio_is_normalized_with_its_own_statistics() {
     }
 
     // Proprio without proprio statistics is an error naming the fix.
-    let mut s = stream(
-        vec![StreamDataset {
-            source: src.clone(),
-            split: "all".into(),
-            weight: 1.0,
-            statistics: Some(plain_stats(&src)),
-        }],
+    let err = first_error(
+        src.clone(),
+        plain_stats(&src),
         StreamConfig {
             proprio: true,
-            repeat: false,
             ..StreamConfig::default()
+        },
+    );
+    assert!(err.contains("openvla stats --proprio"), "{err}");
+}
+
+/// The error of a stream's first item, read once over `src` with `stats`.
+fn first_error(
+    src: DatasetSource,
+    stats: openvla_data::stats::DatasetStatistics,
+    cfg: StreamConfig,
+) -> String {
+    let mut s = stream(
+        vec![StreamDataset {
+            source: src,
+            split: "all".into(),
+            weight: 1.0,
+            statistics: Some(stats),
+        }],
+        StreamConfig {
+            repeat: false,
+            ..cfg
         },
     )
     .unwrap();
-    let err = s.next().unwrap().unwrap_err().to_string();
-    assert!(err.contains("openvla stats --proprio"), "{err}");
+    s.next().unwrap().unwrap_err().to_string()
 }
 
 fn plain_stats(src: &DatasetSource) -> openvla_data::stats::DatasetStatistics {
@@ -405,21 +420,14 @@ fn environment_state_is_read_counted_and_streamed_normalized() {
     // Statistics without the entry (written before it existed) are an error naming the fix.
     let mut old = st;
     old.environment_state = None;
-    let mut s = stream(
-        vec![StreamDataset {
-            source: src,
-            split: "all".into(),
-            weight: 1.0,
-            statistics: Some(old),
-        }],
+    let err = first_error(
+        src,
+        old,
         StreamConfig {
             environment_state: true,
-            repeat: false,
             ..StreamConfig::default()
         },
-    )
-    .unwrap();
-    let err = s.next().unwrap().unwrap_err().to_string();
+    );
     assert!(
         err.contains("environment_state") && err.contains("openvla stats"),
         "{err}"
@@ -432,21 +440,14 @@ fn environment_state_is_an_error_when_the_dataset_has_none() {
     assert_eq!(src.environment_state_dim(), None);
     let st = plain_stats(&src);
     assert!(st.environment_state.is_none());
-    let mut s = stream(
-        vec![StreamDataset {
-            source: src,
-            split: "all".into(),
-            weight: 1.0,
-            statistics: Some(st),
-        }],
+    let err = first_error(
+        src,
+        st,
         StreamConfig {
             environment_state: true,
-            repeat: false,
             ..StreamConfig::default()
         },
-    )
-    .unwrap();
-    let err = s.next().unwrap().unwrap_err().to_string();
+    );
     assert!(
         err.contains("observation.environment_state") && err.contains("has none"),
         "{err}"
