@@ -62,7 +62,9 @@ pub struct StatsArgs {
     pub merge: bool,
     /// Also compute proprio statistics from the state (`state_key`; LeRobot's
     /// `observation.state`), as OFT checkpoints need for `--proprio`. Without it proprio
-    /// statistics are zeros, as the reference OpenVLA writes them.
+    /// statistics are zeros, as the reference OpenVLA writes them. (A LeRobot dataset with
+    /// `observation.environment_state` always gets an `environment_state` entry too, which
+    /// `openvla finetune --aux-environment-state` needs and inference ignores.)
     #[arg(long)]
     pub proprio: bool,
 }
