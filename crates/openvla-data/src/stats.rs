@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::trajectory::Trajectory;
+use crate::trajectory::{Matrix, Trajectory};
 
 /// Per-dimension statistics of one array (`action` or `proprio`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -367,6 +367,33 @@ fn spilled_quantiles(path: &Path, writer: BufWriter<File>, n: u64, qs: &[f64]) -
         .collect())
 }
 
+/// Adds a trajectory's per-step matrix `m` (one row per action) to `slot`, which takes the
+/// width of the first one; `what` names it in errors.
+fn push_per_step(
+    slot: &mut Option<ArrayAccumulator>,
+    m: &Matrix,
+    traj: &Trajectory,
+    what: &str,
+) -> Result<()> {
+    let acc = slot.get_or_insert_with(|| ArrayAccumulator::new(m.cols));
+    if m.cols != acc.dim || m.rows != traj.actions.rows {
+        return Err(DataError::Invalid(format!(
+            "{} episode {} ({}): {what} is [{}, {}], expected [{}, {}]",
+            traj.dataset_name,
+            traj.episode_index,
+            traj.source,
+            m.rows,
+            m.cols,
+            traj.actions.rows,
+            acc.dim
+        )));
+    }
+    for i in 0..m.rows {
+        acc.push_row(m.row(i))?;
+    }
+    Ok(())
+}
+
 /// Streaming statistics over standardized trajectories (see the module docs for memory).
 pub struct StatsAccumulator {
     action: Option<ArrayAccumulator>,
@@ -453,22 +480,7 @@ impl StatsAccumulator {
                     traj.dataset_name, traj.episode_index, traj.source
                 ))
             })?;
-            let pacc = slot.get_or_insert_with(|| ArrayAccumulator::new(p.cols));
-            if p.cols != pacc.dim || p.rows != a.rows {
-                return Err(DataError::Invalid(format!(
-                    "{} episode {} ({}): proprio is [{}, {}], expected [{}, {}]",
-                    traj.dataset_name,
-                    traj.episode_index,
-                    traj.source,
-                    p.rows,
-                    p.cols,
-                    a.rows,
-                    pacc.dim
-                )));
-            }
-            for i in 0..p.rows {
-                pacc.push_row(p.row(i))?;
-            }
+            push_per_step(slot, p, traj, "proprio")?;
         }
         self.num_transitions += a.rows as u64;
         self.num_trajectories += 1;
@@ -492,30 +504,14 @@ impl StatsAccumulator {
         if self.environment_state_missing {
             return Ok(());
         }
-        let Some(e) = &traj.environment_state else {
-            self.environment_state_missing = true;
-            self.environment_state = None;
-            return Ok(());
-        };
-        let acc = self
-            .environment_state
-            .get_or_insert_with(|| ArrayAccumulator::new(e.cols));
-        if e.cols != acc.dim || e.rows != traj.actions.rows {
-            return Err(DataError::Invalid(format!(
-                "{} episode {} ({}): environment state is [{}, {}], expected [{}, {}]",
-                traj.dataset_name,
-                traj.episode_index,
-                traj.source,
-                e.rows,
-                e.cols,
-                traj.actions.rows,
-                acc.dim
-            )));
+        match &traj.environment_state {
+            Some(e) => push_per_step(&mut self.environment_state, e, traj, "environment state"),
+            None => {
+                self.environment_state_missing = true;
+                self.environment_state = None;
+                Ok(())
+            }
         }
-        for i in 0..e.rows {
-            acc.push_row(e.row(i))?;
-        }
-        Ok(())
     }
 
     /// Transitions seen so far.
@@ -547,10 +543,8 @@ impl StatsAccumulator {
             Some(Some(p)) => p.finish()?,
             _ => ArrayStats::zeros(dim),
         };
-        let environment_state = match self.environment_state {
-            Some(e) if !self.environment_state_missing => Some(e.finish()?),
-            _ => None,
-        };
+        // `None` once an episode without it was seen.
+        let environment_state = self.environment_state.map(|e| e.finish()).transpose()?;
         Ok(DatasetStatistics {
             action,
             proprio: Some(proprio),

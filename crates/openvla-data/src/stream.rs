@@ -208,6 +208,63 @@ fn image_bytes(image: &ImageData) -> usize {
     }
 }
 
+/// How errors name an optional per-step column of a trajectory and say how to get it.
+struct ColumnSpec {
+    /// The stream flag's subject (`proprio`, `the environment state`).
+    what: &'static str,
+    /// What an episode lacks without it, and how it gets it.
+    missing: &'static str,
+    /// The statistics entry that normalizes it.
+    entry: &'static str,
+    /// How the statistics get that entry.
+    fix: &'static str,
+}
+
+const PROPRIO: ColumnSpec = ColumnSpec {
+    what: "proprio",
+    missing: "no state (set `state_key`)",
+    entry: "proprio",
+    fix: "compute them with `openvla stats --proprio`; all-zero statistics are the reference \
+          OpenVLA's placeholder",
+};
+
+const ENVIRONMENT_STATE: ColumnSpec = ColumnSpec {
+    what: "the environment state",
+    missing: "no environment state (a LeRobot feature `observation.environment_state`)",
+    entry: "environment_state",
+    fix: "recompute them with `openvla stats`",
+};
+
+/// Normalizes a trajectory's optional column (`[len, d]`) in place with `stats`, or says why
+/// the stream cannot deliver it.
+fn normalize_column<'a>(
+    column: Option<&'a mut crate::trajectory::Matrix>,
+    stats: Option<&crate::stats::ArrayStats>,
+    normalization: Normalization,
+    spec: &ColumnSpec,
+) -> std::result::Result<&'a crate::trajectory::Matrix, String> {
+    let but = |why: String| format!("the stream asks for {}, but {why}", spec.what);
+    let column = column.ok_or_else(|| but(format!("the episode has {}", spec.missing)))?;
+    let st = stats.ok_or_else(|| {
+        but(format!(
+            "the statistics have no {} entry ({})",
+            spec.entry, spec.fix
+        ))
+    })?;
+    if st.q01.len() != column.cols {
+        return Err(but(format!(
+            "it has {} dims and the {} statistics {} ({})",
+            column.cols,
+            spec.entry,
+            st.q01.len(),
+            spec.fix
+        )));
+    }
+    let cols = column.cols;
+    normalize_rows(&mut column.data, cols, st, normalization);
+    Ok(column)
+}
+
 fn reader_thread(
     ds: StreamDataset,
     cfg: StreamConfig,
@@ -251,72 +308,38 @@ fn reader_thread(
                 let cols = t.actions.cols;
                 normalize_rows(&mut t.actions.data, cols, st, cfg.normalization);
             }
-            let proprio = if cfg.proprio {
-                // All-zero statistics are the reference OpenVLA's placeholder, not statistics.
-                let placeholder = proprio_stats
-                    .as_ref()
-                    .is_some_and(|st| st.min.iter().chain(&st.max).all(|&x| x == 0.0));
-                match (t.proprio.as_mut(), &proprio_stats) {
-                    (Some(p), Some(st)) if st.q01.len() == p.cols && !placeholder => {
-                        let cols = p.cols;
-                        normalize_rows(&mut p.data, cols, st, cfg.normalization);
-                        Some(&*p)
-                    }
-                    (p, st) => {
-                        let _ = tx.send(Err(DataError::Invalid(format!(
-                            "{}: the stream asks for proprio, but {}",
-                            t.source,
-                            match (p, st) {
-                                (None, _) => "the episode has no state (set `state_key`)".into(),
-                                (Some(_), None) => {
-                                    "the statistics have no proprio entry".to_string()
-                                }
-                                (Some(p), Some(st)) => format!(
-                                    "the state has {} dims and the proprio statistics {}{} \
-                                     (compute them with `openvla stats --proprio`)",
-                                    p.cols,
-                                    st.q01.len(),
-                                    if placeholder { ", all zeros" } else { "" }
-                                ),
-                            }
-                        ))));
-                        return;
-                    }
+            // All-zero proprio statistics are the reference OpenVLA's placeholder, not statistics.
+            let proprio_st = proprio_stats
+                .as_ref()
+                .filter(|st| !st.min.iter().chain(&st.max).all(|&x| x == 0.0));
+            let columns = (
+                cfg.proprio
+                    .then(|| {
+                        normalize_column(
+                            t.proprio.as_mut(),
+                            proprio_st,
+                            cfg.normalization,
+                            &PROPRIO,
+                        )
+                    })
+                    .transpose(),
+                cfg.environment_state
+                    .then(|| {
+                        normalize_column(
+                            t.environment_state.as_mut(),
+                            env_stats.as_ref(),
+                            cfg.normalization,
+                            &ENVIRONMENT_STATE,
+                        )
+                    })
+                    .transpose(),
+            );
+            let (proprio, environment_state) = match columns {
+                (Ok(p), Ok(e)) => (p, e),
+                (Err(why), _) | (_, Err(why)) => {
+                    let _ = tx.send(Err(DataError::Invalid(format!("{}: {why}", t.source))));
+                    return;
                 }
-            } else {
-                None
-            };
-            let environment_state = if cfg.environment_state {
-                match (t.environment_state.as_mut(), &env_stats) {
-                    (Some(e), Some(st)) if st.q01.len() == e.cols => {
-                        let cols = e.cols;
-                        normalize_rows(&mut e.data, cols, st, cfg.normalization);
-                        Some(&*e)
-                    }
-                    (e, st) => {
-                        let _ = tx.send(Err(DataError::Invalid(format!(
-                            "{}: the stream asks for the environment state, but {}",
-                            t.source,
-                            match (e, st) {
-                                (None, _) => format!(
-                                    "the episode has none (a LeRobot feature `{}`)",
-                                    crate::trajectory::ENVIRONMENT_STATE_KEY
-                                ),
-                                (Some(_), None) => "the statistics have no environment_state \
-                                                    entry (recompute them with `openvla stats`)"
-                                    .to_string(),
-                                (Some(e), Some(st)) => format!(
-                                    "it has {} dims and the statistics {}",
-                                    e.cols,
-                                    st.q01.len()
-                                ),
-                            }
-                        ))));
-                        return;
-                    }
-                }
-            } else {
-                None
             };
             let mut wrist = match (cfg.wrist, t.wrist_images.take()) {
                 (false, _) => None,

@@ -449,7 +449,7 @@ fn environment_state_is_an_error_when_the_dataset_has_none() {
         },
     );
     assert!(
-        err.contains("observation.environment_state") && err.contains("has none"),
+        err.contains("observation.environment_state") && err.contains("has no environment state"),
         "{err}"
     );
 }

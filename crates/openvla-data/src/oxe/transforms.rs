@@ -177,10 +177,11 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
     if keep.iter().any(|k| !k) {
         let mut idx = 0;
         raw.actions.retain_rows(|i| keep[i]);
-        if let Some(s) = raw.state.as_mut() {
-            s.retain_rows(|i| keep[i]);
-        }
-        if let Some(s) = raw.environment_state.as_mut() {
+        // The optional per-step matrices follow the actions' rows.
+        for s in [raw.state.as_mut(), raw.environment_state.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             s.retain_rows(|i| keep[i]);
         }
         raw.images.retain(|_| {
@@ -238,10 +239,11 @@ pub fn standardize(cfg: &DatasetConfig, mut raw: RawSteps) -> Result<Trajectory>
             w.truncate(m);
         }
         raw.instructions.truncate(m);
-        if let Some(s) = raw.state.as_mut() {
-            s.retain_rows(|i| i < m);
-        }
-        if let Some(s) = raw.environment_state.as_mut() {
+        // The optional per-step matrices follow the actions' rows.
+        for s in [raw.state.as_mut(), raw.environment_state.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             s.retain_rows(|i| i < m);
         }
     }
