@@ -153,20 +153,27 @@ pub fn prune_checkpoints(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// Reads a checkpoint's `state.json` alone (step, fingerprint, ...), e.g. to compare its
-/// settings before restoring any tensor.
-pub fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
-    read_json(&dir.join("state.json"))
-}
-
 /// Restores a checkpoint into `params` (by name; every one must be present with its shape) and
-/// `opt`, and returns its state.
+/// `opt`, and returns its state. A checkpoint written with other settings than `fingerprint`
+/// (the run's) is refused before any tensor is read: such a run may train other tensors, and
+/// the settings are what the user needs to see.
 pub fn load_checkpoint(
     dir: &Path,
     params: &[(String, Var)],
     opt: &mut AdamW,
+    fingerprint: &serde_json::Value,
 ) -> Result<CheckpointState> {
-    let state = read_checkpoint_state(dir)?;
+    let state: CheckpointState = read_json(&dir.join("state.json"))?;
+    if &state.fingerprint != fingerprint {
+        return Err(TrainError::checkpoint(
+            dir,
+            format!(
+                "was written by a run with different settings; saved {} but this run has \
+                 {fingerprint}",
+                state.fingerprint
+            ),
+        ));
+    }
     let device = params
         .first()
         .map(|(_, v)| v.device().clone())

@@ -893,7 +893,9 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
     // The OFT head and proprio projector train in full besides.
     let trainable_params = match plan.oft {
         Some(o) => {
-            use crate::model::head::{l1_head_param_count, proprio_projector_param_count};
+            use crate::model::head::{
+                aux_head_param_count, l1_head_param_count, proprio_projector_param_count,
+            };
             let h = plan.config.text.hidden_size;
             let mut n = trainable_params + l1_head_param_count(h, plan.action_dim);
             if o.proprio || args.aux_environment_state.is_some() {
@@ -910,8 +912,7 @@ pub fn run_finetune(args: &FinetuneArgs) -> Result<FinetuneReport> {
                     n += proprio_projector_param_count(p.q01.len(), h);
                 }
                 if let (Some(_), Some(e)) = (args.aux_environment_state, &stats.environment_state) {
-                    // The auxiliary head's fc: [E, D·H] and [E].
-                    n += e.q01.len() * (plan.action_dim * h + 1);
+                    n += aux_head_param_count(plan.action_dim * h, e.q01.len());
                 }
             }
             n

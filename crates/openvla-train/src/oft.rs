@@ -157,13 +157,9 @@ pub fn make_oft_batch(
         .first()
         .ok_or_else(|| TrainError::Invalid("a sample has no image".into()))?;
     let (c, h, w) = (img0.channels, img0.height, img0.width);
-    let p = first.proprio.as_ref().map(|p| p.len());
     let mut examples = Vec::with_capacity(samples.len());
     let mut pixels = Vec::with_capacity(samples.len() * n_images * c * h * w);
     let mut actions = Vec::with_capacity(samples.len() * chunk * d);
-    let mut proprio = Vec::new();
-    let e = first.environment_state.as_ref().map(|e| e.len());
-    let mut environment_state = Vec::new();
     for (i, s) in samples.iter().enumerate() {
         if s.chunk.len() != chunk || s.chunk.iter().any(|a| a.len() != d) {
             return Err(TrainError::Invalid(format!(
@@ -187,27 +183,6 @@ pub fn make_oft_batch(
             }
             pixels.extend_from_slice(&img.data);
         }
-        match (&s.proprio, p) {
-            (Some(v), Some(n)) if v.len() == n => proprio.extend_from_slice(v),
-            (None, None) => {}
-            _ => {
-                return Err(TrainError::Invalid(format!(
-                    "sample {i}: proprio is {:?} values, the batch's first sample {p:?}",
-                    s.proprio.as_ref().map(Vec::len)
-                )))
-            }
-        }
-        match (&s.environment_state, e) {
-            (Some(v), Some(n)) if v.len() == n => environment_state.extend_from_slice(v),
-            (None, None) => {}
-            _ => {
-                return Err(TrainError::Invalid(format!(
-                    "sample {i}: the environment state is {:?} values, the batch's first \
-                     sample {e:?}",
-                    s.environment_state.as_ref().map(Vec::len)
-                )))
-            }
-        }
         let flat: Vec<f32> = s.chunk.iter().flatten().copied().collect();
         actions.extend_from_slice(&flat);
         examples.push(builder.build(&s.instruction, &flat)?);
@@ -218,17 +193,47 @@ pub fn make_oft_batch(
         Tensor::from_vec(pixels, (b, n_images * c, h, w), device)?,
         text,
         Tensor::from_vec(actions, (b, chunk, d), device)?,
-        match p {
-            Some(n) => Some(Tensor::from_vec(proprio, (b, n), device)?),
-            None => None,
-        },
+        stack_optional(samples, |s| s.proprio.as_deref(), "proprio", device)?,
         action_token_begin_idx(builder.action_tokenizer()),
     )?;
-    Ok(match e {
-        Some(n) => {
-            batch.with_environment_state(Tensor::from_vec(environment_state, (b, n), device)?)?
+    Ok(
+        match stack_optional(
+            samples,
+            |s| s.environment_state.as_deref(),
+            "the environment state",
+            device,
+        )? {
+            Some(state) => batch.with_environment_state(state)?,
+            None => batch,
+        },
+    )
+}
+
+/// `[B, n]`: a per-sample vector (proprio, environment state) that every sample of the batch
+/// has with the same length, or none has; `what` names it in errors.
+fn stack_optional(
+    samples: &[OftSample],
+    get: impl Fn(&OftSample) -> Option<&[f32]>,
+    what: &str,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let n = samples.first().and_then(&get).map(<[f32]>::len);
+    let mut data = Vec::with_capacity(samples.len() * n.unwrap_or(0));
+    for (i, s) in samples.iter().enumerate() {
+        match (get(s), n) {
+            (Some(v), Some(n)) if v.len() == n => data.extend_from_slice(v),
+            (None, None) => {}
+            (v, _) => {
+                return Err(TrainError::Invalid(format!(
+                    "sample {i}: {what} is {:?} values, the batch's first sample {n:?}",
+                    v.map(<[f32]>::len)
+                )))
+            }
         }
-        None => batch,
+    }
+    Ok(match n {
+        Some(n) => Some(Tensor::from_vec(data, (samples.len(), n), device)?),
+        None => None,
     })
 }
 

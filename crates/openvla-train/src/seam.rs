@@ -627,12 +627,12 @@ impl<M: TrainModel> L1Objective<M> {
                         .into(),
                 )
             })?;
-            if target.dim(1)? != aux.head.state_dim() {
+            if target.dim(1)? != aux.head.state_dim()? {
                 return Err(TrainError::Invalid(format!(
                     "the batch's environment state has {} dimensions, the auxiliary head \
                      predicts {}",
                     target.dim(1)?,
-                    aux.head.state_dim()
+                    aux.head.state_dim()?
                 )));
             }
             let l = (target - aux.head.forward(&x)?)?.abs()?.mean_all()?;

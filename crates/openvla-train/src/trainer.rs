@@ -7,8 +7,8 @@
 //! bit for bit, as an uninterrupted one.
 
 use crate::checkpoint::{
-    clean_partial, latest_checkpoint, load_checkpoint, prune_checkpoints, read_checkpoint_state,
-    save_checkpoint, CheckpointState,
+    clean_partial, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+    CheckpointState,
 };
 use crate::error::{Result, TrainError};
 use crate::log::{read_metrics, MetricsLog, MetricsRecord};
@@ -253,18 +253,7 @@ where
                 cfg.run_dir.display()
             )));
         }
-        // The settings first: a run with other settings may also train other tensors.
-        let saved = read_checkpoint_state(dir)?;
-        if saved.fingerprint != cfg.fingerprint {
-            return Err(TrainError::checkpoint(
-                dir,
-                format!(
-                    "was written by a run with different settings; saved {} but this run has {}",
-                    saved.fingerprint, cfg.fingerprint
-                ),
-            ));
-        }
-        let st = load_checkpoint(dir, &params, &mut opt)?;
+        let st = load_checkpoint(dir, &params, &mut opt, &cfg.fingerprint)?;
         // A finished run (resumed only to export again) reads no more data: skip the seek,
         // which replays the stream up to the checkpoint's position.
         if st.step < cfg.max_steps {

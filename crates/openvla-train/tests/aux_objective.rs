@@ -8,9 +8,8 @@ mod common;
 use common::root;
 use openvla::init::{write_initialized, InitConfig, InitOptions};
 use openvla::synth::SavedDtype;
-use openvla_train::cli::{run_finetune, FinetuneArgs, HeadArg, NormalizationArg, Precision};
+use openvla_train::cli::{run_finetune, FinetuneArgs, HeadArg};
 use openvla_train::log::read_metrics;
-use openvla_train::TrainMode;
 use std::path::{Path, PathBuf};
 
 /// One SigLIP-like tower at 32 px (4 patches), Llama 16 x 2, the L1 head with chunk 4,
@@ -62,46 +61,49 @@ fn init_model(dir: &Path) -> PathBuf {
     model
 }
 
+/// `openvla finetune` on the Meta-World fixture from `model`, parsed from flags as the CLI
+/// parses them (every other setting at its default): full training of the L1 head with
+/// chunks of 4 and proprio, no augmentation, a constant learning rate.
 fn args(model: &Path, out: &Path, aux: Option<f64>, steps: u64) -> FinetuneArgs {
-    FinetuneArgs {
-        model: model.to_path_buf(),
-        data: metaworld_env(),
-        dataset: None,
-        dataset_config: None,
-        out: out.to_path_buf(),
-        mode: TrainMode::Full,
-        lora_rank: 4,
-        lora_alpha: None,
-        lora_dropout: 0.0,
-        target_modules: "all-linear".into(),
-        lr: 3e-3,
-        weight_decay: 0.0,
-        batch_size: 4,
-        grad_accumulation: 1,
-        max_steps: steps,
-        save_interval: steps,
-        keep_last: 0,
-        image_aug: false,
-        shuffle_buffer: 64,
-        checkpointing: false,
-        seed: 5,
-        precision: Precision::F32,
-        compute: Default::default(),
-        resume: false,
-        max_memory_gb: None,
-        no_memory_check: true,
-        export_dtype: openvla_train::export::ExportDtype::Float32,
-        export_max_shard_gb: 5.0,
-        export_checkpoints: false,
-        lr_schedule: openvla_train::schedule::LrScheduleKind::Constant,
-        warmup_steps: 0,
-        head: HeadArg::L1,
-        chunk: Some(4),
-        images: "primary".into(),
-        proprio: true,
-        normalization: NormalizationArg::BoundsQ99,
-        aux_environment_state: aux,
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: FinetuneArgs,
     }
+    let steps = steps.to_string();
+    let mut flags = vec![
+        "finetune".to_string(),
+        format!("--model={}", model.display()),
+        format!("--data={}", metaworld_env().display()),
+        format!("--out={}", out.display()),
+    ];
+    for f in [
+        "--mode=full",
+        "--head=l1",
+        "--chunk=4",
+        "--proprio",
+        "--lr=3e-3",
+        "--weight-decay=0",
+        "--batch-size=4",
+        "--shuffle-buffer=64",
+        "--image-aug=false",
+        "--seed=5",
+        "--no-memory-check",
+        "--export-dtype=float32",
+        "--lr-schedule=constant",
+        "--warmup-steps=0",
+        "--keep-last=0",
+    ] {
+        flags.push(f.into());
+    }
+    flags.push(format!("--max-steps={steps}"));
+    flags.push(format!("--save-interval={steps}"));
+    if let Some(w) = aux {
+        flags.push(format!("--aux-environment-state={w}"));
+    }
+    <Cli as clap::Parser>::try_parse_from(flags)
+        .expect("the test's flags parse")
+        .a
 }
 
 #[test]

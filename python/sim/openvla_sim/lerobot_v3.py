@@ -4,8 +4,8 @@ Recording (`record_demo`, run in a worker): the evaluation's camera (corner4, ro
 fast render settings), image size, state (obs[:4]) and instruction (LeRobot's description). Per
 frame: the image the policy would see, the state, the environment state (object and goal
 positions, `observation.environment_state`: training targets only, never a policy input), and
-the expert's action clipped to [-1, 1]; then the env steps. The episode ends `extra_steps` steps after the first success (or at the horizon);
-a failed episode is dropped (the caller counts it).
+the expert's action clipped to [-1, 1]; then the env steps. The episode ends `extra_steps` steps
+after the first success (or at the horizon); a failed episode is dropped (the caller counts it).
 
 Initial conditions are disjoint from evaluation: demo episode seeds are DEMO_SEED_BASE + n
 (evaluation seeds must stay below DEMO_SEED_BASE; `openvla eval` refuses others), and each demo's
@@ -116,6 +116,13 @@ def _stats(x):
             "count": [int(x.shape[0])], "q01": q(0.01), "q10": q(0.10), "q50": q(0.5), "q90": q(0.9), "q99": q(0.99)}
 
 
+def _load_npz(path):
+    """The arrays of an `.npz`, read into memory (the file is closed again: thousands of
+    episodes must not hold thousands of open files)."""
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
 def assemble(staging: Path, out: Path, manifest: dict):
     """Writes the dataset from the recorded episodes listed in `manifest["episodes"]` (in order;
     each {"key", "task", "length", "image_stats"}); moves their MP4s into place."""
@@ -135,15 +142,15 @@ def assemble(staging: Path, out: Path, manifest: dict):
     cols = {k: [] for k in ("observation.state", "action", "timestamp", "frame_index", "episode_index", "index",
                             "task_index")}
     ep_rows = []
+    arrays = [_load_npz(staging / f"{e['key']}.npz") for e in eps]
     # Staging from a recorder that predates the environment state: the column is written only
     # when every episode has it.
-    with_env = all("env_state" in np.load(staging / f"{e['key']}.npz").files for e in eps)
+    with_env = all("env_state" in d for d in arrays)
     if with_env:
         cols[ENV_STATE_KEY] = []
     start = 0
     img = {"min": np.full(3, np.inf), "max": np.full(3, -np.inf), "sum": np.zeros(3), "sumsq": np.zeros(3), "count": 0}
-    for n, e in enumerate(eps):
-        d = np.load(staging / f"{e['key']}.npz")
+    for n, (e, d) in enumerate(zip(eps, arrays)):
         length = int(d["state"].shape[0])
         if length != int(e["length"]):
             raise ValueError(f"episode {e['key']}: {length} frames recorded, {e['length']} announced")

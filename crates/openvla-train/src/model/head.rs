@@ -13,7 +13,7 @@
 //! run's seed.
 
 use super::backend::{to_model, Train};
-use super::ops::Linear;
+use super::ops::{linear, Linear};
 use crate::error::{Result, TrainError};
 use crate::lora::NoAdapters;
 use crate::rng::TrainRng;
@@ -219,8 +219,19 @@ impl L1HeadTrain {
 #[derive(Debug, Clone)]
 pub struct AuxHeadTrain {
     params: Named,
-    input_dim: usize,
-    state_dim: usize,
+}
+
+/// The tensors of an auxiliary head from `input_dim` (D·H) to `state_dim` (E).
+fn aux_head_tensors(input_dim: usize, state_dim: usize) -> Vec<(String, Vec<usize>)> {
+    vec![
+        ("fc.weight".to_string(), vec![state_dim, input_dim]),
+        ("fc.bias".to_string(), vec![state_dim]),
+    ]
+}
+
+/// Parameters of an auxiliary head from `input_dim` (D·H) to `state_dim` (E).
+pub fn aux_head_param_count(input_dim: usize, state_dim: usize) -> usize {
+    count(&aux_head_tensors(input_dim, state_dim))
 }
 
 impl AuxHeadTrain {
@@ -232,20 +243,18 @@ impl AuxHeadTrain {
                  {state_dim}"
             )));
         }
-        let tensors = vec![
-            ("fc.weight".to_string(), vec![state_dim, input_dim]),
-            ("fc.bias".to_string(), vec![state_dim]),
-        ];
         Ok(Self {
-            params: Named::fresh(&tensors, rng)?,
-            input_dim,
-            state_dim,
+            params: Named::fresh(&aux_head_tensors(input_dim, state_dim), rng)?,
         })
     }
 
+    fn weight(&self) -> Result<&Tensor> {
+        self.params.get("fc.weight")
+    }
+
     /// The environment-state width E.
-    pub fn state_dim(&self) -> usize {
-        self.state_dim
+    pub fn state_dim(&self) -> Result<usize> {
+        Ok(self.weight()?.dim(0)?)
     }
 
     /// The parameters by name (`fc.weight`, `fc.bias`).
@@ -255,17 +264,15 @@ impl AuxHeadTrain {
 
     /// `x [B, K, D·H]` (the action head's input) → the predicted normalized state `[B, E]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.rank() != 3 || x.dim(2)? != self.input_dim {
+        let w = self.weight()?;
+        let input_dim = w.dim(1)?;
+        if x.rank() != 3 || x.dim(2)? != input_dim {
             return Err(TrainError::Invalid(format!(
-                "auxiliary head input is {:?}; the head expects [B, K, {}]",
-                x.dims(),
-                self.input_dim
+                "auxiliary head input is {:?}; the head expects [B, K, {input_dim}]",
+                x.dims()
             )));
         }
-        let pooled = x.mean(1)?;
-        let w = self.params.get("fc.weight")?;
-        let b = self.params.get("fc.bias")?;
-        Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
+        linear(&x.mean(1)?, w, Some(self.params.get("fc.bias")?))
     }
 }
 
