@@ -1,0 +1,221 @@
+"""Does a from-scratch vision network find Meta-World's goal marker? An offline probe (issue 15).
+
+The trained policies fail on the tasks whose goal or object is a few-pixel marker (reach, push,
+pick-place, peg-insert-side). This probe separates vision from control: it trains a network to
+regress the goal position (the demos' `observation.environment_state[3:6]`, privileged simulator
+state) from one corner4 frame, on some episodes' frames, and measures the error on the frames of
+held-out episodes (other placements). It compares the policy's tower shape (a ViT on 16 px patches)
+with a small convolutional network read out by a spatial softmax (expected image coordinates of
+learned keypoint maps, Levine et al. 2016), and the number of training placements.
+
+Two steps, in two virtual environments (the project's never gets torch):
+
+  # frames and targets of a recorded LeRobot dataset (`openvla sim demos metaworld`) -> npz
+  .venv/bin/python tools/metaworld/localization_probe.py extract --demos RUN/demos --out probe.npz
+  # train and evaluate (PyTorch, the baseline venv of tools/train/bench_vs_pytorch.sh)
+  .venv-torch/bin/python tools/metaworld/localization_probe.py train --data probe.npz \
+      --train 0:50 --test 50:100 --arch vit --steps 1500
+
+Episodes are addressed by their index in the dataset (`--train 0:50,100:500`). The report line
+gives the held-out mean distance in centimetres and the fraction within 5 cm (reach's success
+radius), beside the predictor of the training mean.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 128
+
+
+def extract(args):
+    import pyarrow.parquet as pq
+
+    root = Path(args.demos)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    if "observation.environment_state" not in info["features"]:
+        sys.exit(f"{root}: no observation.environment_state column (record with `openvla sim demos metaworld`)")
+    tables = [pq.read_table(p) for p in sorted((root / "data").glob("chunk-*/file-*.parquet"))]
+    cols = {k: np.concatenate([np.asarray(t.column(k).to_pylist()) for t in tables])
+            for k in ("episode_index", "frame_index", "observation.environment_state", "observation.state")}
+    videos = sorted((root / "videos" / "observation.image").glob("chunk-*/file-*.mp4"))
+    episodes = np.unique(cols["episode_index"])
+    if len(videos) != len(episodes):
+        sys.exit(f"{root}: {len(videos)} videos for {len(episodes)} episodes; expected one video per episode")
+    frames = []
+    for ep, video in zip(episodes, videos):
+        raw = subprocess.run(
+            ["ffmpeg", "-loglevel", "error", "-i", str(video), "-vf", f"scale={SIZE}:{SIZE}:flags=bicubic",
+             "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout
+        clip = np.frombuffer(raw, np.uint8).reshape(-1, SIZE, SIZE, 3)
+        n = int((cols["episode_index"] == ep).sum())
+        if len(clip) < n:
+            sys.exit(f"{video}: {len(clip)} frames for {n} rows")
+        frames.append(clip[:n])
+    np.savez(args.out, frames=np.concatenate(frames), episode=cols["episode_index"],
+             env_state=cols["observation.environment_state"].astype(np.float32),
+             state=cols["observation.state"].astype(np.float32))
+    print(f"wrote {args.out}: {sum(len(f) for f in frames)} frames of {len(episodes)} episodes")
+
+
+def parse_ranges(text):
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        out.extend(range(int(lo), int(hi)))
+    return np.array(out)
+
+
+def train(args):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    d = np.load(args.data)
+    target = d["env_state"][:, 3:6] if args.target == "goal" else d["env_state"][:, 0:3]
+    tr = np.isin(d["episode"], parse_ranges(args.train))
+    te = np.isin(d["episode"], parse_ranges(args.test))
+    if not tr.any() or not te.any():
+        sys.exit(f"empty split: {tr.sum()} training frames, {te.sum()} test frames")
+    mean, std = target[tr].mean(0), target[tr].std(0) + 1e-6
+    x_tr = torch.from_numpy(d["frames"][tr]).permute(0, 3, 1, 2).contiguous()
+    x_te = torch.from_numpy(d["frames"][te]).permute(0, 3, 1, 2).contiguous()
+    y_tr = torch.from_numpy((target[tr] - mean) / std)
+    y_te = target[te]
+
+    class ChannelNorm(nn.Module):
+        """LayerNorm over the channels of an NCHW map."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.norm = nn.LayerNorm(c)
+
+        def forward(self, x):
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    class ViT(nn.Module):
+        """The policy tower's shape: 16 px patches, width 192, 4 blocks, 3 heads."""
+
+        def __init__(self, width=192, depth=4, heads=3, patch=16, stem="linear"):
+            super().__init__()
+            if stem == "linear":
+                self.embed = nn.Conv2d(3, width, patch, patch)
+            elif stem == "hmlp":
+                # Hierarchical MLP stem (Touvron et al. 2022): 2x2 non-overlapping patches, four
+                # times, each a linear map + LayerNorm + GELU (a linear map of every 2x2 block).
+                layers, c = [], 3
+                for i, out in enumerate([48, 96, 192, width]):
+                    layers += [nn.Conv2d(c, out, 2, 2)]
+                    if i < 3:
+                        layers += [ChannelNorm(out), nn.GELU()]
+                    c = out
+                self.embed = nn.Sequential(*layers)
+            else:
+                # Convolutional stem (Xiao et al. 2021): 3x3 stride-2 convolutions, then 1x1.
+                layers, c = [], 3
+                for out in [24, 48, 96, 192]:
+                    layers += [nn.Conv2d(c, out, 3, 2, 1), ChannelNorm(out), nn.ReLU()]
+                    c = out
+                self.embed = nn.Sequential(*layers, nn.Conv2d(c, width, 1))
+            self.pos = nn.Parameter(torch.randn(1, (SIZE // patch) ** 2, width) * 0.02)
+            layer = nn.TransformerEncoderLayer(width, heads, 4 * width, 0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, depth)
+            self.norm = nn.LayerNorm(width)
+            self.out = nn.Linear(width, 3)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+            return self.out(self.norm(self.blocks(t)).mean(1))
+
+    class SpatialSoftmaxCNN(nn.Module):
+        """Conv layers to keypoint maps at 1/4 resolution, then each map's expected (x, y)."""
+
+        def __init__(self, keypoints=32):
+            super().__init__()
+            self.convs = nn.Sequential(
+                nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
+                nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(),
+                nn.Conv2d(64, keypoints, 1))
+            n = SIZE // 4
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
+            self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], 1))
+            self.mlp = nn.Sequential(nn.Linear(2 * keypoints, 256), nn.ReLU(), nn.Linear(256, 3))
+
+        def forward(self, x):
+            m = self.convs(x).flatten(2)
+            kp = torch.softmax(m, -1) @ self.grid
+            return self.mlp(kp.flatten(1))
+
+    net = SpatialSoftmaxCNN() if args.arch == "cnn" else ViT(stem={"vit": "linear", "vit-hmlp": "hmlp", "vit-conv": "conv"}[args.arch])
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    params = sum(p.numel() for p in net.parameters())
+
+    def prep(u8):
+        return (u8.float() / 255.0 - 0.5) / 0.5
+
+    def evaluate():
+        net.eval()
+        with torch.no_grad():
+            pred = torch.cat([net(prep(x_te[i:i + 256])) for i in range(0, len(x_te), 256)]).numpy()
+        net.train()
+        err = np.linalg.norm(pred * std + mean - y_te, axis=1)
+        return err.mean() * 100, (err < 0.05).mean()
+
+    g = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        lr = args.lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(x_tr), (args.batch,), generator=g)
+        loss = F.l1_loss(net(prep(x_tr[idx])), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % args.report == 0 or step == args.steps:
+            cm, within = evaluate()
+            print(f"step {step} train L1 {loss.item():.3f} held-out {cm:.1f} cm, {within:.0%} within 5 cm "
+                  f"({time.time() - start:.0f} s)", flush=True)
+    base = np.linalg.norm(mean - y_te, axis=1)
+    cm, within = evaluate()
+    print(json.dumps({"arch": args.arch, "params": params, "target": args.target, "train": args.train,
+                      "test": args.test, "train_frames": int(tr.sum()), "steps": args.steps,
+                      "held_out_cm": round(float(cm), 2), "within_5cm": round(float(within), 3),
+                      "mean_predictor_cm": round(float(base.mean() * 100), 2),
+                      "mean_predictor_within_5cm": round(float((base < 0.05).mean()), 3),
+                      "seconds": round(time.time() - start)}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract", help="decode a LeRobot dataset's frames and targets into an npz")
+    e.add_argument("--demos", required=True)
+    e.add_argument("--out", required=True)
+    t = sub.add_parser("train", help="train and evaluate a probe (PyTorch)")
+    t.add_argument("--data", required=True)
+    t.add_argument("--train", required=True, help="episode ranges, e.g. 0:50,100:500")
+    t.add_argument("--test", required=True)
+    t.add_argument("--arch", choices=["vit", "vit-hmlp", "vit-conv", "cnn"], required=True)
+    t.add_argument("--target", choices=["goal", "object"], default="goal")
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--report", type=int, default=250)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    extract(args) if args.cmd == "extract" else train(args)
+
+
+if __name__ == "__main__":
+    main()
