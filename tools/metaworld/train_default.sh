@@ -12,6 +12,11 @@
 #   RUN [runs/metaworld/default]  run directory (demos/, dataset_statistics.json, init/, train/, eval/)
 #   TASKS [mt10]                  Meta-World task set of demos and evaluation
 #   PER_TASK [50]                 expert demos per task (the published protocol's 50)
+#   START_STEPS [0]               `openvla sim demos --start-steps`: each demo starts from a
+#                                 random hand position (an unrecorded move of up to this many
+#                                 1 cm steps); 0 keeps the task's fixed start
+#   ACTION_NOISE [0]              `openvla sim demos --action-noise`: DART noise on the executed
+#                                 xyz actions (the recorded labels stay the expert's)
 #   PRESET [metaworld-small]      `openvla init --preset` (docs/init.md)
 #   CONFIG []                     `openvla init --config FILE` instead of the preset (e.g.
 #                                 tools/metaworld/metaworld-224.toml, the finer-vision shape)
@@ -53,6 +58,8 @@ cd "$root"
 RUN=${RUN:-runs/metaworld/default}
 TASKS=${TASKS:-mt10}
 PER_TASK=${PER_TASK:-50}
+START_STEPS=${START_STEPS:-0}
+ACTION_NOISE=${ACTION_NOISE:-0}
 PRESET=${PRESET:-metaworld-small}
 CONFIG=${CONFIG:-}
 STEPS=${STEPS:-3500}
@@ -95,7 +102,8 @@ step "1/6 demos: $PER_TASK scripted-expert episodes per task of $TASKS"
 if [ ! -f "$RUN/demos/meta/info.json" ]; then
   resume=()
   [ -d "$RUN/demos/.staging" ] && resume=(--resume)
-  "$OPENVLA" sim demos metaworld --tasks "$TASKS" --per-task "$PER_TASK" --out "$RUN/demos" "${resume[@]}"
+  "$OPENVLA" sim demos metaworld --tasks "$TASKS" --per-task "$PER_TASK" --out "$RUN/demos" \
+    --start-steps "$START_STEPS" --action-noise "$ACTION_NOISE" "${resume[@]}"
 fi
 
 step "2/6 statistics (actions and proprio)"

@@ -59,6 +59,19 @@ pub struct DemosArgs {
     /// Encode the videos losslessly (H.264 RGB, -qp 0): exact frames, large files.
     #[arg(long)]
     pub lossless: bool,
+    /// Before recording, move the hand in one random direction (uniform in [-1, 1]³, gripper
+    /// effort 0) for a random number of steps in 0..=N, unrecorded: the episode then starts
+    /// from a random hand position up to N cm from the task's fixed start. Without it, a
+    /// policy can read where the goal is from how far the hand has moved from that start
+    /// (the state), and learns to ignore the camera (docs/evaluation.md). 0: the fixed start.
+    #[arg(long, default_value_t = 0)]
+    pub start_steps: u64,
+    /// Gaussian noise of this standard deviation added to the expert's xyz action before it
+    /// is executed (then clipped to [-1, 1]); the dataset records the expert's clean action
+    /// (DART, Laskey et al. 2017): the demos show how the expert recovers from where noise
+    /// took the hand. 0: the expert's actions are executed as they are.
+    #[arg(long, default_value_t = 0.0)]
+    pub action_noise: f64,
     /// Also write each episode's raw frames (`episode-N.rgb`, N x H x W x 3 bytes) and its
     /// states and actions (`episode-N.json`) here (for checks).
     #[arg(long, hide = true)]
@@ -96,6 +109,13 @@ fn run_flags(a: &DemosArgs) -> Value {
     // Recorded only when not fast, so that runs from before the flag resume.
     if let Some(r) = a.render.recorded() {
         flags["render"] = json!(r);
+    }
+    // Likewise recorded only when set.
+    if a.start_steps > 0 {
+        flags["start_steps"] = json!(a.start_steps);
+    }
+    if a.action_noise > 0.0 {
+        flags["action_noise"] = json!(a.action_noise);
     }
     flags
 }
@@ -168,6 +188,18 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
     }
     if !(32..=1024).contains(&a.image_size) {
         bail!("--image-size {} is outside 32..=1024", a.image_size);
+    }
+    if a.start_steps > 200 {
+        bail!(
+            "--start-steps {} is more than 200 (the hand moves 1 cm a step at most; the episode has 500)",
+            a.start_steps
+        );
+    }
+    if !(0.0..=2.0).contains(&a.action_noise) {
+        bail!(
+            "--action-noise {} must be a standard deviation in 0..=2 (actions are in [-1, 1])",
+            a.action_noise
+        );
     }
     let envs = a.envs.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -279,6 +311,7 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
                         "extra_steps": a.extra_steps, "staging": staging,
                         "key": format!("{}-{}", p.task, p.attempt), "lossless": a.lossless,
                         "save_raw": a.keep_raw.is_some(),
+                        "start_steps": a.start_steps, "action_noise": a.action_noise,
                     }),
                 }
             })
@@ -359,6 +392,8 @@ pub fn run(a: &DemosArgs) -> Result<DemosOutcome> {
             "camera": a.render.camera(),
             "state": "obs[:4]",
             "extra_steps_after_success": a.extra_steps,
+            "start_steps": a.start_steps,
+            "action_noise": a.action_noise,
             "seed_rule": format!("{DEMO_SEED_BASE} + 1000000 * (MT50 position of the task) + attempt"),
             "dropped_failed_expert_episodes": task_list.iter().zip(&dropped)
                 .map(|(t, d)| (t.clone(), json!(d))).collect::<serde_json::Map<_, _>>(),

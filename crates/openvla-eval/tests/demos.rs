@@ -142,8 +142,107 @@ fn demo_flags_are_checked() {
     let o = o.to_str().unwrap();
     assert!(e(&["--tasks", "nope", "--out", o]).contains("unknown Meta-World task"));
     assert!(e(&["--per-task", "0", "--out", o]).contains("--per-task"));
+    assert!(e(&["--start-steps", "201", "--out", o]).contains("--start-steps 201"));
+    assert!(e(&["--action-noise=-0.1", "--out", o]).contains("--action-noise -0.1"));
+    assert!(e(&["--action-noise", "NaN", "--out", o]).contains("--action-noise NaN"));
     std::fs::write(dir.path().join("f"), b"x").unwrap();
     assert!(e(&["--out", dir.path().to_str().unwrap()]).contains("not empty"));
+}
+
+/// One reach demo (the task's first seed) recorded with `extra` flags at 32 px; its states,
+/// environment states and actions, each `[frames][width]`, from the `--keep-raw` copy.
+fn reach_demo(extra: &[&str]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demos");
+    let raw = dir.path().join("raw");
+    let (out_s, raw_s) = (out.to_str().unwrap(), raw.to_str().unwrap());
+    let mut argv = vec!["x", "--tasks", "reach", "--per-task", "1", "--envs", "1"];
+    argv.extend(["--image-size", "32", "--out", out_s, "--keep-raw", raw_s]);
+    argv.extend(extra);
+    run(&Cli::parse_from(argv).a).unwrap();
+    let sim: Value =
+        serde_json::from_str(&std::fs::read_to_string(raw.join("episode-0.json")).unwrap())
+            .unwrap();
+    let rows = |key: &str| -> Vec<Vec<f64>> {
+        sim[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("meta/info.json")).unwrap())
+            .unwrap();
+    (
+        rows("state"),
+        rows("env_state"),
+        rows("action"),
+        info["openvla_sim"].clone(),
+    )
+}
+
+#[test]
+fn random_starts_and_action_noise_keep_the_experts_labels() {
+    require_venv();
+    let dist = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt()
+    };
+    // reach's expert: xyz = clip(5 (goal - hand), -1, 1), gripper effort 0.
+    let expert = |state: &[f64], env: &[f64]| -> Vec<f64> {
+        (0..3)
+            .map(|i| (5.0 * (env[3 + i] - state[i])).clamp(-1.0, 1.0))
+            .chain([0.0])
+            .collect()
+    };
+    let clean_labels = |name: &str, s: &[Vec<f64>], e: &[Vec<f64>], a: &[Vec<f64>]| {
+        for t in 0..a.len() {
+            let want = expert(&s[t], &e[t]);
+            assert!(
+                dist(&a[t], &want) < 1e-3,
+                "{name}: frame {t} records {:?}, the expert's action is {want:?}",
+                a[t]
+            );
+        }
+    };
+    let (s0, e0, a0, p0) = reach_demo(&[]);
+    let (s1, e1, a1, p1) = reach_demo(&["--action-noise", "0.5"]);
+    let (s2, e2, a2, p2) = reach_demo(&["--start-steps", "25"]);
+    // The same seed: the same goal, recorded as such.
+    assert_eq!(e0[0][3..6], e1[0][3..6]);
+    assert_eq!(e0[0][3..6], e2[0][3..6]);
+    assert_eq!(
+        (p0["start_steps"].as_u64(), p0["action_noise"].as_f64()),
+        (Some(0), Some(0.0))
+    );
+    assert_eq!(p1["action_noise"].as_f64(), Some(0.5));
+    assert_eq!(p2["start_steps"].as_u64(), Some(25));
+    // Noise only: the same start and first label, then the executed (noisy) action moves the
+    // hand elsewhere, while every recorded action stays the expert's at its frame.
+    assert!(dist(&s0[0], &s1[0]) < 1e-9);
+    assert_eq!(a0[0], a1[0]);
+    assert!(
+        dist(&s0[3][..3], &s1[3][..3]) > 1e-3,
+        "the noise did not move the hand: {:?} vs {:?}",
+        s0[3],
+        s1[3]
+    );
+    clean_labels("plain", &s0, &e0, &a0);
+    clean_labels("noisy", &s1, &e1, &a1);
+    // Random start: the first recorded frame is away from the fixed start.
+    let moved = dist(&s0[0][..3], &s2[0][..3]);
+    assert!(moved > 0.01, "the random start moved the hand {moved} m");
+    clean_labels("random start", &s2, &e2, &a2);
 }
 
 #[test]

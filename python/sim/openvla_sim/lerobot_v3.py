@@ -4,8 +4,12 @@ Recording (`record_demo`, run in a worker): the evaluation's camera (corner4, ro
 fast render settings), image size, state (obs[:4]) and instruction (LeRobot's description). Per
 frame: the image the policy would see, the state, the environment state (object and goal
 positions, `observation.environment_state`: training targets only, never a policy input), and
-the expert's action clipped to [-1, 1]; then the env steps. The episode ends `extra_steps` steps
-after the first success (or at the horizon); a failed episode is dropped (the caller counts it).
+the expert's action clipped to [-1, 1]; then the env steps (with `action_noise`, the executed
+action is that one plus Gaussian xyz noise, DART-style; the recorded one stays clean). With
+`start_steps`, the hand first moves, unrecorded, in one random direction for a random number of
+steps in 0..=start_steps, so that episodes start from random hand positions (both drawn from
+the episode's seed). The episode ends `extra_steps` steps after the first success (or at the
+horizon); a failed episode is dropped (the caller counts it).
 
 Initial conditions are disjoint from evaluation: demo episode seeds are DEMO_SEED_BASE + n
 (evaluation seeds must stay below DEMO_SEED_BASE; `openvla eval` refuses others), and each demo's
@@ -70,14 +74,24 @@ def record_demo(env, cmd):
     if np.any(np.all(np.abs(goals - env.rand_vec()[None, :]) < 1e-9, axis=1)):
         raise ValueError(f"demo seed {seed} of {task} reproduces one of the benchmark's 50 goals")
     expert = mp.ENV_POLICY_MAP[task]()
+    # Unrecorded random start and DART noise, both drawn from the episode's seed.
+    rng = np.random.default_rng(seed)
+    start_steps = int(cmd.get("start_steps", 0))
+    noise = float(cmd.get("action_noise", 0.0))
+    moved = int(rng.integers(0, start_steps + 1)) if start_steps > 0 else 0
+    direction = rng.uniform(-1.0, 1.0, 3)
+    for _ in range(moved):
+        obs, _, _ = env.step(np.array([*direction, 0.0]))
     frames, states, env_states, actions = [], [], [], []
     success_step = None
-    for t in range(env.horizon):
+    for t in range(env.horizon - moved):
         frames.append(env.render("corner4"))
         states.append(np.asarray(obs[:4], dtype=np.float32))
         env_states.append(env.environment_state(obs))
         a = np.clip(np.asarray(expert.get_action(obs), dtype=np.float64), -1.0, 1.0)
         actions.append(a.astype(np.float32))
+        if noise > 0:
+            a = np.clip(a + np.concatenate([rng.normal(0.0, noise, 3), [0.0]]), -1.0, 1.0)
         obs, succ, truncated = env.step(a)
         if succ and success_step is None:
             success_step = t + 1
