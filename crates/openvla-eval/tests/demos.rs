@@ -149,9 +149,17 @@ fn demo_flags_are_checked() {
     assert!(e(&["--out", dir.path().to_str().unwrap()]).contains("not empty"));
 }
 
-/// One reach demo (the task's first seed) recorded with `extra` flags at 32 px; its states,
-/// environment states and actions, each `[frames][width]`, from the `--keep-raw` copy.
-fn reach_demo(extra: &[&str]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, Value) {
+/// A recorded episode's rows, each `[frames][width]`, and the dataset's provenance.
+struct Demo {
+    state: Vec<Vec<f64>>,
+    env: Vec<Vec<f64>>,
+    action: Vec<Vec<f64>>,
+    provenance: Value,
+}
+
+/// One reach demo (the task's first seed) recorded with `extra` flags at 32 px, read from the
+/// `--keep-raw` copy.
+fn reach_demo(extra: &[&str]) -> Demo {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demos");
     let raw = dir.path().join("raw");
@@ -180,12 +188,12 @@ fn reach_demo(extra: &[&str]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, V
     let info: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("meta/info.json")).unwrap())
             .unwrap();
-    (
-        rows("state"),
-        rows("env_state"),
-        rows("action"),
-        info["openvla_sim"].clone(),
-    )
+    Demo {
+        state: rows("state"),
+        env: rows("env_state"),
+        action: rows("action"),
+        provenance: info["openvla_sim"].clone(),
+    }
 }
 
 #[test]
@@ -215,9 +223,24 @@ fn random_starts_and_action_noise_keep_the_experts_labels() {
             );
         }
     };
-    let (s0, e0, a0, p0) = reach_demo(&[]);
-    let (s1, e1, a1, p1) = reach_demo(&["--action-noise", "0.5"]);
-    let (s2, e2, a2, p2) = reach_demo(&["--start-steps", "25"]);
+    let Demo {
+        state: s0,
+        env: e0,
+        action: a0,
+        provenance: p0,
+    } = reach_demo(&[]);
+    let Demo {
+        state: s1,
+        env: e1,
+        action: a1,
+        provenance: p1,
+    } = reach_demo(&["--action-noise", "0.5"]);
+    let Demo {
+        state: s2,
+        env: e2,
+        action: a2,
+        provenance: p2,
+    } = reach_demo(&["--start-steps", "25"]);
     // The same seed: the same goal, recorded as such.
     assert_eq!(e0[0][3..6], e1[0][3..6]);
     assert_eq!(e0[0][3..6], e2[0][3..6]);
