@@ -155,7 +155,37 @@ def train(args):
             kp = torch.softmax(m, -1) @ self.grid
             return self.mlp(kp.flatten(1))
 
-    net = SpatialSoftmaxCNN() if args.arch == "cnn" else ViT(stem={"vit": "linear", "vit-hmlp": "hmlp", "vit-conv": "conv"}[args.arch])
+    class FusionVLA(nn.Module):
+        """The policy's path in miniature: the ViT's patch tokens (no final norm), an MLP
+        projector to width 256, then 16 learned prompt-like tokens and 8 query tokens (the
+        chunk's action positions) through 4 bidirectional pre-norm layers; the mean of the
+        query outputs is read out (as the auxiliary head reads the action positions)."""
+
+        def __init__(self, width=192, llm=256):
+            super().__init__()
+            self.vit = ViT(width=width)
+            self.projector = nn.Sequential(nn.Linear(width, llm), nn.GELU(), nn.Linear(llm, llm))
+            self.prompt = nn.Parameter(torch.randn(1, 16, llm) * 0.02)
+            self.queries = nn.Parameter(torch.randn(1, 8, llm) * 0.02)
+            layer = nn.TransformerEncoderLayer(llm, 4, 688, 0.0, activation="gelu", batch_first=True,
+                                               norm_first=True)
+            self.trunk = nn.TransformerEncoder(layer, 4)
+            self.norm = nn.LayerNorm(llm)
+            self.out = nn.Linear(llm, 3)
+
+        def forward(self, x):
+            v = self.vit
+            patches = v.blocks(v.embed(x).flatten(2).transpose(1, 2) + v.pos)
+            b = x.shape[0]
+            seq = torch.cat([self.projector(patches), self.prompt.expand(b, -1, -1),
+                             self.queries.expand(b, -1, -1)], 1)
+            h = self.norm(self.trunk(seq))
+            return self.out(h[:, -8:].mean(1))
+
+    if args.arch == "vla":
+        net = FusionVLA()
+    else:
+        net = SpatialSoftmaxCNN() if args.arch == "cnn" else ViT(stem={"vit": "linear", "vit-hmlp": "hmlp", "vit-conv": "conv"}[args.arch])
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     params = sum(p.numel() for p in net.parameters())
 
@@ -205,7 +235,7 @@ def main():
     t.add_argument("--data", required=True)
     t.add_argument("--train", required=True, help="episode ranges, e.g. 0:50,100:500")
     t.add_argument("--test", required=True)
-    t.add_argument("--arch", choices=["vit", "vit-hmlp", "vit-conv", "cnn"], required=True)
+    t.add_argument("--arch", choices=["vit", "vit-hmlp", "vit-conv", "cnn", "vla"], required=True)
     t.add_argument("--target", choices=["goal", "object"], default="goal")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--batch", type=int, default=64)
