@@ -4,9 +4,13 @@ The trained policies fail on the tasks whose goal or object is a few-pixel marke
 pick-place, peg-insert-side). This probe separates vision from control: it trains a network to
 regress the goal position (the demos' `observation.environment_state[3:6]`, privileged simulator
 state) from one corner4 frame, on some episodes' frames, and measures the error on the frames of
-held-out episodes (other placements). It compares the policy's tower shape (a ViT on 16 px patches)
-with a small convolutional network read out by a spatial softmax (expected image coordinates of
-learned keypoint maps, Levine et al. 2016), and the number of training placements.
+held-out episodes (other placements). `--arch`: `vit`, the policy's tower shape (a ViT on 16 px
+patches, width 192, 4 blocks, mean-pooled); `vit-conv` / `vit-hmlp`, the same with a
+convolutional (Xiao et al. 2021) or hierarchical-MLP (Touvron et al. 2022) stem; `cnn`, a small
+convolutional network read out by a spatial softmax (expected image coordinates of learned
+keypoint maps, Levine et al. 2016); `vla`, the policy's path in miniature (the ViT, an MLP
+projector, prompt and query tokens through a 4-layer bidirectional trunk). Results:
+docs/evaluation.md, "The policy copies its own motion".
 
 Two steps, in two virtual environments (the project's never gets torch):
 
