@@ -39,21 +39,17 @@ SIZE = 128
 
 
 def extract(args):
-    import pyarrow.parquet as pq
+    from openvla_sim.lerobot_v3 import read_columns, video_path
 
     root = Path(args.demos)
-    info = json.loads((root / "meta" / "info.json").read_text())
-    if "observation.environment_state" not in info["features"]:
-        sys.exit(f"{root}: no observation.environment_state column (record with `openvla sim demos metaworld`)")
-    tables = [pq.read_table(p) for p in sorted((root / "data").glob("chunk-*/file-*.parquet"))]
-    cols = {k: np.concatenate([np.asarray(t.column(k).to_pylist()) for t in tables])
-            for k in ("episode_index", "frame_index", "observation.environment_state", "observation.state")}
-    videos = sorted((root / "videos" / "observation.image").glob("chunk-*/file-*.mp4"))
+    try:
+        cols = read_columns(root, ["episode_index", "observation.environment_state", "observation.state"])
+    except ValueError as e:
+        sys.exit(str(e))
     episodes = np.unique(cols["episode_index"])
-    if len(videos) != len(episodes):
-        sys.exit(f"{root}: {len(videos)} videos for {len(episodes)} episodes; expected one video per episode")
     frames = []
-    for ep, video in zip(episodes, videos):
+    for ep in episodes:
+        video = video_path(root, int(ep))
         raw = subprocess.run(
             ["ffmpeg", "-loglevel", "error", "-i", str(video), "-vf", f"scale={SIZE}:{SIZE}:flags=bicubic",
              "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout

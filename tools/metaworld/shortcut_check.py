@@ -30,16 +30,14 @@ def main():
     p.add_argument("--openvla", default="target/release/openvla")
     args = p.parse_args()
     import pyarrow.parquet as pq
+    from openvla_sim.lerobot_v3 import read_columns, video_path
 
     root = Path(args.demos)
-    tables = [pq.read_table(f) for f in sorted((root / "data").glob("chunk-*/file-*.parquet"))]
-    if not tables:
-        sys.exit(f"{root}: no data/chunk-*/file-*.parquet (expected a LeRobot v3 dataset)")
     keys = ["episode_index", "task_index", "observation.state", "action", "observation.environment_state"]
-    missing = [k for k in keys if k not in tables[0].column_names]
-    if missing:
-        sys.exit(f"{root}: no column {missing} (record with `openvla sim demos metaworld`)")
-    col = {k: np.concatenate([np.asarray(t.column(k).to_pylist()) for t in tables]) for k in keys}
+    try:
+        col = read_columns(root, keys)
+    except ValueError as e:
+        sys.exit(str(e))
     tasks = dict(zip(*[pq.read_table(root / "meta" / "tasks.parquet").column(k).to_pylist()
                        for k in ("task_index", "task")]))
     rows = []
@@ -52,8 +50,7 @@ def main():
             demo = col["action"][m][args.frame:args.frame + 8, :3].sum(0)
             goal = col["observation.environment_state"][m][0][3:6]
             instruction = tasks[int(col["task_index"][m][0])]
-            chunk, file = ep // 1000, ep % 1000
-            video = root / "videos" / "observation.image" / f"chunk-{chunk:03d}" / f"file-{file:03d}.mp4"
+            video = video_path(root, ep)
             png = Path(tmp) / f"{ep}.png"
             subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(video), "-vf",
                             f"select=eq(n\\,{args.frame})", "-frames:v", "1", str(png)], check=True)

@@ -213,59 +213,45 @@ fn random_starts_and_action_noise_keep_the_experts_labels() {
             .chain([0.0])
             .collect()
     };
-    let clean_labels = |name: &str, s: &[Vec<f64>], e: &[Vec<f64>], a: &[Vec<f64>]| {
-        for t in 0..a.len() {
-            let want = expert(&s[t], &e[t]);
+    // Every recorded action is the expert's at its frame.
+    let clean_labels = |name: &str, d: &Demo| {
+        for (t, a) in d.action.iter().enumerate() {
+            let want = expert(&d.state[t], &d.env[t]);
             assert!(
-                dist(&a[t], &want) < 1e-3,
-                "{name}: frame {t} records {:?}, the expert's action is {want:?}",
-                a[t]
+                dist(a, &want) < 1e-3,
+                "{name}: frame {t} records {a:?}, the expert's action is {want:?}"
             );
         }
     };
-    let Demo {
-        state: s0,
-        env: e0,
-        action: a0,
-        provenance: p0,
-    } = reach_demo(&[]);
-    let Demo {
-        state: s1,
-        env: e1,
-        action: a1,
-        provenance: p1,
-    } = reach_demo(&["--action-noise", "0.5"]);
-    let Demo {
-        state: s2,
-        env: e2,
-        action: a2,
-        provenance: p2,
-    } = reach_demo(&["--start-steps", "25"]);
+    let plain = reach_demo(&[]);
+    let noisy = reach_demo(&["--action-noise", "0.5"]);
+    let moved = reach_demo(&["--start-steps", "25"]);
     // The same seed: the same goal, recorded as such.
-    assert_eq!(e0[0][3..6], e1[0][3..6]);
-    assert_eq!(e0[0][3..6], e2[0][3..6]);
+    assert_eq!(plain.env[0][3..6], noisy.env[0][3..6]);
+    assert_eq!(plain.env[0][3..6], moved.env[0][3..6]);
+    let p = &plain.provenance;
     assert_eq!(
-        (p0["start_steps"].as_u64(), p0["action_noise"].as_f64()),
+        (p["start_steps"].as_u64(), p["action_noise"].as_f64()),
         (Some(0), Some(0.0))
     );
-    assert_eq!(p1["action_noise"].as_f64(), Some(0.5));
-    assert_eq!(p2["start_steps"].as_u64(), Some(25));
+    assert_eq!(noisy.provenance["action_noise"].as_f64(), Some(0.5));
+    assert_eq!(moved.provenance["start_steps"].as_u64(), Some(25));
     // Noise only: the same start and first label, then the executed (noisy) action moves the
     // hand elsewhere, while every recorded action stays the expert's at its frame.
-    assert!(dist(&s0[0], &s1[0]) < 1e-9);
-    assert_eq!(a0[0], a1[0]);
+    assert!(dist(&plain.state[0], &noisy.state[0]) < 1e-9);
+    assert_eq!(plain.action[0], noisy.action[0]);
     assert!(
-        dist(&s0[3][..3], &s1[3][..3]) > 1e-3,
+        dist(&plain.state[3][..3], &noisy.state[3][..3]) > 1e-3,
         "the noise did not move the hand: {:?} vs {:?}",
-        s0[3],
-        s1[3]
+        plain.state[3],
+        noisy.state[3]
     );
-    clean_labels("plain", &s0, &e0, &a0);
-    clean_labels("noisy", &s1, &e1, &a1);
+    clean_labels("plain", &plain);
+    clean_labels("noisy", &noisy);
     // Random start: the first recorded frame is away from the fixed start.
-    let moved = dist(&s0[0][..3], &s2[0][..3]);
-    assert!(moved > 0.01, "the random start moved the hand {moved} m");
-    clean_labels("random start", &s2, &e2, &a2);
+    let d = dist(&plain.state[0][..3], &moved.state[0][..3]);
+    assert!(d > 0.01, "the random start moved the hand {d} m");
+    clean_labels("random start", &moved);
 }
 
 #[test]

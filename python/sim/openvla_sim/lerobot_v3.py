@@ -130,6 +130,26 @@ def _stats(x):
             "count": [int(x.shape[0])], "q01": q(0.01), "q10": q(0.10), "q50": q(0.5), "q90": q(0.9), "q99": q(0.99)}
 
 
+def video_path(root, episode: int) -> Path:
+    """Where `assemble` puts `episode`'s MP4 under the dataset `root` (one file per episode)."""
+    return Path(root) / "videos" / IMAGE_KEY / f"chunk-{episode // 1000:03d}" / f"file-{episode % 1000:03d}.mp4"
+
+
+def read_columns(root, keys):
+    """The columns `keys` of a dataset written by `assemble`, as numpy arrays (a row a frame);
+    a clear error names the keys the dataset lacks."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    tables = [pq.read_table(f) for f in sorted((root / "data").glob("chunk-*/file-*.parquet"))]
+    if not tables:
+        raise ValueError(f"{root}: no data/chunk-*/file-*.parquet (expected a LeRobot v3 dataset)")
+    missing = [k for k in keys if k not in tables[0].column_names]
+    if missing:
+        raise ValueError(f"{root}: no column {missing} (record with `openvla sim demos metaworld`)")
+    return {k: np.concatenate([np.asarray(t.column(k).to_pylist()) for t in tables]) for k in keys}
+
+
 def _load_npz(path):
     """The arrays of an `.npz`, read into memory (the file is closed again: thousands of
     episodes must not hold thousands of open files)."""
@@ -179,9 +199,9 @@ def assemble(staging: Path, out: Path, manifest: dict):
         cols["index"].append(np.arange(start, start + length, dtype=np.int64))
         cols["task_index"].append(np.full(length, ti, dtype=np.int64))
         chunk, file = n // 1000, n % 1000
-        vdir = out / "videos" / IMAGE_KEY / f"chunk-{chunk:03d}"
-        vdir.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging / f"{e['key']}.mp4"), vdir / f"file-{file:03d}.mp4")
+        dest = video_path(out, n)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging / f"{e['key']}.mp4"), dest)
         ep_rows.append({
             "episode_index": n, "tasks": [tasks[ti]], "length": length,
             "data/chunk_index": 0, "data/file_index": 0,
