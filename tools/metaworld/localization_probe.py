@@ -9,7 +9,11 @@ patches, width 192, 4 blocks, mean-pooled); `vit-conv` / `vit-hmlp`, the same wi
 convolutional (Xiao et al. 2021) or hierarchical-MLP (Touvron et al. 2022) stem; `cnn`, a small
 convolutional network read out by a spatial softmax (expected image coordinates of learned
 keypoint maps, Levine et al. 2016); `vla`, the policy's path in miniature (the ViT, an MLP
-projector, prompt and query tokens through a 4-layer bidirectional trunk). Results:
+projector, prompt and query tokens through a 4-layer bidirectional trunk); `oft`, the engine's own
+path as `openvla init` builds it (Llama layers with RoPE and RMSNorm, zeroed action positions,
+the auxiliary head's readout; `--oft-queries` and `--oft-init` switch two of its choices).
+`--target env --norm bounds` regresses the six object and goal coordinates normalized as the
+engine's auxiliary head sees them, so its training L1 reads on the scale of `aux_l1_loss`. Results:
 docs/evaluation.md, "The policy copies its own motion".
 
 Two steps, in two virtual environments (the project's never gets torch):
@@ -80,16 +84,27 @@ def train(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     d = np.load(args.data)
-    target = d["env_state"][:, 3:6] if args.target == "goal" else d["env_state"][:, 0:3]
+    # goal: env_state[3:6]; object: [0:3]; env: all six, as `--aux-environment-state` trains
+    # them (held-out error still on the goal).
+    cols = {"goal": slice(3, 6), "object": slice(0, 3), "env": slice(0, 6)}[args.target]
+    target = d["env_state"][:, cols]
+    OUT = target.shape[1]
+    goal_cols = slice(3, 6) if args.target == "env" else slice(0, 3)
     tr = np.isin(d["episode"], parse_ranges(args.train))
     te = np.isin(d["episode"], parse_ranges(args.test))
     if not tr.any() or not te.any():
         sys.exit(f"empty split: {tr.sum()} training frames, {te.sum()} test frames")
-    mean, std = target[tr].mean(0), target[tr].std(0) + 1e-6
+    if args.norm == "bounds":
+        # The engine's bounds_q99: [q01, q99] -> [-1, 1], clipped.
+        lo, hi = np.quantile(target[tr], 0.01, 0), np.quantile(target[tr], 0.99, 0)
+        mean, std = (hi + lo) / 2, (hi - lo) / 2 + 1e-8
+    else:
+        mean, std = target[tr].mean(0), target[tr].std(0) + 1e-6
     x_tr = torch.from_numpy(d["frames"][tr]).permute(0, 3, 1, 2).contiguous()
     x_te = torch.from_numpy(d["frames"][te]).permute(0, 3, 1, 2).contiguous()
-    y_tr = torch.from_numpy((target[tr] - mean) / std)
-    y_te = target[te]
+    y_tr = torch.from_numpy(np.clip((target[tr] - mean) / std, -1, 1) if args.norm == "bounds"
+                            else (target[tr] - mean) / std).float()
+    y_te = target[te][:, goal_cols]
 
     class ChannelNorm(nn.Module):
         """LayerNorm over the channels of an NCHW map."""
@@ -130,7 +145,7 @@ def train(args):
                                                batch_first=True, norm_first=True)
             self.blocks = nn.TransformerEncoder(layer, depth)
             self.norm = nn.LayerNorm(width)
-            self.out = nn.Linear(width, 3)
+            self.out = nn.Linear(width, OUT)
 
         def forward(self, x):
             t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
@@ -148,7 +163,7 @@ def train(args):
             n = SIZE // 4
             ys, xs = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
             self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], 1))
-            self.mlp = nn.Sequential(nn.Linear(2 * keypoints, 256), nn.ReLU(), nn.Linear(256, 3))
+            self.mlp = nn.Sequential(nn.Linear(2 * keypoints, 256), nn.ReLU(), nn.Linear(256, OUT))
 
         def forward(self, x):
             m = self.convs(x).flatten(2)
@@ -171,7 +186,7 @@ def train(args):
                                                norm_first=True)
             self.trunk = nn.TransformerEncoder(layer, 4)
             self.norm = nn.LayerNorm(llm)
-            self.out = nn.Linear(llm, 3)
+            self.out = nn.Linear(llm, OUT)
 
         def forward(self, x):
             v = self.vit
@@ -182,7 +197,103 @@ def train(args):
             h = self.norm(self.trunk(seq))
             return self.out(h[:, -8:].mean(1))
 
-    if args.arch == "vla":
+    class RMSNorm(nn.Module):
+        """Llama's RMSNorm (torch 2.2 has no nn.RMSNorm)."""
+
+        def __init__(self, d, eps=1e-6):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    class OftTrunk(nn.Module):
+        """The engine's policy path as `openvla init` builds it and `openvla finetune` trains
+        it: a timm-initialized SigLIP-like ViT (4 of 5 blocks read), the gelu-mlp projector,
+        then BOS + patches + 20 prompt tokens + a proprio token + 32 action positions (chunk 8 x
+        action dim 4) through 4 Llama layers (RMSNorm, RoPE, SwiGLU, bidirectional attention),
+        read out as the auxiliary head reads it (a linear map of the mean over the chunk of each
+        step's 4 concatenated positions). Toggles: `--oft-queries zero` gives the action
+        positions zero input embeddings (OFT) and `learned` gives them learned ones;
+        `--oft-init reference` draws the weights as `openvla init` (timm, Llama std 0.02) and
+        `torch` leaves PyTorch's defaults."""
+
+        def __init__(self, queries="zero", init="reference", width=192, llm=256, layers=4):
+            super().__init__()
+            self.embed = nn.Conv2d(3, width, 16, 16)
+            self.pos = nn.Parameter(torch.zeros(1, (SIZE // 16) ** 2, width))
+            vit = nn.TransformerEncoderLayer(width, 3, 4 * width, 0.0, activation="gelu",
+                                             batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(vit, 4)
+            self.projector = nn.Sequential(nn.Linear(width, llm), nn.GELU(), nn.Linear(llm, llm))
+            self.proprio = nn.Sequential(nn.Linear(4, llm), nn.GELU(), nn.Linear(llm, llm))
+            self.bos = nn.Parameter(torch.zeros(1, 1, llm))
+            self.prompt = nn.Parameter(torch.zeros(1, 20, llm))
+            self.queries = nn.Parameter(torch.zeros(1, 32, llm), requires_grad=queries == "learned")
+            self.heads, self.llm = 4, llm
+            self.layers = nn.ModuleList()
+            for _ in range(layers):
+                self.layers.append(nn.ModuleDict({
+                    "n1": RMSNorm(llm), "q": nn.Linear(llm, llm, bias=False),
+                    "k": nn.Linear(llm, llm, bias=False), "v": nn.Linear(llm, llm, bias=False),
+                    "o": nn.Linear(llm, llm, bias=False), "n2": RMSNorm(llm),
+                    "gate": nn.Linear(llm, 688, bias=False), "up": nn.Linear(llm, 688, bias=False),
+                    "down": nn.Linear(688, llm, bias=False)}))
+            self.norm = RMSNorm(llm)
+            self.out = nn.Linear(4 * llm, OUT)
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.pos, std=0.02, a=-2, b=2)
+                for t in (self.bos, self.prompt):
+                    t.normal_(0, 0.02)
+                if queries == "learned":
+                    self.queries.normal_(0, 0.02)
+                if init == "reference":
+                    for m in self.blocks.modules():
+                        if isinstance(m, nn.TransformerEncoderLayer):
+                            for w in (m.self_attn.in_proj_weight, m.self_attn.out_proj.weight,
+                                      m.linear1.weight, m.linear2.weight):
+                                nn.init.trunc_normal_(w, std=0.02, a=-2, b=2)
+                            for b in (m.self_attn.in_proj_bias, m.self_attn.out_proj.bias,
+                                      m.linear1.bias, m.linear2.bias):
+                                b.zero_()
+                    for layer in self.layers:
+                        for k in ("q", "k", "v", "o", "gate", "up", "down"):
+                            layer[k].weight.normal_(0, 0.02)
+            n = 1 + (SIZE // 16) ** 2 + 20 + 1 + 32
+            inv = 1.0 / (10000 ** (torch.arange(0, llm // 4, 2).float() / (llm // 4)))
+            ang = torch.arange(n).float()[:, None] * inv[None]
+            self.register_buffer("cos", torch.cat([ang.cos(), ang.cos()], -1))
+            self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1))
+
+        def rope(self, x):
+            half = x.shape[-1] // 2
+            rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+            return x * self.cos + rot * self.sin
+
+        def forward(self, x):
+            # The robot state is held at zero (a constant proprio token): the probe asks what
+            # the image path learns, and the hand position would tell the goal in fixed-start
+            # demos.
+            b = x.shape[0]
+            state = x.new_zeros(b, 4)
+            patches = self.blocks(self.embed(x).flatten(2).transpose(1, 2) + self.pos)
+            h = torch.cat([self.bos.expand(b, -1, -1), self.projector(patches),
+                           self.prompt.expand(b, -1, -1), self.proprio(state)[:, None],
+                           self.queries.expand(b, -1, -1)], 1)
+            s, hd = h.shape[1], self.llm // self.heads
+            for layer in self.layers:
+                a = layer["n1"](h)
+                q, k, v = (layer[n](a).view(b, s, self.heads, hd).transpose(1, 2) for n in "qkv")
+                att = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v)
+                h = h + layer["o"](att.transpose(1, 2).reshape(b, s, self.llm))
+                a = layer["n2"](h)
+                h = h + layer["down"](F.silu(layer["gate"](a)) * layer["up"](a))
+            act = self.norm(h)[:, -32:].reshape(b, 8, 4 * self.llm)
+            return self.out(act.mean(1))
+
+    if args.arch == "oft":
+        net = OftTrunk(queries=args.oft_queries, init=args.oft_init)
+    elif args.arch == "vla":
         net = FusionVLA()
     else:
         net = SpatialSoftmaxCNN() if args.arch == "cnn" else ViT(stem={"vit": "linear", "vit-hmlp": "hmlp", "vit-conv": "conv"}[args.arch])
@@ -197,25 +308,28 @@ def train(args):
         with torch.no_grad():
             pred = torch.cat([net(prep(x_te[i:i + 256])) for i in range(0, len(x_te), 256)]).numpy()
         net.train()
-        err = np.linalg.norm(pred * std + mean - y_te, axis=1)
+        err = np.linalg.norm((pred * std + mean)[:, goal_cols] - y_te, axis=1)
         return err.mean() * 100, (err < 0.05).mean()
 
     g = torch.Generator().manual_seed(args.seed)
     start = time.time()
+    recent = []
     for step in range(1, args.steps + 1):
         lr = args.lr * min(1.0, step / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(x_tr), (args.batch,), generator=g)
         loss = F.l1_loss(net(prep(x_tr[idx])), y_tr[idx])
+        recent.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % args.report == 0 or step == args.steps:
             cm, within = evaluate()
-            print(f"step {step} train L1 {loss.item():.3f} held-out {cm:.1f} cm, {within:.0%} within 5 cm "
+            print(f"step {step} train L1 {np.mean(recent):.3f} (mean since the last report) held-out {cm:.1f} cm, {within:.0%} within 5 cm "
                   f"({time.time() - start:.0f} s)", flush=True)
-    base = np.linalg.norm(mean - y_te, axis=1)
+            recent = []
+    base = np.linalg.norm(target[tr][:, goal_cols].mean(0) - y_te, axis=1)
     cm, within = evaluate()
     print(json.dumps({"arch": args.arch, "params": params, "target": args.target, "train": args.train,
                       "test": args.test, "train_frames": int(tr.sum()), "steps": args.steps,
@@ -235,8 +349,17 @@ def main():
     t.add_argument("--data", required=True)
     t.add_argument("--train", required=True, help="episode ranges, e.g. 0:50,100:500")
     t.add_argument("--test", required=True)
-    t.add_argument("--arch", choices=["vit", "vit-hmlp", "vit-conv", "cnn", "vla"], required=True)
-    t.add_argument("--target", choices=["goal", "object"], default="goal")
+    t.add_argument("--arch", choices=["vit", "vit-hmlp", "vit-conv", "cnn", "vla", "oft"], required=True)
+    t.add_argument("--oft-queries", choices=["zero", "learned"], default="zero",
+                   help="--arch oft: input embeddings of the action positions")
+    t.add_argument("--oft-init", choices=["reference", "torch"], default="reference",
+                   help="--arch oft: openvla init's weight laws or PyTorch's defaults")
+    t.add_argument("--target", choices=["goal", "object", "env"], default="goal",
+                   help="what to regress: the goal, the object, or both (env; as the policy's "
+                        "auxiliary head); the held-out error is the goal's")
+    t.add_argument("--norm", choices=["zscore", "bounds"], default="zscore",
+                   help="target normalization: z-score, or the engine's bounds_q99 ([q01, q99] "
+                        "to [-1, 1], clipped), which makes the L1 comparable with its aux_l1_loss")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)
