@@ -85,11 +85,11 @@ def train(args):
     torch.manual_seed(args.seed)
     d = np.load(args.data)
     # goal: env_state[3:6]; object: [0:3]; env: all six, as `--aux-environment-state` trains
-    # them (held-out error still on the goal).
+    # them. The held-out error is on `scored` of the target's columns: the goal's for env.
     cols = {"goal": slice(3, 6), "object": slice(0, 3), "env": slice(0, 6)}[args.target]
     target = d["env_state"][:, cols]
     OUT = target.shape[1]
-    goal_cols = slice(3, 6) if args.target == "env" else slice(0, 3)
+    scored = slice(3, 6) if args.target == "env" else slice(0, 3)
     tr = np.isin(d["episode"], parse_ranges(args.train))
     te = np.isin(d["episode"], parse_ranges(args.test))
     if not tr.any() or not te.any():
@@ -104,7 +104,7 @@ def train(args):
     x_te = torch.from_numpy(d["frames"][te]).permute(0, 3, 1, 2).contiguous()
     y_tr = torch.from_numpy(np.clip((target[tr] - mean) / std, -1, 1) if args.norm == "bounds"
                             else (target[tr] - mean) / std).float()
-    y_te = target[te][:, goal_cols]
+    y_te = target[te][:, scored]
 
     class ChannelNorm(nn.Module):
         """LayerNorm over the channels of an NCHW map."""
@@ -117,9 +117,10 @@ def train(args):
             return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     class ViT(nn.Module):
-        """The policy tower's shape: 16 px patches, width 192, 4 blocks, 3 heads."""
+        """The policy tower's shape: 16 px patches, width 192, 4 blocks, 3 heads. With
+        `readout=False` it is a tower only ([`tokens`]), as inside `vla` and `oft`."""
 
-        def __init__(self, width=192, depth=4, heads=3, patch=16, stem="linear"):
+        def __init__(self, width=192, depth=4, heads=3, patch=16, stem="linear", readout=True):
             super().__init__()
             if stem == "linear":
                 self.embed = nn.Conv2d(3, width, patch, patch)
@@ -144,12 +145,16 @@ def train(args):
             layer = nn.TransformerEncoderLayer(width, heads, 4 * width, 0.0, activation="gelu",
                                                batch_first=True, norm_first=True)
             self.blocks = nn.TransformerEncoder(layer, depth)
-            self.norm = nn.LayerNorm(width)
-            self.out = nn.Linear(width, OUT)
+            if readout:
+                self.norm = nn.LayerNorm(width)
+                self.out = nn.Linear(width, OUT)
+
+        def tokens(self, x):
+            """The patch tokens after the blocks, without a final norm (what OpenVLA reads)."""
+            return self.blocks(self.embed(x).flatten(2).transpose(1, 2) + self.pos)
 
         def forward(self, x):
-            t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
-            return self.out(self.norm(self.blocks(t)).mean(1))
+            return self.out(self.norm(self.tokens(x)).mean(1))
 
     class SpatialSoftmaxCNN(nn.Module):
         """Conv layers to keypoint maps at 1/4 resolution, then each map's expected (x, y)."""
@@ -178,7 +183,7 @@ def train(args):
 
         def __init__(self, width=192, llm=256):
             super().__init__()
-            self.vit = ViT(width=width)
+            self.vit = ViT(width=width, readout=False)
             self.projector = nn.Sequential(nn.Linear(width, llm), nn.GELU(), nn.Linear(llm, llm))
             self.prompt = nn.Parameter(torch.randn(1, 16, llm) * 0.02)
             self.queries = nn.Parameter(torch.randn(1, 8, llm) * 0.02)
@@ -189,10 +194,8 @@ def train(args):
             self.out = nn.Linear(llm, OUT)
 
         def forward(self, x):
-            v = self.vit
-            patches = v.blocks(v.embed(x).flatten(2).transpose(1, 2) + v.pos)
             b = x.shape[0]
-            seq = torch.cat([self.projector(patches), self.prompt.expand(b, -1, -1),
+            seq = torch.cat([self.projector(self.vit.tokens(x)), self.prompt.expand(b, -1, -1),
                              self.queries.expand(b, -1, -1)], 1)
             h = self.norm(self.trunk(seq))
             return self.out(h[:, -8:].mean(1))
@@ -220,11 +223,7 @@ def train(args):
 
         def __init__(self, queries="zero", init="reference", width=192, llm=256, layers=4):
             super().__init__()
-            self.embed = nn.Conv2d(3, width, 16, 16)
-            self.pos = nn.Parameter(torch.zeros(1, (SIZE // 16) ** 2, width))
-            vit = nn.TransformerEncoderLayer(width, 3, 4 * width, 0.0, activation="gelu",
-                                             batch_first=True, norm_first=True)
-            self.blocks = nn.TransformerEncoder(vit, 4)
+            self.vit = ViT(width=width, readout=False)
             self.projector = nn.Sequential(nn.Linear(width, llm), nn.GELU(), nn.Linear(llm, llm))
             self.proprio = nn.Sequential(nn.Linear(4, llm), nn.GELU(), nn.Linear(llm, llm))
             self.bos = nn.Parameter(torch.zeros(1, 1, llm))
@@ -242,13 +241,12 @@ def train(args):
             self.norm = RMSNorm(llm)
             self.out = nn.Linear(4 * llm, OUT)
             with torch.no_grad():
-                nn.init.trunc_normal_(self.pos, std=0.02, a=-2, b=2)
                 for t in (self.bos, self.prompt):
                     t.normal_(0, 0.02)
                 if queries == "learned":
                     self.queries.normal_(0, 0.02)
                 if init == "reference":
-                    for m in self.blocks.modules():
+                    for m in self.vit.blocks.modules():
                         if isinstance(m, nn.TransformerEncoderLayer):
                             for w in (m.self_attn.in_proj_weight, m.self_attn.out_proj.weight,
                                       m.linear1.weight, m.linear2.weight):
@@ -260,7 +258,8 @@ def train(args):
                         for k in ("q", "k", "v", "o", "gate", "up", "down"):
                             layer[k].weight.normal_(0, 0.02)
             n = 1 + (SIZE // 16) ** 2 + 20 + 1 + 32
-            inv = 1.0 / (10000 ** (torch.arange(0, llm // 4, 2).float() / (llm // 4)))
+            hd = llm // self.heads
+            inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
             ang = torch.arange(n).float()[:, None] * inv[None]
             self.register_buffer("cos", torch.cat([ang.cos(), ang.cos()], -1))
             self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1))
@@ -276,8 +275,7 @@ def train(args):
             # demos.
             b = x.shape[0]
             state = x.new_zeros(b, 4)
-            patches = self.blocks(self.embed(x).flatten(2).transpose(1, 2) + self.pos)
-            h = torch.cat([self.bos.expand(b, -1, -1), self.projector(patches),
+            h = torch.cat([self.bos.expand(b, -1, -1), self.projector(self.vit.tokens(x)),
                            self.prompt.expand(b, -1, -1), self.proprio(state)[:, None],
                            self.queries.expand(b, -1, -1)], 1)
             s, hd = h.shape[1], self.llm // self.heads
@@ -308,7 +306,7 @@ def train(args):
         with torch.no_grad():
             pred = torch.cat([net(prep(x_te[i:i + 256])) for i in range(0, len(x_te), 256)]).numpy()
         net.train()
-        err = np.linalg.norm((pred * std + mean)[:, goal_cols] - y_te, axis=1)
+        err = np.linalg.norm((pred * std + mean)[:, scored] - y_te, axis=1)
         return err.mean() * 100, (err < 0.05).mean()
 
     g = torch.Generator().manual_seed(args.seed)
@@ -329,7 +327,7 @@ def train(args):
             print(f"step {step} train L1 {np.mean(recent):.3f} (mean since the last report) held-out {cm:.1f} cm, {within:.0%} within 5 cm "
                   f"({time.time() - start:.0f} s)", flush=True)
             recent = []
-    base = np.linalg.norm(target[tr][:, goal_cols].mean(0) - y_te, axis=1)
+    base = np.linalg.norm(target[tr][:, scored].mean(0) - y_te, axis=1)
     cm, within = evaluate()
     print(json.dumps({"arch": args.arch, "params": params, "target": args.target, "train": args.train,
                       "test": args.test, "train_frames": int(tr.sum()), "steps": args.steps,
@@ -356,7 +354,7 @@ def main():
                    help="--arch oft: openvla init's weight laws or PyTorch's defaults")
     t.add_argument("--target", choices=["goal", "object", "env"], default="goal",
                    help="what to regress: the goal, the object, or both (env; as the policy's "
-                        "auxiliary head); the held-out error is the goal's")
+                        "auxiliary head); the held-out error is the goal's (the object's with object)")
     t.add_argument("--norm", choices=["zscore", "bounds"], default="zscore",
                    help="target normalization: z-score, or the engine's bounds_q99 ([q01, q99] "
                         "to [-1, 1], clipped), which makes the L1 comparable with its aux_l1_loss")
